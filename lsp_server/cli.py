@@ -1,0 +1,82 @@
+"""`diffusion-lsp`: the command line. Each subcommand imports what it needs lazily."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="model directory or HF cache name (default: the bundled model)")
+    parser.add_argument("--family", default=None, help="default | dream | llada (default: detect)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusion-lsp",
+        description="Code completion for any LSP editor, served by a diffusion language model.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the language server (stdio by default)")
+    serve.add_argument("--tcp", action="store_true", help="listen on TCP instead of stdio")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=2087)
+    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-file", default=None)
+    _add_model_args(serve)
+
+    infill = commands.add_parser("infill", help="fill holes from a JSONL file")
+    infill.add_argument("--input", required=True, help='JSONL: {"id", "prefix", "suffix"}')
+    infill.add_argument("--output", required=True,
+                        help='JSONL: {"id", "completion", "steps", "latency_ms"}')
+    infill.add_argument("--max-tokens", type=int, default=64)
+    infill.add_argument("--threshold", type=float, default=None)
+    infill.add_argument("--single-line", action="store_true")
+    _add_model_args(infill)
+
+    demo = commands.add_parser("demo", help="watch a hole being denoised, step by step")
+    demo.add_argument("--prefix", default=None, help="text before the hole")
+    demo.add_argument("--suffix", default=None, help="text after the hole")
+    demo.add_argument("--max-tokens", type=int, default=32)
+    demo.add_argument("--delay", type=float, default=0.25, help="seconds between steps shown")
+    _add_model_args(demo)
+
+    evaluate = commands.add_parser("eval", help="measure quality (HumanEval infilling)")
+    evaluate.add_argument("benchmark", choices=["humaneval-infilling"])
+    evaluate.add_argument("--split", choices=["single-line", "multi-line"], default="single-line")
+    evaluate.add_argument("--limit", type=int, default=None)
+    evaluate.add_argument("--data", default=None, help="folder with the HumanEval-*.jsonl.gz files")
+    evaluate.add_argument("--output", default=None, help="JSON result file")
+    evaluate.add_argument("--max-tokens", type=int, default=None)
+    _add_model_args(evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from lsp_server.server import serve
+
+        return serve(args) or 0
+    if args.command == "infill":
+        from model.cli import run_infill
+
+        return run_infill(args)
+    if args.command == "demo":
+        from model.cli import run_demo
+
+        return run_demo(args)
+    if args.command == "eval":
+        from model.eval.humaneval import run_eval
+
+        return run_eval(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

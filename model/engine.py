@@ -1,0 +1,174 @@
+"""The engine: one worker thread owns the model and serves infill requests from anywhere.
+
+Requests arrive from any thread (`submit`) or asyncio task (`infill`). The worker keeps a set
+of active holes and runs one denoising step for all of them in a single batched forward pass
+(`forward_holes` pads and masks, so batching never changes a result). A cancelled request
+leaves at the next step; a new request joins at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from model.loader import LoadedModel
+from model.sampler import HoleState, Infill, InfillOptions, apply_step, forward_holes, new_state
+from model.sampler import result as state_result
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 16
+_STOP = object()  # queue sentinel
+
+
+class Cancelled(Exception):
+    """The request was cancelled before its hole was filled."""
+
+
+@dataclass
+class Request:
+    """One hole in flight. `future` resolves to an `Infill`, or raises `Cancelled`."""
+
+    id: int
+    state: HoleState
+    submitted: float
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    tokenize_ms: float = 0.0
+    forward_s: float = 0.0
+    started: float | None = None
+
+    def cancel(self) -> None:
+        """Ask the worker to drop this request at its next step."""
+        self.cancelled.set()
+
+    def result(self, timeout: float | None = None) -> Infill:
+        return self.future.result(timeout)
+
+
+class Engine:
+    """Owns a loaded model; fills holes for many callers, batching their denoising steps."""
+
+    def __init__(self, model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self._queue: queue.Queue = queue.Queue()
+        self._ids = itertools.count(1)
+        self._closed = False
+        self.forward_passes = 0
+        self.batched_rows = 0
+        self._thread = threading.Thread(target=self._run, name="diffusion-engine", daemon=True)
+        self._thread.start()
+
+    # -- callers -------------------------------------------------------------------------------
+
+    def submit(self, prefix: str, suffix: str, options: InfillOptions | None = None) -> Request:
+        """Queue a hole; returns at once. Thread-safe."""
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        began = time.perf_counter()
+        state = new_state(self.model, prefix, suffix, options or InfillOptions())
+        request = Request(next(self._ids), state, submitted=began)
+        request.tokenize_ms = (time.perf_counter() - began) * 1e3
+        self._queue.put(request)
+        return request
+
+    async def infill(self, prefix: str, suffix: str, options: InfillOptions | None = None) -> Infill:
+        """Fill a hole from asyncio; cancelling the awaiting task cancels the request."""
+        request = self.submit(prefix, suffix, options)
+        try:
+            return await asyncio.wrap_future(request.future)
+        except asyncio.CancelledError:
+            request.cancel()
+            raise
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker; requests still in flight are cancelled."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    # -- worker --------------------------------------------------------------------------------
+
+    def _take_new(self, active: list[Request], block: bool) -> bool:
+        """Move queued requests into `active`; False when told to stop."""
+        while len(active) < self.max_batch:
+            try:
+                item = self._queue.get(block=block and not active)
+            except queue.Empty:
+                return True
+            if item is _STOP:
+                return False
+            item.started = time.perf_counter()
+            active.append(item)
+        return True
+
+    def _run(self) -> None:
+        active: list[Request] = []
+        running = True
+        while running or active:
+            if running:
+                running = self._take_new(active, block=True)
+            if not running:
+                for request in active:
+                    request.cancel()
+            active = self._drop_cancelled(active)
+            if not active:
+                continue
+            self._step(active)
+            active = self._finish(active)
+
+    def _drop_cancelled(self, active: list[Request]) -> list[Request]:
+        keep = []
+        for request in active:
+            if request.cancelled.is_set():
+                if not request.future.done():
+                    request.future.set_exception(Cancelled(f"request {request.id} cancelled"))
+            else:
+                keep.append(request)
+        return keep
+
+    def _step(self, active: list[Request]) -> None:
+        began = time.perf_counter()
+        try:
+            logits = forward_holes(self.model, [r.state for r in active])
+            for request, rows in zip(active, logits):
+                apply_step(self.model, request.state, rows)
+        except Exception as exc:  # nothing the model does may take the worker down
+            log.exception("denoising step failed for %d request(s)", len(active))
+            for request in active:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+                request.cancel()
+            return
+        elapsed = time.perf_counter() - began
+        self.forward_passes += 1
+        self.batched_rows += len(active)
+        for request in active:
+            request.forward_s += elapsed
+
+    def _finish(self, active: list[Request]) -> list[Request]:
+        keep = []
+        for request in active:
+            if request.future.done():
+                continue
+            if not request.state.finished:
+                keep.append(request)
+                continue
+            now = time.perf_counter()
+            timings = {
+                "tokenize_ms": request.tokenize_ms,
+                "queue_ms": ((request.started or now) - request.submitted) * 1e3,
+                "forward_ms": request.forward_s * 1e3,
+                "total_ms": (now - request.submitted) * 1e3,
+            }
+            request.future.set_result(state_result(self.model, request.state, timings))
+        return keep

@@ -1,0 +1,267 @@
+"""Load a diffusion code model: tokenizer + safetensors weights into a stock transformers class.
+
+No `trust_remote_code`, no hub calls: a model is a local directory, or a name whose files are
+already in the Hugging Face cache. Attention is made bidirectional with stock transformers
+(`config.is_causal = False`, and every attention module's `is_causal` switched off so that
+SDPA never falls back to its causal kernel).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from model.families import Family, detect_family, get_family
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+WEIGHTS_GLOB = "*.safetensors"
+# config.json keys that describe where the checkpoint came from, not its shape
+NON_SHAPE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message names the path and what was expected."""
+
+
+@dataclass
+class SpecialIds:
+    """Token ids the sampler needs, resolved once from the tokenizer."""
+
+    mask: int
+    end_of_hole: int
+    bos: int | None
+    eos: int | None
+    pad: int  # fills batch padding (never attended to)
+    extra_end: tuple[int, ...]
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run model: the network, its tokenizer, family and special token ids."""
+
+    network: torch.nn.Module
+    tokenizer: Tokenizer
+    family: Family
+    ids: SpecialIds
+    device: torch.device
+    dtype: torch.dtype
+    path: Path
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.network.config.vocab_size)
+
+
+def bundled_model_path() -> Path | None:
+    """The model shipped in the repo, if its files are present."""
+    return BUNDLED_DIR if (BUNDLED_DIR / CONFIG_FILE).exists() else None
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
+    """A local directory for `name_or_path`: itself, the HF cache snapshot, or the bundled model."""
+    if name_or_path in (None, "", "bundled", "default"):
+        bundled = bundled_model_path()
+        if bundled is None:
+            raise ModelLoadError(
+                f"no bundled model at {BUNDLED_DIR} (expected {CONFIG_FILE}, {TOKENIZER_FILE} and "
+                f"{WEIGHTS_GLOB}); pass --model PATH to a model directory"
+            )
+        return bundled
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    cached = _hf_cache_snapshot(str(name_or_path))
+    if cached is not None:
+        return cached
+    raise ModelLoadError(
+        f"model {str(name_or_path)!r} not found: not a directory, and not in the Hugging Face "
+        f"cache at {_hf_hub_dir()} (downloads are never made at run time; download it first "
+        f"with `huggingface-cli download {name_or_path}`)"
+    )
+
+
+def _hf_hub_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    return home / "hub"
+
+
+def _hf_cache_snapshot(repo_id: str) -> Path | None:
+    if "/" not in repo_id:
+        return None
+    repo_dir = _hf_hub_dir() / ("models--" + repo_id.replace("/", "--"))
+    ref = repo_dir / "refs" / "main"
+    if ref.exists():
+        snapshot = repo_dir / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    snapshots = sorted((repo_dir / "snapshots").glob("*")) if repo_dir.exists() else []
+    return snapshots[-1] if snapshots else None
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto` means CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; known: auto, cpu, cuda, cuda:N")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` means bf16 on CUDA and fp32 on CPU."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; known: auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def build_config(raw: dict, family: Family) -> Qwen2Config | LlamaConfig:
+    """A stock transformers config from a checkpoint's config.json."""
+    if family.architecture == "qwen2":
+        fields = {k: v for k, v in raw.items() if k not in NON_SHAPE_KEYS}
+        config = Qwen2Config(**fields)
+    elif family.architecture == "llama":
+        config = _llama_config_from_olmo(raw) if "d_model" in raw else LlamaConfig(**{
+            k: v for k, v in raw.items() if k not in NON_SHAPE_KEYS
+        })
+    else:
+        raise ValueError(f"unknown architecture {family.architecture!r}; known: qwen2, llama")
+    config.is_causal = False
+    config.use_cache = False
+    return config
+
+
+def _llama_config_from_olmo(raw: dict) -> LlamaConfig:
+    """LLaDA's OLMo-style config.json expressed as a LlamaConfig."""
+    vocab = raw.get("embedding_size") or raw["vocab_size"]
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=raw["d_model"],
+        intermediate_size=raw["mlp_hidden_size"],
+        num_hidden_layers=raw["n_layers"],
+        num_attention_heads=raw["n_heads"],
+        num_key_value_heads=raw.get("n_kv_heads") or raw["n_heads"],
+        max_position_embeddings=raw.get("max_sequence_length", 4096),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+        rope_theta=raw.get("rope_theta", 500000.0),
+        attention_bias=bool(raw.get("include_bias", False)),
+        tie_word_embeddings=bool(raw.get("weight_tying", False)),
+        hidden_act="silu",
+    )
+
+
+def make_bidirectional(network: torch.nn.Module) -> None:
+    """Switch every attention module to full (non-causal) attention."""
+    network.config.is_causal = False
+    for module in network.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False
+
+
+def load_state_dict(path: Path, family: Family) -> dict[str, torch.Tensor]:
+    """All safetensors shards in `path`, with names renamed onto the stock class."""
+    files = sorted(path.glob(WEIGHTS_GLOB))
+    if not files:
+        raise ModelLoadError(f"no weights in {path}: expected {WEIGHTS_GLOB} files")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            shard = load_file(str(file))
+        except Exception as exc:  # corrupt or truncated file
+            raise ModelLoadError(f"cannot read weights {file}: {exc}") from exc
+        for name, tensor in shard.items():
+            state[family.rename_weight(name)] = tensor
+    return state
+
+
+def resolve_special_ids(tokenizer: Tokenizer, family: Family, path: Path) -> SpecialIds:
+    def need(token: str) -> int:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ModelLoadError(
+                f"tokenizer in {path} lacks the {family.name} family's special token {token!r}"
+            )
+        return token_id
+
+    def maybe(token: str | None) -> int | None:
+        return None if token is None else tokenizer.token_to_id(token)
+
+    end = need(family.end_of_hole_token)
+    extra = tuple(i for i in (maybe(t) for t in family.extra_end_tokens) if i is not None)
+    return SpecialIds(
+        mask=need(family.mask_token),
+        end_of_hole=end,
+        bos=maybe(family.bos_token),
+        eos=maybe(family.eos_token),
+        pad=end,
+        extra_end=extra,
+    )
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    family: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> LoadedModel:
+    """Load tokenizer and weights into a bidirectional stock transformers model, ready for eval."""
+    path = resolve_model_path(name_or_path)
+    config_file = path / CONFIG_FILE
+    if not config_file.exists():
+        raise ModelLoadError(f"no {CONFIG_FILE} in {path}: not a model directory")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
+    fam = get_family(family) if family else detect_family(raw)
+    tokenizer_file = path / TOKENIZER_FILE
+    if not tokenizer_file.exists():
+        raise ModelLoadError(f"no {TOKENIZER_FILE} in {path}: expected a HF tokenizers file")
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    ids = resolve_special_ids(tokenizer, fam, path)
+
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    config = build_config(raw, fam)
+    config._attn_implementation = "sdpa"
+    network_class = Qwen2ForCausalLM if fam.architecture == "qwen2" else LlamaForCausalLM
+    with torch.device("meta"):
+        network = network_class(config)
+    state = load_state_dict(path, fam)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    result = network.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise ModelLoadError(
+            f"weights in {path} do not fit the {fam.name} family's {network_class.__name__}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    if config.tie_word_embeddings:
+        network.tie_weights()
+    _materialise_buffers(network, config)
+    network.to(device=torch_device, dtype=torch_dtype)
+    network.eval()
+    make_bidirectional(network)
+    return LoadedModel(network, tokenizer, fam, ids, torch_device, torch_dtype, path)
+
+
+def _materialise_buffers(network: torch.nn.Module, config) -> None:
+    """Rotary buffers were created on the meta device; rebuild them on the CPU."""
+    rotary = network.model.rotary_emb
+    fresh = type(rotary)(config=config)
+    network.model.rotary_emb = fresh

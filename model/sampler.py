@@ -1,0 +1,345 @@
+"""Masked-diffusion infilling: fill a hole between a prefix and a suffix in a few parallel steps.
+
+The hole starts as `n` mask tokens. Each step is one forward pass over prefix + hole + suffix;
+every still-masked position gets its best token and a score, and the positions that score
+above a threshold are committed (at least one per step) -- the confidence-threshold parallel
+decoding of Fast-dLLM (Wu et al., 2025), with the low-confidence remasking order of LLaDA
+(Nie et al., 2025). A committed token never changes.
+
+Variable length: a position decoding to the family's end-of-hole token closes the hole there
+(every later position becomes end-of-hole too). A hole that fills with real tokens before it is
+finished grows by a few more masks, up to `max_tokens` (the expand rule of DreamOn, Wu et al.,
+2025).
+
+The functions below are pure over a `HoleState`; `forward_holes` runs the network for any
+number of states at once, so the single-request loop (`infill`) and the engine's batched loop
+share one step function (`apply_step`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from model.loader import LoadedModel
+
+SCORES = ("confidence", "margin", "entropy")
+NEWLINE = "\n"
+
+
+@dataclass(frozen=True)
+class InfillOptions:
+    """How to fill one hole. Defaults: deterministic, a few tokens per step."""
+
+    max_tokens: int = 64  # the hole never grows past this many tokens
+    initial_tokens: int = 16  # first guess of the hole's length
+    extend_by: int = 8  # masks appended when the hole fills with real tokens unfinished
+    threshold: float = 0.9  # commit every masked position scoring above this (>= 1: one a step)
+    tokens_per_step: int | None = None  # commit exactly this many per step instead
+    score: str = "confidence"  # confidence | margin | entropy (all in [0, 1])
+    temperature: float = 0.0  # 0: argmax (deterministic)
+    seed: int = 0  # for temperature > 0
+    single_line: bool = False  # stop at the end of the line
+    stop: tuple[str, ...] = ()  # stop words: the text ends before the first one
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"unknown score {self.score!r}; known: {', '.join(SCORES)}")
+        if self.max_tokens < 1 or self.initial_tokens < 1:
+            raise ValueError("max_tokens and initial_tokens must be at least 1")
+        if self.tokens_per_step is not None and self.tokens_per_step < 1:
+            raise ValueError("tokens_per_step must be at least 1")
+
+
+@dataclass
+class StepTrace:
+    """One denoising step: what was committed, and the hole after it (mask id where masked)."""
+
+    committed: list[tuple[int, int]]  # (hole position, token id)
+    hole: list[int]
+
+
+@dataclass
+class Infill:
+    """The result of filling one hole."""
+
+    text: str
+    steps: int  # forward passes made
+    tokens: int  # hole tokens that are real text (before the text was cut at a stop)
+    finish_reason: str  # end | newline | stop | max_tokens | cancelled
+    trace: list[StepTrace] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # milliseconds
+
+
+@dataclass
+class HoleState:
+    """A hole being denoised: the fixed prefix and suffix ids around a growing hole."""
+
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+    hole: torch.Tensor  # (n,) token ids; mask id where still masked
+    masked: torch.Tensor  # (n,) bool
+    options: InfillOptions
+    generator: torch.Generator | None = None
+    closed_at: int | None = None  # positions >= this are end-of-hole
+    finish_reason: str | None = None
+    steps: int = 0
+    trace: list[StepTrace] = field(default_factory=list)
+
+    @property
+    def hole_start(self) -> int:
+        return len(self.prefix_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def sequence(self) -> torch.Tensor:
+        """(L,) prefix + hole + suffix."""
+        prefix = torch.tensor(self.prefix_ids, dtype=torch.long)
+        suffix = torch.tensor(self.suffix_ids, dtype=torch.long)
+        return torch.cat([prefix, self.hole, suffix])
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+
+
+def encode(model: LoadedModel, text: str) -> list[int]:
+    return model.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+
+
+def layout_ids(model: LoadedModel, prefix: str, suffix: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the hole, with the family's bos/eos around them."""
+    family, ids = model.family, model.ids
+    prefix_ids = encode(model, prefix)
+    suffix_ids = encode(model, suffix)
+    needs_bos = family.always_bos or (family.shifted_logits and not prefix_ids)
+    if needs_bos and ids.bos is not None:
+        prefix_ids = [ids.bos, *prefix_ids]
+    if ids.eos is not None:
+        suffix_ids = [*suffix_ids, ids.eos]
+    if family.shifted_logits and not prefix_ids:
+        raise ValueError(f"family {family.name} needs a token before the hole and has no bos")
+    return prefix_ids, suffix_ids
+
+
+def new_state(model: LoadedModel, prefix: str, suffix: str, options: InfillOptions) -> HoleState:
+    prefix_ids, suffix_ids = layout_ids(model, prefix, suffix)
+    n = min(options.initial_tokens, options.max_tokens)
+    generator = None
+    if options.temperature > 0:
+        generator = torch.Generator().manual_seed(options.seed)
+    return HoleState(
+        prefix_ids=prefix_ids,
+        suffix_ids=suffix_ids,
+        hole=torch.full((n,), model.ids.mask, dtype=torch.long),
+        masked=torch.ones(n, dtype=torch.bool),
+        options=options,
+        generator=generator,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring and selection
+
+
+def score_logits(
+    logits: torch.Tensor, score: str, temperature: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best token and its score in [0, 1] for each row. logits: (m, V) -> (m,), (m,)."""
+    logits = logits.float()
+    if temperature > 0:
+        probs = torch.softmax(logits / temperature, dim=-1)  # (m, V)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        probs = torch.softmax(logits, dim=-1)
+        tokens = probs.argmax(dim=-1)
+    chosen = probs.gather(-1, tokens[:, None]).squeeze(-1)  # (m,)
+    if score == "confidence":
+        return tokens, chosen
+    if score == "margin":
+        top2 = probs.topk(2, dim=-1).values  # (m, 2)
+        return tokens, top2[:, 0] - top2[:, 1]
+    if score == "entropy":
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # (m,)
+        return tokens, 1.0 - entropy / math.log(probs.shape[-1])
+    raise ValueError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
+
+
+def select_commits(scores: torch.Tensor, options: InfillOptions) -> torch.Tensor:
+    """Indices (into `scores`) to commit this step: above threshold, or a fixed count; >= 1."""
+    if options.tokens_per_step is not None:
+        k = min(options.tokens_per_step, scores.numel())
+        return scores.topk(k).indices
+    chosen = (scores > options.threshold).nonzero().squeeze(-1)
+    if chosen.numel() == 0:
+        chosen = scores.argmax().reshape(1)
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# One step
+
+
+def logit_positions(state: HoleState, shifted: bool) -> torch.Tensor:
+    """Sequence positions whose logits predict the still-masked hole tokens. (m,)"""
+    positions = state.masked.nonzero().squeeze(-1) + state.hole_start
+    return positions - 1 if shifted else positions
+
+
+def _is_end(model: LoadedModel, token: int) -> bool:
+    return token == model.ids.end_of_hole or token in model.ids.extra_end
+
+
+def _close(state: HoleState, model: LoadedModel, position: int) -> None:
+    """Everything from `position` on is end-of-hole: the hole is shorter than guessed."""
+    state.hole[position:] = model.ids.end_of_hole
+    state.masked[position:] = False
+    state.closed_at = position if state.closed_at is None else min(state.closed_at, position)
+
+
+def open_text(model: LoadedModel, state: HoleState) -> str:
+    """Text of the committed run at the start of the hole (up to the first mask or end)."""
+    run = []
+    for token, masked in zip(state.hole.tolist(), state.masked.tolist()):
+        if masked or _is_end(model, token):
+            break
+        run.append(token)
+    return model.tokenizer.decode(run, skip_special_tokens=False)
+
+
+def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> None:
+    """Commit tokens from one forward pass. logits: (m, V) for the m masked positions, in order."""
+    options = state.options
+    masked_positions = state.masked.nonzero().squeeze(-1)  # (m,)
+    tokens, scores = score_logits(logits, options.score, options.temperature, state.generator)
+    chosen = select_commits(scores, options)
+    committed = []
+    for index in chosen.tolist():
+        position, token = int(masked_positions[index]), int(tokens[index])
+        state.hole[position] = token
+        state.masked[position] = False
+        committed.append((position, token))
+    state.steps += 1
+    for position, token in sorted(committed):
+        if state.closed_at is not None and position >= state.closed_at:
+            continue
+        if _is_end(model, token):
+            _close(state, model, position + 1)
+        elif options.single_line and NEWLINE in model.tokenizer.decode([token]):
+            _close(state, model, position + 1)
+    state.trace.append(StepTrace(committed, state.hole.tolist()))
+    _check_finished(model, state)
+
+
+def _check_finished(model: LoadedModel, state: HoleState) -> None:
+    options = state.options
+    text = open_text(model, state)
+    if any(stop in text for stop in options.stop):
+        state.finish_reason = "stop"
+        return
+    if options.single_line and NEWLINE in text:
+        state.finish_reason = "newline"
+        return
+    if bool(state.masked.any()):
+        return
+    if state.closed_at is not None:
+        state.finish_reason = "end"
+        return
+    if state.hole.numel() >= options.max_tokens:
+        state.finish_reason = "max_tokens"
+        return
+    grow = min(options.extend_by, options.max_tokens - state.hole.numel())
+    state.hole = torch.cat([state.hole, torch.full((grow,), model.ids.mask, dtype=torch.long)])
+    state.masked = torch.cat([state.masked, torch.ones(grow, dtype=torch.bool)])
+
+
+def final_text(model: LoadedModel, state: HoleState) -> tuple[str, int]:
+    """The hole's text, cut at the first end token, newline (single-line) or stop word."""
+    real = []
+    for token in state.hole.tolist():
+        if token == model.ids.mask or _is_end(model, token):
+            break
+        real.append(token)
+    text = model.tokenizer.decode(real, skip_special_tokens=False)
+    if state.options.single_line and NEWLINE in text:
+        text = text[: text.index(NEWLINE)]
+    for stop in state.options.stop:
+        if stop in text:
+            text = text[: text.index(stop)]
+    return text, len(real)
+
+
+def result(model: LoadedModel, state: HoleState, timings: dict[str, float]) -> Infill:
+    text, tokens = final_text(model, state)
+    return Infill(text, state.steps, tokens, state.finish_reason or "cancelled", state.trace,
+                  timings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward pass over any number of holes
+
+
+@torch.inference_mode()
+def forward_holes(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
+    """One forward pass for a batch of holes; logits at each state's masked positions.
+
+    Sequences of different lengths are right-padded and the padding is masked out of
+    attention, so a hole's logits do not depend on what it is batched with.
+    Returns a list of (m_i, V) float tensors.
+    """
+    sequences = [s.sequence() for s in states]
+    lengths = [len(s) for s in sequences]
+    width = max(lengths)
+    input_ids = torch.full((len(states), width), model.ids.pad, dtype=torch.long)
+    attention = torch.zeros((len(states), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = seq
+        attention[row, : len(seq)] = 1
+    padded = any(length != width for length in lengths)
+    hidden = model.network.model(
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention.to(model.device) if padded else None,
+    ).last_hidden_state  # (B, L, H)
+    shifted = model.family.shifted_logits
+    positions = [logit_positions(s, shifted) for s in states]
+    rows = torch.cat([hidden[i, p.to(model.device)] for i, p in enumerate(positions)])  # (M, H)
+    logits = model.network.lm_head(rows).float().cpu()  # (M, V)
+    return list(logits.split([p.numel() for p in positions]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The single-request loop
+
+
+def infill(
+    model: LoadedModel,
+    prefix: str,
+    suffix: str,
+    options: InfillOptions | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Infill:
+    """Fill the hole between `prefix` and `suffix`. `should_stop` is polled before each step."""
+    options = options or InfillOptions()
+    started = time.perf_counter()
+    state = new_state(model, prefix, suffix, options)
+    tokenized = time.perf_counter()
+    forward_s = 0.0
+    while not state.finished:
+        if should_stop is not None and should_stop():
+            break
+        before = time.perf_counter()
+        (logits,) = forward_holes(model, [state])
+        forward_s += time.perf_counter() - before
+        apply_step(model, state, logits)
+    timings = {
+        "tokenize_ms": (tokenized - started) * 1e3,
+        "forward_ms": forward_s * 1e3,
+        "total_ms": (time.perf_counter() - started) * 1e3,
+    }
+    return result(model, state, timings)
