@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from model.loader import LoadedModel, ModelLoadError, bundled_model_path, load_model
-from model.sampler import Infill, InfillOptions, final_text, forward_holes, apply_step, new_state
+from model.sampler import Infill, InfillOptions, apply_step, final_text, forward_holes, new_state
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +153,22 @@ def run_demo(args) -> int:
         body.append(suffix, style="white")
         return Group(Panel(body, title="denoising the hole", border_style="blue"), Text(caption))
 
-    began = time.perf_counter()
-    with Live(frame(set(), "step 0: all masks"), console=console, refresh_per_second=30) as live:
+    def show_steps(show) -> None:
+        show(frame(set(), "step 0: all masks"))
         time.sleep(args.delay)
         while not state.finished:
             (logits,) = forward_holes(model, [state])
             apply_step(model, state, logits)
             fresh = {position for position, _ in state.trace[-1].committed}
-            live.update(frame(fresh, f"step {state.steps}: committed {len(fresh)} token(s)"))
+            show(frame(fresh, f"step {state.steps}: committed {len(fresh)} token(s)"))
             time.sleep(args.delay)
+
+    began = time.perf_counter()
+    if console.is_terminal:  # redraw in place
+        with Live(console=console, refresh_per_second=30) as live:
+            show_steps(live.update)
+    else:  # a log: one frame per step
+        show_steps(console.print)
     model_ms = (time.perf_counter() - began) * 1e3 - args.delay * (state.steps + 1) * 1e3
     text, tokens = final_text(model, state)
     console.print(f"[bold]completion[/bold] {text!r}")

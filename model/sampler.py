@@ -197,9 +197,14 @@ def _is_end(model: LoadedModel, token: int) -> bool:
 
 
 def _close(state: HoleState, model: LoadedModel, position: int) -> None:
-    """Everything from `position` on is end-of-hole: the hole is shorter than guessed."""
-    state.hole[position:] = model.ids.end_of_hole
-    state.masked[position:] = False
+    """Masks from `position` on become end-of-hole: the hole is shorter than guessed.
+
+    Tokens already committed there stay (a committed token never changes); the text ends at
+    the first end token anyway.
+    """
+    tail = state.masked[position:]
+    state.hole[position:][tail] = model.ids.end_of_hole
+    tail[:] = False
     state.closed_at = position if state.closed_at is None else min(state.closed_at, position)
 
 
@@ -229,9 +234,8 @@ def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> No
     for position, token in sorted(committed):
         if state.closed_at is not None and position >= state.closed_at:
             continue
-        if _is_end(model, token):
-            _close(state, model, position + 1)
-        elif options.single_line and NEWLINE in model.tokenizer.decode([token]):
+        ends_line = options.single_line and NEWLINE in model.tokenizer.decode([token])
+        if _is_end(model, token) or ends_line:
             _close(state, model, position + 1)
     state.trace.append(StepTrace(committed, state.hole.tolist()))
     _check_finished(model, state)

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random-weight checkpoints with each family's real config and tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.loader import LoadedModel, load_model
+from model.tiny import write_tiny_model
+
+FAMILY_NAMES = ("default", "dream", "llada")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {name: write_tiny_model(root / name, family=name) for name in FAMILY_NAMES}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dirs) -> dict[str, LoadedModel]:
+    return {name: load_model(path, device="cpu") for name, path in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models) -> LoadedModel:
+    """The `default`-family tiny model."""
+    return tiny_models["default"]

@@ -1,0 +1,105 @@
+"""The engine: many callers, one worker, batched steps, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from model.engine import Cancelled, Engine
+from model.sampler import InfillOptions, infill
+
+HOLES = [
+    ("def f(x):\n    return ", "\n"),
+    ("import os\n", "\nprint(1)\n"),
+    ("class A:\n    def __init__(self):\n        self.", "\n"),
+    ("x = [", "]\n"),
+    ("", "def g():\n    pass\n"),
+    ("for i in range(10):\n    ", ""),
+]
+OPTIONS = InfillOptions(max_tokens=20, threshold=0.05)
+
+
+@pytest.fixture()
+def engine(tiny_model):
+    engine = Engine(tiny_model)
+    yield engine
+    engine.close()
+
+
+def test_batching_changes_no_result(tiny_model, engine):
+    alone = [infill(tiny_model, p, s, OPTIONS) for p, s in HOLES]
+    requests = [engine.submit(p, s, OPTIONS) for p, s in HOLES]
+    together = [r.result(30) for r in requests]
+    assert [(r.text, r.steps) for r in alone] == [(r.text, r.steps) for r in together]
+    assert engine.batched_rows > engine.forward_passes  # steps really were shared
+
+
+def test_requests_from_many_threads(engine):
+    results: dict[int, str] = {}
+
+    def worker(index: int) -> None:
+        prefix, suffix = HOLES[index % len(HOLES)]
+        results[index] = engine.submit(prefix, suffix, OPTIONS).result(30).text
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == 12
+    assert results[0] == results[6]  # same hole, same answer, whatever the batch
+
+
+def test_cancel_leaves_at_the_next_step(engine):
+    slow = InfillOptions(max_tokens=64, initial_tokens=64, threshold=1.0)  # 64 steps
+    request = engine.submit("x = ", "\n", slow)
+    while request.state.steps < 2:
+        time.sleep(0.001)
+    request.cancel()
+    steps_at_cancel = request.state.steps
+    with pytest.raises(Cancelled):
+        request.result(5)
+    assert request.state.steps <= steps_at_cancel + 1
+    assert engine.submit("y = ", "\n", OPTIONS).result(10).steps >= 1  # still serving
+
+
+async def test_asyncio_cancellation_cancels_the_request(engine):
+    slow = InfillOptions(max_tokens=64, initial_tokens=64, threshold=1.0)
+    task = asyncio.create_task(engine.infill("x = ", "\n", slow))
+    await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    result = await engine.infill("y = ", "\n", OPTIONS)
+    assert result.steps >= 1
+    assert set(result.timings) >= {"queue_ms", "forward_ms", "total_ms"}
+
+
+def test_a_failing_request_does_not_stop_the_worker(tiny_model, engine, monkeypatch):
+    import model.engine as engine_module
+
+    real = engine_module.forward_holes
+    calls = {"n": 0}
+
+    def flaky(model, states):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated out-of-memory")
+        return real(model, states)
+
+    monkeypatch.setattr(engine_module, "forward_holes", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.submit("a", "b", OPTIONS).result(10)
+    assert engine.submit("a", "b", OPTIONS).result(10).steps >= 1
+
+
+def test_close_cancels_what_is_in_flight(tiny_model):
+    engine = Engine(tiny_model)
+    request = engine.submit("x = ", "\n", InfillOptions(max_tokens=64, threshold=1.0))
+    engine.close()
+    assert request.future.done()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit("a", "b")

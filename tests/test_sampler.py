@@ -1,0 +1,190 @@
+"""The masked-diffusion sampler: commits, variable length, stops, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.sampler import (
+    InfillOptions,
+    apply_step,
+    forward_holes,
+    infill,
+    new_state,
+    score_logits,
+    select_commits,
+)
+
+from .conftest import FAMILY_NAMES
+
+PREFIX = "def add(a, b):\n    return "
+SUFFIX = "\n\nprint(add(1, 2))\n"
+
+
+def sharp_logits(model, tokens: list[int], confidence: float = 20.0) -> torch.Tensor:
+    """(m, V) logits that put all mass on `tokens` (one row per masked position)."""
+    logits = torch.zeros(len(tokens), model.vocab_size)
+    logits[torch.arange(len(tokens)), torch.tensor(tokens)] = confidence
+    return logits
+
+
+def word_token(model, word: str) -> int:
+    return model.tokenizer.encode(word, add_special_tokens=False).ids[0]
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_committed_tokens_never_change(tiny_models, name):
+    model = tiny_models[name]
+    result = infill(model, PREFIX, SUFFIX, InfillOptions(max_tokens=24, threshold=0.02))
+    mask = model.ids.mask
+    for before, after in zip(result.trace, result.trace[1:]):
+        for position, token in enumerate(before.hole):
+            if token != mask:
+                assert after.hole[position] == token
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_forward_passes_never_exceed_hole_tokens(tiny_models, name):
+    model = tiny_models[name]
+    for threshold in (0.0, 0.05, 0.9, 1.0):
+        result = infill(model, PREFIX, SUFFIX, InfillOptions(max_tokens=20, threshold=threshold))
+        assert 1 <= result.steps <= len(result.trace[-1].hole)
+
+
+def test_threshold_one_commits_one_token_per_step(tiny_model):
+    result = infill(tiny_model, PREFIX, SUFFIX, InfillOptions(max_tokens=12, threshold=1.0))
+    assert all(len(step.committed) == 1 for step in result.trace)
+    assert result.steps == 12
+
+
+def test_low_threshold_commits_many_tokens_per_step(tiny_model):
+    result = infill(tiny_model, PREFIX, SUFFIX,
+                    InfillOptions(max_tokens=16, initial_tokens=16, threshold=0.0))
+    assert result.steps == 1
+    assert len(result.trace[0].committed) == 16
+
+
+def test_fixed_tokens_per_step(tiny_model):
+    result = infill(tiny_model, PREFIX, SUFFIX,
+                    InfillOptions(max_tokens=16, initial_tokens=16, tokens_per_step=4))
+    assert [len(step.committed) for step in result.trace] == [4, 4, 4, 4]
+
+
+def test_end_of_hole_token_shortens_the_hole(tiny_model):
+    model = tiny_model
+    state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=8, threshold=0.5))
+    word = word_token(model, "x")
+    end = model.ids.end_of_hole
+    apply_step(model, state, sharp_logits(model, [word, word, end, word, word, word, word, word]))
+    assert state.finished and state.finish_reason == "end"
+    assert state.steps == 1
+    text = model.tokenizer.decode([word, word])
+    from model.sampler import final_text
+
+    assert final_text(model, state) == (text, 2)
+
+
+def test_end_token_closes_later_masks_without_a_step(tiny_model):
+    """End committed at position 1 (alone): positions 2.. need no forward pass."""
+    model = tiny_model
+    state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=8, threshold=1.0))
+    end = model.ids.end_of_hole
+    logits = sharp_logits(model, [word_token(model, "x")] * 8, confidence=1.0)
+    logits[1, end] = 50.0  # the most confident position says "hole ends here"
+    apply_step(model, state, logits)
+    assert state.masked.tolist() == [True] + [False] * 7
+    assert not state.finished
+    apply_step(model, state, sharp_logits(model, [word_token(model, "y")]))
+    assert state.finish_reason == "end" and state.steps == 2
+
+
+def test_full_hole_is_extended(tiny_model):
+    model = tiny_model
+    options = InfillOptions(initial_tokens=4, extend_by=3, max_tokens=10, threshold=0.5)
+    state = new_state(model, PREFIX, SUFFIX, options)
+    word = word_token(model, "x")
+    apply_step(model, state, sharp_logits(model, [word] * 4))
+    assert not state.finished
+    assert state.hole.numel() == 7 and int(state.masked.sum()) == 3
+    apply_step(model, state, sharp_logits(model, [word] * 3))
+    assert state.hole.numel() == 10
+    apply_step(model, state, sharp_logits(model, [word] * 3))
+    assert state.finish_reason == "max_tokens" and state.hole.numel() == 10
+
+
+def test_single_line_stops_at_newline(tiny_model):
+    model = tiny_model
+    state = new_state(model, PREFIX, SUFFIX,
+                      InfillOptions(initial_tokens=6, threshold=0.5, single_line=True))
+    word, newline = word_token(model, "x"), word_token(model, "\n")
+    apply_step(model, state, sharp_logits(model, [word, newline, word, word, word, word]))
+    from model.sampler import final_text
+
+    assert state.finish_reason == "newline"
+    assert final_text(model, state)[0] == model.tokenizer.decode([word])
+
+
+def test_stop_word_ends_the_text(tiny_model):
+    model = tiny_model
+    state = new_state(model, PREFIX, SUFFIX,
+                      InfillOptions(initial_tokens=4, threshold=0.5, stop=("x",)))
+    a, x = word_token(model, "a"), word_token(model, "x")
+    apply_step(model, state, sharp_logits(model, [a, x, a, a]))
+    from model.sampler import final_text
+
+    assert state.finish_reason == "stop"
+    assert final_text(model, state)[0] == "a"
+
+
+def test_same_input_same_output(tiny_model):
+    options = InfillOptions(max_tokens=16, threshold=0.05)
+    first = infill(tiny_model, PREFIX, SUFFIX, options)
+    second = infill(tiny_model, PREFIX, SUFFIX, options)
+    assert (first.text, first.steps) == (second.text, second.steps)
+    sampled = InfillOptions(max_tokens=16, temperature=1.0, seed=7)
+    assert infill(tiny_model, PREFIX, SUFFIX, sampled).text == \
+        infill(tiny_model, PREFIX, SUFFIX, sampled).text
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_batched_and_unbatched_logits_agree(tiny_models, name):
+    model = tiny_models[name]
+    holes = [("x = ", "\n"), (PREFIX, SUFFIX), ("import os\nimport sys\n\n\ndef main():\n", "")]
+    states = [new_state(model, p, s, InfillOptions(initial_tokens=5 + i))
+              for i, (p, s) in enumerate(holes)]
+    batched = forward_holes(model, states)
+    for state, rows in zip(states, batched):
+        (alone,) = forward_holes(model, [state])
+        torch.testing.assert_close(rows, alone, atol=1e-4, rtol=1e-4)
+        assert torch.equal(rows.argmax(-1), alone.argmax(-1))
+
+
+def test_scores_are_in_unit_interval():
+    logits = torch.randn(5, 50)
+    for score in ("confidence", "margin", "entropy"):
+        _, scores = score_logits(logits, score, 0.0, None)
+        assert ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_select_commits_at_least_one():
+    chosen = select_commits(torch.tensor([0.1, 0.3, 0.2]), InfillOptions(threshold=0.9))
+    assert chosen.tolist() == [1]
+    chosen = select_commits(torch.tensor([0.95, 0.3, 0.99]), InfillOptions(threshold=0.9))
+    assert sorted(chosen.tolist()) == [0, 2]
+
+
+def test_unknown_score_lists_known_ones():
+    with pytest.raises(ValueError, match="confidence, margin, entropy"):
+        InfillOptions(score="vibes")
+
+
+def test_should_stop_leaves_before_next_step(tiny_model):
+    calls = []
+
+    def should_stop() -> bool:
+        calls.append(1)
+        return len(calls) > 3
+
+    result = infill(tiny_model, PREFIX, SUFFIX, InfillOptions(max_tokens=32, threshold=1.0),
+                    should_stop=should_stop)
+    assert result.steps == 3 and result.finish_reason == "cancelled"
