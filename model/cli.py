@@ -14,7 +14,9 @@ from model.sampler import Infill, InfillOptions, apply_step, final_text, forward
 
 log = logging.getLogger(__name__)
 
-DEMO_PREFIX = 'def is_palindrome(text: str) -> bool:\n    """True when text reads the same backwards."""\n    '
+DEMO_PREFIX = (
+    'def is_palindrome(text: str) -> bool:\n    """True when text reads the same backwards."""\n    '
+)
 DEMO_SUFFIX = "\n\n\nprint(is_palindrome('level'))\n"
 TINY_FALLBACK_DIR = Path(tempfile.gettempdir()) / "diffusion-lsp-tiny-random"
 

@@ -79,7 +79,9 @@ class Engine:
         self._queue.put(request)
         return request
 
-    async def infill(self, prefix: str, suffix: str, options: InfillOptions | None = None) -> Infill:
+    async def infill(
+        self, prefix: str, suffix: str, options: InfillOptions | None = None
+    ) -> Infill:
         """Fill a hole from asyncio; cancelling the awaiting task cancels the request."""
         request = self.submit(prefix, suffix, options)
         try:
@@ -140,7 +142,7 @@ class Engine:
         began = time.perf_counter()
         try:
             logits = forward_holes(self.model, [r.state for r in active])
-            for request, rows in zip(active, logits):
+            for request, rows in zip(active, logits, strict=True):
                 apply_step(self.model, request.state, rows)
         except Exception as exc:  # nothing the model does may take the worker down
             log.exception("denoising step failed for %d request(s)", len(active))

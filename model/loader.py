@@ -244,7 +244,8 @@ def load_model(
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     result = network.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    tied = config.tie_word_embeddings
+    missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
     if missing or result.unexpected_keys:
         raise ModelLoadError(
             f"weights in {path} do not fit the {fam.name} family's {network_class.__name__}: "

@@ -211,7 +211,7 @@ def _close(state: HoleState, model: LoadedModel, position: int) -> None:
 def open_text(model: LoadedModel, state: HoleState) -> str:
     """Text of the committed run at the start of the hole (up to the first mask or end)."""
     run = []
-    for token, masked in zip(state.hole.tolist(), state.masked.tolist()):
+    for token, masked in zip(state.hole.tolist(), state.masked.tolist(), strict=True):
         if masked or _is_end(model, token):
             break
         run.append(token)

@@ -37,7 +37,7 @@ def test_committed_tokens_never_change(tiny_models, name):
     model = tiny_models[name]
     result = infill(model, PREFIX, SUFFIX, InfillOptions(max_tokens=24, threshold=0.02))
     mask = model.ids.mask
-    for before, after in zip(result.trace, result.trace[1:]):
+    for before, after in zip(result.trace, result.trace[1:], strict=False):
         for position, token in enumerate(before.hole):
             if token != mask:
                 assert after.hole[position] == token
@@ -153,7 +153,7 @@ def test_batched_and_unbatched_logits_agree(tiny_models, name):
     states = [new_state(model, p, s, InfillOptions(initial_tokens=5 + i))
               for i, (p, s) in enumerate(holes)]
     batched = forward_holes(model, states)
-    for state, rows in zip(states, batched):
+    for state, rows in zip(states, batched, strict=True):
         (alone,) = forward_holes(model, [state])
         torch.testing.assert_close(rows, alone, atol=1e-4, rtol=1e-4)
         assert torch.equal(rows.argmax(-1), alone.argmax(-1))
