@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from model.loader import LoadedModel
 
@@ -45,6 +46,8 @@ class InfillOptions:
     seed: int = 0  # for temperature > 0
     single_line: bool = False  # stop at the end of the line
     stop: tuple[str, ...] = ()  # stop words: the text ends before the first one
+    reuse_context: bool = True  # cache prefix/suffix keys and values; later steps run the hole only
+    refresh_every: int = 4  # with reuse_context: recompute everything every this many steps (0: never)
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -53,6 +56,8 @@ class InfillOptions:
             raise ValueError("max_tokens and initial_tokens must be at least 1")
         if self.tokens_per_step is not None and self.tokens_per_step < 1:
             raise ValueError("tokens_per_step must be at least 1")
+        if self.refresh_every < 0:
+            raise ValueError("refresh_every must be 0 (never) or positive")
 
 
 @dataclass
@@ -73,6 +78,20 @@ class Infill:
     finish_reason: str  # end | newline | stop | max_tokens | cancelled
     trace: list[StepTrace] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds
+    full_passes: int = 0  # of `steps`, those over the whole sequence (the rest: hole only)
+
+
+@dataclass
+class ContextCache:
+    """Keys and values of every position outside the hole's window, from the last full pass.
+
+    Approximate: they were computed when the hole held what it held then (the dual cache of
+    Fast-dLLM, Wu et al., 2025); `refresh_every` bounds how stale they get.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, heads, L - w, head_dim)
+    hole_len: int  # the hole's length when cached: growing the hole invalidates the cache
+    age: int = 0  # cached steps run since the full pass
 
 
 @dataclass
@@ -88,7 +107,9 @@ class HoleState:
     closed_at: int | None = None  # positions >= this are end-of-hole
     finish_reason: str | None = None
     steps: int = 0
+    full_passes: int = 0  # forward passes over the whole sequence (the rest ran the hole only)
     trace: list[StepTrace] = field(default_factory=list)
+    context: ContextCache | None = None
 
     @property
     def hole_start(self) -> int:
@@ -282,21 +303,38 @@ def final_text(model: LoadedModel, state: HoleState) -> tuple[str, int]:
 def result(model: LoadedModel, state: HoleState, timings: dict[str, float]) -> Infill:
     text, tokens = final_text(model, state)
     return Infill(text, state.steps, tokens, state.finish_reason or "cancelled", state.trace,
-                  timings)
+                  timings, state.full_passes)
 
 
 # ---------------------------------------------------------------------------------------------
 # Forward pass over any number of holes
 
 
-@torch.inference_mode()
-def forward_holes(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
-    """One forward pass for a batch of holes; logits at each state's masked positions.
+def window(state: HoleState, shifted: bool) -> tuple[int, int]:
+    """[start, end) of the positions a hole-only pass must run: the hole, plus the token
+    before it when logits are shifted (its output predicts the hole's first token)."""
+    start = state.hole_start - (1 if shifted else 0)
+    return start, state.hole_start + state.hole.numel()
 
-    Sequences of different lengths are right-padded and the padding is masked out of
-    attention, so a hole's logits do not depend on what it is batched with.
-    Returns a list of (m_i, V) float tensors.
-    """
+
+def needs_full_pass(state: HoleState) -> bool:
+    options, context = state.options, state.context
+    if not options.reuse_context or context is None:
+        return True
+    if context.hole_len != state.hole.numel():
+        return True
+    return options.refresh_every > 0 and context.age + 1 >= options.refresh_every
+
+
+def _rows_at(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return hidden[positions.to(hidden.device)]
+
+
+@torch.inference_mode()
+def _full_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
+    """Whole sequences, batched: right-padded, padding masked out of attention, so a hole's
+    hidden states do not depend on what it is batched with. Returns (m_i, H) per state and,
+    when asked, keeps each state's context keys/values for hole-only passes."""
     sequences = [s.sequence() for s in states]
     lengths = [len(s) for s in sequences]
     width = max(lengths)
@@ -306,15 +344,74 @@ def forward_holes(model: LoadedModel, states: Sequence[HoleState]) -> list[torch
         input_ids[row, : len(seq)] = seq
         attention[row, : len(seq)] = 1
     padded = any(length != width for length in lengths)
+    keep_cache = any(s.options.reuse_context for s in states)
+    cache = DynamicCache() if keep_cache else None
     hidden = model.network.model(
         input_ids=input_ids.to(model.device),
         attention_mask=attention.to(model.device) if padded else None,
+        past_key_values=cache,
+        use_cache=keep_cache,
     ).last_hidden_state  # (B, L, H)
     shifted = model.family.shifted_logits
-    positions = [logit_positions(s, shifted) for s in states]
-    rows = torch.cat([hidden[i, p.to(model.device)] for i, p in enumerate(positions)])  # (M, H)
+    rows = []
+    for row, state in enumerate(states):
+        rows.append(_rows_at(hidden[row], logit_positions(state, shifted)))
+        state.full_passes += 1
+        if state.options.reuse_context:
+            start, end = window(state, shifted)
+            length = lengths[row]
+            state.context = ContextCache(
+                [
+                    (_outside(layer.keys[row : row + 1], start, end, length),
+                     _outside(layer.values[row : row + 1], start, end, length))
+                    for layer in cache.layers
+                ],
+                hole_len=state.hole.numel(),
+            )
+    return rows
+
+
+def _outside(tensor: torch.Tensor, start: int, end: int, length: int) -> torch.Tensor:
+    """(1, heads, W, D) -> (1, heads, length - (end - start), D): drop the window and padding."""
+    return torch.cat([tensor[..., :start, :], tensor[..., end:length, :]], dim=-2)
+
+
+@torch.inference_mode()
+def _hole_pass(model: LoadedModel, state: HoleState) -> torch.Tensor:
+    """Run only the hole's window against the cached context. Returns (m, H)."""
+    shifted = model.family.shifted_logits
+    start, end = window(state, shifted)
+    ids = state.sequence()[start:end][None]  # (1, w)
+    positions = torch.arange(start, end)[None]  # (1, w): real positions, for RoPE
+    cache = DynamicCache(ddp_cache_data=state.context.layers)
+    hidden = model.network.model(
+        input_ids=ids.to(model.device),
+        position_ids=positions.to(model.device),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state[0]  # (w, H)
+    state.context.age += 1
+    return _rows_at(hidden, logit_positions(state, shifted) - start)
+
+
+@torch.inference_mode()
+def forward_holes(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
+    """One denoising forward pass for any number of holes: logits at each state's masked
+    positions, as a list of (m_i, V) float tensors.
+
+    States whose context cache is fresh run their hole only; the rest share one batched
+    pass over their whole sequences (which also refreshes their caches).
+    """
+    full = [i for i, s in enumerate(states) if needs_full_pass(s)]
+    hidden: dict[int, torch.Tensor] = {}
+    if full:
+        hidden.update(zip(full, _full_pass(model, [states[i] for i in full]), strict=True))
+    for i, state in enumerate(states):
+        if i not in hidden:
+            hidden[i] = _hole_pass(model, state)
+    rows = torch.cat([hidden[i] for i in range(len(states))])  # (M, H)
     logits = model.network.lm_head(rows).float().cpu()  # (M, V)
-    return list(logits.split([p.numel() for p in positions]))
+    return list(logits.split([hidden[i].shape[0] for i in range(len(states))]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -188,3 +188,39 @@ def test_should_stop_leaves_before_next_step(tiny_model):
     result = infill(tiny_model, PREFIX, SUFFIX, InfillOptions(max_tokens=32, threshold=1.0),
                     should_stop=should_stop)
     assert result.steps == 3 and result.finish_reason == "cancelled"
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_hole_only_pass_matches_the_full_pass_on_unchanged_context(tiny_models, name):
+    """Right after a full pass nothing is stale: running the hole alone gives the same logits."""
+    model = tiny_models[name]
+    state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=6, refresh_every=0))
+    (full,) = forward_holes(model, [state])
+    assert state.full_passes == 1 and state.context is not None
+    (cached,) = forward_holes(model, [state])
+    assert state.full_passes == 1  # the second pass ran the hole only
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+
+
+def test_refresh_every_step_is_the_uncached_sampler(tiny_model):
+    options = InfillOptions(max_tokens=16, threshold=0.05)
+    uncached = infill(tiny_model, PREFIX, SUFFIX,
+                      InfillOptions(max_tokens=16, threshold=0.05, reuse_context=False))
+    always = infill(tiny_model, PREFIX, SUFFIX,
+                    InfillOptions(max_tokens=16, threshold=0.05, refresh_every=1))
+    assert (uncached.text, uncached.steps) == (always.text, always.steps)
+    assert uncached.full_passes == uncached.steps
+    cached = infill(tiny_model, PREFIX, SUFFIX, options)
+    assert cached.full_passes < cached.steps
+
+
+def test_growing_the_hole_forces_a_full_pass(tiny_model):
+    model = tiny_model
+    options = InfillOptions(initial_tokens=4, extend_by=4, max_tokens=8, threshold=0.5,
+                            refresh_every=0)
+    state = new_state(model, PREFIX, SUFFIX, options)
+    word = word_token(model, "x")
+    forward_holes(model, [state])
+    apply_step(model, state, sharp_logits(model, [word] * 4))  # full: grows to 8
+    forward_holes(model, [state])
+    assert state.full_passes == 2
