@@ -54,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", default=None, help="JSON result file")
     evaluate.add_argument("--max-tokens", type=int, default=None)
     _add_model_args(evaluate)
+
+    bench = commands.add_parser("bench", help="speed benchmarks of the model (no LSP)")
+    bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive"])
+    bench.add_argument("--limit", type=int, default=40, help="holes per split")
+    bench.add_argument("--max-tokens", type=int, default=32)
+    bench.add_argument("--tokens-per-step", type=int, default=None,
+                       help="vs-autoregressive: fixed tokens per step (default: threshold)")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.add_argument("--data", default=None, help="folder with the HumanEval-*.jsonl.gz files")
+    _add_model_args(bench)
     return parser
 
 
@@ -71,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from model.cli import run_demo
 
         return run_demo(args)
+    if args.command == "bench":
+        from model.bench import run_bench
+
+        return run_bench(args)
     if args.command == "eval":
         from model.eval.humaneval import run_eval
 

@@ -377,21 +377,49 @@ def _outside(tensor: torch.Tensor, start: int, end: int, length: int) -> torch.T
 
 
 @torch.inference_mode()
-def _hole_pass(model: LoadedModel, state: HoleState) -> torch.Tensor:
-    """Run only the hole's window against the cached context. Returns (m, H)."""
+def _hole_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
+    """Run only each hole's window against its cached context, batched. Returns (m_i, H).
+
+    Contexts and windows of different lengths are right-padded; a 4D mask hides the padding
+    from every query, so a hole's result does not depend on its batch.
+    """
     shifted = model.family.shifted_logits
-    start, end = window(state, shifted)
-    ids = state.sequence()[start:end][None]  # (1, w)
-    positions = torch.arange(start, end)[None]  # (1, w): real positions, for RoPE
-    cache = DynamicCache(ddp_cache_data=state.context.layers)
+    windows = [window(s, shifted) for s in states]
+    widths = [end - start for start, end in windows]
+    contexts = [s.context.layers[0][0].shape[-2] for s in states]
+    width, context = max(widths), max(contexts)
+    batch = len(states)
+    ids = torch.full((batch, width), model.ids.pad, dtype=torch.long)
+    positions = torch.zeros((batch, width), dtype=torch.long)
+    visible = torch.zeros((batch, context + width), dtype=torch.bool)  # keys each row may see
+    for row, (state, (start, end)) in enumerate(zip(states, windows, strict=True)):
+        ids[row, : end - start] = state.sequence()[start:end]
+        positions[row, : end - start] = torch.arange(start, end)  # real positions, for RoPE
+        visible[row, : contexts[row]] = True
+        visible[row, context : context + end - start] = True
+    layers = []
+    for index in range(len(states[0].context.layers)):
+        keys, values = [], []
+        for row, state in enumerate(states):
+            k, v = state.context.layers[index]
+            pad = context - contexts[row]
+            keys.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
+            values.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
+        layers.append((torch.cat(keys), torch.cat(values)))  # (B, heads, C, D)
+    padded = batch > 1 and (len(set(widths)) > 1 or len(set(contexts)) > 1)
+    mask = visible[:, None, None, :].expand(batch, 1, width, context + width) if padded else None
     hidden = model.network.model(
         input_ids=ids.to(model.device),
         position_ids=positions.to(model.device),
-        past_key_values=cache,
+        past_key_values=DynamicCache(ddp_cache_data=layers),
+        attention_mask=mask.to(model.device) if mask is not None else None,
         use_cache=True,
-    ).last_hidden_state[0]  # (w, H)
-    state.context.age += 1
-    return _rows_at(hidden, logit_positions(state, shifted) - start)
+    ).last_hidden_state  # (B, W, H)
+    rows = []
+    for row, (state, (start, _)) in enumerate(zip(states, windows, strict=True)):
+        state.context.age += 1
+        rows.append(_rows_at(hidden[row], logit_positions(state, shifted) - start))
+    return rows
 
 
 @torch.inference_mode()
@@ -406,9 +434,9 @@ def forward_holes(model: LoadedModel, states: Sequence[HoleState]) -> list[torch
     hidden: dict[int, torch.Tensor] = {}
     if full:
         hidden.update(zip(full, _full_pass(model, [states[i] for i in full]), strict=True))
-    for i, state in enumerate(states):
-        if i not in hidden:
-            hidden[i] = _hole_pass(model, state)
+    cached = [i for i in range(len(states)) if i not in hidden]
+    if cached:
+        hidden.update(zip(cached, _hole_pass(model, [states[i] for i in cached]), strict=True))
     rows = torch.cat([hidden[i] for i in range(len(states))])  # (M, H)
     logits = model.network.lm_head(rows).float().cpu()  # (M, V)
     return list(logits.split([hidden[i].shape[0] for i in range(len(states))]))

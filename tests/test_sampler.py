@@ -224,3 +224,17 @@ def test_growing_the_hole_forces_a_full_pass(tiny_model):
     apply_step(model, state, sharp_logits(model, [word] * 4))  # full: grows to 8
     forward_holes(model, [state])
     assert state.full_passes == 2
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_batched_hole_only_passes_agree_with_single_ones(tiny_models, name):
+    model = tiny_models[name]
+    holes = [("x = ", "\n"), (PREFIX, SUFFIX), ("import os\nimport sys\n\n\ndef main():\n", "")]
+    states = [new_state(model, p, s, InfillOptions(initial_tokens=4 + 3 * i, refresh_every=0))
+              for i, (p, s) in enumerate(holes)]
+    forward_holes(model, states)  # full passes fill the caches
+    batched = forward_holes(model, states)  # hole-only, batched
+    assert all(s.full_passes == 1 for s in states)
+    for state, rows in zip(states, batched, strict=True):
+        (alone,) = forward_holes(model, [state])
+        torch.testing.assert_close(rows, alone, atol=1e-4, rtol=1e-4)

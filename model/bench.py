@@ -1,0 +1,300 @@
+"""Speed benchmarks of the model (no LSP): latency, throughput, and diffusion vs autoregressive.
+
+Each prints a table, saves JSON (and a PNG plot when matplotlib is installed) under
+benchmarks/results/, and names the machine it ran on. Every figure is a median over many
+holes, and every ratio is measured side by side in the same run, because machines here are
+noisy. Holes come from HumanEval-infilling (../shared/eval-data by default).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from model.engine import Engine
+from model.loader import LoadedModel
+from model.sampler import InfillOptions, infill, layout_ids
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+EVAL_DATA = REPO.parent / "shared" / "eval-data" / "humaneval-infilling"
+SPLIT_FILES = {
+    "single-line": "HumanEval-SingleLineInfilling.jsonl.gz",
+    "multi-line": "HumanEval-MultiLineInfilling.jsonl.gz",
+}
+
+
+def machine() -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def load_holes(split: str, limit: int, data: Path | None = None) -> list[dict]:
+    """Evenly spaced records of a HumanEval-infilling split: {task_id, prompt, suffix}."""
+    path = (data or EVAL_DATA) / SPLIT_FILES[split]
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    stride = max(1, len(records) // limit)
+    return records[::stride][:limit]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+@torch.inference_mode()
+def full_forward_ms(model: LoadedModel, length: int, repeats: int = 3) -> float:
+    """Median time of one forward pass over `length` tokens (the same network, bidirectional)."""
+    ids = torch.full((1, length), model.ids.mask, dtype=torch.long, device=model.device)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        hidden = model.network.model(input_ids=ids).last_hidden_state
+        model.network.lm_head(hidden[:, -16:])
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(times)
+
+
+def options_for(split: str, max_tokens: int, **overrides) -> InfillOptions:
+    single = split == "single-line"
+    return InfillOptions(max_tokens=max_tokens, single_line=single,
+                         initial_tokens=16 if single else 32, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# latency (model only)
+
+
+def bench_latency(model: LoadedModel, holes: list[dict], split: str, max_tokens: int,
+                  reuse_context: bool = True) -> dict:
+    options = options_for(split, max_tokens, reuse_context=reuse_context)
+    infill(model, holes[0]["prompt"], holes[0]["suffix"], options)  # warm-up
+    rows = []
+    for hole in holes:
+        prefix_ids, suffix_ids = layout_ids(model, hole["prompt"], hole["suffix"])
+        length = len(prefix_ids) + options.initial_tokens + len(suffix_ids)
+        one_pass = full_forward_ms(model, length)
+        began = time.perf_counter()
+        result = infill(model, hole["prompt"], hole["suffix"], options)
+        latency = (time.perf_counter() - began) * 1e3
+        rows.append({"task_id": hole["task_id"], "latency_ms": latency, "steps": result.steps,
+                     "full_passes": result.full_passes, "tokens": result.tokens,
+                     "context_tokens": length, "forward_ms": one_pass,
+                     "forward_pass_equivalents": latency / one_pass})
+    return summarise(rows, split, reuse_context)
+
+
+def summarise(rows: list[dict], split: str, reuse_context: bool) -> dict:
+    latencies = [r["latency_ms"] for r in rows]
+    tokens = sum(r["tokens"] for r in rows)
+    steps = sum(r["steps"] for r in rows)
+    return {
+        "split": split, "reuse_context": reuse_context, "holes": len(rows),
+        "latency_p50_ms": percentile(latencies, 50), "latency_p95_ms": percentile(latencies, 95),
+        "forward_pass_equivalents_p50": percentile(
+            [r["forward_pass_equivalents"] for r in rows], 50),
+        "steps_p50": percentile([r["steps"] for r in rows], 50),
+        "tokens_per_step": tokens / max(steps, 1),
+        "steps_per_token": steps / max(tokens, 1),
+        "context_tokens_p50": percentile([r["context_tokens"] for r in rows], 50),
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# throughput under concurrency
+
+
+def bench_throughput(model: LoadedModel, holes: list[dict], max_tokens: int,
+                     concurrency: list[int]) -> dict:
+    options = options_for("single-line", max_tokens)
+    engine = Engine(model)
+    runs = []
+    try:
+        engine.submit(holes[0]["prompt"], holes[0]["suffix"], options).result()  # warm-up
+        for n in concurrency:
+            batch = [holes[i % len(holes)] for i in range(n)]
+            began = time.perf_counter()
+            requests = [engine.submit(h["prompt"], h["suffix"], options) for h in batch]
+            results = [r.result(600) for r in requests]
+            wall = time.perf_counter() - began
+            latencies = [r.timings["total_ms"] for r in results]
+            tokens = sum(r.tokens for r in results)
+            runs.append({"concurrency": n, "wall_s": wall, "tokens": tokens,
+                         "tokens_per_s": tokens / wall,
+                         "latency_p50_ms": percentile(latencies, 50),
+                         "latency_p95_ms": percentile(latencies, 95)})
+    finally:
+        engine.close()
+    return {"runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusion vs autoregressive, same network, same holes
+
+
+def _set_causal(model: LoadedModel, causal: bool) -> None:
+    model.network.config.is_causal = causal
+    for module in model.network.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = causal
+
+
+@torch.inference_mode()
+def autoregressive_ms(model: LoadedModel, prefix: str, new_tokens: int) -> float:
+    """Time to decode `new_tokens` left to right (causal, KV cache, greedy) after `prefix`."""
+    prefix_ids, _ = layout_ids(model, prefix, "")
+    ids = torch.tensor([prefix_ids], device=model.device)
+    _set_causal(model, True)
+    try:
+        began = time.perf_counter()
+        model.network.generate(ids, attention_mask=torch.ones_like(ids),
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, use_cache=True, pad_token_id=model.ids.pad,
+                               eos_token_id=None)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - began) * 1e3
+    finally:
+        _set_causal(model, False)
+
+
+def bench_vs_autoregressive(model: LoadedModel, holes: list[dict], max_tokens: int,
+                            tokens_per_step: int | None) -> dict:
+    """Diffusion fills the hole; AR decodes the same number of tokens after the same prefix."""
+    options = InfillOptions(max_tokens=max_tokens, initial_tokens=max_tokens,
+                            tokens_per_step=tokens_per_step)
+    rows = []
+    autoregressive_ms(model, holes[0]["prompt"], 4)  # warm-up
+    for hole in holes:
+        began = time.perf_counter()
+        result = infill(model, hole["prompt"], hole["suffix"], options)
+        diffusion = (time.perf_counter() - began) * 1e3
+        hole_tokens = len(result.trace[-1].hole) if result.trace else max_tokens
+        ar = autoregressive_ms(model, hole["prompt"], hole_tokens)
+        rows.append({"task_id": hole["task_id"], "tokens": hole_tokens,
+                     "diffusion_ms": diffusion, "autoregressive_ms": ar,
+                     "diffusion_tokens_per_s": hole_tokens / diffusion * 1e3,
+                     "autoregressive_tokens_per_s": hole_tokens / ar * 1e3,
+                     "speedup": ar / diffusion, "steps": result.steps})
+    return {
+        "tokens_per_step": tokens_per_step, "max_tokens": max_tokens,
+        "speedup_p50": percentile([r["speedup"] for r in rows], 50),
+        "diffusion_tokens_per_s_p50": percentile([r["diffusion_tokens_per_s"] for r in rows], 50),
+        "autoregressive_tokens_per_s_p50": percentile(
+            [r["autoregressive_tokens_per_s"] for r in rows], 50),
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# plots and the command
+
+
+def plot(name: str, payload: dict) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if name == "latency":
+        for run in payload["runs"]:
+            values = sorted(r["latency_ms"] for r in run["rows"])
+            label = f"{run['split']}, {'cached context' if run['reuse_context'] else 'no cache'}"
+            ax.plot(values, [i / len(values) for i in range(len(values))], label=label)
+        ax.set_xlabel("latency per infill (ms)")
+        ax.set_ylabel("fraction of holes")
+    elif name == "throughput":
+        runs = payload["runs"]
+        ax.plot([r["concurrency"] for r in runs], [r["tokens_per_s"] for r in runs], "o-",
+                label="tokens/s")
+        ax2 = ax.twinx()
+        ax2.plot([r["concurrency"] for r in runs], [r["latency_p95_ms"] for r in runs], "s--",
+                 color="tab:red", label="p95 latency (ms)")
+        ax2.set_ylabel("p95 latency (ms)")
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("tokens/s")
+    else:
+        rows = payload["rows"]
+        ax.bar(["diffusion", "autoregressive"],
+               [payload["diffusion_tokens_per_s_p50"], payload["autoregressive_tokens_per_s_p50"]])
+        ax.set_ylabel(f"tokens/s (median over {len(rows)} holes)")
+    ax.set_title(f"{name} — {payload['machine']['cpu']}"[:80])
+    ax.legend(loc="best")
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_bench(args) -> int:
+    from model.cli import load_for_cli
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_for_cli(args)
+    data = Path(args.data) if args.data else None
+    header = {"machine": machine(), "model": str(model.path),
+              "parameters": sum(p.numel() for p in model.network.parameters()),
+              "device": model.device.type, "dtype": str(model.dtype)}
+    if args.name == "latency":
+        runs = []
+        for split in ("single-line", "multi-line"):
+            holes = load_holes(split, args.limit, data)
+            for reuse in (True, False):
+                runs.append(bench_latency(model, holes, split, args.max_tokens, reuse))
+        payload = {**header, "runs": runs}
+        for run in runs:
+            print(f"{run['split']:12} cache={run['reuse_context']!s:5} "
+                  f"p50 {run['latency_p50_ms']:7.1f} ms  p95 {run['latency_p95_ms']:7.1f} ms  "
+                  f"FPE p50 {run['forward_pass_equivalents_p50']:.2f}  "
+                  f"steps p50 {run['steps_p50']}  tokens/step {run['tokens_per_step']:.2f}")
+    elif args.name == "throughput":
+        holes = load_holes("single-line", max(args.limit, 16), data)
+        payload = {**header, **bench_throughput(model, holes, args.max_tokens,
+                                                [1, 2, 4, 8, 16])}
+        for run in payload["runs"]:
+            print(f"N={run['concurrency']:2}  {run['tokens_per_s']:8.1f} tokens/s  "
+                  f"p50 {run['latency_p50_ms']:7.1f} ms  p95 {run['latency_p95_ms']:7.1f} ms")
+    else:
+        holes = load_holes("multi-line", args.limit, data)
+        payload = {**header, **bench_vs_autoregressive(model, holes, args.max_tokens,
+                                                        args.tokens_per_step)}
+        print(f"diffusion {payload['diffusion_tokens_per_s_p50']:.1f} tokens/s, "
+              f"autoregressive {payload['autoregressive_tokens_per_s_p50']:.1f} tokens/s, "
+              f"speed-up p50 {payload['speedup_p50']:.2f}x")
+    path = save(args.name, payload)
+    picture = plot(args.name, payload)
+    print(f"saved {path}" + (f" and {picture}" if picture else ""))
+    return 0
