@@ -15,7 +15,9 @@ from model.sampler import Infill, InfillOptions, apply_step, final_text, forward
 log = logging.getLogger(__name__)
 
 DEMO_PREFIX = (
-    'def is_palindrome(text: str) -> bool:\n    """True when text reads the same backwards."""\n    '
+    "def is_palindrome(text: str) -> bool:\n"
+    '    """True when text reads the same backwards."""\n'
+    "    "
 )
 DEMO_SUFFIX = "\n\n\nprint(is_palindrome('level'))\n"
 TINY_FALLBACK_DIR = Path(tempfile.gettempdir()) / "diffusion-lsp-tiny-random"

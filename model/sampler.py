@@ -47,7 +47,7 @@ class InfillOptions:
     single_line: bool = False  # stop at the end of the line
     stop: tuple[str, ...] = ()  # stop words: the text ends before the first one
     reuse_context: bool = True  # cache prefix/suffix keys and values; later steps run the hole only
-    refresh_every: int = 4  # with reuse_context: recompute everything every this many steps (0: never)
+    refresh_every: int = 4  # with reuse_context: full pass every this many steps (0: never)
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
