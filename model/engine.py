@@ -55,7 +55,9 @@ class Request:
 class Engine:
     """Owns a loaded model; fills holes for many callers, batching their denoising steps."""
 
-    def __init__(self, model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+    def __init__(
+        self, model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH, warm_up: bool = False
+    ) -> None:
         self.model = model
         self.max_batch = max_batch
         self._queue: queue.Queue = queue.Queue()
@@ -65,6 +67,13 @@ class Engine:
         self.batched_rows = 0
         self._thread = threading.Thread(target=self._run, name="diffusion-engine", daemon=True)
         self._thread.start()
+        if warm_up:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run one small infill (full and hole-only passes), so the first real one is not slow."""
+        options = InfillOptions(max_tokens=8, initial_tokens=8, tokens_per_step=4)
+        self.submit("def warm_up():\n    return ", "\n", options).result()
 
     # -- callers -------------------------------------------------------------------------------
 

@@ -118,14 +118,16 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto` means bf16 on CUDA and fp32 on CPU."""
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; known: auto, {', '.join(table)}")
-    return table[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def build_config(raw: dict, family: Family) -> Qwen2Config | LlamaConfig:
