@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vs-autoregressive: fixed tokens per step (default: threshold)")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     bench.add_argument("--data", default=None, help="folder with the HumanEval-*.jsonl.gz files")
+    bench.add_argument("--shape", default=None,
+                       help="instead of --model: random weights of a published shape "
+                            "(qwen2.5-7b = Dream-Coder-7B), GPU only")
     _add_model_args(bench)
     return parser
 

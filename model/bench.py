@@ -215,6 +215,55 @@ def bench_vs_autoregressive(model: LoadedModel, holes: list[dict], max_tokens: i
 
 
 # ---------------------------------------------------------------------------------------------
+# random-weight models of a published shape (speed does not depend on weight values at a fixed
+# number of tokens per step)
+
+SHAPES = {
+    # Dream-Coder-v0-7B / Qwen2.5-7B
+    "qwen2.5-7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                   "max_position_embeddings": 32768, "rope_theta": 1000000.0},
+}
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # SXM memory bandwidth
+
+
+def random_model_of_shape(shape: str, device: str) -> LoadedModel:
+    """A `dream`-family model of a published shape with random bf16 weights, on the GPU."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from model.families import DREAM
+    from model.loader import make_bidirectional, pick_device, resolve_special_ids
+    from model.tiny import FAMILY_SPECIAL_TOKENS, SAMPLE_CODE
+    from model.tokenizer import train_tokenizer
+
+    if shape not in SHAPES:
+        raise SystemExit(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    torch_device = pick_device(device)
+    if torch_device.type != "cuda":
+        raise SystemExit(f"--shape {shape} needs a CUDA GPU (its bf16 weights take many GB)")
+    config = Qwen2Config(**SHAPES[shape], tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    with torch_device:
+        network = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+    make_bidirectional(network)
+    tokenizer = train_tokenizer([SAMPLE_CODE] * 4, 400, FAMILY_SPECIAL_TOKENS["dream"], 1)
+    return LoadedModel(network, tokenizer, DREAM, resolve_special_ids(tokenizer, DREAM, Path()),
+                       torch_device, torch.bfloat16, Path(f"random:{shape}"))
+
+
+def bandwidth_bound_ms(model: LoadedModel) -> float | None:
+    """Time to read every weight once from GPU memory: the floor for one forward pass."""
+    if model.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(0)
+    bandwidth = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
+    if bandwidth is None:
+        return None
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.network.parameters())
+    return weight_bytes / bandwidth * 1e3
+
+
+# ---------------------------------------------------------------------------------------------
 # plots and the command
 
 
@@ -250,7 +299,8 @@ def plot(name: str, payload: dict) -> Path | None:
                [payload["diffusion_tokens_per_s_p50"], payload["autoregressive_tokens_per_s_p50"]])
         ax.set_ylabel(f"tokens/s (median over {len(rows)} holes)")
     ax.set_title(f"{name} — {payload['machine']['cpu']}"[:80])
-    ax.legend(loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best")
     fig.tight_layout()
     path = RESULTS / f"{name}.png"
     fig.savefig(path, dpi=100)
@@ -263,11 +313,12 @@ def run_bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_for_cli(args)
+    model = random_model_of_shape(args.shape, args.device) if args.shape else load_for_cli(args)
     data = Path(args.data) if args.data else None
     header = {"machine": machine(), "model": str(model.path),
               "parameters": sum(p.numel() for p in model.network.parameters()),
-              "device": model.device.type, "dtype": str(model.dtype)}
+              "device": model.device.type, "dtype": str(model.dtype),
+              "forward_bandwidth_bound_ms": bandwidth_bound_ms(model)}
     if args.name == "latency":
         runs = []
         for split in ("single-line", "multi-line"):

@@ -17,7 +17,7 @@ def test_bench_writes_json(tiny_dirs, tmp_path, monkeypatch, capsys, name):
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     args = SimpleNamespace(name=name, model=str(tiny_dirs["default"]), family=None, device="cpu",
                            dtype="auto", data=None, limit=2, max_tokens=6, tokens_per_step=2,
-                           threads=None)
+                           threads=None, shape=None)
     assert bench.run_bench(args) == 0
     payload = json.loads((tmp_path / f"{name}.json").read_text())
     assert payload["machine"]["cpu"]
