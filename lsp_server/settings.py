@@ -1,0 +1,168 @@
+"""The server's settings: one msgspec tree, camelCase on the wire.
+
+Editors send it as `initializationOptions` and in `workspace/didChangeConfiguration`
+(`{"settings": {"diffusionLsp": {...}}}` or the tree itself). A partial tree updates only the
+keys it names. A value of the wrong type or out of range is reported once and ignored: the
+previous value stays.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+SECTION = "diffusionLsp"
+
+
+class ModelSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    path: str | None = None  # model directory or HF cache name; None = the bundled model
+    family: str | None = None  # default | dream | llada; None = detect from config.json
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int | None = None  # torch CPU threads; None = torch's choice
+
+
+class CompletionSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    max_tokens: int = 64  # tokens in a multi-line completion, at most
+    max_tokens_single_line: int = 32
+    max_lines: int = 12  # lines in a multi-line completion, at most
+    threshold: float = 0.9  # commit every masked token more confident than this, each step
+    tokens_per_step: int | None = None  # instead of the threshold: this many tokens per step
+    multiline: Literal["auto", "always", "never"] = "auto"
+    debounce_ms: int = 15  # wait this long for the user to type on before starting
+    stop: list[str] = msgspec.field(default_factory=list)
+
+
+class ContextSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    prefix_tokens: int = 640  # budget for the text before the cursor
+    suffix_tokens: int = 192  # budget for the text after the cursor
+    snippet_tokens: int = 128  # budget for snippets from other open documents, in all
+    max_snippets: int = 2
+    snippet_lines: int = 16  # lines per snippet
+
+
+class RemoteSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    url: str = "http://127.0.0.1:8000"  # base URL; the API path is added
+    api: Literal["fim", "completions"] = "fim"  # /v1/fim/completions or /v1/completions
+    model: str = "diffusion-lsp"
+    api_key_env: str = "DIFFUSION_LSP_TOKEN"  # environment variable holding the key
+    api_key: str | None = None  # or the key itself (never logged)
+    timeout_ms: int = 5000
+    retries: int = 2
+
+
+class Settings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    enable: bool = True
+    disabled_languages: list[str] = msgspec.field(default_factory=list)
+    backend: Literal["local", "remote"] = "local"
+    model: ModelSettings = msgspec.field(default_factory=ModelSettings)
+    completion: CompletionSettings = msgspec.field(default_factory=CompletionSettings)
+    context: ContextSettings = msgspec.field(default_factory=ContextSettings)
+    remote: RemoteSettings = msgspec.field(default_factory=RemoteSettings)
+    cache_size: int = 256  # completions kept for type-along reuse
+    log_level: Literal["error", "warning", "info", "debug"] = "info"
+
+    def enabled_for(self, language_id: str | None) -> bool:
+        return self.enable and (language_id or "") not in self.disabled_languages
+
+
+POSITIVE = {
+    ("completion", "max_tokens"), ("completion", "max_tokens_single_line"),
+    ("completion", "max_lines"), ("context", "max_snippets"), ("context", "snippet_lines"),
+    ("context", "prefix_tokens"), ("remote", "timeout_ms"), ("cache_size",),
+}
+NON_NEGATIVE = {
+    ("completion", "debounce_ms"), ("context", "suffix_tokens"), ("context", "snippet_tokens"),
+    ("remote", "retries"),
+}
+
+
+def _camel(path: tuple[str, ...]) -> str:
+    def one(name: str) -> str:
+        head, *rest = name.split("_")
+        return head + "".join(part.title() for part in rest)
+
+    return ".".join(one(name) for name in path)
+
+
+def _check_ranges(settings: Settings) -> list[str]:
+    problems = []
+
+    def value(path: tuple[str, ...]) -> Any:
+        node: Any = settings
+        for name in path:
+            node = getattr(node, name)
+        return node
+
+    for path in POSITIVE:
+        if value(path) <= 0:
+            problems.append(f"{_camel(path)} must be positive")
+    for path in NON_NEGATIVE:
+        if value(path) < 0:
+            problems.append(f"{_camel(path)} must not be negative")
+    if not 0.0 <= settings.completion.threshold <= 1.0:
+        problems.append("completion.threshold must lie in [0, 1]")
+    per_step = settings.completion.tokens_per_step
+    if per_step is not None and per_step <= 0:
+        problems.append("completion.tokensPerStep must be positive")
+    if settings.model.threads is not None and settings.model.threads <= 0:
+        problems.append("model.threads must be positive")
+    return problems
+
+
+def unwrap(raw: Any) -> Any:
+    """The settings tree inside a didChangeConfiguration / initializationOptions payload."""
+    if isinstance(raw, dict) and SECTION in raw:
+        return raw[SECTION]
+    return raw
+
+
+def _leaves(raw: dict, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """(path, value) of every leaf of a nested settings payload; sections recurse."""
+    leaves = []
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            leaves.extend(_leaves(value, (*path, key)))
+        else:
+            leaves.append(((*path, key), value))
+    return leaves
+
+
+def _with_leaf(tree: dict, path: tuple[str, ...], value: Any) -> dict:
+    if len(path) == 1:
+        return {**tree, path[0]: value}
+    inner = tree.get(path[0])
+    return {**tree, path[0]: _with_leaf(inner if isinstance(inner, dict) else {}, path[1:], value)}
+
+
+def merge(current: Settings, raw: Any) -> tuple[Settings, list[str]]:
+    """`current` updated by the (partial) tree `raw`, leaf by leaf; a bad leaf is left out
+    and described in the returned problems, its siblings still apply."""
+    raw = unwrap(raw)
+    if raw is None:
+        return current, []
+    if not isinstance(raw, dict):
+        return current, [f"settings must be an object, got {type(raw).__name__}"]
+    tree = msgspec.to_builtins(current)
+    settings = current
+    problems: list[str] = []
+    for path, value in _leaves(raw):
+        name = ".".join(path)
+        candidate = _with_leaf(tree, path, value)
+        try:
+            decoded = msgspec.convert(candidate, Settings)
+        except msgspec.ValidationError as error:
+            problems.append(f"{name}: {error}")
+            continue
+        issues = _check_ranges(decoded)
+        if issues:
+            problems.extend(issues)
+            continue
+        tree, settings = candidate, decoded
+    return settings, problems
+
+
+def describe() -> dict:
+    """Every setting with its default, as the README documents it."""
+    return msgspec.to_builtins(Settings())
