@@ -1,0 +1,477 @@
+"""The language server: inline completions (and plain completions) over LSP, from a backend.
+
+Data flow per request: position -> cursor (negotiated encoding) -> type-along cache ->
+supersede the document's older request -> debounce -> context cut to budget -> backend fills
+the hole -> clean-up -> cache -> answer. Every failure answers "no items" (or an LSP error for
+a malformed message), is logged, and leaves the server serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from lsprotocol import types
+from pygls.exceptions import (
+    JsonRpcException,
+    JsonRpcInvalidParams,
+    JsonRpcInvalidRequest,
+    JsonRpcParseError,
+)
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+
+from lsp_server import context as ctx
+from lsp_server.backend import Backend, BackendError, CompletionJob, make_backend
+from lsp_server.cache import CompletionCache
+from lsp_server.postprocess import Surroundings, choose_multiline, clean, detect_indent_unit
+from lsp_server.settings import Settings, merge
+from lsp_server.stats import Stats
+
+log = logging.getLogger("diffusion_lsp")
+
+NAME = "diffusion-lsp"
+VERSION = "0.1.0"
+STATUS = "diffusion/status"
+STATS = "diffusion/stats"
+MAX_DOCUMENT_CHARS = 20_000_000  # larger documents get no completions
+RECENT_DOCUMENTS = 8  # documents remembered for snippets (a ring, most recent first)
+BELOW_LINES = 8  # lines after the cursor's line the clean-up compares against
+RELOAD_KEYS = ("backend", "model", "remote")  # settings whose change restarts the backend
+
+
+class BadRequest(Exception):
+    """A request whose params could not be decoded: answered with InvalidParams."""
+
+    def __init__(self, msg_id: Any, error: JsonRpcException) -> None:
+        super().__init__(str(error))
+        self.msg_id = msg_id
+        self.error = error
+
+
+class Protocol(LanguageServerProtocol):
+    """pygls' protocol, but a request with undecodable params gets an error answer (pygls
+    logs it and never answers, which leaves the client waiting)."""
+
+    def structure_message(self, data: dict[str, Any]):
+        try:
+            return super().structure_message(data)
+        except JsonRpcException as error:
+            if isinstance(data, dict) and "id" in data and "method" in data:
+                raise BadRequest(data["id"], error) from error
+            raise
+
+
+@dataclass
+class Answer:
+    text: str
+    cursor: ctx.Cursor
+    position: types.Position
+
+
+class DiffusionServer(LanguageServer):
+    def __init__(self) -> None:
+        super().__init__(NAME, VERSION, protocol_cls=Protocol,
+                         text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
+        self.settings = Settings()
+        self.backend: Backend | None = None
+        self.state = "starting"  # starting | loading | ready | error | disabled
+        self.status_message = ""
+        self.description: str | None = None
+        self.stats = Stats()
+        self.cache = CompletionCache(self.settings.cache_size)
+        self.inflight: dict[str, asyncio.Task] = {}
+        self.recent: list[str] = []  # uris, most recent first
+        self.reported: set[str] = set()  # problems already shown to the user
+        self.last_latency_ms: float | None = None
+        self._load_task: asyncio.Task | None = None
+        self.model_override: dict = {}  # from the command line; wins over the editor
+
+    # -- errors ---------------------------------------------------------------------------------
+
+    def report_server_error(self, error: Exception, source) -> None:
+        if isinstance(error, BadRequest):
+            log.warning("request %s: invalid params: %s", error.msg_id, error)
+            self.protocol._send_response(
+                error.msg_id, error=JsonRpcInvalidParams(str(error)).to_response_error())
+            return
+        if isinstance(error, json.JSONDecodeError):
+            log.warning("malformed JSON-RPC message: %s", error)
+            self.protocol._send_response(
+                None, error=JsonRpcParseError(f"malformed JSON: {error}").to_response_error())
+            return
+        if isinstance(error, AttributeError | TypeError) and "jsonrpc" in str(error):
+            self.protocol._send_response(
+                None, error=JsonRpcInvalidRequest("not a JSON-RPC message").to_response_error())
+            return
+        log.error("server error (%s): %s", getattr(source, "__name__", source), error)
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def set_state(self, state: str, message: str = "") -> None:
+        self.state, self.status_message = state, message
+        self.send_status()
+
+    def send_status(self) -> None:
+        try:
+            self.protocol.notify(STATUS, {
+                "state": self.state, "message": self.status_message, "model": self.description,
+                "device": self._device(), "lastLatencyMs": self.last_latency_ms})
+        except Exception as error:  # noqa: BLE001 - no client transport yet (tests, shutdown)
+            log.debug("status not sent: %s", error)
+
+    def _device(self) -> str | None:
+        engine = getattr(self.backend, "engine", None)
+        return engine.model.device.type if engine is not None else None
+
+    def tell_user(self, message: str, kind: types.MessageType = types.MessageType.Warning,
+                  popup: bool = False) -> None:
+        """Log `message` and show it in the editor, once per distinct message."""
+        log.warning("%s", message)
+        if message in self.reported:
+            return
+        self.reported.add(message)
+        params_log = types.LogMessageParams(type=kind, message=f"{NAME}: {message}")
+        self.window_log_message(params_log)
+        if popup:
+            self.window_show_message(types.ShowMessageParams(type=kind,
+                                                             message=f"{NAME}: {message}"))
+
+    # -- settings and the backend ---------------------------------------------------------------
+
+    def apply_settings(self, raw: Any) -> bool:
+        """Merge editor settings; returns whether the backend must restart."""
+        before = msgspec.to_builtins(self.settings)
+        settings, problems = merge(self.settings, raw)
+        settings, more = merge(settings, self.model_override)
+        for problem in problems + more:
+            self.tell_user(f"setting ignored: {problem}", popup=True)
+        self.settings = settings
+        self.cache.resize(settings.cache_size)
+        logging.getLogger().setLevel(settings.log_level.upper())
+        after = msgspec.to_builtins(settings)
+        if not settings.enable:
+            self.set_state("disabled", "completions are disabled")
+        elif self.state == "disabled":
+            self.set_state("ready" if self.backend is not None else "starting")
+        return any(before[key] != after[key] for key in RELOAD_KEYS)
+
+    def start_backend(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        self._load_task = asyncio.ensure_future(self._start_backend())
+
+    async def _start_backend(self) -> None:
+        old, self.backend = self.backend, None
+        if old is not None:
+            await old.close()
+        self.cache = CompletionCache(self.settings.cache_size)
+        backend = make_backend(self.settings)
+        token = str(uuid.uuid4())
+        progress = await self._begin_progress(token)
+        self.set_state("loading", "loading the model")
+
+        def report(message: str) -> None:
+            log.info("%s", message)
+            if progress:
+                self.work_done_progress.report(token, types.WorkDoneProgressReport(
+                    message=message))
+
+        try:
+            began = time.perf_counter()
+            self.description = await backend.start(self.settings, report)
+            log.info("ready: %s (%.1f s)", self.description, time.perf_counter() - began)
+            self.backend = backend
+            self.set_state("ready" if self.settings.enable else "disabled",
+                           f"ready: {self.description}")
+        except BackendError as error:
+            self.set_state("error", str(error))
+            self.tell_user(f"no completions: {error}", types.MessageType.Error, popup=True)
+        finally:
+            if progress:
+                self.work_done_progress.end(token, types.WorkDoneProgressEnd(
+                    message=self.status_message))
+
+    async def _begin_progress(self, token: str) -> bool:
+        window = self.client_capabilities.window
+        if not (window and window.work_done_progress):
+            return False
+        try:
+            await asyncio.wait_for(self.work_done_progress.create_async(token), 5)
+        except Exception as error:  # noqa: BLE001 - the client refused or did not answer
+            log.info("no progress reporting: %s", error)
+            return False
+        self.work_done_progress.begin(token, types.WorkDoneProgressBegin(
+            title="Loading model", message=self.settings.model.path or "bundled model",
+            cancellable=False))
+        return True
+
+    # -- completions ----------------------------------------------------------------------------
+
+    def touch(self, uri: str) -> None:
+        if uri in self.recent:
+            self.recent.remove(uri)
+        self.recent.insert(0, uri)
+        del self.recent[RECENT_DOCUMENTS:]
+
+    async def answer(self, uri: str, position: types.Position) -> Answer | None:
+        """The completion at `position`, or None for no items. Cancellation propagates."""
+        began = time.perf_counter()
+        self.stats.count("requests")
+        task = asyncio.current_task()
+        try:
+            return await self._answer(uri, position, began, task)
+        except asyncio.CancelledError:
+            self.stats.count("cancelled")
+            raise
+        except BackendError as error:
+            self.stats.count("errors")
+            self.tell_user(f"completion failed: {error}")
+            if error.kind in ("unavailable", "unauthorized"):
+                self.set_state("ready", f"{error.kind}: {error}")
+            return None
+        except Exception:
+            self.stats.count("errors")
+            log.exception("completion at %s %s failed", uri, position)
+            return None
+        finally:
+            if self.inflight.get(uri) is task:
+                del self.inflight[uri]
+
+    async def _answer(self, uri: str, position: types.Position, began: float,
+                      task: asyncio.Task | None) -> Answer | None:
+        document = self.workspace.text_documents.get(uri)
+        if document is None:
+            log.info("no items: %s is not open", uri)
+            self.stats.count("rejected")
+            return None
+        settings = self.settings
+        if not settings.enabled_for(document.language_id):
+            return None
+        if self.state != "ready" or self.backend is None:
+            self.stats.count("notReady")
+            return None
+        text = document.source
+        if len(text) > MAX_DOCUMENT_CHARS:
+            self.tell_user(f"{uri} is too large for completions ({len(text):,} characters)")
+            self.stats.count("rejected")
+            return None
+        encoding = str(self.workspace.position_encoding or "utf-16")
+        try:
+            cursor = ctx.locate(text, position.line, position.character, encoding)
+        except ctx.PositionError as error:
+            log.info("no items: %s", error)
+            self.stats.count("rejected")
+            return None
+        near = text[max(0, cursor.offset - 4096):cursor.offset + 4096]
+        if ctx.looks_binary(near):
+            log.info("no items: %s looks binary", uri)
+            self.stats.count("rejected")
+            return None
+        self.touch(uri)
+        prefix_key, suffix_key = text[:cursor.offset], text[cursor.offset:]
+        cached = self.cache.get(uri, prefix_key, suffix_key)
+        if cached is not None:
+            self.stats.count("cacheHits")
+            self._finish(began, None, uri, cached, cache_hit=True)
+            return Answer(cached, cursor, position)
+
+        older = self.inflight.get(uri)
+        if older is not None and older is not task and not older.done():
+            older.cancel()
+            self.stats.count("superseded")
+        if task is not None:
+            self.inflight[uri] = task
+        if settings.completion.debounce_ms:
+            await asyncio.sleep(settings.completion.debounce_ms / 1000)
+
+        backend = self.backend
+        multiline = choose_multiline(cursor.line_before, cursor.line_after,
+                                     settings.completion.multiline)
+        others = [(name, doc.source) for name, doc in self._neighbours(uri, document)]
+        context = ctx.build_context(
+            text, cursor, backend.count_tokens, settings.context.prefix_tokens,
+            settings.context.suffix_tokens, settings.context.snippet_tokens, others,
+            settings.context.max_snippets, settings.context.snippet_lines, document.language_id)
+        completion = settings.completion
+        job = CompletionJob(
+            prefix=context.prefix, suffix=context.suffix,
+            max_tokens=completion.max_tokens if multiline else completion.max_tokens_single_line,
+            single_line=not multiline, stop=tuple(completion.stop),
+            threshold=completion.threshold, tokens_per_step=completion.tokens_per_step)
+        outcome = await backend.complete(job)
+        below_start = text.find("\n", cursor.offset)
+        below = text[below_start + 1:below_start + 1 + 4096].split("\n")[:BELOW_LINES] if (
+            below_start >= 0) else []
+        lines_near = text[max(0, cursor.offset - 8192):cursor.offset + 8192].split("\n")
+        where = Surroundings(cursor.line_before, cursor.line_after, tuple(below),
+                             detect_indent_unit(lines_near), multiline,
+                             completion.max_lines)
+        cleaned = clean(outcome.text, where)
+        self.cache.put(uri, prefix_key, suffix_key, cleaned)
+        self._finish(began, outcome, uri, cleaned, snippets=context.snippets)
+        return Answer(cleaned, cursor, position) if cleaned else None
+
+    def _neighbours(self, uri: str, document) -> list[tuple[str, Any]]:
+        documents = self.workspace.text_documents
+        found = []
+        for other in self.recent:
+            if other == uri or other not in documents:
+                continue
+            candidate = documents[other]
+            if candidate.language_id == document.language_id:
+                found.append((other.rsplit("/", 1)[-1], candidate))
+        return found
+
+    def _finish(self, began: float, outcome, uri: str, text: str, cache_hit: bool = False,
+                snippets: int = 0) -> None:
+        latency = (time.perf_counter() - began) * 1e3
+        self.last_latency_ms = round(latency, 1)
+        model_ms = outcome.model_ms if outcome is not None else None
+        steps = outcome.steps if outcome is not None else None
+        self.stats.record(latency, model_ms, steps)
+        self.stats.count("completed" if text else "empty")
+        log.debug("completion %s: %.1f ms (model %s ms, %s passes, %s tokens, cache hit %s, "
+                  "%d snippets): %r", uri.rsplit("/", 1)[-1], latency,
+                  f"{model_ms:.1f}" if model_ms is not None else "-", steps,
+                  outcome.tokens if outcome is not None else "-", cache_hit, snippets, text)
+        self.send_status()
+
+    def stats_snapshot(self) -> dict:
+        snapshot = self.stats.snapshot()
+        snapshot.update(state=self.state, modelReady=self.state == "ready",
+                        model=self.description, device=self._device(),
+                        cacheEntries=len(self.cache), inflight=len(self.inflight))
+        engine = getattr(self.backend, "engine", None)
+        if engine is not None:
+            snapshot["forwardPasses"] = engine.forward_passes
+        return snapshot
+
+
+server = DiffusionServer()
+
+
+@server.feature(types.INITIALIZE)
+def on_initialize(ls: DiffusionServer, params: types.InitializeParams) -> None:
+    ls.apply_settings(params.initialization_options)
+
+
+@server.feature(types.INITIALIZED)
+def on_initialized(ls: DiffusionServer, params: types.InitializedParams) -> None:
+    ls.start_backend()
+
+
+@server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+def on_configuration(ls: DiffusionServer, params: types.DidChangeConfigurationParams) -> None:
+    if ls.apply_settings(params.settings):
+        log.info("model settings changed: restarting the backend")
+        ls.start_backend()
+
+
+@server.feature(types.TEXT_DOCUMENT_DID_OPEN)
+def on_open(ls: DiffusionServer, params: types.DidOpenTextDocumentParams) -> None:
+    ls.touch(params.text_document.uri)
+
+
+@server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+def on_close(ls: DiffusionServer, params: types.DidCloseTextDocumentParams) -> None:
+    uri = params.text_document.uri
+    task = ls.inflight.pop(uri, None)
+    if task is not None:
+        task.cancel()
+    ls.cache.forget(uri)
+    if uri in ls.recent:
+        ls.recent.remove(uri)
+
+
+@server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+async def on_inline_completion(ls: DiffusionServer, params: types.InlineCompletionParams
+                               ) -> types.InlineCompletionList | None:
+    answer = await ls.answer(params.text_document.uri, params.position)
+    if answer is None:
+        return types.InlineCompletionList(items=[])
+    position = params.position
+    item = types.InlineCompletionItem(insert_text=answer.text,
+                                      range=types.Range(start=position, end=position))
+    return types.InlineCompletionList(items=[item])
+
+
+@server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(
+    trigger_characters=[".", "(", " ", "\n"]))
+async def on_completion(ls: DiffusionServer, params: types.CompletionParams
+                        ) -> types.CompletionList:
+    answer = await ls.answer(params.text_document.uri, params.position)
+    if answer is None:
+        return types.CompletionList(is_incomplete=True, items=[])
+    position = params.position
+    first_line = answer.text.strip().split("\n", 1)[0]
+    item = types.CompletionItem(
+        label=first_line[:80] or answer.text[:80],
+        kind=types.CompletionItemKind.Text,
+        detail="diffusion-lsp",
+        documentation=types.MarkupContent(kind=types.MarkupKind.Markdown,
+                                          value=f"```\n{answer.text}\n```"),
+        text_edit=types.TextEdit(range=types.Range(start=position, end=position),
+                                 new_text=answer.text),
+        filter_text=answer.cursor.line_before.lstrip() + answer.text,
+        sort_text="0",
+        preselect=True,
+    )
+    return types.CompletionList(is_incomplete=True, items=[item])
+
+
+@server.feature(STATS)
+def on_stats(ls: DiffusionServer, params: Any = None) -> dict:
+    return ls.stats_snapshot()
+
+
+@server.feature(types.SHUTDOWN)
+def on_shutdown(ls: DiffusionServer, params: Any = None) -> None:
+    for task in list(ls.inflight.values()):
+        task.cancel()
+    engine = getattr(ls.backend, "engine", None)
+    if engine is not None:
+        engine.close(timeout=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def configure_logging(level: str, log_file: str | None) -> None:
+    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
+                                else logging.StreamHandler(sys.stderr))  # never stdout
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("pygls").setLevel(max(root.level, logging.WARNING))
+
+
+def serve(args) -> int:
+    configure_logging(args.log_level, args.log_file)
+    override = {"model": {key: value for key, value in (
+        ("path", args.model), ("family", args.family),
+        ("device", None if args.device == "auto" else args.device),
+        ("dtype", None if args.dtype == "auto" else args.dtype)) if value is not None}}
+    server.model_override = override if override["model"] else {}
+    server.apply_settings(None)
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # uvloop does not exist on Windows
+        pass
+    if args.tcp:
+        log.info("listening on %s:%d", args.host, args.port)
+        server.start_tcp(args.host, args.port)
+    else:
+        server.start_io()
+    return 0

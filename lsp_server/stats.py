@@ -1,0 +1,47 @@
+"""Counters and latency percentiles for `diffusion/stats` (bounded memory)."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+
+WINDOW = 1000  # latencies kept for the percentiles
+
+
+def percentiles(values: list[float] | deque) -> dict:
+    ordered = sorted(values)
+    if not ordered:
+        return {"count": 0, "p50": None, "p95": None, "p99": None}
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    return {"count": len(ordered), "p50": at(0.5), "p95": at(0.95), "p99": at(0.99)}
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.latency_ms: deque[float] = deque(maxlen=WINDOW)
+        self.model_ms: deque[float] = deque(maxlen=WINDOW)
+        self.steps: deque[int] = deque(maxlen=WINDOW)
+
+    def count(self, name: str, by: int = 1) -> None:
+        self.counts[name] += by
+
+    def record(self, latency_ms: float, model_ms: float | None = None,
+               steps: int | None = None) -> None:
+        self.latency_ms.append(latency_ms)
+        if model_ms is not None:
+            self.model_ms.append(model_ms)
+        if steps is not None:
+            self.steps.append(steps)
+
+    def snapshot(self) -> dict:
+        names = ("requests", "completed", "empty", "cancelled", "superseded", "cacheHits",
+                 "errors", "notReady", "rejected")
+        snapshot = {name: self.counts.get(name, 0) for name in names}
+        snapshot["latencyMs"] = percentiles(self.latency_ms)
+        snapshot["modelMs"] = percentiles(self.model_ms)
+        snapshot["meanSteps"] = (round(sum(self.steps) / len(self.steps), 2)
+                                 if self.steps else None)
+        return snapshot
