@@ -67,6 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead of --model: random weights of a published shape "
                             "(qwen2.5-7b = Dream-Coder-7B), GPU only")
     _add_model_args(bench)
+
+    service = commands.add_parser(
+        "service", help="serve the FIM completions API on Ray Serve, shared by many editors")
+    service.add_argument("--host", default="127.0.0.1",
+                         help="beyond loopback only with DIFFUSION_LSP_TOKEN set")
+    service.add_argument("--port", type=int, default=8000)
+    service.add_argument("--replicas", type=int, default=None,
+                         help="model replicas (default: one per GPU, else 1)")
+    service.add_argument("--min-replicas", type=int, default=None,
+                         help="with --max-replicas: autoscale between these bounds")
+    service.add_argument("--max-replicas", type=int, default=None)
+    service.add_argument("--cpus-per-replica", type=float, default=1.0,
+                         help="CPU replicas: CPUs (and torch threads) each")
+    service.add_argument("--max-batch", type=int, default=16,
+                         help="holes one replica denoises in one batch, at most")
+    service.add_argument("--batching", choices=["engine", "serve"], default="engine",
+                         help="engine: requests join the engine's step batches as they come; "
+                              "serve: Ray Serve's @serve.batch groups them first")
+    service.add_argument("--address", default=None,
+                         help="join this Ray cluster (e.g. auto) instead of starting one")
+    service.add_argument("--num-cpus", type=int, default=None,
+                         help="CPUs for the Ray instance this command starts")
+    service.add_argument("--log-level", default="INFO")
+    _add_model_args(service)
     return parser
 
 
@@ -88,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from model.bench import run_bench
 
         return run_bench(args)
+    if args.command == "service":
+        from lsp_server.service import run_service
+
+        return run_service(args)
     if args.command == "eval":
         from model.eval.humaneval import run_eval
 
