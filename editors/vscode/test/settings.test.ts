@@ -1,0 +1,102 @@
+// Unit tests of what the extension sends the server and how it finds it (node --test).
+// tests/test_vscode_settings.py checks package.json's settings against the server's own tree.
+
+import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { test } from "node:test";
+
+import { EXTENSION_ONLY, flatten, type Lookup, nest, resolveServer, SECTION, serverSettings } from "../src/settings";
+import { clickCommand, statusView } from "../src/status";
+
+const root = path.join(__dirname, "..", "..");
+const manifest = JSON.parse(fs.readFileSync(path.join(root, "package.json"), "utf8"));
+const properties: { [key: string]: { default: unknown } } = manifest.contributes.configuration.properties;
+
+/** The section as VS Code's getConfiguration(SECTION) shows it: nested, with methods. */
+function configuration(overrides: { [key: string]: unknown } = {}) {
+  const flat: { [key: string]: unknown } = {};
+  for (const [name, property] of Object.entries(properties)) {
+    flat[name.slice(SECTION.length + 1)] = property.default;
+  }
+  return { ...nest({ ...flat, ...overrides }), get: () => undefined, update: async () => undefined };
+}
+
+test("every setting lives under the diffusionLsp section", () => {
+  for (const name of Object.keys(properties)) {
+    assert.ok(name.startsWith(`${SECTION}.`), name);
+  }
+});
+
+test("the server gets its settings as one nested tree, with the package.json defaults", () => {
+  const tree = serverSettings(configuration());
+  assert.equal((tree.completion as { maxTokens: number }).maxTokens, 64);
+  assert.equal((tree.model as { path: unknown }).path, null);
+  assert.equal(tree.enable, true);
+  const flat = flatten(tree);
+  const expected = Object.keys(properties)
+    .map((name) => name.slice(SECTION.length + 1))
+    .filter((name) => !EXTENSION_ONLY.some((own) => name === own || name.startsWith(`${own}.`)));
+  assert.deepEqual(Object.keys(flat).sort(), expected.sort());
+});
+
+test("the extension's own settings and the configuration's methods never reach the server", () => {
+  const tree = serverSettings(configuration({ serverPath: "/x/diffusion-lsp", pythonPath: "/x/python" }));
+  for (const own of EXTENSION_ONLY) {
+    assert.ok(!(own in tree), own);
+  }
+  assert.ok(!("get" in tree) && !("update" in tree));
+  assert.doesNotThrow(() => JSON.stringify(tree));
+});
+
+test("a changed setting is sent at its place in the tree", () => {
+  const tree = serverSettings(configuration({ "completion.maxTokens": 16, enable: false, "completion.stop": ["\n\n"] }));
+  assert.deepEqual(
+    { maxTokens: (tree.completion as Tree).maxTokens, stop: (tree.completion as Tree).stop, enable: tree.enable },
+    { maxTokens: 16, stop: ["\n\n"], enable: false },
+  );
+});
+
+type Tree = { [key: string]: unknown };
+
+function lookup(executables: string[], PATH = "/usr/bin:/opt/bin", folders: string[] = []): Lookup {
+  return { executable: (file) => executables.includes(file), env: { PATH }, platform: "linux", workspaceFolders: folders };
+}
+
+test("the server is found: serverPath, then pythonPath, then the workspace .venv, then PATH", () => {
+  const all = ["/s/diffusion-lsp", "/py/python", "/ws/.venv/bin/diffusion-lsp", "/opt/bin/diffusion-lsp"];
+  assert.deepEqual(resolveServer({ serverPath: "/s/diffusion-lsp" }, lookup(all, undefined, ["/ws"])), {
+    command: "/s/diffusion-lsp",
+    args: ["serve"],
+    source: "diffusionLsp.serverPath",
+  });
+  assert.deepEqual(resolveServer({ pythonPath: "/py/python" }, lookup(all, undefined, ["/ws"])), {
+    command: "/py/python",
+    args: ["-m", "lsp_server.cli", "serve"],
+    source: "diffusionLsp.pythonPath",
+  });
+  assert.equal((resolveServer({}, lookup(all, undefined, ["/ws"])) as { command: string }).command, "/ws/.venv/bin/diffusion-lsp");
+  assert.equal((resolveServer({}, lookup(all)) as { command: string }).command, "/opt/bin/diffusion-lsp");
+});
+
+test("a missing server is explained with the fix", () => {
+  const missing = resolveServer({}, lookup([]));
+  assert.equal(typeof missing, "string");
+  assert.match(missing as string, /not found/);
+  assert.match(missing as string, /diffusionLsp\.serverPath/);
+  const wrong = resolveServer({ serverPath: "/nope/diffusion-lsp" }, lookup([]));
+  assert.match(wrong as string, /not an executable/);
+});
+
+test("the status bar shows loading, ready with the last latency, disabled and errors", () => {
+  assert.match(statusView({ state: "loading", message: "loading the model" }).text, /sync~spin/);
+  const ready = statusView({ state: "ready", model: "bundled", device: "cpu", lastLatencyMs: 41.6 });
+  assert.equal(ready.text, "$(sparkle) Diffusion 42 ms");
+  assert.match(ready.tooltip, /bundled on cpu/);
+  assert.equal(statusView({ state: "ready", lastLatencyMs: null }).text, "$(sparkle) Diffusion");
+  assert.match(statusView({ state: "disabled" }).text, /circle-slash/);
+  assert.equal(statusView({ state: "error", message: "no model" }).severity, "error");
+  assert.equal(clickCommand({ state: "ready" }), "diffusionLsp.toggle");
+  assert.equal(clickCommand({ state: "disabled" }), "diffusionLsp.toggle");
+  assert.equal(clickCommand({ state: "error" }), "diffusionLsp.showOutput");
+});
