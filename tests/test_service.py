@@ -1,0 +1,305 @@
+"""`diffusion-lsp service`: the pure pieces, then the real service (Ray Serve, the tiny model,
+two CPU replicas, loopback) started by its command, used through both APIs and through the
+language server's remote backend, and stopped by SIGTERM with nothing left running."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lsp_server import wire
+from lsp_server.backend import BackendError, CompletionJob
+from lsp_server.remote import RemoteBackend
+from lsp_server.service import (
+    Metrics,
+    ServiceConfig,
+    authorized,
+    binding_problem,
+    infiller_options,
+    token_digest,
+)
+from lsp_server.settings import RemoteSettings, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "service-test-token"
+TOKEN_ENV = "DIFFUSION_LSP_TOKEN"
+START_TIMEOUT_S = 240  # Ray, two replicas loading the model, on a busy 2-core machine
+STOP_TIMEOUT_S = 60
+
+
+# -- pure pieces ---------------------------------------------------------------------------------
+
+
+def test_token_check():
+    digest = token_digest(TOKEN)
+    assert authorized(f"Bearer {TOKEN}", digest)
+    assert not authorized("Bearer wrong", digest)
+    assert not authorized(None, digest) and not authorized(TOKEN, digest)
+    assert authorized(None, None)  # no token set: open (loopback only, see below)
+
+
+def test_no_binding_beyond_loopback_without_a_token():
+    assert binding_problem("127.0.0.1", None) is None
+    assert binding_problem("::1", None) is None
+    assert "DIFFUSION_LSP_TOKEN" in binding_problem("0.0.0.0", None)
+    assert binding_problem("0.0.0.0", "t") is None
+
+
+def test_the_command_refuses_to_listen_beyond_loopback_without_a_token():
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    done = subprocess.run([sys.executable, "-m", "lsp_server.cli", "service", "--host",
+                           "0.0.0.0"], check=False, capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=60)
+    assert done.returncode == 2 and "DIFFUSION_LSP_TOKEN" in done.stderr
+
+
+def test_replicas_and_resources():
+    cpu = infiller_options(ServiceConfig(replicas=2, cpus_per_replica=1), gpus_in_cluster=0)
+    assert cpu["num_replicas"] == 2 and cpu["ray_actor_options"] == {"num_cpus": 1}
+    gpu = infiller_options(ServiceConfig(), gpus_in_cluster=4)
+    assert gpu["num_replicas"] == 4 and gpu["ray_actor_options"]["num_gpus"] == 1
+    scaled = infiller_options(ServiceConfig(min_replicas=1, max_replicas=3), 0)
+    assert scaled["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in scaled
+    with pytest.raises(ValueError):
+        ServiceConfig(min_replicas=2)
+    with pytest.raises(ValueError):
+        ServiceConfig(batching="bogus")
+
+
+def test_metrics_text():
+    metrics = Metrics()
+    metrics.record("/v1/fim/completions", 200)
+    for ms in (10.0, 20.0, 30.0):
+        metrics.record_completion(ms, wire.DiffusionStats(4, 1, "end", ms / 2, "r1"), 5)
+    text = metrics.prometheus()
+    assert 'diffusion_lsp_requests_total{endpoint="/v1/fim/completions",status="200"} 1' in text
+    assert 'diffusion_lsp_request_latency_ms{quantile="0.5"} 20.000' in text
+    assert "diffusion_lsp_request_latency_ms_count 3" in text
+    snapshot = metrics.snapshot()
+    assert snapshot["latency_ms"]["p95"] == 30.0 and snapshot["by_replica"] == {"r1": 3}
+
+
+# -- the real service ----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module")
+def service(tiny_dirs, tmp_path_factory):
+    """The service, started as a user would; stopped with SIGTERM at the end of the module."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the process checks read /proc")
+    pytest.importorskip("ray.serve")
+    port = _free_port()
+    log_file = tmp_path_factory.mktemp("service") / "service.log"
+    env = os.environ | {TOKEN_ENV: TOKEN, "RAY_USAGE_STATS_ENABLED": "0"}
+    with log_file.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lsp_server.cli", "service", "--port", str(port),
+             "--replicas", "2", "--num-cpus", "2", "--device", "cpu",
+             "--model", str(tiny_dirs["default"]), "--log-level", "WARNING"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"the service exited ({process.returncode}):\n{log_file.read_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the service did not start:\n{log_file.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield {"url": url, "process": process, "log": log_file,
+           "tree": _descendants(process.pid)}
+    if process.poll() is None:  # the stop test did not run: stop it anyway
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+FIM = {"model": "diffusion-lsp", "prompt": "def add(a, b):\n    return ",
+       "suffix": "\n\nprint(add(1, 2))\n", "max_tokens": 12}
+
+
+@pytest.mark.slow
+def test_health_needs_no_token_and_names_the_service(service):
+    answer = httpx.get(service["url"] + "/health", timeout=10)
+    health = answer.json()
+    assert answer.status_code == 200 and health["status"] == "ok"
+    assert health["service"] == "diffusion-lsp" and health["replicas"] == 2
+
+
+@pytest.mark.slow
+def test_fim_api_answers(service):
+    answer = httpx.post(service["url"] + "/v1/fim/completions", json=FIM, headers=AUTH,
+                        timeout=60)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["object"] == "text_completion" and body["model"] == "diffusion-lsp"
+    choice = body["choices"][0]
+    assert isinstance(choice["text"], str) and choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["total_tokens"] == (
+        usage["prompt_tokens"] + usage["completion_tokens"])
+    assert body["diffusion"]["steps"] >= 1
+
+
+@pytest.mark.slow
+def test_openai_completions_api_answers(service):
+    request = {"model": "diffusion-lsp", "prompt": "x = ", "suffix": "\n", "max_tokens": 6,
+               "stop": ["\n"]}
+    answer = httpx.post(service["url"] + "/v1/completions", json=request, headers=AUTH,
+                        timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert "\n" not in answer.json()["choices"][0]["text"]
+
+
+@pytest.mark.slow
+def test_bad_requests_are_400_with_a_reason(service):
+    answer = httpx.post(service["url"] + "/v1/fim/completions", json=FIM | {"stream": True},
+                        headers=AUTH, timeout=30)
+    assert answer.status_code == 400 and "stream" in answer.json()["error"]["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
+                                     {"Authorization": TOKEN}])
+@pytest.mark.parametrize("path", ["/v1/fim/completions", "/v1/completions", "/metrics",
+                                  "/v1/models"])
+def test_a_missing_or_wrong_token_is_401(service, headers, path):
+    call = httpx.get if path in ("/metrics", "/v1/models") else httpx.post
+    kwargs = {} if call is httpx.get else {"json": FIM}
+    answer = call(service["url"] + path, headers=headers, timeout=30, **kwargs)
+    assert answer.status_code == 401
+    assert answer.json()["error"]["type"] == "authentication_error"
+
+
+@pytest.mark.slow
+def test_both_replicas_serve_concurrent_requests_and_metrics_count_them(service):
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(headers=AUTH, timeout=120) as client:
+            answers = await asyncio.gather(*(
+                client.post(service["url"] + "/v1/fim/completions", json=FIM)
+                for _ in range(24)))
+        return [answer.status_code for answer in answers]
+
+    assert asyncio.run(burst()) == [200] * 24
+    snapshot = httpx.get(service["url"] + "/metrics?format=json", headers=AUTH,
+                         timeout=30).json()
+    assert len(snapshot["by_replica"]) == 2, snapshot
+    assert snapshot["completions"] >= 24 and snapshot["latency_ms"]["p95"] > 0
+    text = httpx.get(service["url"] + "/metrics", headers=AUTH, timeout=30).text
+    assert "diffusion_lsp_request_latency_ms{quantile=\"0.95\"}" in text
+    assert 'diffusion_lsp_requests_total{endpoint="/v1/fim/completions",status="200"}' in text
+
+
+def _remote_settings(url: str, **remote) -> Settings:
+    return Settings(backend="remote", remote=RemoteSettings(url=url, **remote))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api", ["fim", "completions"])
+async def test_remote_backend_end_to_end(service, monkeypatch, api):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    backend = RemoteBackend()
+    description = await backend.start(
+        _remote_settings(service["url"], api=api, timeout_ms=30_000), lambda m: None)
+    assert "diffusion-lsp service" in description and "2 replicas" in description
+    job = CompletionJob(prefix=FIM["prompt"], suffix=FIM["suffix"], max_tokens=8,
+                        single_line=True, threshold=0.5)
+    outcome = await backend.complete(job)
+    await backend.close()
+    assert isinstance(outcome.text, str) and "\n" not in outcome.text
+    assert outcome.steps >= 1 and outcome.extra["replica"]  # our service says how it filled
+
+
+@pytest.mark.slow
+async def test_remote_backend_with_a_wrong_token_is_unauthorized(service, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "wrong")
+    backend = RemoteBackend()
+    with pytest.raises(BackendError) as raised:
+        await backend.start(_remote_settings(service["url"]), lambda m: None)
+    assert raised.value.kind == "unauthorized" and "401" in str(raised.value)
+    await backend.close()
+
+
+@pytest.mark.slow
+async def test_a_cancelled_completion_leaves_the_service_healthy(service, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    backend = RemoteBackend()
+    await backend.start(_remote_settings(service["url"], timeout_ms=30_000), lambda m: None)
+    job = CompletionJob(prefix=FIM["prompt"], suffix=FIM["suffix"], max_tokens=256,
+                        single_line=False, tokens_per_step=1)
+    tasks = [asyncio.create_task(backend.complete(job)) for _ in range(4)]
+    await asyncio.sleep(0.3)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    outcome = await backend.complete(CompletionJob(prefix="x = ", suffix="\n", max_tokens=4,
+                                                   single_line=True))
+    await backend.close()
+    assert isinstance(outcome.text, str)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_everything_it_started(service):
+    """Runs last in this module: the service is gone afterwards."""
+    process, tree = service["process"], service["tree"] | _descendants(service["process"].pid)
+    assert len(tree) >= 5  # Ray's processes and the replicas really were below it
+    began = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(STOP_TIMEOUT_S)
+    assert code == 0, service["log"].read_text()[-3000:]
+    deadline = time.monotonic() + 10
+    while (left := [pid for pid in tree if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"still running after stop: {left}"
+    assert time.monotonic() - began < STOP_TIMEOUT_S
+    assert "stopped" in service["log"].read_text()
