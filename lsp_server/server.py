@@ -104,14 +104,22 @@ class DiffusionServer(LanguageServer):
             return
         if isinstance(error, json.JSONDecodeError):
             log.warning("malformed JSON-RPC message: %s", error)
-            self.protocol._send_response(
-                None, error=JsonRpcParseError(f"malformed JSON: {error}").to_response_error())
+            self.send_unattributed_error(JsonRpcParseError.CODE, f"malformed JSON: {error}")
             return
         if isinstance(error, AttributeError | TypeError) and "jsonrpc" in str(error):
-            self.protocol._send_response(
-                None, error=JsonRpcInvalidRequest("not a JSON-RPC message").to_response_error())
+            log.warning("not a JSON-RPC message: %s", error)
+            self.send_unattributed_error(JsonRpcInvalidRequest.CODE, "not a JSON-RPC message")
             return
         log.error("server error (%s): %s", getattr(source, "__name__", source), error)
+
+    def send_unattributed_error(self, code: int, message: str) -> None:
+        """An error response with `"id": null` (JSON-RPC's answer to a message whose id could
+        not be read); pygls would leave the id out."""
+        body = json.dumps({"jsonrpc": "2.0", "id": None,
+                           "error": {"code": code, "message": message}})
+        writer = self.protocol.writer
+        if writer is not None:
+            writer.write(f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
 
     # -- status ---------------------------------------------------------------------------------
 
