@@ -113,7 +113,7 @@ class LocalBackend:
         options = InfillOptions(
             max_tokens=job.max_tokens, initial_tokens=min(16, job.max_tokens),
             threshold=job.threshold, tokens_per_step=job.tokens_per_step,
-            single_line=job.single_line, stop=job.stop)
+            single_line=job.single_line, stop=job.stop, min_tokens=1)
         began = time.perf_counter()
         result = await self.engine.infill(job.prefix, job.suffix, options)
         return CompletionOutcome(

@@ -48,6 +48,7 @@ class InfillOptions:
     stop: tuple[str, ...] = ()  # stop words: the text ends before the first one
     reuse_context: bool = True  # cache prefix/suffix keys and values; later steps run the hole only
     refresh_every: int = 4  # with reuse_context: full pass every this many steps (0: never)
+    min_tokens: int = 0  # the first this many hole positions may not end the hole (or line)
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -239,10 +240,33 @@ def open_text(model: LoadedModel, state: HoleState) -> str:
     return model.tokenizer.decode(run, skip_special_tokens=False)
 
 
+def _ending_ids(model: LoadedModel, single_line: bool) -> list[int]:
+    ids = [model.ids.end_of_hole, *model.ids.extra_end]
+    if single_line:
+        newline = model.tokenizer.encode(NEWLINE, add_special_tokens=False).ids
+        ids += newline[:1] if len(newline) == 1 else []
+    return ids
+
+
+def ban_early_ends(model: LoadedModel, logits: torch.Tensor, masked_positions: torch.Tensor,
+                   options: InfillOptions) -> torch.Tensor:
+    """logits (m, V) with the tokens that would end the hole (or, single-line, the line)
+    made impossible at hole positions before `min_tokens`: an editor asked for text."""
+    early = (masked_positions < options.min_tokens).nonzero().squeeze(-1)  # (e,)
+    if early.numel() == 0:
+        return logits
+    logits = logits.clone()
+    banned = torch.tensor(_ending_ids(model, options.single_line), dtype=torch.long)
+    logits[early[:, None], banned[None, :]] = float("-inf")
+    return logits
+
+
 def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> None:
     """Commit tokens from one forward pass. logits: (m, V) for the m masked positions, in order."""
     options = state.options
     masked_positions = state.masked.nonzero().squeeze(-1)  # (m,)
+    if options.min_tokens > 0:
+        logits = ban_early_ends(model, logits, masked_positions, options)
     tokens, scores = score_logits(logits, options.score, options.temperature, state.generator)
     chosen = select_commits(scores, options)
     committed = []

@@ -238,3 +238,18 @@ def test_batched_hole_only_passes_agree_with_single_ones(tiny_models, name):
     for state, rows in zip(states, batched, strict=True):
         (alone,) = forward_holes(model, [state])
         torch.testing.assert_close(rows, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_min_tokens_forbids_ending_the_hole_at_its_start(tiny_model):
+    model = tiny_model
+    end, newline = model.ids.end_of_hole, word_token(model, "\n")
+    for options, first in ((InfillOptions(initial_tokens=4, threshold=0.5, min_tokens=1), end),
+                           (InfillOptions(initial_tokens=4, threshold=0.5, min_tokens=1,
+                                          single_line=True), newline)):
+        state = new_state(model, PREFIX, SUFFIX, options)
+        apply_step(model, state, sharp_logits(model, [first, end, end, end]))
+        assert int(state.hole[0]) != first  # the runner-up token instead
+        assert state.closed_at == 2  # position 1 may end the hole
+    state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=4, threshold=0.5))
+    apply_step(model, state, sharp_logits(model, [end, end, end, end]))
+    assert state.closed_at == 1 and int(state.hole[0]) == end  # without: empty is allowed
