@@ -11,7 +11,6 @@ import {
   RevealOutputChannelOn,
   type ServerOptions,
   State,
-  TransportKind,
 } from "vscode-languageclient/node";
 
 import { nodeLookup, resolveServer, SECTION, serverSettings, type Tree } from "./settings";
@@ -60,8 +59,7 @@ async function start(): Promise<void> {
   output.info(`starting ${server.command} ${server.args.join(" ")} (from ${server.source})`);
   const serverOptions: ServerOptions = {
     command: server.command,
-    args: server.args,
-    transport: TransportKind.stdio,
+    args: server.args, // stdio; a `transport` would add a --stdio flag the server does not take
   };
   const clientOptions: LanguageClientOptions = {
     documentSelector: [{ scheme: "file" }, { scheme: "untitled" }],

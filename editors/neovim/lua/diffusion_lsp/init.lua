@@ -139,13 +139,29 @@ end
 
 -- Settings -------------------------------------------------------------------------------------
 
+--- Settings whose value is a list (an empty Lua table is sent as `[]` for these, `{}` elsewhere).
+local LIST_SETTINGS = { disabledLanguages = true, stop = true }
+
+--- `tree` as the server expects it in JSON: empty tables are objects, except list settings.
+---@param tree table
+function M.json_tree(tree)
+  local out = {}
+  for key, value in pairs(tree) do
+    if type(value) == "table" and not LIST_SETTINGS[key] then
+      value = M.json_tree(value)
+    end
+    out[key] = value
+  end
+  return next(out) == nil and vim.empty_dict() or out
+end
+
 --- Change server settings (a partial tree, e.g. `{ completion = { maxTokens = 32 } }`) in
 --- every running server; they keep them until restarted with other settings.
 ---@param partial table
 function M.set(partial)
   M.config.settings = vim.tbl_deep_extend("force", M.config.settings, partial)
   for _, client in ipairs(M.clients()) do
-    M.call(client, "notify", "workspace/didChangeConfiguration", { settings = { [SECTION] = partial } })
+    M.call(client, "notify", "workspace/didChangeConfiguration", { settings = { [SECTION] = M.json_tree(partial) } })
   end
 end
 
@@ -174,7 +190,7 @@ local function server_config(bufnr)
     name = NAME,
     cmd = M.config.cmd,
     root_dir = root or vim.fn.getcwd(),
-    init_options = M.config.settings,
+    init_options = M.json_tree(M.config.settings),
     handlers = { ["diffusion/status"] = on_status },
   }
 end
