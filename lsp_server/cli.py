@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(evaluate)
 
     bench = commands.add_parser("bench", help="speed benchmarks of the model (no LSP)")
-    bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive"])
+    bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp"],
+                       help="lsp: end to end through a real LSP client (needs the test extra)")
     bench.add_argument("--limit", type=int, default=40, help="holes per split")
     bench.add_argument("--max-tokens", type=int, default=32)
     bench.add_argument("--tokens-per-step", type=int, default=None,
@@ -108,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from model.cli import run_demo
 
         return run_demo(args)
+    if args.command == "bench" and args.name == "lsp":
+        from lsp_server.bench_lsp import run_lsp_bench
+
+        return run_lsp_bench(args)
     if args.command == "bench":
         from model.bench import run_bench
 

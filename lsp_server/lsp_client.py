@@ -1,5 +1,5 @@
-"""Drive the real server process over stdio with pytest-lsp's client (for tests and the
-end-to-end latency benchmark)."""
+"""Drive the real server process over stdio with pytest-lsp's client (tests and the
+end-to-end latency benchmark; needs the `test` extra)."""
 
 from __future__ import annotations
 

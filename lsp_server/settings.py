@@ -30,7 +30,7 @@ class CompletionSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=T
     threshold: float = 0.9  # commit every masked token more confident than this, each step
     tokens_per_step: int | None = None  # instead of the threshold: this many tokens per step
     multiline: Literal["auto", "always", "never"] = "auto"
-    debounce_ms: int = 15  # wait this long for the user to type on before starting
+    debounce_ms: int = 10  # wait this long for the user to type on before starting
     stop: list[str] = msgspec.field(default_factory=list)
 
 

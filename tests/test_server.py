@@ -15,7 +15,7 @@ import pytest_asyncio
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 
-from tests.lsp_client import (
+from lsp_server.lsp_client import (
     edit,
     file_uri,
     inline,

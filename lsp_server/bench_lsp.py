@@ -1,0 +1,155 @@
+"""`diffusion-lsp bench lsp`: end-to-end latency through a real LSP client.
+
+The server runs as its own process over stdio, exactly as an editor starts it; the client
+(pytest-lsp's, so this needs the `test` extra) opens one document per HumanEval-infilling hole
+and asks for an inline completion at the hole, one request at a time, timing each from send to
+answer. Afterwards, in this process and the same run, one bidirectional forward pass over each
+request's context is timed, giving forward-pass equivalents (latency / one pass), a ratio that
+survives noisy machines. The server's own `diffusion/stats` gives the time spent in the model,
+so the share of the latency the model takes is reported too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from model.bench import RESULTS, full_forward_ms, load_holes, machine, percentile, save
+
+SPLITS = {"single-line": "never", "multi-line": "auto"}  # split -> completion.multiline
+
+
+def hole_document(hole: dict) -> tuple[str, int, int]:
+    """(text, line, character) of a document with the hole's middle removed and the cursor
+    after the hole line's indentation, where a user would be typing."""
+    middle = hole["canonical_solution"]
+    indent = middle[: len(middle) - len(middle.lstrip(" \t"))]
+    prefix = hole["prompt"] + indent
+    lines = prefix.split("\n")
+    return prefix + hole["suffix"], len(lines) - 1, len(lines[-1])
+
+
+async def measure_split(split: str, holes: list[dict], model_path: str | None,
+                        max_tokens: int) -> dict:
+    from lsprotocol import types
+
+    from lsp_server.lsp_client import open_document, running_server, stats
+
+    settings = {"completion": {"multiline": SPLITS[split], "maxTokens": max_tokens,
+                               "maxTokensSingleLine": max_tokens}}
+    if model_path:
+        settings["model"] = {"path": model_path}
+    rows = []
+    async with running_server(settings) as client:
+        for index, hole in enumerate(holes):
+            text, line, character = hole_document(hole)
+            uri = f"untitled:bench-{split}-{index}.py"
+            open_document(client, uri, text)
+            params = types.InlineCompletionParams(
+                text_document=types.TextDocumentIdentifier(uri=uri),
+                position=types.Position(line=line, character=character),
+                context=types.InlineCompletionContext(
+                    trigger_kind=types.InlineCompletionTriggerKind.Automatic))
+            began = time.perf_counter()
+            result = await client.text_document_inline_completion_async(params)
+            latency = (time.perf_counter() - began) * 1e3
+            text_out = result.items[0].insert_text if result and result.items else ""
+            rows.append({"task_id": hole["task_id"], "latency_ms": latency,
+                         "completion": text_out, "document": text, "line": line,
+                         "character": character})
+            client.text_document_did_close(types.DidCloseTextDocumentParams(
+                text_document=types.TextDocumentIdentifier(uri=uri)))
+        server_stats = await stats(client)
+    return {"split": split, "rows": rows, "server": server_stats}
+
+
+def summarise(run: dict) -> dict:
+    latencies = [r["latency_ms"] for r in run["rows"]]
+    server = run["server"]
+    model_p50 = server["modelMs"]["p50"]
+    summary = {
+        "split": run["split"], "requests": len(latencies),
+        "latency_p50_ms": percentile(latencies, 50), "latency_p95_ms": percentile(latencies, 95),
+        "server_latency_p50_ms": server["latencyMs"]["p50"], "model_p50_ms": model_p50,
+        "model_share_p50": (model_p50 / percentile(latencies, 50)) if model_p50 else None,
+        "mean_steps": server["meanSteps"],
+        "empty": sum(1 for r in run["rows"] if not r["completion"]),
+    }
+    equivalents = [r["forward_pass_equivalents"] for r in run["rows"]
+                   if "forward_pass_equivalents" in r]
+    if equivalents:
+        summary["forward_pass_equivalents_p50"] = statistics.median(equivalents)
+        summary["forward_ms_p50"] = statistics.median(r["forward_ms"] for r in run["rows"])
+    return summary
+
+
+def run_lsp_bench(args) -> int:
+    from lsp_server import context as ctx
+    from lsp_server.settings import Settings
+    from model.cli import load_for_cli
+
+    data = Path(args.data) if args.data else None
+    runs = []
+    for split in SPLITS:
+        holes = load_holes(split, args.limit, data)
+        runs.append(asyncio.run(measure_split(split, holes, args.model, args.max_tokens)))
+    # forward passes, in this process, after the server has exited (no contention)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_for_cli(args)
+    budgets = Settings().context
+
+    def count(text: str) -> int:
+        return len(model.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    for run in runs:
+        for row in run["rows"]:
+            text = row.pop("document")
+            cursor = ctx.locate(text, row["line"], row["character"])
+            context = ctx.build_context(text, cursor, count, budgets.prefix_tokens,
+                                        budgets.suffix_tokens)
+            length = 1 + count(context.prefix) + 16 + count(context.suffix) + 1
+            row["context_tokens"] = length
+            row["forward_ms"] = full_forward_ms(model, length)
+            row["forward_pass_equivalents"] = row["latency_ms"] / row["forward_ms"]
+    summaries = [summarise(run) for run in runs]
+    payload = {"machine": machine(), "model": str(model.path),
+               "parameters": sum(p.numel() for p in model.network.parameters()),
+               "summaries": summaries, "runs": runs}
+    for s in summaries:
+        share = f"{s['model_share_p50']:.0%}" if s["model_share_p50"] is not None else "-"
+        print(f"{s['split']:12} over LSP: p50 {s['latency_p50_ms']:7.1f} ms  "
+              f"p95 {s['latency_p95_ms']:7.1f} ms  model p50 {s['model_p50_ms']} ms "
+              f"({share})  FPE p50 {s.get('forward_pass_equivalents_p50', 0):.2f}  "
+              f"steps {s['mean_steps']}  empty {s['empty']}/{s['requests']}")
+    path = save("lsp-latency", payload)
+    picture = plot(payload)
+    print(f"saved {path}" + (f" and {picture}" if picture else ""))
+    return 0
+
+
+def plot(payload: dict) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in payload["runs"]:
+        values = sorted(r["latency_ms"] for r in run["rows"])
+        ax.plot(values, [i / len(values) for i in range(len(values))], label=run["split"])
+    ax.set_xlabel("end-to-end latency over LSP (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"LSP latency — {payload['machine']['cpu']}"[:80])
+    ax.legend(loc="best")
+    fig.tight_layout()
+    path = RESULTS / "lsp-latency.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
