@@ -4,6 +4,7 @@ end-to-end latency benchmark; needs the `test` extra)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import sys
 import time
@@ -47,6 +48,12 @@ async def running_server(init_options: dict | None, client_name: str = "visual-s
                          extra_args: tuple[str, ...] = (), wait: bool = True
                          ) -> AsyncIterator[LanguageClient]:
     client = make_test_lsp_client()
+    client.statuses = collections.deque(maxlen=100)
+
+    @client.feature("diffusion/status")
+    def on_status(params) -> None:  # the server's status notifications, newest last
+        client.statuses.append(plain(params))
+
     await client.start_io(sys.executable, "-m", "lsp_server.cli", "serve", *extra_args)
     try:
         client.initialize_result = await client.initialize_session(types.InitializeParams(

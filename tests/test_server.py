@@ -82,6 +82,8 @@ async def test_capabilities_and_progress(tiny_dir):
         assert snapshot["modelReady"], snapshot
         kinds = [[value.kind for value in values] for values in client.progress_reports.values()]
         assert ["begin", "report", "report", "end"] in kinds
+        states = [status["state"] for status in client.statuses]
+        assert states[:2] == ["loading", "ready"], states
 
 
 async def test_initialize_advertises_inline_completion(tiny_dir):
@@ -108,6 +110,7 @@ async def test_inline_completion_returns_text_and_range(client, tmp_path):
     assert "\n" not in item.insert_text  # single-line: the line has code before the cursor
     assert item.range.start == types.Position(line=1, character=11) == item.range.end
     assert path.read_text() == SOURCE and path.stat().st_mtime_ns == before  # never written
+    assert client.statuses[-1]["lastLatencyMs"] > 0  # the status bar's figure
 
 
 async def test_completion_returns_one_item(client):
