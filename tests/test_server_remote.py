@@ -1,0 +1,62 @@
+"""The language server with `backend: remote`, end to end: a real server process over stdio
+asks a STAND-IN for a Mercury-shaped FIM API (tests/test_remote.py) for its completions."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from lsp_server.lsp_client import inline, open_document, running_server, stats
+from tests.test_remote import KEY, StandIn
+
+SOURCE = "def add(a, b):\n    return \n\n\nprint(add(1, 2))\n"
+
+
+def remote_options(url: str, key: str = KEY, timeout_ms: int = 2000) -> dict:
+    return {"backend": "remote", "completion": {"debounceMs": 0},
+            "remote": {"url": url, "apiKey": key, "timeoutMs": timeout_ms, "retries": 1}}
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_completions_come_from_the_remote():
+    async with StandIn(text="a + b") as remote, running_server(
+            remote_options(remote.url)) as client:
+        assert (await stats(client))["state"] == "ready"
+        open_document(client, "untitled:remote.py", SOURCE)
+        result = await inline(client, "untitled:remote.py", 1, 11)
+        assert [item.insert_text for item in result.items] == ["a + b"]
+        request = remote.completions()[-1]
+        assert request.body["prompt"].endswith("def add(a, b):\n    return ")
+        assert request.body["suffix"].startswith("\n\n\nprint(add(1, 2))")
+
+
+async def test_a_refused_key_is_shown_to_the_user():
+    async with StandIn() as remote, running_server(
+            remote_options(remote.url, key="wrong-key")) as client:
+        snapshot = await stats(client)
+        assert snapshot["state"] == "error"
+        shown = " ".join(message.message for message in client.messages)
+        assert "refused the API key" in shown and "wrong-key" not in shown
+        open_document(client, "untitled:a.py", SOURCE)
+        assert (await inline(client, "untitled:a.py", 1, 11)).items == ()
+
+
+@pytest.mark.parametrize("timeout_ms", [1500])
+async def test_a_remote_that_is_down_is_reported_and_the_server_keeps_serving(timeout_ms):
+    url = f"http://127.0.0.1:{closed_port()}"
+    async with running_server(remote_options(url, timeout_ms=timeout_ms)) as client:
+        open_document(client, "untitled:down.py", SOURCE)
+        began = time.perf_counter()
+        assert (await inline(client, "untitled:down.py", 1, 11)).items == ()
+        assert time.perf_counter() - began < timeout_ms / 1000 + 2.0  # no hang past the deadline
+        snapshot = await stats(client)
+        assert snapshot["errors"] == 1 and snapshot["state"] == "ready"
+        assert any("unavailable" in (status.get("message") or "") for status in client.statuses)
+        assert any("completion failed" in m.message for m in client.log_messages)
