@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     pool = holes(args.holes)
     info = machine() | {"cores": os.cpu_count(), "gpu": "none",
                         "load_average_at_start": os.getloadavg()}
-    results = {"benchmark": "load_test", "model": Path(model).name, "model_path": model,
+    shown = Path(model).resolve()
+    shown = shown.relative_to(REPO) if shown.is_relative_to(REPO) else shown
+    results = {"benchmark": "load_test", "model": Path(model).name, "model_path": str(shown),
                "note": args.note, "machine": info,
                "closed_loop": True, "request_timeout_s": REQUEST_TIMEOUT_S,
                "max_tokens": MAX_TOKENS, "holes": len(pool), "runs": []}
