@@ -111,7 +111,6 @@ local function draw(bufnr, s)
     virt_text_pos = "inline",
     virt_lines = #virt_lines > 0 and virt_lines or nil,
     hl_mode = "combine",
-    right_gravity = false,
   })
 end
 

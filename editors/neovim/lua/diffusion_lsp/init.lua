@@ -130,6 +130,7 @@ end
 local function on_status(_, params, ctx)
   local before = M.last_status and M.last_status.state
   M.last_status = params
+  vim.cmd.redrawstatus({ bang = true })
   vim.api.nvim_exec_autocmds("User", { pattern = "DiffusionLspStatus", modeline = false, data = params })
   if params.state == "ready" and before ~= "ready" and not M.uses_builtin() then
     -- The model just finished loading: ask at once instead of waiting for the next keystroke.
