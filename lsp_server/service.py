@@ -61,6 +61,9 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 LATENCY_WINDOW = 2048  # /metrics percentiles are over this many recent completions
 QUANTILES = (0.5, 0.95, 0.99)
 HEALTH_TIMEOUT_S = 2.0
+# stopping a replica: requests in flight get this long to finish (a completion that takes
+# longer is of no use to an editor anyway), checked this often
+GRACEFUL_SHUTDOWN = {"graceful_shutdown_timeout_s": 5.0, "graceful_shutdown_wait_loop_s": 0.5}
 SERVE_SHUTDOWN_S = 10.0  # waiting for Serve to drain and stop, at most; then Ray is stopped
 OBJECT_STORE_BYTES = 128 * 1024 * 1024  # the local Ray instance: holes are small
 INITIAL_TOKENS = 16  # first guess of a hole's length, as the local backend
@@ -109,6 +112,7 @@ def infiller_options(config: ServiceConfig, gpus_in_cluster: float) -> dict[str,
         "ray_actor_options": actor,
         "max_ongoing_requests": config.max_batch,
         "max_queued_requests": MAX_QUEUED_REQUESTS,
+        **GRACEFUL_SHUTDOWN,
     }
     if config.min_replicas is not None:
         options["autoscaling_config"] = {
@@ -457,7 +461,7 @@ def build_app(config: ServiceConfig):
     infiller = serve.deployment(Infiller, name="Infiller", **options)
     gateway = serve.deployment(Gateway, name="Gateway", num_replicas=1,
                                ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=100_000)
+                               max_ongoing_requests=100_000, **GRACEFUL_SHUTDOWN)
     return gateway.bind(infiller.bind(config, device), config, replicas)
 
 

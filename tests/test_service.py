@@ -1,5 +1,5 @@
-"""`diffusion-lsp service`: the pure pieces, then the real service (Ray Serve, the tiny model,
-two CPU replicas, loopback) started by its command, used through both APIs and through the
+"""`diffusion-lsp service`: the pure pieces, then the real service (Ray Serve, the bundled
+model, two CPU replicas, loopback) started by its command, used through both APIs and through the
 language server's remote backend, and stopped by SIGTERM with nothing left running."""
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from lsp_server.service import (
     token_digest,
 )
 from lsp_server.settings import RemoteSettings, Settings
+from model.loader import bundled_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "service-test-token"
@@ -131,13 +132,15 @@ def service(tiny_dirs, tmp_path_factory):
         pytest.skip("the process checks read /proc")
     pytest.importorskip("ray.serve")
     port = _free_port()
+    # the bundled model, as users get it; the tiny random one where none is installed
+    model = [] if bundled_model_path() else ["--model", str(tiny_dirs["default"])]
     log_file = tmp_path_factory.mktemp("service") / "service.log"
     env = os.environ | {TOKEN_ENV: TOKEN, "RAY_USAGE_STATS_ENABLED": "0"}
     with log_file.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "lsp_server.cli", "service", "--port", str(port),
-             "--replicas", "2", "--num-cpus", "2", "--device", "cpu",
-             "--model", str(tiny_dirs["default"]), "--log-level", "WARNING"],
+             "--replicas", "2", "--num-cpus", "2", "--device", "cpu", *model,
+             "--log-level", "WARNING"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
