@@ -31,7 +31,11 @@ function M.check()
     plugin.uses_builtin() and "vim.lsp.inline_completion" or "this plugin (extmarks)"))
 
   local cmd = plugin.config.cmd
-  local exe = vim.fn.exepath(cmd[1])
+  if type(cmd) ~= "table" then
+    cmd = { "(a Lua function)" }
+    health.info("cmd is a function: the server runs inside Neovim")
+  end
+  local exe = type(plugin.config.cmd) == "table" and vim.fn.exepath(cmd[1]) or cmd[1]
   if exe == "" then
     health.error(("server `%s` not found"):format(cmd[1]), {
       "install it: pip install -e /path/to/diffusion-lsp (or scripts/run.sh in its repository)",
@@ -59,7 +63,10 @@ function M.check()
     return
   end
   local stats = reply.result
-  local where = ("%s on %s"):format(tostring(stats.model), tostring(stats.device))
+  local where = tostring(stats.model)
+  if stats.device and stats.device ~= vim.NIL and not where:find(stats.device, 1, true) then
+    where = ("%s on %s"):format(where, stats.device)
+  end
   if stats.modelReady then
     health.ok(("model ready: %s; %s"):format(where, percentiles(stats)))
   elseif stats.state == "loading" or stats.state == "starting" then
