@@ -1,8 +1,8 @@
 """The packaged VS Code extension in a real VS Code (code-server + Chromium), opt-in.
 
 Runs editors/vscode/e2e/run.sh: it installs the .vsix into a fresh code-server profile, opens a
-Python file, types, waits for ghost text from the real server (tiny model), screenshots it and
-accepts it with Tab. It needs a one-time install of ~450 MB (editors/vscode/e2e/setup.sh: Debian
+Python file, types, waits for ghost text from the real server (tiny model), screenshots it,
+accepts it with Tab, and toggles completions off and on from the status bar item. It needs a one-time install of ~450 MB (editors/vscode/e2e/setup.sh: Debian
 Chromium, code-server, playwright-core; a few minutes), so CI does not run it unless asked:
 
     DIFFUSION_LSP_E2E=1 .venv/bin/pytest -q tests/test_vscode_e2e.py
@@ -49,4 +49,6 @@ def test_ghost_text_from_the_server_in_real_vscode(tmp_path):
     assert result["ghost"].strip()  # ghost text was shown ...
     assert result["accepted"]  # ... and Tab put it in the document
     assert "Diffusion" in result["status"] and "ms" in result["status"]  # status bar latency
+    # A click on the status bar item disables completions in the server, a second enables them.
+    assert result["toggledOff"] and result["toggledOn"]
     assert shot.stat().st_size > 10_000

@@ -69,8 +69,21 @@ const plain = (text) => text.replace(/\u00a0/g, " ");
     const current = plain(await page.locator(".view-line").allInnerTexts().then((all) => all.join("\n")));
     result.accepted = first.length > 0 && current.includes(TYPED.trim() + " " + first)
       || current.includes(TYPED.trim() + first) || current.includes(first);
-    result.ok = result.accepted && /Diffusion/.test(result.status);
     log("after Tab:", JSON.stringify(current.slice(-200)));
+
+    // A click on the status bar item turns completions off (a settings change the extension
+    // forwards; the server answers with a "disabled" status), a second click on again.
+    const icon = async (name) => {
+      await status.first().locator(`.codicon-${name}`).waitFor({ timeout: 15000 });
+      return true;
+    };
+    await status.first().click();
+    result.toggledOff = await icon("circle-slash").catch(() => false);
+    await status.first().click();
+    result.toggledOn = await icon("sparkle").catch(() => false);
+    log("toggle off/on:", result.toggledOff, result.toggledOn);
+    result.ok = result.accepted && /Diffusion/.test(result.status) && result.toggledOff
+      && result.toggledOn;
   } catch (error) {
     result.error = String(error);
     await page.screenshot({ path: SHOT }).catch(() => {});
