@@ -25,7 +25,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -89,7 +89,7 @@ class Endpoints:
         return self.root + path
 
 
-def api_key(remote: RemoteSettings, environ: dict[str, str] | os._Environ = os.environ) -> str:
+def api_key(remote: RemoteSettings, environ: Mapping[str, str] = os.environ) -> str:
     """The key from the setting, else from the environment variable it names; "" for none."""
     if remote.api_key:
         return remote.api_key
@@ -101,7 +101,7 @@ def backoff_s(attempt: int, retry_after: str | None = None) -> float:
     seconds, else exponential with jitter (half to all of BACKOFF_FIRST_S * 2**attempt)."""
     if retry_after:
         try:
-            return max(0.0, float(retry_after))
+            return max(0.0, float(retry_after.strip()))
         except ValueError:
             pass  # an HTTP date: use our own backoff
     ceiling = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2**attempt)
@@ -208,17 +208,19 @@ class RemoteBackend:
         stop = list(job.stop)
         if job.single_line and "\n" not in stop:
             stop.append("\n")
-        extensions: dict = {}
-        if self._ours:
-            extensions = {"threshold": job.threshold, "tokens_per_step": job.tokens_per_step}
         stop_field = stop[: wire.MAX_STOP_WORDS] if stop else msgspec.UNSET
+        request: wire.FimRequest | wire.CompletionsRequest
         if self._remote.api == "fim":
-            return wire.FimRequest(model=self._model, prompt=job.prefix, suffix=job.suffix,
-                                   max_tokens=job.max_tokens, stop=stop_field, temperature=0.0,
-                                   **extensions)
-        return wire.CompletionsRequest(model=self._model, prompt=job.prefix, suffix=job.suffix,
-                                       max_tokens=job.max_tokens, stop=stop_field,
-                                       temperature=0.0, **extensions)
+            request = wire.FimRequest(model=self._model, prompt=job.prefix, suffix=job.suffix,
+                                      max_tokens=job.max_tokens, stop=stop_field,
+                                      temperature=0.0)
+        else:
+            request = wire.CompletionsRequest(model=self._model, prompt=job.prefix,
+                                              suffix=job.suffix, max_tokens=job.max_tokens,
+                                              stop=stop_field, temperature=0.0)
+        if self._ours:  # only our service takes the sampler's settings
+            request.threshold, request.tokens_per_step = job.threshold, job.tokens_per_step
+        return request
 
     async def _post(self, path: str, body: bytes, deadline: float) -> httpx.Response:
         """One attempt. Returns a 200 answer; raises _Retry or BackendError."""
@@ -227,11 +229,11 @@ class RemoteBackend:
         where = self._endpoints.root
         if remaining <= 0:
             raise self._timed_out()
-        try:
-            response = await self._client.post(
+        try:  # httpx's timeout bounds each read; wait_for bounds the whole exchange
+            response = await asyncio.wait_for(self._client.post(
                 self._endpoints.url(path), content=body, timeout=remaining,
-                headers={"Content-Type": "application/json"})
-        except httpx.TimeoutException:
+                headers={"Content-Type": "application/json"}), remaining)
+        except (httpx.TimeoutException, asyncio.TimeoutError):
             raise self._timed_out() from None
         except httpx.TransportError as error:
             raise _Retry(BackendError(f"cannot reach {where}: {_connection_problem(error)}",

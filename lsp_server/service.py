@@ -43,11 +43,17 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from lsp_server import wire
+
+if TYPE_CHECKING:  # Ray, starlette and the model are imported where they are used
+    from ray.serve import Application
+    from starlette.responses import Response
+
+    from model.sampler import InfillOptions
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +69,8 @@ QUANTILES = (0.5, 0.95, 0.99)
 HEALTH_TIMEOUT_S = 2.0
 # stopping a replica: requests in flight get this long to finish (a completion that takes
 # longer is of no use to an editor anyway), checked this often
-GRACEFUL_SHUTDOWN = {"graceful_shutdown_timeout_s": 5.0, "graceful_shutdown_wait_loop_s": 0.5}
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 5.0
+GRACEFUL_SHUTDOWN_WAIT_S = 0.5
 SERVE_SHUTDOWN_S = 10.0  # waiting for Serve to drain and stop, at most; then Ray is stopped
 OBJECT_STORE_BYTES = 128 * 1024 * 1024  # the local Ray instance: holes are small
 INITIAL_TOKENS = 16  # first guess of a hole's length, as the local backend
@@ -112,7 +119,8 @@ def infiller_options(config: ServiceConfig, gpus_in_cluster: float) -> dict[str,
         "ray_actor_options": actor,
         "max_ongoing_requests": config.max_batch,
         "max_queued_requests": MAX_QUEUED_REQUESTS,
-        **GRACEFUL_SHUTDOWN,
+        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S,
+        "graceful_shutdown_wait_loop_s": GRACEFUL_SHUTDOWN_WAIT_S,
     }
     if config.min_replicas is not None:
         options["autoscaling_config"] = {
@@ -177,15 +185,15 @@ class Metrics:
     """Counters and a window of recent latencies, as Prometheus text or JSON."""
 
     started: float = field(default_factory=time.time)
-    requests: Counter = field(default_factory=Counter)  # (endpoint, status) -> count
-    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
-    model_ms: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    requests: Counter[tuple[str, int]] = field(default_factory=Counter)
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    model_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     latency_sum_ms: float = 0.0
     completions: int = 0
     completion_tokens: int = 0
     steps: int = 0
     inflight: int = 0
-    by_replica: Counter = field(default_factory=Counter)
+    by_replica: Counter[str] = field(default_factory=Counter)
 
     def record(self, endpoint: str, status: int) -> None:
         self.requests[(endpoint, status)] += 1
@@ -252,7 +260,7 @@ class Metrics:
 # -- the model replica ---------------------------------------------------------------------------
 
 
-def infill_options(hole: wire.Hole):
+def infill_options(hole: wire.Hole) -> InfillOptions:
     """The sampler's options for a hole that came over the wire (the sampler's defaults for
     what the request leaves out)."""
     from model.sampler import InfillOptions
@@ -346,7 +354,7 @@ def _replica_name() -> str:
 # -- the HTTP gateway ----------------------------------------------------------------------------
 
 
-def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None):
+def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     from starlette.responses import Response
 
     return Response(body, status_code=status, media_type="application/json", headers=headers)
@@ -450,7 +458,7 @@ async def _awaitable(response: Any) -> Any:
 # -- building and running ------------------------------------------------------------------------
 
 
-def build_app(config: ServiceConfig):
+def build_app(config: ServiceConfig) -> Application:
     """The Ray Serve application (Ray must be initialised)."""
     import ray
     from ray import serve
@@ -458,14 +466,15 @@ def build_app(config: ServiceConfig):
     options = infiller_options(config, ray.cluster_resources().get("GPU", 0))
     device = replica_device(config, options)
     replicas = options.get("num_replicas") or config.min_replicas or 1
-    infiller = serve.deployment(Infiller, name="Infiller", **options)
-    gateway = serve.deployment(Gateway, name="Gateway", num_replicas=1,
-                               ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=100_000, **GRACEFUL_SHUTDOWN)
+    infiller = serve.deployment(name="Infiller", **options)(Infiller)
+    gateway = serve.deployment(
+        name="Gateway", num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=100_000, graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
+        graceful_shutdown_wait_loop_s=GRACEFUL_SHUTDOWN_WAIT_S)(Gateway)
     return gateway.bind(infiller.bind(config, device), config, replicas)
 
 
-def app(args: dict[str, Any]):
+def app(args: dict[str, Any]) -> Application:
     """Application builder for `serve run` / `serve deploy` (import path
     `lsp_server.service:app`); `args` are ServiceConfig's fields. The token's SHA-256 comes
     from `args["token_sha256"]`, else from DIFFUSION_LSP_TOKEN where the app is built."""
@@ -486,7 +495,7 @@ class _Stop(BaseException):
 def _model_path(args: argparse.Namespace) -> str | None:
     """--model, or the bundled model, or (with a warning) the tiny random-weight stand-in."""
     if args.model is not None:
-        return args.model
+        return str(args.model)
     from model.loader import bundled_model_path
 
     if bundled_model_path() is not None:

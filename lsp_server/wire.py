@@ -241,8 +241,9 @@ def error_message(body: bytes) -> str:
         return body[:200].decode("utf-8", "replace").strip()
     if isinstance(detail, dict):
         for key in ("message", "detail", "error"):
-            if isinstance(detail.get(key), str):
-                return detail[key]
+            value = detail.get(key)
+            if isinstance(value, str):
+                return value
     return str(detail)[:200]
 
 
