@@ -383,8 +383,10 @@ end
 ---@param opts diffusion_lsp.Options|nil
 function M.setup(opts)
   M.config = vim.tbl_deep_extend("force", vim.deepcopy(M.defaults), opts or {})
-  if opts and opts.filetypes then
-    M.config.filetypes = opts.filetypes -- a list replaces the default, never merges into it
+  for _, list in ipairs({ "cmd", "filetypes", "root_markers" }) do
+    if opts and opts[list] then
+      M.config[list] = opts[list] -- a list replaces the default, never merges into it by index
+    end
   end
   vim.api.nvim_set_hl(0, "DiffusionLspSuggestion", { link = "Comment", default = true })
 
