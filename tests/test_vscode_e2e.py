@@ -2,8 +2,9 @@
 
 Runs editors/vscode/e2e/run.sh: it installs the .vsix into a fresh code-server profile, opens a
 Python file, types, waits for ghost text from the real server (tiny model), screenshots it,
-accepts it with Tab, and toggles completions off and on from the status bar item. It needs a one-time install of ~450 MB (editors/vscode/e2e/setup.sh: Debian
-Chromium, code-server, playwright-core; a few minutes), so CI does not run it unless asked:
+accepts it with Tab, and toggles completions off and on from the status bar item. It needs a
+one-time install of ~450 MB (editors/vscode/e2e/setup.sh: Debian Chromium, code-server,
+playwright-core; a few minutes), so CI does not run it unless asked:
 
     DIFFUSION_LSP_E2E=1 .venv/bin/pytest -q tests/test_vscode_e2e.py
 

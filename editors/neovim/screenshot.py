@@ -42,8 +42,8 @@ def fibonacci(n: int) -> int:
     """Return the n-th Fibonacci number."""
     if n < 2:
         return n
-    return 
-'''
+    return {space}
+'''.format(space="")
 HOLE = (14, len("    return "))  # 1-based line, byte column: the cursor goes here
 
 INIT = """
