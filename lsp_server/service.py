@@ -459,11 +459,17 @@ async def _awaitable(response: Any) -> Any:
 
 
 def build_app(config: ServiceConfig) -> Application:
-    """The Ray Serve application (Ray must be initialised)."""
+    """The Ray Serve application: a gateway in front of the model replicas."""
     import ray
     from ray import serve
 
-    options = infiller_options(config, ray.cluster_resources().get("GPU", 0))
+    if ray.is_initialized():
+        gpus = ray.cluster_resources().get("GPU", 0)
+    else:  # `serve run` builds the app before it starts Ray: count this machine's GPUs
+        import torch
+
+        gpus = torch.cuda.device_count()
+    options = infiller_options(config, gpus)
     device = replica_device(config, options)
     replicas = options.get("num_replicas") or config.min_replicas or 1
     infiller = serve.deployment(name="Infiller", **options)(Infiller)
@@ -478,7 +484,10 @@ def app(args: dict[str, Any]) -> Application:
     """Application builder for `serve run` / `serve deploy` (import path
     `lsp_server.service:app`); `args` are ServiceConfig's fields. The token's SHA-256 comes
     from `args["token_sha256"]`, else from DIFFUSION_LSP_TOKEN where the app is built."""
-    fields = {name: value for name, value in args.items() if name in ServiceConfig.__annotations__}
+    known = set(ServiceConfig.__annotations__)
+    if unknown := sorted(set(args) - known):
+        raise ValueError(f"unknown argument(s) {unknown}; known: {sorted(known)}")
+    fields = dict(args)
     for name in ("replicas", "min_replicas", "max_replicas", "max_batch"):
         if fields.get(name) is not None:
             fields[name] = int(fields[name])

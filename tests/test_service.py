@@ -76,6 +76,16 @@ def test_replicas_and_resources():
         ServiceConfig(batching="bogus")
 
 
+def test_the_serve_run_builder_takes_string_args_and_refuses_typos():
+    pytest.importorskip("ray.serve")
+    from lsp_server.service import app
+
+    assert type(app({"replicas": "2", "device": "cpu", "max_batch": "8"})).__name__ == \
+        "Application"
+    with pytest.raises(ValueError, match="replica"):
+        app({"replica": "2"})
+
+
 def test_metrics_text():
     metrics = Metrics()
     metrics.record("/v1/fim/completions", 200)
