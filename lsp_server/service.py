@@ -74,6 +74,7 @@ GRACEFUL_SHUTDOWN_WAIT_S = 0.5
 SERVE_SHUTDOWN_S = 10.0  # waiting for Serve to drain and stop, at most; then Ray is stopped
 OBJECT_STORE_BYTES = 128 * 1024 * 1024  # the local Ray instance: holes are small
 INITIAL_TOKENS = 16  # first guess of a hole's length, as the local backend
+MIN_TOKENS = 1  # as the local backend: whoever asks for a completion wants some text
 COMPLETION_PATHS = {wire.FIM_PATH: wire.decode_fim, wire.COMPLETIONS_PATH: wire.decode_completions}
 
 
@@ -272,7 +273,7 @@ def infill_options(hole: wire.Hole) -> InfillOptions:
         max_tokens=hole.max_tokens, initial_tokens=min(INITIAL_TOKENS, hole.max_tokens),
         tokens_per_step=hole.tokens_per_step, temperature=hole.temperature,
         seed=random.getrandbits(31) if hole.temperature > 0 else 0,
-        single_line=hole.single_line, stop=hole.stop, **kwargs)
+        single_line=hole.single_line, stop=hole.stop, min_tokens=MIN_TOKENS, **kwargs)
 
 
 class Infiller:
