@@ -186,6 +186,7 @@ def plot(results: dict, path: Path) -> None:
     latency.set_ylabel("latency at the client (ms)")
     latency.set_yscale("log")
     throughput.set_ylabel("completions / s")
+    throughput.set_ylim(bottom=0)
     figure.suptitle(f"diffusion-lsp service on Ray Serve, {results['model']} — "
                     f"{results['machine']['cpu']} ({results['machine']['cores']} cores, CPU only)",
                     fontsize=9)
@@ -205,7 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holes", type=int, default=40, help="holes per split")
     parser.add_argument("--output", default=str(RESULTS / "load_test.json"))
     parser.add_argument("--note", default="", help="what else the machine was doing")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the PNG from the JSON at --output")
     args = parser.parse_args(argv)
+    if args.replot:
+        output = Path(args.output)
+        plot(json.loads(output.read_text()), output.with_suffix(".png"))
+        return 0
     if max(args.editors) > 64 or args.seconds > 120:
         parser.error("bounded: at most 64 editors and 120 s per level")
     model = args.model or (str(bundled_model_path()) if bundled_model_path() else None)
