@@ -51,6 +51,12 @@ class RemoteSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True)
     timeout_ms: int = 5000
     retries: int = 2
 
+    def __repr__(self) -> str:  # the key never reaches a log line, even with the settings
+        key = "None" if self.api_key is None else "'***'"
+        return (f"RemoteSettings(url={self.url!r}, api={self.api!r}, model={self.model!r}, "
+                f"api_key_env={self.api_key_env!r}, api_key={key}, "
+                f"timeout_ms={self.timeout_ms}, retries={self.retries})")
+
 
 class Settings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     enable: bool = True

@@ -237,3 +237,9 @@ def test_settings_bad_values_are_reported_and_ignored():
         assert name in joined
     assert merge(Settings(), "not an object")[1]
     assert merge(Settings(), None) == (Settings(), [])
+
+
+def test_the_api_key_never_shows_in_a_repr():
+    settings, _ = merge(Settings(), {"remote": {"apiKey": "sk-secret-123"}})
+    assert settings.remote.api_key == "sk-secret-123"
+    assert "sk-secret-123" not in repr(settings) and "sk-secret-123" not in str(settings)
