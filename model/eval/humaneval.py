@@ -116,11 +116,13 @@ def exact_match(completion: str, task: dict) -> bool:
 
 
 def infill_options(split: str, max_tokens: int | None = None):
+    """As the language server asks: every middle is at least one token (min_tokens=1), since
+    no task's missing lines are empty."""
     from model.sampler import InfillOptions
 
     return InfillOptions(max_tokens=max_tokens or MAX_TOKENS[split],
                          initial_tokens=min(INITIAL_TOKENS[split], max_tokens or 10**9),
-                         single_line=split == "single-line")
+                         single_line=split == "single-line", min_tokens=1)
 
 
 def model_context(model, task: dict) -> tuple[str, str]:
