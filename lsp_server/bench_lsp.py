@@ -34,13 +34,15 @@ def hole_document(hole: dict) -> tuple[str, int, int]:
 
 
 async def measure_split(split: str, holes: list[dict], model_path: str | None,
-                        max_tokens: int) -> dict:
+                        max_tokens: int, tokens_per_step: int | None = None) -> dict:
     from lsprotocol import types
 
     from lsp_server.lsp_client import open_document, running_server, stats
 
     settings = {"completion": {"multiline": SPLITS[split], "maxTokens": max_tokens,
                                "maxTokensSingleLine": max_tokens}}
+    if tokens_per_step:
+        settings["completion"]["tokensPerStep"] = tokens_per_step
     if model_path:
         settings["model"] = {"path": model_path}
     rows = []
@@ -96,7 +98,8 @@ def run_lsp_bench(args) -> int:
     runs = []
     for split in SPLITS:
         holes = load_holes(split, args.limit, data)
-        runs.append(asyncio.run(measure_split(split, holes, args.model, args.max_tokens)))
+        runs.append(asyncio.run(measure_split(split, holes, args.model, args.max_tokens,
+                                              args.tokens_per_step)))
     # forward passes, in this process, after the server has exited (no contention)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,7 +120,9 @@ def run_lsp_bench(args) -> int:
             row["forward_ms"] = full_forward_ms(model, length)
             row["forward_pass_equivalents"] = row["latency_ms"] / row["forward_ms"]
     summaries = [summarise(run) for run in runs]
+    name = "lsp-latency" + (f"-tps{args.tokens_per_step}" if args.tokens_per_step else "")
     payload = {"machine": machine(), "model": str(model.path),
+               "tokens_per_step": args.tokens_per_step or "threshold 0.9",
                "parameters": sum(p.numel() for p in model.network.parameters()),
                "summaries": summaries, "runs": runs}
     for s in summaries:
@@ -126,13 +131,13 @@ def run_lsp_bench(args) -> int:
               f"p95 {s['latency_p95_ms']:7.1f} ms  model p50 {s['model_p50_ms']} ms "
               f"({share})  FPE p50 {s.get('forward_pass_equivalents_p50', 0):.2f}  "
               f"steps {s['mean_steps']}  empty {s['empty']}/{s['requests']}")
-    path = save("lsp-latency", payload)
-    picture = plot(payload)
+    path = save(name, payload)
+    picture = plot(payload, name)
     print(f"saved {path}" + (f" and {picture}" if picture else ""))
     return 0
 
 
-def plot(payload: dict) -> Path | None:
+def plot(payload: dict, name: str) -> Path | None:
     try:
         import matplotlib
 
@@ -149,7 +154,7 @@ def plot(payload: dict) -> Path | None:
     ax.set_title(f"LSP latency — {payload['machine']['cpu']}"[:80])
     ax.legend(loc="best")
     fig.tight_layout()
-    path = RESULTS / "lsp-latency.png"
+    path = RESULTS / f"{name}.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -133,8 +133,11 @@ def summarise(rows: list[dict], split: str, reuse_context: bool) -> dict:
 
 
 def bench_throughput(model: LoadedModel, holes: list[dict], max_tokens: int,
-                     concurrency: list[int]) -> dict:
-    options = options_for("single-line", max_tokens)
+                     concurrency: list[int], tokens_per_step: int | None = None) -> dict:
+    """Every hole is filled to exactly `max_tokens` real tokens (end tokens are banned), so
+    tokens/s measures the engine, not how early a model chooses to stop."""
+    options = options_for("single-line", max_tokens, min_tokens=max_tokens,
+                          tokens_per_step=tokens_per_step)
     engine = Engine(model)
     runs = []
     try:
@@ -188,16 +191,17 @@ def autoregressive_ms(model: LoadedModel, prefix: str, new_tokens: int) -> float
 
 def bench_vs_autoregressive(model: LoadedModel, holes: list[dict], max_tokens: int,
                             tokens_per_step: int | None) -> dict:
-    """Diffusion fills the hole; AR decodes the same number of tokens after the same prefix."""
+    """Diffusion fills the hole with exactly `max_tokens` real tokens (end tokens banned, so the
+    step count is fixed by `tokens_per_step`); AR decodes the same number after the same prefix."""
     options = InfillOptions(max_tokens=max_tokens, initial_tokens=max_tokens,
-                            tokens_per_step=tokens_per_step)
+                            tokens_per_step=tokens_per_step, min_tokens=max_tokens)
     rows = []
     autoregressive_ms(model, holes[0]["prompt"], 4)  # warm-up
     for hole in holes:
         began = time.perf_counter()
         result = infill(model, hole["prompt"], hole["suffix"], options)
         diffusion = (time.perf_counter() - began) * 1e3
-        hole_tokens = len(result.trace[-1].hole) if result.trace else max_tokens
+        hole_tokens = max(result.tokens, 1)  # real tokens: end tokens are banned
         ar = autoregressive_ms(model, hole["prompt"], hole_tokens)
         rows.append({"task_id": hole["task_id"], "tokens": hole_tokens,
                      "diffusion_ms": diffusion, "autoregressive_ms": ar,
@@ -334,7 +338,7 @@ def run_bench(args) -> int:
     elif args.name == "throughput":
         holes = load_holes("single-line", max(args.limit, 16), data)
         payload = {**header, **bench_throughput(model, holes, args.max_tokens,
-                                                [1, 2, 4, 8, 16])}
+                                                [1, 2, 4, 8, 16], args.tokens_per_step)}
         for run in payload["runs"]:
             print(f"N={run['concurrency']:2}  {run['tokens_per_s']:8.1f} tokens/s  "
                   f"p50 {run['latency_p50_ms']:7.1f} ms  p95 {run['latency_p95_ms']:7.1f} ms")
