@@ -18,7 +18,16 @@ from pathlib import Path
 
 import torch
 
-from model.bench import RESULTS, full_forward_ms, load_holes, machine, percentile, save
+from model.bench import (
+    RESULTS,
+    full_forward_ms,
+    load_holes,
+    machine,
+    percentile,
+    plot_cdf,
+    pyplot,
+    save,
+)
 
 SPLITS = {"single-line": "never", "multi-line": "auto"}  # split -> completion.multiline
 
@@ -138,17 +147,12 @@ def run_lsp_bench(args) -> int:
 
 
 def plot(payload: dict, name: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in payload["runs"]:
-        values = sorted(r["latency_ms"] for r in run["rows"])
-        ax.plot(values, [i / len(values) for i in range(len(values))], label=run["split"])
+        plot_cdf(ax, run["rows"], run["split"])
     ax.set_xlabel("end-to-end latency over LSP (ms)")
     ax.set_ylabel("fraction of requests")
     ax.set_title(f"LSP latency — {payload['machine']['cpu']}"[:80])

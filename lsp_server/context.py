@@ -11,6 +11,8 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from model.eval.context import cut_suffix  # the suffix is cut as the eval cuts it
+
 CountTokens = Callable[[str], int]
 
 WINDOW_CHARS = 64_000  # text looked at on each side of the cursor, whatever the document size
@@ -156,23 +158,6 @@ def cut_prefix(prefix: str, budget: int, count_tokens: CountTokens) -> str:
         first = candidate
     kept = sorted({*kept_headers, *range(first, len(above))})
     return "\n".join([above[i] for i in kept] + [current])
-
-
-def cut_suffix(suffix: str, budget: int, count_tokens: CountTokens) -> str:
-    """The start of `suffix` within `budget` tokens, in whole lines (the rest of the cursor's
-    line is always kept)."""
-    if count_tokens(suffix) <= budget:
-        return suffix
-    lines = suffix.split("\n")
-    kept = [lines[0]]
-    spent = count_tokens(lines[0])
-    for line in lines[1:]:
-        cost = count_tokens(line) + 1
-        if spent + cost > budget:
-            break
-        kept.append(line)
-        spent += cost
-    return "\n".join(kept) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -271,7 +271,8 @@ def bandwidth_bound_ms(model: LoadedModel) -> float | None:
 # plots and the command
 
 
-def plot(name: str, payload: dict) -> Path | None:
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -279,12 +280,24 @@ def plot(name: str, payload: dict) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    return plt
+
+
+def plot_cdf(ax, rows: list[dict], label: str) -> None:
+    """The fraction of rows at or under each latency."""
+    values = sorted(r["latency_ms"] for r in rows)
+    ax.plot(values, [i / len(values) for i in range(len(values))], label=label)
+
+
+def plot(name: str, payload: dict) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(7, 4))
     if name == "latency":
         for run in payload["runs"]:
-            values = sorted(r["latency_ms"] for r in run["rows"])
             label = f"{run['split']}, {'cached context' if run['reuse_context'] else 'no cache'}"
-            ax.plot(values, [i / len(values) for i in range(len(values))], label=label)
+            plot_cdf(ax, run["rows"], label)
         ax.set_xlabel("latency per infill (ms)")
         ax.set_ylabel("fraction of holes")
     elif name == "throughput":
