@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from model.bench import (
-    RESULTS,
     full_forward_ms,
     load_holes,
     machine,
@@ -27,6 +26,7 @@ from model.bench import (
     plot_cdf,
     pyplot,
     save,
+    save_figure,
 )
 
 SPLITS = {"single-line": "never", "multi-line": "auto"}  # split -> completion.multiline
@@ -157,8 +157,4 @@ def plot(payload: dict, name: str) -> Path | None:
     ax.set_ylabel("fraction of requests")
     ax.set_title(f"LSP latency — {payload['machine']['cpu']}"[:80])
     ax.legend(loc="best")
-    fig.tight_layout()
-    path = RESULTS / f"{name}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, name)

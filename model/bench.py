@@ -318,6 +318,10 @@ def plot(name: str, payload: dict) -> Path | None:
     ax.set_title(f"{name} — {payload['machine']['cpu']}"[:80])
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best")
+    return save_figure(plt, fig, name)
+
+
+def save_figure(plt, fig, name: str) -> Path:
     fig.tight_layout()
     path = RESULTS / f"{name}.png"
     fig.savefig(path, dpi=100)
