@@ -3,8 +3,8 @@
 An entry remembers where a completion was made (document, the text before and after the
 cursor) and the text shown. A later request whose prefix is the entry's prefix plus some
 typed text that the completion starts with is answered with the rest of the completion,
-without the model. Entries hold only the ends of the prefix and suffix near the cursor, so
-memory stays bounded whatever the document size.
+without the model. Entries hold, and lookups read, only the text near the cursor, so memory
+and time stay bounded whatever the document size.
 """
 
 from __future__ import annotations
@@ -32,31 +32,34 @@ class CompletionCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, uri: str, prefix: str, suffix: str, completion: str) -> None:
+    def put(self, uri: str, text: str, offset: int, completion: str) -> None:
+        """Remember `completion`, made at `offset` (the cursor) in the document's `text`."""
         if not completion:
             return
-        entry = Entry(uri, len(prefix), prefix[-EDGE_CHARS:], suffix[:EDGE_CHARS], completion)
+        entry = Entry(uri, offset, text[max(0, offset - EDGE_CHARS):offset],
+                      text[offset:offset + EDGE_CHARS], completion)
         key = (uri, entry.prefix_len, entry.prefix_edge, entry.suffix_edge)
         self._entries[key] = entry
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
 
-    def get(self, uri: str, prefix: str, suffix: str) -> str | None:
-        """The rest of a cached completion the user is typing along, or None."""
-        suffix_edge = suffix[:EDGE_CHARS]
+    def get(self, uri: str, text: str, offset: int) -> str | None:
+        """The rest of a cached completion the user is typing along at `offset` in `text`,
+        or None."""
+        suffix_edge = text[offset:offset + EDGE_CHARS]
         for key in reversed(self._entries):
             entry = self._entries[key]
             if entry.uri != uri or entry.suffix_edge != suffix_edge:
                 continue
-            typed_len = len(prefix) - entry.prefix_len
+            typed_len = offset - entry.prefix_len
             if not 0 <= typed_len < len(entry.completion):
                 continue
-            typed = prefix[entry.prefix_len:]
+            typed = text[entry.prefix_len:offset]
             if not entry.completion.startswith(typed):
                 continue
             start = entry.prefix_len - len(entry.prefix_edge)
-            if prefix[start:entry.prefix_len] != entry.prefix_edge:
+            if text[start:entry.prefix_len] != entry.prefix_edge:
                 continue
             self._entries.move_to_end(key)
             return entry.completion[typed_len:]

@@ -73,7 +73,6 @@ class Protocol(LanguageServerProtocol):
 class Answer:
     text: str
     cursor: ctx.Cursor
-    position: types.Position
 
 
 class DiffusionServer(LanguageServer):
@@ -284,12 +283,11 @@ class DiffusionServer(LanguageServer):
             self.stats.count("rejected")
             return None
         self.touch(uri)
-        prefix_key, suffix_key = text[:cursor.offset], text[cursor.offset:]
-        cached = self.cache.get(uri, prefix_key, suffix_key)
+        cached = self.cache.get(uri, text, cursor.offset)
         if cached is not None:
             self.stats.count("cacheHits")
             self._finish(began, None, uri, cached, cache_hit=True)
-            return Answer(cached, cursor, position)
+            return Answer(cached, cursor)
 
         older = self.inflight.get(uri)
         if older is not None and older is not task and not older.done():
@@ -323,9 +321,9 @@ class DiffusionServer(LanguageServer):
                              detect_indent_unit(lines_near), multiline,
                              completion.max_lines)
         cleaned = clean(outcome.text, where)
-        self.cache.put(uri, prefix_key, suffix_key, cleaned)
+        self.cache.put(uri, text, cursor.offset, cleaned)
         self._finish(began, outcome, uri, cleaned, snippets=context.snippets)
-        return Answer(cleaned, cursor, position) if cleaned else None
+        return Answer(cleaned, cursor) if cleaned else None
 
     def _neighbours(self, uri: str, document) -> list[tuple[str, Any]]:
         documents = self.workspace.text_documents

@@ -186,30 +186,36 @@ def test_clean_end_to_end():
     assert clean(text, where("    ", max_lines=5)).count("\n") == 4
 
 
+def at(prefix: str, suffix: str) -> tuple[str, int]:
+    """(document text, cursor offset) with `prefix` before the cursor and `suffix` after."""
+    return prefix + suffix, len(prefix)
+
+
 # -- cache ----------------------------------------------------------------------------------------
 
 
 def test_cache_exact_and_type_along():
     cache = CompletionCache(size=4)
-    cache.put("u", "def f():\n    return ", "\n", "a + b")
-    assert cache.get("u", "def f():\n    return ", "\n") == "a + b"
-    assert cache.get("u", "def f():\n    return a", "\n") == " + b"
-    assert cache.get("u", "def f():\n    return a +", "\n") == " b"
-    assert cache.get("u", "def f():\n    return a + b", "\n") is None  # all typed: nothing left
-    assert cache.get("u", "def f():\n    return x", "\n") is None  # typed something else
-    assert cache.get("u", "def f():\n    return a", "\nmore") is None  # suffix changed
-    assert cache.get("other", "def f():\n    return ", "\n") is None
+    cache.put("u", *at("def f():\n    return ", "\n"), "a + b")
+    assert cache.get("u", *at("def f():\n    return ", "\n")) == "a + b"
+    assert cache.get("u", *at("def f():\n    return a", "\n")) == " + b"
+    assert cache.get("u", *at("def f():\n    return a +", "\n")) == " b"
+    # all typed: nothing left
+    assert cache.get("u", *at("def f():\n    return a + b", "\n")) is None
+    assert cache.get("u", *at("def f():\n    return x", "\n")) is None  # typed something else
+    assert cache.get("u", *at("def f():\n    return a", "\nmore")) is None  # suffix changed
+    assert cache.get("other", *at("def f():\n    return ", "\n")) is None
 
 
 def test_cache_is_bounded_and_forgets():
     cache = CompletionCache(size=3)
     for i in range(10):
-        cache.put("u", f"p{i}", "", "text")
+        cache.put("u", *at(f"p{i}", ""), "text")
     assert len(cache) == 3
-    assert cache.get("u", "p0", "") is None and cache.get("u", "p9", "") == "text"
+    assert cache.get("u", *at("p0", "")) is None and cache.get("u", *at("p9", "")) == "text"
     cache.forget("u")
     assert len(cache) == 0
-    cache.put("u", "p", "", "")  # empty completions are not kept
+    cache.put("u", *at("p", ""), "")  # empty completions are not kept
     assert len(cache) == 0
 
 
