@@ -42,6 +42,7 @@ class SpecialIds:
     eos: int | None
     pad: int  # fills batch padding (never attended to)
     extra_end: tuple[int, ...]
+    newline: int | None = None  # the id of "\n" when it is a token of its own (ends a line)
 
 
 @dataclass
@@ -203,6 +204,7 @@ def resolve_special_ids(tokenizer: Tokenizer, family: Family, path: Path) -> Spe
 
     end = need(family.end_of_hole_token)
     extra = tuple(i for i in (maybe(t) for t in family.extra_end_tokens) if i is not None)
+    newline = tokenizer.encode("\n", add_special_tokens=False).ids
     return SpecialIds(
         mask=need(family.mask_token),
         end_of_hole=end,
@@ -210,6 +212,7 @@ def resolve_special_ids(tokenizer: Tokenizer, family: Family, path: Path) -> Spe
         eos=maybe(family.eos_token),
         pad=end,
         extra_end=extra,
+        newline=newline[0] if len(newline) == 1 else None,
     )
 
 

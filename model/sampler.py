@@ -242,9 +242,8 @@ def open_text(model: LoadedModel, state: HoleState) -> str:
 
 def _ending_ids(model: LoadedModel, single_line: bool) -> list[int]:
     ids = [model.ids.end_of_hole, *model.ids.extra_end]
-    if single_line:
-        newline = model.tokenizer.encode(NEWLINE, add_special_tokens=False).ids
-        ids += newline[:1] if len(newline) == 1 else []
+    if single_line and model.ids.newline is not None:
+        ids.append(model.ids.newline)
     return ids
 
 
