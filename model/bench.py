@@ -227,12 +227,18 @@ SHAPES = {
     "qwen2.5-7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
                    "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
                    "max_position_embeddings": 32768, "rope_theta": 1000000.0},
+    # a few MB of weights: the same code path on a CPU, for tests
+    "tiny-qwen2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+                   "max_position_embeddings": 2048, "rope_theta": 1000000.0},
 }
+CPU_SHAPES = ("tiny-qwen2",)  # small enough to run without a GPU
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # SXM memory bandwidth
 
 
 def random_model_of_shape(shape: str, device: str) -> LoadedModel:
-    """A `dream`-family model of a published shape with random bf16 weights, on the GPU."""
+    """A `dream`-family model of a published shape with random bf16 weights, on the GPU
+    (or, for CPU_SHAPES, wherever `device` says)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from model.families import DREAM
@@ -243,7 +249,7 @@ def random_model_of_shape(shape: str, device: str) -> LoadedModel:
     if shape not in SHAPES:
         raise SystemExit(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     torch_device = pick_device(device)
-    if torch_device.type != "cuda":
+    if torch_device.type != "cuda" and shape not in CPU_SHAPES:
         raise SystemExit(f"--shape {shape} needs a CUDA GPU (its bf16 weights take many GB)")
     config = Qwen2Config(**SHAPES[shape], tie_word_embeddings=False)
     config._attn_implementation = "sdpa"

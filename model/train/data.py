@@ -16,6 +16,8 @@ Masking (which hole positions become `<|mask|>`) is drawn later, per batch, in `
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,12 +70,32 @@ class ExampleShape:
 # Token streams
 
 
+def encode_texts(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Each text's ids followed by <|file_sep|>."""
+    file_sep = tokenizer.token_to_id("<|file_sep|>")
+    return [np.asarray([*encoding.ids, file_sep], dtype=STREAM_DTYPE)
+            for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+_WORKER: dict[str, Tokenizer] = {}  # the tokenizer of a worker process (`workers` > 1)
+
+
+def _start_worker(tokenizer_json: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _WORKER["tokenizer"] = Tokenizer.from_str(tokenizer_json)
+
+
+def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
+    return encode_texts(_WORKER["tokenizer"], texts)
+
+
 def tokenize_split(corpus: Path, split: str, tokenizer: Tokenizer, out: Path,
-                   max_tokens: int | None = None) -> Path:
+                   max_tokens: int | None = None, workers: int = 1) -> Path:
     """Tokenize one split into `out` (flat uint16 ids, files joined by <|file_sep|>).
 
     Files are taken in the order of their content hash, a deterministic shuffle, so that a
     `max_tokens` budget samples every package rather than the first ones alphabetically.
+    With `workers` > 1, that many processes encode; the stream is the same.
     """
     if tokenizer.get_vocab_size() > np.iinfo(STREAM_DTYPE).max:
         raise ValueError("vocabulary too large for a uint16 stream")
@@ -83,16 +105,20 @@ def tokenize_split(corpus: Path, split: str, tokenizer: Tokenizer, out: Path,
             record = json.loads(line)
             records.append((record["sha256"], record["text"]))
     records.sort()
-    file_sep = tokenizer.token_to_id("<|file_sep|>")
+    batches = [[text for _, text in records[start:start + ENCODE_BATCH]]
+               for start in range(0, len(records), ENCODE_BATCH)]
+    pool = (ProcessPoolExecutor(workers, initializer=_start_worker,
+                                initargs=(tokenizer.to_str(),)) if workers > 1 else None)
+    encoded = (pool.map(_encode_in_worker, batches) if pool
+               else (encode_texts(tokenizer, texts) for texts in batches))
     chunks, total = [], 0
-    for start in range(0, len(records), ENCODE_BATCH):
-        texts = [text for _, text in records[start:start + ENCODE_BATCH]]
-        for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
-            ids = np.asarray([*encoding.ids, file_sep], dtype=STREAM_DTYPE)
-            chunks.append(ids)
-            total += len(ids)
+    for ids in encoded:
+        chunks.extend(ids)
+        total += sum(len(x) for x in ids)
         if max_tokens is not None and total >= max_tokens:
             break
+    if pool:
+        pool.shutdown(cancel_futures=True)
     stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=STREAM_DTYPE)
     if max_tokens is not None:
         stream = stream[:max_tokens]
@@ -195,7 +221,7 @@ def make_batch(stream: np.ndarray, batch_size: int, shape: ExampleShape, ids: La
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m model.train.data --corpus runs/corpus --tokenizer runs/tokenizer.json
-    --out runs/data [--max-train-tokens N]`: write train.bin and validation.bin."""
+    --out runs/data [--max-train-tokens N] [--workers N]`: write train.bin and validation.bin."""
     import argparse
 
     parser = argparse.ArgumentParser(description="tokenize a corpus into token streams")
@@ -203,10 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--max-train-tokens", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=1, help="encoding processes")
     args = parser.parse_args(argv)
     tokenizer = Tokenizer.from_file(str(args.tokenizer))
     for split, budget in (("train", args.max_train_tokens), ("validation", None)):
-        path = tokenize_split(args.corpus, split, tokenizer, args.out / f"{split}.bin", budget)
+        path = tokenize_split(args.corpus, split, tokenizer, args.out / f"{split}.bin", budget,
+                              args.workers)
         print(f"{split}: {len(load_stream(path)):,} tokens -> {path}")
     return 0
 

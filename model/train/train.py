@@ -7,8 +7,9 @@ the cross-entropy on the masked positions weighted by 1/t, averaged over eligibl
 The network is stock `Qwen2ForCausalLM` with attention made bidirectional
 (`model.loader.make_bidirectional`); logits are not shifted (position i predicts token i).
 
-Runs are resumable (`--resume`), bounded in time (`--minutes`), and log validation loss to
-`RUN/log.jsonl`. On CUDA: bf16 autocast and SDPA (flash) attention.
+Runs are resumable (`--resume`; from weights alone too, as `model.train.gpu_kit` carries them,
+with a fresh optimiser and a re-warm-up), bounded in time (`--minutes`), and log validation
+loss to `RUN/log.jsonl`. On CUDA: bf16 autocast and SDPA (flash) attention.
 
     python -m model.train.train --data runs/data --tokenizer runs/tokenizer.json \
         --run runs/preview --minutes 60 --threads 1 [--resume]
@@ -87,6 +88,20 @@ def build_network(vocab_size: int, shape: ModelShape, ids: LayoutIds,
     return network.to(device)
 
 
+@torch.no_grad()
+def check_bidirectional(network: Qwen2ForCausalLM, vocab_size: int,
+                        device: torch.device) -> None:
+    """Raise unless the first position sees the last token: a transformers version that
+    ignored `is_causal = False` would silently train a causal model."""
+    ids = torch.arange(8, device=device)[None] % vocab_size  # (1, 8)
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % vocab_size
+    first = network.model(input_ids=torch.cat([ids, changed])).last_hidden_state[:, 0]
+    if torch.allclose(first[0], first[1]):
+        raise RuntimeError("attention is causal: position 0 ignores the last token "
+                           "(model.loader.make_bidirectional no longer works here)")
+
+
 def hf_config_dict(network: Qwen2ForCausalLM) -> dict:
     """config.json contents for the loader (family `default`)."""
     raw = network.config.to_dict()
@@ -134,12 +149,16 @@ def diffusion_loss(network: Qwen2ForCausalLM, clean: torch.Tensor, noised: torch
     return weighted.mean(), token_loss.mean()
 
 
-def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio over `progress` in [0, 1]."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+def learning_rate(config: TrainConfig, step: int, progress: float, warm_from: int = 0) -> float:
+    """Linear warm-up over `warmup_steps` from `warm_from` (the step the optimiser started
+    at: 0, or a resume from weights alone), then cosine decay to min_lr_ratio over
+    `progress` in [0, 1]. A re-warm-up climbs to the cosine's value, not to the peak."""
     cosine = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+    scheduled = config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+    warm = step - warm_from
+    if warm < config.warmup_steps:
+        return scheduled * (warm + 1) / config.warmup_steps
+    return scheduled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +194,7 @@ def evaluate(network: Qwen2ForCausalLM, batches: list, device: torch.device) -> 
 
 
 def autocast(device: torch.device):
+    """bf16 autocast on CUDA (weights and optimiser stay float32); none on the CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -242,10 +262,15 @@ def train(data: Path, tokenizer_file: Path, run: Path, config: TrainConfig, minu
         lr=config.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "best_val": float("inf"),
              "rng": None}
+    warm_from = 0  # the step this optimiser's state starts at
     if checkpoint is not None:
-        network.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        network.load_state_dict(checkpoint["model"])  # float16 weights (gpu_kit) are upcast
         state = checkpoint["state"]
+        if checkpoint.get("optimizer") is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        else:  # weights alone (model.train.gpu_kit): fresh moments, so warm up again
+            warm_from = state["step"]
+    check_bidirectional(network, vocab_size, device)
     rng = np.random.default_rng([config.seed, state["step"]])
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state["step"])
     validation = validation_set(valid_stream, config, ids)
@@ -260,6 +285,14 @@ def train(data: Path, tokenizer_file: Path, run: Path, config: TrainConfig, minu
             return state["step"] / config.max_steps
         return state["train_seconds"] / (config.total_minutes * 60)
 
+    def next_batch() -> tuple[torch.Tensor, ...]:
+        """(clean, noised, masked, eligible, t) on the CPU."""
+        clean, eligible = make_batch(train_stream, config.batch_size, config.shape, ids, rng)
+        clean_t, eligible_t = torch.from_numpy(clean), torch.from_numpy(eligible)
+        noised, masked, t = mask_batch(clean_t, eligible_t, ids.mask, config.eps, generator)
+        return clean_t, noised, masked, eligible_t, t
+
+    batch = next_batch()
     bar = None
     if progress_bar:
         from tqdm import tqdm
@@ -280,14 +313,11 @@ def train(data: Path, tokenizer_file: Path, run: Path, config: TrainConfig, minu
             break
         if config.max_steps is not None and state["step"] >= config.max_steps:
             break
-        lr = learning_rate(config, state["step"], progress())
+        lr = learning_rate(config, state["step"], progress(), warm_from)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        clean, eligible = make_batch(train_stream, config.batch_size, config.shape, ids, rng)
-        clean_t, eligible_t = torch.from_numpy(clean), torch.from_numpy(eligible)
-        noised, masked, t = mask_batch(clean_t, eligible_t, ids.mask, config.eps, generator)
         clean_t, noised, masked, eligible_t, t = (
-            x.to(device, non_blocking=True) for x in (clean_t, noised, masked, eligible_t, t))
+            x.to(device, non_blocking=True) for x in batch)
         with autocast(device):
             loss, ce = diffusion_loss(network, clean_t, noised, masked, eligible_t, t)
         optimizer.zero_grad(set_to_none=True)
@@ -295,7 +325,8 @@ def train(data: Path, tokenizer_file: Path, run: Path, config: TrainConfig, minu
         torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip)
         optimizer.step()
         state["step"] += 1
-        state["tokens"] += clean.size
+        state["tokens"] += clean_t.numel()
+        batch = next_batch()  # on the CPU while a GPU still computes this step
         state["train_seconds"] = session_seconds_at_start + time.perf_counter() - began
         value = loss.item()
         smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
