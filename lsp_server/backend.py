@@ -85,15 +85,18 @@ class LocalBackend:
     async def start(self, settings: Settings, report: Callable[[str], None]) -> str:
         model_settings = settings.model
         report(f"loading {model_settings.path or 'the bundled model'}")
-        try:
-            loaded = await asyncio.to_thread(_load, settings)
-        except Exception as error:  # noqa: BLE001 - every load failure is reported the same way
-            raise BackendError(str(error), "unavailable") from error
-        self._tokenizer = loaded.tokenizer
-        report("warming up")
         from model.engine import Engine
 
-        engine = Engine(loaded)
+        # the engine's own thread loads and then runs the model: every torch call on one
+        # thread (Engine.start says why)
+        try:
+            engine = await asyncio.wrap_future(
+                Engine.start(lambda: _load(settings), warm_up=False))
+        except Exception as error:  # noqa: BLE001 - every load failure is reported the same way
+            raise BackendError(str(error), "unavailable") from error
+        loaded = engine.model
+        self._tokenizer = loaded.tokenizer
+        report("warming up")
         await asyncio.to_thread(engine.warm_up)
         self.engine = engine
         parameters = sum(p.numel() for p in loaded.network.parameters())

@@ -286,10 +286,14 @@ class Infiller:
         from model.engine import Engine
         from model.loader import load_model
 
-        if device == "cpu":
-            torch.set_num_threads(max(1, int(config.cpus_per_replica)))
-        loaded = load_model(config.model, config.family, device, config.dtype)
-        self.engine = Engine(loaded, max_batch=config.max_batch, warm_up=True)
+        def load():
+            if device == "cpu":
+                torch.set_num_threads(max(1, int(config.cpus_per_replica)))
+            return load_model(config.model, config.family, device, config.dtype)
+
+        # loaded, warmed up and run on the engine's own thread (Engine.start says why)
+        self.engine = Engine.start(load, max_batch=config.max_batch).result()
+        loaded = self.engine.model
         self.tokenizer = loaded.tokenizer
         parameters = sum(p.numel() for p in loaded.network.parameters())
         self.description = (f"{loaded.path.name} ({loaded.family.name}, "

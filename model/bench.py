@@ -132,13 +132,12 @@ def summarise(rows: list[dict], split: str, reuse_context: bool) -> dict:
 # throughput under concurrency
 
 
-def bench_throughput(model: LoadedModel, holes: list[dict], max_tokens: int,
+def bench_throughput(engine: Engine, holes: list[dict], max_tokens: int,
                      concurrency: list[int], tokens_per_step: int | None = None) -> dict:
     """Every hole is filled to exactly `max_tokens` real tokens (end tokens are banned), so
-    tokens/s measures the engine, not how early a model chooses to stop."""
+    tokens/s measures the engine, not how early a model chooses to stop. Closes `engine`."""
     options = options_for("single-line", max_tokens, min_tokens=max_tokens,
                           tokens_per_step=tokens_per_step)
-    engine = Engine(model)
     runs = []
     try:
         engine.submit(holes[0]["prompt"], holes[0]["suffix"], options).result()  # warm-up
@@ -338,9 +337,16 @@ def save_figure(plt, fig, name: str) -> Path:
 def run_bench(args) -> int:
     from model.cli import load_for_cli
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = random_model_of_shape(args.shape, args.device) if args.shape else load_for_cli(args)
+    def load() -> LoadedModel:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return (random_model_of_shape(args.shape, args.device) if args.shape
+                else load_for_cli(args))
+
+    # the throughput benchmark runs the engine, which loads the model on its own thread as the
+    # server does (Engine.start says why); the others run the model on this thread
+    engine = Engine.start(load).result() if args.name == "throughput" else None
+    model = engine.model if engine is not None else load()
     data = Path(args.data) if args.data else None
     header = {"machine": machine(), "model": str(model.path),
               "parameters": sum(p.numel() for p in model.network.parameters()),
@@ -360,7 +366,7 @@ def run_bench(args) -> int:
                   f"steps p50 {run['steps_p50']}  tokens/step {run['tokens_per_step']:.2f}")
     elif args.name == "throughput":
         holes = load_holes("single-line", max(args.limit, 16), data)
-        payload = {**header, **bench_throughput(model, holes, args.max_tokens,
+        payload = {**header, **bench_throughput(engine, holes, args.max_tokens,
                                                 [1, 2, 4, 8, 16], args.tokens_per_step)}
         for run in payload["runs"]:
             print(f"N={run['concurrency']:2}  {run['tokens_per_s']:8.1f} tokens/s  "

@@ -103,3 +103,28 @@ def test_close_cancels_what_is_in_flight(tiny_model):
     assert request.future.done()
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit("a", "b")
+
+
+def test_start_loads_on_the_worker_thread_and_serves_the_same_results(tiny_model):
+    loaded_on = []
+
+    def load():
+        loaded_on.append(threading.get_ident())
+        return tiny_model
+
+    engine = Engine.start(load).result(30)
+    try:
+        assert loaded_on == [engine._thread.ident]  # load, warm-up and steps: one thread
+        together = [engine.submit(p, s, OPTIONS) for p, s in HOLES]
+        alone = [infill(tiny_model, p, s, OPTIONS) for p, s in HOLES]
+        assert [r.result(30).text for r in together] == [r.text for r in alone]
+    finally:
+        engine.close()
+
+
+def test_start_hands_a_failed_load_to_the_caller():
+    def load():
+        raise FileNotFoundError("no weights here")
+
+    with pytest.raises(FileNotFoundError, match="no weights here"):
+        Engine.start(load).result(30)

@@ -136,14 +136,15 @@ def model_context(model, task: dict) -> tuple[str, str]:
 
 def evaluate(model, tasks: list[dict], options, timeout_s: float = DEFAULT_TIMEOUT_S,
              workers: int = DEFAULT_WORKERS, latency_sample: int = LATENCY_SAMPLE,
-             progress=None) -> list[dict]:
+             progress=None, engine=None) -> list[dict]:
     """One record per task, in order: completion, outcome, exact match, steps, timings.
 
+    `engine` serves `model` (made here when None; closed at the end either way).
     `progress(kind)` is called with "infill" or "test" as each finishes.
     """
     from model.engine import Engine
 
-    engine = Engine(model, max_batch=MAX_BATCH, warm_up=True)
+    engine = engine or Engine(model, max_batch=MAX_BATCH, warm_up=True)
     records: list[dict | None] = [None] * len(tasks)
     tests: dict[Future, int] = {}
     began = time.perf_counter()
@@ -288,10 +289,9 @@ def run_eval(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from model.cli import load_for_cli
+    from model.engine import Engine
     from model.loader import ModelLoadError
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     console = Console(stderr=True)
     try:
         tasks, in_split, data_file = load_tasks(args.split, args.limit,
@@ -299,11 +299,17 @@ def run_eval(args) -> int:
     except EvalDataError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
-    try:
-        model = load_for_cli(args)
+    def load():
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
+        return load_for_cli(args)
+
+    try:  # loaded and run on the engine's thread, as the server does (Engine.start says why)
+        engine = Engine.start(load, max_batch=MAX_BATCH).result()
     except (ModelLoadError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
+    model = engine.model
     options = infill_options(args.split, args.max_tokens)
     timeout_s = float(getattr(args, "timeout", None) or DEFAULT_TIMEOUT_S)
     columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
@@ -313,7 +319,7 @@ def run_eval(args) -> int:
                 "test": bar.add_task("running tests", total=len(tasks))}
         records = evaluate(model, tasks, options, timeout_s,
                            latency_sample=getattr(args, "latency_sample", LATENCY_SAMPLE),
-                           progress=lambda kind: bar.advance(bars[kind]))
+                           progress=lambda kind: bar.advance(bars[kind]), engine=engine)
     payload = {
         "benchmark": "humaneval-infilling", "split": args.split, "data": str(data_file),
         "selection": "all records" if len(tasks) == in_split else
