@@ -49,6 +49,7 @@ class InfillOptions:
     reuse_context: bool = True  # cache prefix/suffix keys and values; later steps run the hole only
     refresh_every: int = 4  # with reuse_context: full pass every this many steps (0: never)
     min_tokens: int = 0  # the first this many hole positions may not end the hole (or line)
+    end_runs: bool = True  # a committed end also commits the run of predicted ends before it
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -260,6 +261,35 @@ def ban_early_ends(model: LoadedModel, logits: torch.Tensor, masked_positions: t
     return logits
 
 
+def with_end_runs(model: LoadedModel, chosen: torch.Tensor, masked_positions: torch.Tensor,
+                  tokens: torch.Tensor) -> torch.Tensor:
+    """`chosen` plus, for each chosen end token, the start of the run of adjacent masked
+    positions before it whose best token is an end too.
+
+    An end at position p means "the hole is at most p tokens long": the model was trained with
+    every position after the hole's text padded with end tokens. So the run's first end says
+    all the rest. Without this, a model fairly sure of the hole's length but not above the
+    threshold commits its ends one per step from the back of the hole (the most certain
+    position first): on the bundled preview, 12 of a single-line hole's 13 steps.
+    """
+    ends = [i for i in range(tokens.numel()) if _is_end(model, int(tokens[i]))]
+    if not ends:
+        return chosen
+    is_end = set(ends)
+    extra = set()
+    for index in chosen.tolist():
+        if index not in is_end:
+            continue
+        start = index
+        while (start - 1 in is_end
+               and int(masked_positions[start - 1]) == int(masked_positions[start]) - 1):
+            start -= 1
+        extra.add(start)
+    if not extra - set(chosen.tolist()):
+        return chosen
+    return torch.tensor(sorted(set(chosen.tolist()) | extra), dtype=torch.long)
+
+
 def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> None:
     """Commit tokens from one forward pass. logits: (m, V) for the m masked positions, in order."""
     options = state.options
@@ -268,6 +298,8 @@ def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> No
         logits = ban_early_ends(model, logits, masked_positions, options)
     tokens, scores = score_logits(logits, options.score, options.temperature, state.generator)
     chosen = select_commits(scores, options)
+    if options.end_runs:
+        chosen = with_end_runs(model, chosen, masked_positions, tokens)
     committed = []
     for index in chosen.tolist():
         position, token = int(masked_positions[index]), int(tokens[index])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -253,3 +255,34 @@ def test_min_tokens_forbids_ending_the_hole_at_its_start(tiny_model):
     state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=4, threshold=0.5))
     apply_step(model, state, sharp_logits(model, [end, end, end, end]))
     assert state.closed_at == 1 and int(state.hole[0]) == end  # without: empty is allowed
+
+
+def graded_end_logits(model, words: int, ends: int) -> torch.Tensor:
+    """`words` positions sure of "x", then `ends` positions whose best token is the end token,
+    surer towards the back of the hole (as a model that knows the hole is short)."""
+    logits = sharp_logits(model, [word_token(model, "x")] * (words + ends), confidence=1.0)
+    for index in range(ends):
+        logits[words + index, model.ids.end_of_hole] = 2.0 + index
+    return logits
+
+
+def test_an_end_commits_the_run_of_predicted_ends_before_it(tiny_model):
+    model = tiny_model
+    one_a_step = InfillOptions(initial_tokens=8, threshold=1.0)
+    state = new_state(model, PREFIX, SUFFIX, one_a_step)
+    apply_step(model, state, graded_end_logits(model, words=2, ends=6))
+    assert state.closed_at == 3 and int(state.hole[2]) == model.ids.end_of_hole
+    assert state.masked.tolist() == [True, True] + [False] * 6  # one step, not six
+    state = new_state(model, PREFIX, SUFFIX, replace(one_a_step, end_runs=False))
+    apply_step(model, state, graded_end_logits(model, words=2, ends=6))
+    assert state.masked.tolist() == [True] * 7 + [False]  # the back position alone
+
+
+def test_an_end_run_stops_at_a_committed_token(tiny_model):
+    model = tiny_model
+    state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=8, threshold=1.0))
+    state.hole[4], state.masked[4] = word_token(model, "y"), False
+    logits = graded_end_logits(model, words=2, ends=6)
+    apply_step(model, state, torch.cat([logits[:4], logits[5:]]))  # rows of masked positions
+    assert state.closed_at == 6  # the run 5..7 only: position 4 holds a real token
+    assert state.masked.tolist() == [True] * 4 + [False] * 4
