@@ -92,9 +92,17 @@ def options_for(split: str, max_tokens: int, **overrides) -> InfillOptions:
 # latency (model only)
 
 
+# the sampler as it ships, then with one speed-up turned off at a time (same holes, same run)
+LATENCY_VARIANTS = {
+    "default": {},
+    "no context cache": {"reuse_context": False},
+    "no end runs": {"end_runs": False},
+}
+
+
 def bench_latency(model: LoadedModel, holes: list[dict], split: str, max_tokens: int,
-                  reuse_context: bool = True) -> dict:
-    options = options_for(split, max_tokens, reuse_context=reuse_context)
+                  variant: str = "default") -> dict:
+    options = options_for(split, max_tokens, **LATENCY_VARIANTS[variant])
     infill(model, holes[0]["prompt"], holes[0]["suffix"], options)  # warm-up
     rows = []
     for hole in holes:
@@ -104,19 +112,21 @@ def bench_latency(model: LoadedModel, holes: list[dict], split: str, max_tokens:
         began = time.perf_counter()
         result = infill(model, hole["prompt"], hole["suffix"], options)
         latency = (time.perf_counter() - began) * 1e3
-        rows.append({"task_id": hole["task_id"], "latency_ms": latency, "steps": result.steps,
+        rows.append({"task_id": hole["task_id"], "text": result.text,
+                     "latency_ms": latency, "steps": result.steps,
                      "full_passes": result.full_passes, "tokens": result.tokens,
                      "context_tokens": length, "forward_ms": one_pass,
                      "forward_pass_equivalents": latency / one_pass})
-    return summarise(rows, split, reuse_context)
+    return summarise(rows, split, variant, options)
 
 
-def summarise(rows: list[dict], split: str, reuse_context: bool) -> dict:
+def summarise(rows: list[dict], split: str, variant: str, options: InfillOptions) -> dict:
     latencies = [r["latency_ms"] for r in rows]
     tokens = sum(r["tokens"] for r in rows)
     steps = sum(r["steps"] for r in rows)
     return {
-        "split": split, "reuse_context": reuse_context, "holes": len(rows),
+        "split": split, "variant": variant, "reuse_context": options.reuse_context,
+        "end_runs": options.end_runs, "holes": len(rows),
         "latency_p50_ms": percentile(latencies, 50), "latency_p95_ms": percentile(latencies, 95),
         "forward_pass_equivalents_p50": percentile(
             [r["forward_pass_equivalents"] for r in rows], 50),
@@ -301,7 +311,7 @@ def plot(name: str, payload: dict) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     if name == "latency":
         for run in payload["runs"]:
-            label = f"{run['split']}, {'cached context' if run['reuse_context'] else 'no cache'}"
+            label = f"{run['split']}, {run['variant']}"
             plot_cdf(ax, run["rows"], label)
         ax.set_xlabel("latency per infill (ms)")
         ax.set_ylabel("fraction of holes")
@@ -356,14 +366,19 @@ def run_bench(args) -> int:
         runs = []
         for split in ("single-line", "multi-line"):
             holes = load_holes(split, args.limit, data)
-            for reuse in (True, False):
-                runs.append(bench_latency(model, holes, split, args.max_tokens, reuse))
+            for variant in LATENCY_VARIANTS:
+                runs.append(bench_latency(model, holes, split, args.max_tokens, variant))
+            default = [row["text"] for row in runs[-len(LATENCY_VARIANTS)]["rows"]]
+            for run in runs[-len(LATENCY_VARIANTS):]:  # what a speed-up costs in output
+                run["same_text_as_default"] = sum(
+                    row["text"] == text for row, text in zip(run["rows"], default, strict=True))
         payload = {**header, "runs": runs}
         for run in runs:
-            print(f"{run['split']:12} cache={run['reuse_context']!s:5} "
+            print(f"{run['split']:12} {run['variant']:16} "
                   f"p50 {run['latency_p50_ms']:7.1f} ms  p95 {run['latency_p95_ms']:7.1f} ms  "
                   f"FPE p50 {run['forward_pass_equivalents_p50']:.2f}  "
-                  f"steps p50 {run['steps_p50']}  tokens/step {run['tokens_per_step']:.2f}")
+                  f"steps p50 {run['steps_p50']}  tokens/step {run['tokens_per_step']:.2f}  "
+                  f"same text {run['same_text_as_default']}/{run['holes']}")
     elif args.name == "throughput":
         holes = load_holes("single-line", max(args.limit, 16), data)
         payload = {**header, **bench_throughput(engine, holes, args.max_tokens,
