@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data", default=None, help="folder with the HumanEval-*.jsonl.gz files")
     bench.add_argument("--shape", default=None,
                        help="instead of --model: random weights of a published shape "
-                            "(qwen2.5-7b = Dream-Coder-7B), GPU only")
+                            "(qwen2.5-7b = Dream-Coder-7B, GPU only; tiny-qwen2 runs on CPU)")
     _add_model_args(bench)
 
     service = commands.add_parser(

@@ -16,7 +16,7 @@ from model.loader import load_model
 from model.sampler import InfillOptions, infill
 from model.train import corpus as corpus_mod
 from model.train.data import KINDS, ExampleShape, LayoutIds, make_example, tokenize_split
-from model.train.export import export
+from model.train.export import export, write_card
 from model.train.tokenizer import SPECIAL_TOKENS, build_tokenizer
 from model.train.train import ModelShape, TrainConfig, build_network, train
 
@@ -202,8 +202,14 @@ def test_train_resume_and_export(data_dir, tokenizer_file, tmp_path):
                                                 "tokenizer.json", "train_log.json",
                                                 "MODEL_CARD.md"}
     assert (tmp_path / "loss.png").exists()
-    assert "PREVIEW" in (out / "MODEL_CARD.md").read_text()
+    card = out / "MODEL_CARD.md"
+    assert "PREVIEW" in card.read_text()
     assert json.loads((out / "train_log.json").read_text())["state"]["step"] == 5
+    # rewriting the card without the corpus (a fresh checkout, after an eval) keeps its figures
+    card.write_text(card.read_text().replace(
+        "- corpus statistics not available at export time", "- 12 training files (1 MB)"))
+    write_card(out, corpus=None)
+    assert "- 12 training files (1 MB)" in card.read_text()
 
     loaded = load_model(out, device="cpu")
     assert loaded.family.name == "default"

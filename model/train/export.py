@@ -189,10 +189,20 @@ def _eval_line(split: str, out: Path) -> str:
             f"{summary['latency_p50_ms']:.0f} ms, {summary['steps_p50']:g} steps |")
 
 
-def _corpus_lines(corpus: Path | None) -> list[str]:
+def _card_corpus_lines(card: Path) -> list[str]:
+    """The corpus bullets of an existing card's Data section (none when there is no card)."""
+    if not card.exists():
+        return []
+    data = card.read_text().split("## Data", 1)[-1].split("\n## ", 1)[0]
+    return [line for line in data.splitlines() if line.startswith("- ")]
+
+
+def _corpus_lines(corpus: Path | None, card: Path) -> list[str]:
+    """Corpus bullets from `corpus`/stats.json; without it (a fresh checkout rewriting the card
+    after an eval), those of the card already there."""
     stats_file = corpus / "stats.json" if corpus else None
     if stats_file is None or not stats_file.exists():
-        return ["- corpus statistics not available at export time"]
+        return _card_corpus_lines(card) or ["- corpus statistics not available at export time"]
     stats = json.loads(stats_file.read_text())
     files, size = stats["files"], stats["bytes"]
     dropped = ", ".join(f"{v:,} {k}" for k, v in stats.get("dropped", {}).items())
@@ -253,7 +263,7 @@ def card_text(out: Path, corpus: Path | None, plot: Path | None) -> str:
         "hash; generated, huge, minified and unreadable files dropped; any file mentioning "
         "HumanEval dropped).",
         "",
-        *_corpus_lines(corpus),
+        *_corpus_lines(corpus, out / CARD_FILE),
         "",
         "## Training",
         "",
