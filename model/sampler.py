@@ -272,22 +272,20 @@ def with_end_runs(model: LoadedModel, chosen: torch.Tensor, masked_positions: to
     threshold commits its ends one per step from the back of the hole (the most certain
     position first): on the bundled preview, 12 of a single-line hole's 13 steps.
     """
-    ends = [i for i in range(tokens.numel()) if _is_end(model, int(tokens[i]))]
-    if not ends:
+    is_end = {i for i, token in enumerate(tokens.tolist()) if _is_end(model, token)}
+    if not is_end:
         return chosen
-    is_end = set(ends)
-    extra = set()
-    for index in chosen.tolist():
-        if index not in is_end:
-            continue
-        start = index
-        while (start - 1 in is_end
-               and int(masked_positions[start - 1]) == int(masked_positions[start]) - 1):
+    positions = masked_positions.tolist()
+    picked = set(chosen.tolist())
+    starts = set()
+    for end in picked & is_end:
+        start = end
+        while start - 1 in is_end and positions[start - 1] == positions[start] - 1:
             start -= 1
-        extra.add(start)
-    if not extra - set(chosen.tolist()):
+        starts.add(start)
+    if starts <= picked:
         return chosen
-    return torch.tensor(sorted(set(chosen.tolist()) | extra), dtype=torch.long)
+    return torch.tensor(sorted(picked | starts), dtype=torch.long)
 
 
 def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> None:
