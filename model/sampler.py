@@ -6,10 +6,14 @@ above a threshold are committed (at least one per step) -- the confidence-thresh
 decoding of Fast-dLLM (Wu et al., 2025), with the low-confidence remasking order of LLaDA
 (Nie et al., 2025). A committed token never changes.
 
-Variable length: a position decoding to the family's end-of-hole token closes the hole there
-(every later position becomes end-of-hole too). A hole that fills with real tokens before it is
-finished grows by a few more masks, up to `max_tokens` (the expand rule of DreamOn, Wu et al.,
-2025).
+Variable length: a position decoding to the family's end-of-hole token (or pad token) closes
+the hole there (every later position becomes end-of-hole too). A hole that fills with real
+tokens before it is finished is extended by a fixed `extend_by` masks, up to `max_tokens`. For
+DreamOn (Wu et al., 2025), whose model predicts its own edits, a committed <|expand|> becomes
+two masks and a committed <|delete|> disappears (`edit_hole`).
+
+No completion contains a special or added token: their logits are -inf before scoring
+(`LoadedModel.never_sample`), except the ones that end or edit the hole.
 
 The functions below are pure over a `HoleState`; `forward_holes` runs the network for any
 number of states at once, so the single-request loop (`infill`) and the engine's batched loop
@@ -219,6 +223,17 @@ def _is_end(model: LoadedModel, token: int) -> bool:
     return token == model.ids.end_of_hole or token in model.ids.extra_end
 
 
+def sampleable(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> torch.Tensor:
+    """logits (m, V) with every id the hole may not take made impossible: special and added
+    tokens (`LoadedModel.never_sample`), and DreamOn's expand once the hole has reached
+    `max_tokens` (DreamOn eval/generator.py: `logits[:, expand_id] -= 1e9` at the budget)."""
+    logits = logits.masked_fill(model.never_sample, float("-inf"))
+    expand = model.ids.expand
+    if expand is not None and state.hole.numel() >= state.options.max_tokens:
+        logits[:, expand] = float("-inf")
+    return logits
+
+
 def _close(state: HoleState, model: LoadedModel, position: int) -> None:
     """Masks from `position` on become end-of-hole: the hole is shorter than guessed.
 
@@ -292,6 +307,7 @@ def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> No
     """Commit tokens from one forward pass. logits: (m, V) for the m masked positions, in order."""
     options = state.options
     masked_positions = state.masked.nonzero().squeeze(-1)  # (m,)
+    logits = sampleable(model, state, logits)
     if options.min_tokens > 0:
         logits = ban_early_ends(model, logits, masked_positions, options)
     tokens, scores = score_logits(logits, options.score, options.temperature, state.generator)
@@ -311,8 +327,50 @@ def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> No
         ends_line = options.single_line and NEWLINE in model.tokenizer.decode([token])
         if _is_end(model, token) or ends_line:
             _close(state, model, position + 1)
+    edits = sorted((p, t) for p, t in committed if t in model.ids.hole_edits)
+    if edits:
+        edit_hole(model, state, edits)
     state.trace.append(StepTrace(committed, state.hole.tolist()))
     _check_finished(model, state)
+
+
+def edit_hole(model: LoadedModel, state: HoleState, edits: list[tuple[int, int]]) -> None:
+    """DreamOn's variable length (Wu et al., 2025; DreamOn eval/generator.py): a position
+    committed as expand becomes two masks, one committed as delete disappears -- and, with the
+    family's `delete_pads_right`, so does every still-masked position after the first delete.
+    `edits`: (hole position, token) sorted by position. The hole never grows past
+    `max_tokens`; its length changed, so the context cache is dropped."""
+    ids, family = model.ids, model.family
+    hole, masked = state.hole.tolist(), state.masked.tolist()
+    deletes = [p for p, t in edits if t == ids.delete]
+    drop = set(deletes)
+    if deletes and family.delete_pads_right:
+        drop |= {p for p in range(deletes[0], len(hole)) if masked[p]}
+    expands = {p for p, t in edits if t == ids.expand}
+    room = state.options.max_tokens - (len(hole) - len(drop))
+    new_hole, new_masked, closed_at = [], [], state.closed_at
+    for position, (token, is_masked) in enumerate(zip(hole, masked, strict=True)):
+        if position in drop:
+            if closed_at is not None and position < closed_at:
+                closed_at -= 1
+            continue
+        if position in expands:
+            copies = 2 if room > 0 else 1
+            room -= copies - 1
+            if closed_at is not None and position < closed_at:
+                closed_at += copies - 1
+            new_hole += [ids.mask] * copies
+            new_masked += [True] * copies
+            continue
+        new_hole.append(token)
+        new_masked.append(is_masked)
+    if deletes and family.delete_pads_right:
+        end = len(new_hole)  # the hole ends here: no masks left after the delete
+        closed_at = end if closed_at is None else min(closed_at, end)
+    state.hole = torch.tensor(new_hole, dtype=torch.long)
+    state.masked = torch.tensor(new_masked, dtype=torch.bool)
+    state.closed_at = closed_at
+    state.context = None
 
 
 def _check_finished(model: LoadedModel, state: HoleState) -> None:
@@ -331,6 +389,9 @@ def _check_finished(model: LoadedModel, state: HoleState) -> None:
         return
     if state.hole.numel() >= options.max_tokens:
         state.finish_reason = "max_tokens"
+        return
+    if model.ids.expand is not None:  # the model sizes its own hole (DreamOn): it is done
+        state.finish_reason = "end"
         return
     grow = min(options.extend_by, options.max_tokens - state.hole.numel())
     state.hole = torch.cat([state.hole, torch.full((grow,), model.ids.mask, dtype=torch.long)])
