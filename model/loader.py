@@ -25,7 +25,8 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_GLOB = "*.safetensors"
 # config.json keys that describe where the checkpoint came from, not its shape
-NON_SHAPE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype")
+NON_SHAPE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype",
+                  "diffusion_lsp", "diffusion_lsp_family")
 
 
 class ModelLoadError(RuntimeError):
