@@ -269,6 +269,13 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+def parse_overrides(items: Iterable[str] | None) -> dict[str, str]:
+    """Repeated `--family-override KEY=VALUE` arguments as one dict, keys checked."""
+    overrides = dict(parse_override(item) for item in items or ())
+    apply_overrides(DEFAULT, overrides)  # raises on an unknown key or a bad value
+    return overrides
+
+
 def config_block(config: Mapping) -> dict:
     """The `diffusion_lsp` block of a config.json (family name and overrides), checked."""
     block = config.get(CONFIG_BLOCK) or {}

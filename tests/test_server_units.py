@@ -249,3 +249,11 @@ def test_the_api_key_never_shows_in_a_repr():
     settings, _ = merge(Settings(), {"remote": {"apiKey": "sk-secret-123"}})
     assert settings.remote.api_key == "sk-secret-123"
     assert "sk-secret-123" not in repr(settings) and "sk-secret-123" not in str(settings)
+
+
+def test_family_overrides_setting_merges_and_rejects_unknown_keys():
+    settings, problems = merge(Settings(), {"model": {"familyOverrides": {"mask_token": "<M>"}}})
+    assert problems == [] and settings.model.family_overrides == {"mask_token": "<M>"}
+    kept, problems = merge(settings, {"model": {"familyOverrides": {"mask": "<M>"}}})
+    assert kept.model.family_overrides == {"mask_token": "<M>"}
+    assert problems and "known: mask_token" in problems[0]
