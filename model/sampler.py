@@ -116,6 +116,8 @@ class HoleState:
     full_passes: int = 0  # forward passes over the whole sequence (the rest ran the hole only)
     trace: list[StepTrace] = field(default_factory=list)
     context: ContextCache | None = None
+    # DreamOn: expansions still allowed (its `expand_budget`); bounds expand/delete cycles
+    expansions_left: int = 0
 
     @property
     def hole_start(self) -> int:
@@ -168,6 +170,7 @@ def new_state(model: LoadedModel, prefix: str, suffix: str, options: InfillOptio
         masked=torch.ones(n, dtype=torch.bool),
         options=options,
         generator=generator,
+        expansions_left=options.max_tokens if model.ids.expand is not None else 0,
     )
 
 
@@ -226,10 +229,13 @@ def _is_end(model: LoadedModel, token: int) -> bool:
 def sampleable(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> torch.Tensor:
     """logits (m, V) with every id the hole may not take made impossible: special and added
     tokens (`LoadedModel.never_sample`), and DreamOn's expand once the hole has reached
-    `max_tokens` (DreamOn eval/generator.py: `logits[:, expand_id] -= 1e9` at the budget)."""
+    `max_tokens` or used its expansion budget (DreamOn eval/generator.py: `logits[:,
+    expand_id] -= 1e9` when `cur_generation_window_length == max_tokens or expand_budget ==
+    0`; the budget is what stops an expand / delete cycle)."""
     logits = logits.masked_fill(model.never_sample, float("-inf"))
     expand = model.ids.expand
-    if expand is not None and state.hole.numel() >= state.options.max_tokens:
+    full = state.hole.numel() >= state.options.max_tokens
+    if expand is not None and (full or state.expansions_left <= 0):
         logits[:, expand] = float("-inf")
     return logits
 
@@ -339,7 +345,8 @@ def edit_hole(model: LoadedModel, state: HoleState, edits: list[tuple[int, int]]
     committed as expand becomes two masks, one committed as delete disappears -- and, with the
     family's `delete_pads_right`, so does every still-masked position after the first delete.
     `edits`: (hole position, token) sorted by position. The hole never grows past
-    `max_tokens`; its length changed, so the context cache is dropped."""
+    `max_tokens`, nor expands more than `max_tokens` times in all (DreamOn's expand budget);
+    its length changed, so the context cache is dropped."""
     ids, family = model.ids, model.family
     hole, masked = state.hole.tolist(), state.masked.tolist()
     deletes = [p for p, t in edits if t == ids.delete]
@@ -355,8 +362,9 @@ def edit_hole(model: LoadedModel, state: HoleState, edits: list[tuple[int, int]]
                 closed_at -= 1
             continue
         if position in expands:
-            copies = 2 if room > 0 else 1
+            copies = 2 if room > 0 and state.expansions_left > 0 else 1
             room -= copies - 1
+            state.expansions_left -= copies - 1
             if closed_at is not None and position < closed_at:
                 closed_at += copies - 1
             new_hole += [ids.mask] * copies

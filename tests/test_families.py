@@ -297,3 +297,28 @@ def test_padded_vocabulary_rows_are_never_sampled(family_models):
     assert bool(model.never_sample[126349:].all())
     assert not model.never_sample[ids_of(model, "<|endoftext|>", "<|eot_id|>")].any()
     assert model.never_sample[ids_of(model, "<|mdm_mask|>", "<|startoftext|>")].all()
+
+
+def test_dreamon_holes_that_change_length_batch_like_single_ones(family_models):
+    """The engine batches holes whose lengths change under expand / delete at different steps;
+    each comes out as it would alone, with no special token in it."""
+    from model.engine import Engine
+
+    model = family_models["dreamon"]
+    edits = ids_of(model, "<|expand|>", "<|delete|>")
+    leaking = ids_of(model, *leaking_tokens(SPECS["dreamon"]))
+    holes = [(PREFIX, SUFFIX), ("x = [", "]\n"), ("", "def g():\n    pass\n"), ("if a:\n    ", "")]
+    options = InfillOptions(max_tokens=8, initial_tokens=3, threshold=0.5)
+    with head(model, BoostedHead(BoostedHead(model.network.lm_head, edits, 1.5), leaking)):
+        alone = [infill(model, p, s, options) for p, s in holes]
+        engine = Engine(model)
+        try:
+            together = [r.result(60) for r in [engine.submit(p, s, options) for p, s in holes]]
+        finally:
+            engine.close()
+    assert [(r.text, r.steps) for r in alone] == [(r.text, r.steps) for r in together]
+    assert any(len(r.trace[0].hole) != 3 for r in alone)  # some hole did change length
+    # the expansion budget ends expand / delete cycles (this one looped forever without it)
+    assert all(r.finish_reason == "end" and r.steps <= 3 * options.max_tokens for r in alone)
+    for result in together:
+        assert not [t for t in SPECS["dreamon"].tokens if t in result.text]
