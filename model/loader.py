@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -73,10 +73,13 @@ class LoadedModel:
     # (V,) bool: ids that may never be sampled (special/added tokens that neither end the hole
     # nor edit it, and ids the tokenizer does not know); computed from the tokenizer when None
     never_sample: torch.Tensor | None = None
+    # (k,) the same ids as a list, for an in-place fill that touches k columns, not V
+    never_sample_ids: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         if self.never_sample is None:
             self.never_sample = never_sampled_ids(self.tokenizer, self.ids, self.vocab_size)
+        self.never_sample_ids = self.never_sample.nonzero().squeeze(-1)
 
     @property
     def vocab_size(self) -> int:

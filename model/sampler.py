@@ -231,12 +231,17 @@ def sampleable(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> to
     tokens (`LoadedModel.never_sample`), and DreamOn's expand once the hole has reached
     `max_tokens` or used its expansion budget (DreamOn eval/generator.py: `logits[:,
     expand_id] -= 1e9` when `cur_generation_window_length == max_tokens or expand_budget ==
-    0`; the budget is what stops an expand / delete cycle)."""
-    logits = logits.masked_fill(model.never_sample, float("-inf"))
+    0`; the budget is what stops an expand / delete cycle).
+
+    In place: it runs every step, and filling the k banned columns costs ~400x less than a
+    masked copy of the whole (m, V) (0.012 vs 4.7 ms for 16 rows of a 152k vocabulary on one
+    CPU core). Inference mode, because forward_holes' logits are inference tensors."""
     expand = model.ids.expand
     full = state.hole.numel() >= state.options.max_tokens
-    if expand is not None and (full or state.expansions_left <= 0):
-        logits[:, expand] = float("-inf")
+    with torch.inference_mode():
+        logits.index_fill_(-1, model.never_sample_ids, float("-inf"))
+        if expand is not None and (full or state.expansions_left <= 0):
+            logits[:, expand] = float("-inf")
     return logits
 
 
@@ -310,7 +315,8 @@ def with_end_runs(model: LoadedModel, chosen: torch.Tensor, masked_positions: to
 
 
 def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> None:
-    """Commit tokens from one forward pass. logits: (m, V) for the m masked positions, in order."""
+    """Commit tokens from one forward pass. logits: (m, V) for the m masked positions, in order
+    (consumed: ids that may not be sampled are set to -inf in place)."""
     options = state.options
     masked_positions = state.masked.nonzero().squeeze(-1)  # (m,)
     logits = sampleable(model, state, logits)
