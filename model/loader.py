@@ -80,27 +80,33 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    cached = _hf_cache_snapshot(str(name_or_path))
+    from model.hub import find_supported  # the table of supported models and short names
+
+    supported = find_supported(str(name_or_path))
+    repo_id = supported.repo_id if supported else str(name_or_path)
+    cached = hf_cache_snapshot(repo_id)
     if cached is not None:
         return cached
     raise ModelLoadError(
         f"model {str(name_or_path)!r} not found: not a directory, and not in the Hugging Face "
-        f"cache at {_hf_hub_dir()} (downloads are never made at run time; download it first "
-        f"with `huggingface-cli download {name_or_path}`)"
+        f"cache at {hf_hub_dir()} (downloads are never made at run time; download it first "
+        f"with `diffusion-lsp pull {name_or_path}`)"
     )
 
 
-def _hf_hub_dir() -> Path:
+def hf_hub_dir() -> Path:
+    """The Hugging Face hub cache: `HF_HUB_CACHE`, else `$HF_HOME/hub` (read when called)."""
     if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
     return home / "hub"
 
 
-def _hf_cache_snapshot(repo_id: str) -> Path | None:
+def hf_cache_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path | None:
+    """The cached snapshot of `repo_id`: the one `refs/main` names, else the last by name."""
     if "/" not in repo_id:
         return None
-    repo_dir = _hf_hub_dir() / ("models--" + repo_id.replace("/", "--"))
+    repo_dir = (cache_dir or hf_hub_dir()) / ("models--" + repo_id.replace("/", "--"))
     ref = repo_dir / "refs" / "main"
     if ref.exists():
         snapshot = repo_dir / "snapshots" / ref.read_text().strip()
