@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from model.families import Family, detect_family, get_family
+from model.tokenizer import BPE_MERGES_FILE, BPE_VOCAB_FILE, qwen2_tokenizer_from_bpe_files
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 CONFIG_FILE = "config.json"
@@ -222,6 +223,21 @@ def resolve_special_ids(tokenizer: Tokenizer, family: Family, path: Path) -> Spe
     )
 
 
+def load_tokenizer(path: Path) -> Tokenizer:
+    """tokenizer.json, or else the Qwen2 BPE in vocab.json + merges.txt (how Dream-Coder,
+    DiffuCoder and DreamOn publish their tokenizer)."""
+    if (path / TOKENIZER_FILE).exists():
+        return Tokenizer.from_file(str(path / TOKENIZER_FILE))
+    if (path / BPE_VOCAB_FILE).exists() and (path / BPE_MERGES_FILE).exists():
+        try:
+            return qwen2_tokenizer_from_bpe_files(path)
+        except Exception as exc:  # tokenizers raises plain Exception on unreadable files
+            raise ModelLoadError(f"cannot build the tokenizer from {BPE_VOCAB_FILE} + "
+                                 f"{BPE_MERGES_FILE} in {path}: {exc}") from exc
+    raise ModelLoadError(f"no {TOKENIZER_FILE} (nor {BPE_VOCAB_FILE} + {BPE_MERGES_FILE}) in "
+                         f"{path}: expected a HF tokenizers file")
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     family: str | None = None,
@@ -238,10 +254,7 @@ def load_model(
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
     fam = get_family(family) if family else detect_family(raw)
-    tokenizer_file = path / TOKENIZER_FILE
-    if not tokenizer_file.exists():
-        raise ModelLoadError(f"no {TOKENIZER_FILE} in {path}: expected a HF tokenizers file")
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer = load_tokenizer(path)
     ids = resolve_special_ids(tokenizer, fam, path)
 
     torch_device = pick_device(device)

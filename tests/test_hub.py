@@ -7,6 +7,7 @@ at the stand-in and HF_HUB_CACHE at a fresh folder.
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import socket
 from pathlib import Path
 
@@ -197,6 +198,23 @@ def test_a_repo_the_loader_cannot_read_fails_before_downloading(standin, tmp_pat
     with pytest.raises(hub.PullError, match=r"\*\.safetensors"):
         hub.pull("org/bin-only")
     assert standin.resolve_requests() == []
+
+
+def test_a_repo_with_bpe_files_instead_of_tokenizer_json_pulls_and_loads(
+        standin, tiny_dream, tmp_path):
+    from tests.test_bpe_files import split_tokenizer_json
+
+    published = tmp_path / "published"
+    shutil.copytree(tiny_dream, published)
+    split_tokenizer_json(published)  # as Dream-Coder / DiffuCoder / DreamOn publish theirs
+    standin.add_repo("Dream-org/DreamOn-v0-7B", published, extra=NOT_NEEDED)
+
+    result = hub.pull("DreamOn-v0-7B")
+
+    assert sorted(result.downloaded) == ["added_tokens.json", "config.json", "merges.txt",
+                                         WEIGHTS, "vocab.json"]
+    assert hub.local_model("Dream-org/DreamOn-v0-7B").state == "ready"
+    assert load_model("DreamOn-v0-7B", device="cpu").family.name == "dream"
 
 
 def test_unknown_names_and_repos_say_what_exists(standin):
