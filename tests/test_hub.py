@@ -217,6 +217,13 @@ def test_a_repo_with_bpe_files_instead_of_tokenizer_json_pulls_and_loads(
     assert load_model("DreamOn-v0-7B", device="cpu").family.name == "dream"
 
 
+def test_offline_mode_refuses_to_pull(standin, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(hub.PullError, match="HF_HUB_OFFLINE"):
+        hub.pull("org/tiny-dream")
+    assert standin.requests == []
+
+
 def test_unknown_names_and_repos_say_what_exists(standin):
     with pytest.raises(hub.PullError, match="Open-dCoder-0.5B"):
         hub.pull("dream-coder")
