@@ -82,7 +82,7 @@ class StandInHub:
                 if "/resolve/" in r[1] and (file is None or r[1].endswith("/" + file))]
 
     def start(self) -> StandInHub:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server = _QuietServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
@@ -93,6 +93,13 @@ class StandInHub:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up mid-file (an interrupted pull) is expected, not an error."""
+
+    def handle_error(self, request, client_address) -> None:
+        pass
 
 
 API_PATH = re.compile(r"^/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?$")
