@@ -57,6 +57,7 @@ CHUNK_BYTES = 1 << 20  # bytes read per network chunk
 RETRIES = 5  # transport errors survived per file, each resuming where the last stopped
 TIMEOUT_S = 30.0
 INCOMPLETE_SUFFIX = ".incomplete"
+PULL_LOCK = ".diffusion-lsp-pull.lock"  # one pull per repository at a time (they share partials)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +405,23 @@ class PullPlan:
         return total
 
 
+def missing_bytes(plan: PullPlan) -> int:
+    """Bytes still to download: the plan's files minus finished blobs and partial downloads."""
+    on_disk = plan.partial_bytes()
+    for remote in plan.files:
+        blob = plan.blob_path(remote)
+        on_disk += blob.stat().st_size if blob.exists() else 0
+    return max(plan.total_bytes - on_disk, 0)
+
+
+def check_disk_space(needed: int, free: int, where: Path) -> None:
+    """Refuse a pull that cannot fit, before it fills the disk."""
+    if needed > free:
+        raise PullError(f"not enough disk space in {where}: the download needs "
+                        f"{format_bytes(needed)} more, {format_bytes(free)} is free (set "
+                        f"HF_HUB_CACHE to a bigger disk)")
+
+
 @dataclass
 class PullResult:
     snapshot: Path
@@ -428,38 +446,54 @@ def run_pull(plan: PullPlan, progress: Progress | None = None, token: str | bool
     """Download and verify every file of `plan` into the cache; return what was done.
 
     Files already in the cache are re-hashed; a corrupt one is downloaded again. The ref
-    (`refs/{revision}`) is written last, so an unfinished pull never looks finished.
+    (`refs/{revision}`) is written last, so an unfinished pull never looks finished. One pull
+    per repository at a time: a second one fails at once instead of sharing partial files.
     """
+    from filelock import FileLock, Timeout
     from huggingface_hub.utils import build_hf_headers
 
     headers = build_hf_headers(token=token, library_name="diffusion-lsp")
     headers["Accept-Encoding"] = "identity"  # sizes and hashes are of the raw bytes
     (plan.folder / "blobs").mkdir(parents=True, exist_ok=True)
-    result = PullResult(plan.snapshot())
-    with httpx.Client(headers=headers, follow_redirects=True, timeout=TIMEOUT_S) as client:
-        for remote in plan.files:
-            blob = plan.blob_path(remote)
-            if blob.exists():
-                problem = verify_file(blob, remote)
-                if problem is None:
-                    result.present.append(remote.path)
-                    if progress is not None:
-                        progress(remote.path, remote.size, remote.size)
-                    _link_snapshot(blob, plan.snapshot() / remote.path)
-                    continue
-                blob.unlink()
-                result.repaired.append(remote.path)
-            url = (f"{plan.endpoint}/{plan.repo.repo_id}/resolve/{plan.repo.commit}/"
-                   f"{quote(remote.path)}")
-            resumed_from = fetch_blob(client, url, remote, blob, progress, chunk_bytes, retries)
-            result.downloaded.append(remote.path)
-            if resumed_from:
-                result.resumed.append(remote.path)
-            _link_snapshot(blob, plan.snapshot() / remote.path)
-    refs = plan.folder / "refs"
-    refs.mkdir(exist_ok=True)
+    lock = FileLock(str(plan.folder / PULL_LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise PullError(f"another pull of {plan.repo.repo_id} is running (lock "
+                        f"{plan.folder / PULL_LOCK})") from None
+    try:
+        check_disk_space(missing_bytes(plan), shutil.disk_usage(plan.folder).free, plan.folder)
+        with httpx.Client(headers=headers, follow_redirects=True, timeout=TIMEOUT_S) as client:
+            result = _pull_files(plan, client, progress, chunk_bytes, retries)
+    finally:
+        lock.release()
     if plan.revision != plan.repo.commit:
-        (refs / plan.revision).write_text(plan.repo.commit)
+        (plan.folder / "refs").mkdir(exist_ok=True)
+        (plan.folder / "refs" / plan.revision).write_text(plan.repo.commit)
+    return result
+
+
+def _pull_files(plan: PullPlan, client: httpx.Client, progress: Progress | None,
+                chunk_bytes: int, retries: int) -> PullResult:
+    """Each file: verify it if present, else (or if corrupt) fetch it; link it in the snapshot."""
+    result = PullResult(plan.snapshot())
+    for remote in plan.files:
+        blob = plan.blob_path(remote)
+        if blob.exists():
+            if verify_file(blob, remote) is None:
+                result.present.append(remote.path)
+                if progress is not None:
+                    progress(remote.path, remote.size, remote.size)
+                _link_snapshot(blob, plan.snapshot() / remote.path)
+                continue
+            blob.unlink()
+            result.repaired.append(remote.path)
+        url = f"{plan.endpoint}/{plan.repo.repo_id}/resolve/{plan.repo.commit}/{quote(remote.path)}"
+        resumed_from = fetch_blob(client, url, remote, blob, progress, chunk_bytes, retries)
+        result.downloaded.append(remote.path)
+        if resumed_from:
+            result.resumed.append(remote.path)
+        _link_snapshot(blob, plan.snapshot() / remote.path)
     return result
 
 

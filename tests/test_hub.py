@@ -217,6 +217,28 @@ def test_a_repo_with_bpe_files_instead_of_tokenizer_json_pulls_and_loads(
     assert load_model("DreamOn-v0-7B", device="cpu").family.name == "dream"
 
 
+def test_a_second_pull_of_the_same_model_at_once_is_refused(standin):
+    from filelock import FileLock
+
+    plan = hub.plan_pull("org/tiny-dream")
+    plan.folder.mkdir(parents=True)
+    with FileLock(str(plan.folder / hub.PULL_LOCK)), \
+            pytest.raises(hub.PullError, match="another pull"):
+        hub.run_pull(plan)
+    assert standin.resolve_requests() == []
+    hub.run_pull(plan)  # and once the first is done, the lock is free again
+    hub.run_pull(plan)
+
+
+def test_a_pull_that_cannot_fit_is_refused_before_downloading(standin):
+    plan = hub.plan_pull("org/tiny-dream")
+    needed = hub.missing_bytes(plan)
+    assert needed == plan.total_bytes
+    with pytest.raises(hub.PullError, match="not enough disk space"):
+        hub.check_disk_space(needed, needed - 1, plan.folder)
+    hub.check_disk_space(needed, needed, plan.folder)
+
+
 def test_offline_mode_refuses_to_pull(standin, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(hub.PullError, match="HF_HUB_OFFLINE"):
