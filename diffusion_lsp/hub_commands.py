@@ -7,6 +7,7 @@ import sys
 
 from model import hub
 from model.loader import hf_hub_dir
+from model.registry import find_supported
 
 
 def run_pull(args) -> int:
@@ -28,7 +29,7 @@ def run_pull(args) -> int:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         return 1
     repo_id = plan.repo.repo_id
-    if hub.find_supported(args.model) is None:
+    if find_supported(args.model) is None:
         console.print(f"note: {repo_id} is not in the supported table (`diffusion-lsp models`); "
                       f"it loads if its family is detected or given with --family",
                       highlight=False)

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from model.families import Family, detect_family, get_family
+from model.registry import find_supported
 from model.tokenizer import BPE_MERGES_FILE, BPE_VOCAB_FILE, qwen2_tokenizer_from_bpe_files
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
@@ -81,8 +82,6 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    from model.hub import find_supported  # the table of supported models and short names
-
     supported = find_supported(str(name_or_path))
     repo_id = supported.repo_id if supported else str(name_or_path)
     cached = hf_cache_snapshot(repo_id)

@@ -7,6 +7,7 @@ at the stand-in and HF_HUB_CACHE at a fresh folder.
 from __future__ import annotations
 
 import ipaddress
+import json
 import shutil
 import socket
 from pathlib import Path
@@ -190,6 +191,25 @@ def test_loading_never_downloads(standin):
     assert standin.requests == []
 
 
+async def test_the_language_servers_backend_never_downloads_and_loads_what_was_pulled(standin):
+    from lsp_server.backends.base import BackendError
+    from lsp_server.backends.local import LocalBackend
+    from lsp_server.settings import ModelSettings, Settings
+
+    settings = Settings(model=ModelSettings(path="DiffuCoder-7B-cpGRPO", device="cpu"))
+    with pytest.raises(BackendError, match="diffusion-lsp pull DiffuCoder-7B-cpGRPO"):
+        await LocalBackend().start(settings, report=lambda message: None)
+    assert standin.requests == []
+
+    hub.pull("DiffuCoder-7B-cpGRPO")
+    backend = LocalBackend()
+    try:
+        described = await backend.start(settings, report=lambda message: None)
+    finally:
+        await backend.close()
+    assert "dream" in described
+
+
 def test_a_repo_the_loader_cannot_read_fails_before_downloading(standin, tmp_path):
     (tmp_path / "bin-only").mkdir()
     (tmp_path / "bin-only" / "config.json").write_text("{}")
@@ -267,3 +287,34 @@ def test_missing_shards_are_reported():
     names = ["config.json", "tokenizer.json", "model-00001-of-00003.safetensors",
              "model-00003-of-00003.safetensors"]
     assert hub.missing_loader_files(names) == ["model-00002-of-00003.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands
+
+
+def test_cli_pull_then_models(standin, capsys):
+    from diffusion_lsp.cli import main
+
+    assert main(["pull", "DiffuCoder-7B-cpGRPO"]) == 0
+    out, err = capsys.readouterr()
+    snapshot = resolve_model_path("DiffuCoder-7B-cpGRPO")
+    assert out.strip() == str(snapshot)  # stdout: the path, for scripts
+    assert "verified" in err
+
+    assert main(["models", "--json"]) == 0
+    rows = {r["repo_id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["apple/DiffuCoder-7B-cpGRPO"]["state"] == "ready"
+    assert rows["apple/DiffuCoder-7B-cpGRPO"]["path"] == str(snapshot)
+    assert rows["Dream-org/DreamOn-v0-7B"]["state"] == "absent"
+
+    assert main(["models"]) == 0
+    table = capsys.readouterr().out
+    assert "DiffuCoder-7B-cpGRPO" in table and "ready" in table and "LLaDA-8B-Instruct" in table
+
+
+def test_cli_pull_failures_exit_non_zero_with_the_reason(standin, capsys):
+    from diffusion_lsp.cli import main
+
+    assert main(["pull", "org/nothing"]) == 1
+    assert "no model 'org/nothing'" in capsys.readouterr().err
