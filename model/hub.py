@@ -191,6 +191,9 @@ def select_loader_files(files: Iterable[RemoteFile], repo_id: str = "") -> list[
 # Hashes: what "verified" means
 
 
+Progress = Callable[[str, int, int], None]  # (file, bytes done, bytes total), after each chunk
+
+
 def _hasher(remote: RemoteFile):
     """sha256 for LFS files; git's blob sha1 (`blob {size}\\0` + content) for the others."""
     if remote.sha256:
@@ -204,8 +207,10 @@ def _hash_kind(remote: RemoteFile) -> str:
     return "sha256" if remote.sha256 else "git blob sha1"
 
 
-def _hash_file(path: Path, digest, limit: int | None = None) -> int:
-    """Feed `path` (its first `limit` bytes) into `digest`; returns the bytes read."""
+def _hash_file(path: Path, digest, limit: int | None = None,
+               on_block: Callable[[int], None] | None = None) -> int:
+    """Feed `path` (its first `limit` bytes) into `digest`; returns the bytes read.
+    `on_block(bytes so far)` after each block (a progress bar over a long re-check)."""
     done = 0
     with path.open("rb") as f:
         while limit is None or done < limit:
@@ -214,16 +219,19 @@ def _hash_file(path: Path, digest, limit: int | None = None) -> int:
                 break
             digest.update(block)
             done += len(block)
+            if on_block is not None:
+                on_block(done)
     return done
 
 
-def verify_file(path: Path, remote: RemoteFile) -> str | None:
+def verify_file(path: Path, remote: RemoteFile, progress: Progress | None = None) -> str | None:
     """None when `path` has the hub's size and hash; otherwise what differs."""
     size = path.stat().st_size
     if size != remote.size:
         return f"{remote.path}: {size} bytes on disk, the hub says {remote.size}"
     digest = _hasher(remote)
-    _hash_file(path, digest)
+    _hash_file(path, digest, on_block=None if progress is None else
+               lambda done: progress(remote.path, done, remote.size))
     if digest.hexdigest() != remote.blob_name:
         return (f"{remote.path}: {_hash_kind(remote)} {digest.hexdigest()} on disk, the hub says "
                 f"{remote.blob_name}")
@@ -232,9 +240,6 @@ def verify_file(path: Path, remote: RemoteFile) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # One file: resumable, verified transfer
-
-
-Progress = Callable[[str, int, int], None]  # (file, bytes done, bytes total), after each chunk
 
 
 def fetch_blob(client: httpx.Client, url: str, remote: RemoteFile, blob: Path,
@@ -427,10 +432,8 @@ def _pull_files(plan: PullPlan, client: httpx.Client, progress: Progress | None,
     for remote in plan.files:
         blob = plan.blob_path(remote)
         if blob.exists():
-            if verify_file(blob, remote) is None:
+            if verify_file(blob, remote, progress) is None:
                 result.present.append(remote.path)
-                if progress is not None:
-                    progress(remote.path, remote.size, remote.size)
                 _link_snapshot(blob, plan.snapshot() / remote.path)
                 continue
             blob.unlink()

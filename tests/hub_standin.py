@@ -8,8 +8,9 @@ request (as read in huggingface_hub 2.4's hf_api.model_info and file_download):
   the git blob id otherwise), `X-Repo-Commit`, `Content-Length`, `Accept-Ranges`, and for LFS
   files `X-Linked-Etag` / `X-Linked-Size`; `Range: bytes=N-` answers 206 with `Content-Range`.
 
-Faults to inject: `cut_after[file] = n` sends the first n bytes of the next GET of that file and
-drops the connection; `corrupt[file] = bytes` serves other bytes than the metadata describes.
+Faults to inject: `gated` repo ids answer 403 `GatedRepo`; `cut_after[file] = n` sends the
+first n bytes of the next GET of that file and drops the connection; `corrupt[file] = bytes`
+serves other bytes than the metadata describes.
 Every request is logged in `requests` as (method, path, Range header).
 """
 
@@ -66,6 +67,7 @@ class StandInHub:
     repos: dict[str, StandInRepo] = field(default_factory=dict)
     cut_after: dict[str, int] = field(default_factory=dict)
     corrupt: dict[str, bytes] = field(default_factory=dict)
+    gated: set[str] = field(default_factory=set)  # repo ids that answer 403 GatedRepo
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     url: str = ""
 
@@ -135,6 +137,11 @@ def _handler_for(hub: StandInHub):
         def _answer(self, body: bool) -> None:
             path = unquote(urlsplit(self.path).path)
             hub.requests.append((self.command, path, self.headers.get("Range")))
+            if any(path.startswith(f"/api/models/{r}") or path.startswith(f"/{r}/")
+                   for r in hub.gated):
+                denied = json.dumps({"error": "Access to this model is restricted"}).encode()
+                return self._send(403, {"X-Error-Code": "GatedRepo",
+                                        "Content-Length": str(len(denied))}, denied)
             if match := API_PATH.match(path):
                 repo = hub.repos.get(match.group(1))
                 if repo is None:

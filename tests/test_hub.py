@@ -160,8 +160,11 @@ def test_a_corrupted_file_in_the_cache_is_found_and_downloaded_again(standin):
     data[100] ^= 0xFF
     blob.write_bytes(bytes(data))
 
-    again = hub.pull("org/tiny-dream")
+    checked: dict[str, int] = {}
+    again = hub.pull("org/tiny-dream", progress=lambda path, done, total:
+                     checked.__setitem__(path, done))
 
+    assert checked == {f.path: f.size for f in hub.plan_pull("org/tiny-dream").files}
     assert again.repaired == [WEIGHTS]
     assert sorted(again.present) == ["config.json", "tokenizer.json"]
     load_model("org/tiny-dream", device="cpu")
@@ -264,6 +267,12 @@ def test_offline_mode_refuses_to_pull(standin, monkeypatch):
     with pytest.raises(hub.PullError, match="HF_HUB_OFFLINE"):
         hub.pull("org/tiny-dream")
     assert standin.requests == []
+
+
+def test_a_gated_repo_says_to_accept_the_licence_and_set_a_token(standin):
+    standin.gated.add("org/tiny-dream")
+    with pytest.raises(hub.PullError, match="HF_TOKEN"):
+        hub.pull("org/tiny-dream")
 
 
 def test_unknown_names_and_repos_say_what_exists(standin):
