@@ -10,6 +10,7 @@ Sources of the facts (read through the project's search tool):
 - Dream-Coder-v0-7B / DiffuCoder-7B: apple/DiffuCoder-7B-Instruct config.json ("architectures":
   ["DreamModel"], "model_type": "Dream", "mask_token_id": 151666, "bos_token_id": 151643,
   "vocab_size": 152064, ...); Dream-Coder derivatives' config.json carry "bos_token_id": 151665.
+  Their tokenizer ships as vocab.json + merges.txt + added tokens (no tokenizer.json).
   Qwen2.5's added tokens at 151643..151664 (<|endoftext|> ... <|file_sep|>, the last eight with
   "special": false).
 - DreamOn-v0-7B: DreamLM/DreamOn eval/generator.py (`expand_id = 151667`), demo/quickstart.py.
@@ -127,8 +128,27 @@ SPECS: dict[str, Spec] = {
 FAMILY_SPECS = tuple(SPECS)
 
 
+def write_bpe_files(directory: Path, tokens: dict[str, tuple[int, bool]]) -> None:
+    """How Dream-Coder, DiffuCoder and DreamOn publish their tokenizer: vocab.json + merges.txt
+    (a BPE on sample code, padded with filler entries up to the first added id, since added
+    tokens follow the base vocabulary) + tokenizer_config.json's added_tokens_decoder."""
+    tokenizer = train_tokenizer([SAMPLE_CODE] * 4, BPE_VOCAB, [], min_frequency=1)
+    model = json.loads(tokenizer.to_str())["model"]
+    vocab = dict(model["vocab"])
+    first_added = min(token_id for token_id, _ in tokens.values())
+    vocab.update({f"filler{i}": i for i in range(len(vocab), first_added)})
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    decoder = {str(token_id): {"content": token, "lstrip": False, "normalized": False,
+                               "rstrip": False, "single_word": False, "special": special}
+               for token, (token_id, special) in sorted(tokens.items(), key=lambda kv: kv[1][0])}
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": decoder, "tokenizer_class": "DreamTokenizer"}))
+
+
 def write_tokenizer(directory: Path, tokens: dict[str, tuple[int, bool]]) -> None:
-    """A byte-level BPE on sample code, with `tokens` added at their published ids."""
+    """tokenizer.json: a byte-level BPE on sample code, `tokens` added at their published ids."""
     tokenizer = train_tokenizer([SAMPLE_CODE] * 4, BPE_VOCAB, [], min_frequency=1)
     data = json.loads(tokenizer.to_str())
     data["added_tokens"] = [
@@ -176,7 +196,10 @@ def write_checkpoint(directory: Path, name: str, seed: int = 0,
     spec = SPECS[name]
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    write_tokenizer(directory, spec.tokens)
+    if spec.kind == "dream":
+        write_bpe_files(directory, spec.tokens)
+    else:
+        write_tokenizer(directory, spec.tokens)
     shape = {"hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
              "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
              "num_key_value_heads": KV_HEADS}
