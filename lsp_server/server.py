@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -624,9 +625,16 @@ def serve(args) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:  # uvloop does not exist on Windows
         pass
+    code = 0
     if args.tcp:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(transport.serve_tcp(args.host, args.port,
                                             lambda: make_server(model_override)))
-        return 0
-    return make_server(model_override).start_io()
+    else:
+        code = make_server(model_override).start_io()
+    # leave at once: a daemon thread still inside torch (a model loading, a step) aborts the
+    # interpreter's teardown ("terminate called without an active exception", exit -6)
+    logging.shutdown()
+    with contextlib.suppress(OSError, ValueError):  # stdout may be closed already
+        sys.stdout.flush()
+    os._exit(code)

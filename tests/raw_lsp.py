@@ -132,14 +132,17 @@ class RawServer:
             time.sleep(0.1)
         raise TimeoutError("the model did not load")
 
-    def initialize(self, options: dict | None = None, encoding: str | None = None) -> dict:
+    def initialize(self, options: dict | None = None, encoding: str | None = None,
+                   load: bool = True) -> dict:
+        """initialize, then (with `load`) initialized, which makes the server load its model."""
         capabilities: dict = {}
         if encoding:
             capabilities["general"] = {"positionEncodings": [encoding]}
         answer = self.request("initialize", {"processId": None, "rootUri": None,
                                              "capabilities": capabilities,
                                              "initializationOptions": options or {}})
-        self.notify("initialized", {})
+        if load:
+            self.notify("initialized", {})
         return answer["result"]
 
     def alive(self) -> bool:
