@@ -38,7 +38,7 @@ from pygls.protocol.language_server import lsp_method
 
 from lsp_server import context as ctx
 from lsp_server import transport
-from lsp_server.backend import Backend, BackendError, CompletionJob, make_backend
+from lsp_server.backends import Backend, BackendError, CompletionJob, make_backend
 from lsp_server.cache import CompletionCache
 from lsp_server.documents import Workspace
 from lsp_server.postprocess import Surroundings, choose_multiline, clean, detect_indent_unit

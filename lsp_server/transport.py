@@ -30,10 +30,12 @@ CHUNK_BYTES = 1 << 16
 QUEUED_CHUNKS = 64  # stdin chunks read ahead of the event loop (back-pressure beyond)
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
-CONTENT_LENGTH = re.compile(rb"content-length:", re.IGNORECASE)
+HEADER_NAME = b"content-length:"
+CONTENT_LENGTH = re.compile(re.escape(HEADER_NAME), re.IGNORECASE)
 HEADER_LINE = re.compile(rb"([A-Za-z][A-Za-z0-9-]*):[ \t]*(.*?)[ \t]*")
-DIGITS = re.compile(r"[0-9]{1,18}")  # a Content-Length value (anything longer is absurd)
-HEADER_TAIL = len(b"content-length:") - 1  # bytes kept while skipping, for a split header
+DIGITS = re.compile(r"[0-9]+")
+MAX_DIGITS = 18  # a Content-Length with more digits is over any limit (and not parsed)
+HEADER_TAIL = len(HEADER_NAME) - 1  # bytes kept while skipping, for a split header
 WHITESPACE = b" \t\r\n"
 
 
@@ -68,6 +70,12 @@ def readable_id(value: Any) -> int | str | None:
     return None
 
 
+def starts_a_header(data: bytes) -> bool:
+    """Whether `data` begins with `Content-Length:`, or with the start of it."""
+    head = bytes(data[:len(HEADER_NAME)]).lower()
+    return bool(head) and HEADER_NAME.startswith(head)
+
+
 def decode_body(body: bytes) -> tuple[Event, bytes]:
     """A frame's body as a message or a problem, plus the bytes to read again: after a JSON
     value, what starts with another header (the frame claimed too many bytes)."""
@@ -89,8 +97,8 @@ def decode_body(body: bytes) -> tuple[Event, bytes]:
         value, end = json.JSONDecoder().raw_decode(stripped)
     except ValueError:
         value, end = None, -1
-    if end >= 0 and CONTENT_LENGTH.match(stripped[end:].lstrip().encode()):
-        rest = stripped[end:].lstrip().encode()
+    rest = stripped[end:].lstrip().encode() if end >= 0 else b""
+    if end >= 0 and starts_a_header(rest):
         log.warning("a Content-Length was %d bytes too long; read the message and resynchronised",
                     len(rest))
         return Message(value), rest
@@ -178,9 +186,10 @@ class FrameReader:
             return self._refuse("a message without a Content-Length header")
         if not DIGITS.fullmatch(raw):
             return self._refuse(f"a message with Content-Length {raw[:40]!r}")
-        length = int(raw)
-        if length > self.max_bytes:
-            return self._refuse(f"a message of {length:,} bytes (the limit is "
+        length = int(raw) if len(raw) <= MAX_DIGITS else None
+        if length is None or length > self.max_bytes:
+            size = f"{length:,}" if length is not None else f"a {len(raw)}-digit number of"
+            return self._refuse(f"a message of {size} bytes (the limit is "
                                 f"{self.max_bytes:,}); skipped to the next header")
         self.length = length
         return _PROGRESS

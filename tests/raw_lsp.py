@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-SERVE = ("-c", "import sys; from lsp_server.cli import main; sys.exit(main())", "serve")
+SERVE = ("-m", "diffusion_lsp", "serve")
 TIMEOUT_S = 10.0
 
 
