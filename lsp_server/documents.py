@@ -18,6 +18,13 @@ from pygls.workspace import Workspace as PyglsWorkspace
 LINE_END = re.compile(r"\r\n|\r|\n")  # the only line ends LSP knows
 
 
+def encoding_name(kind: object) -> str:
+    """"utf-8", "utf-16" or "utf-32" from a negotiated position encoding (lsprotocol's enum, a
+    plain string, or None for the default). `str()` of the enum is its Python name."""
+    value = getattr(kind, "value", kind)
+    return value if isinstance(value, str) and value else "utf-16"
+
+
 def split_lines(text: str) -> list[str]:
     """The lines of `text`, each with its line end ("" for a final line without one)."""
     lines, start = [], 0
@@ -106,7 +113,7 @@ class Document(TextDocument):
         return tuple(split_lines(self.source)) if self.source else ()
 
     def _apply_incremental_change(self, change: types.TextDocumentContentChangePartial) -> None:
-        encoding = str(self.position_codec.encoding or "utf-16")
+        encoding = encoding_name(self.position_codec.encoding)
         start, end = change.range.start, change.range.end
         self._source = apply_edit(self.source, (start.line, start.character),
                                   (end.line, end.character), change.text, encoding)

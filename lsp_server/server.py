@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import cattrs
 import msgspec
@@ -40,7 +41,7 @@ from lsp_server import context as ctx
 from lsp_server import transport
 from lsp_server.backends import Backend, BackendError, CompletionJob, make_backend
 from lsp_server.cache import CompletionCache
-from lsp_server.documents import Workspace
+from lsp_server.documents import Workspace, encoding_name
 from lsp_server.postprocess import Surroundings, choose_multiline, clean, detect_indent_unit
 from lsp_server.settings import Settings, merge
 from lsp_server.stats import Stats
@@ -113,7 +114,7 @@ class Protocol(LanguageServerProtocol):
             self.send_error(msg_id, JsonRpcInvalidRequest.CODE, f"invalid request: {problem}")
             return
         is_request = "method" in value and "id" in value
-        if self._shutdown and is_request and value["method"] != types.EXIT:
+        if self._shutdown and is_request:
             log.warning("request %s %s after shutdown: refused", msg_id, value["method"])
             self.send_error(msg_id, JsonRpcInvalidRequest.CODE, "the server is shut down")
             return
@@ -156,6 +157,14 @@ class Protocol(LanguageServerProtocol):
         except Exception as error:  # noqa: BLE001 - whatever cattrs raises, one line
             raise InvalidParams(invalid_params_reason(error)) from None
 
+    def _handle_cancel_notification(self, msg_id: Any) -> None:
+        """Cancel a running request; one already answered is normal (LSP), not a warning."""
+        future = self._request_futures.pop(msg_id, None)
+        if future is None:
+            log.debug("cancel for %s, already answered", msg_id)
+        elif future.cancel():
+            log.debug("cancelled request %s", msg_id)
+
     @lsp_method(types.EXIT)
     def lsp_exit(self, *args) -> None:
         """Stop reading; the process exits with 0 after `shutdown`, else 1 (LSP)."""
@@ -166,7 +175,7 @@ class Protocol(LanguageServerProtocol):
     def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams):
         """pygls' didChange, with one warning (not a KeyError) for a document not open."""
         uri = params.text_document.uri
-        if uri not in self.workspace.text_documents:
+        if unquote(uri) not in self.workspace.text_documents:
             log.warning("didChange for %s, which is not open: ignored", uri)
             return
         yield from super().lsp_text_document__did_change(params)
@@ -175,7 +184,7 @@ class Protocol(LanguageServerProtocol):
     def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams):
         """pygls' didClose, with one warning for a document not open."""
         uri = params.text_document.uri
-        if uri not in self.workspace.text_documents:
+        if unquote(uri) not in self.workspace.text_documents:
             log.warning("didClose for %s, which is not open: ignored", uri)
             return
         yield from super().lsp_text_document__did_close(params)
@@ -344,6 +353,10 @@ class DiffusionServer(LanguageServer):
 
     # -- completions ----------------------------------------------------------------------------
 
+    def open_document(self, uri: str):
+        """The open document at `uri`, or None (pygls keys documents by unquoted URI)."""
+        return self.workspace.text_documents.get(unquote(uri))
+
     def touch(self, uri: str) -> None:
         if uri in self.recent:
             self.recent.remove(uri)
@@ -376,7 +389,7 @@ class DiffusionServer(LanguageServer):
 
     async def _answer(self, uri: str, position: types.Position, began: float,
                       task: asyncio.Task | None) -> Answer | None:
-        document = self.workspace.text_documents.get(uri)
+        document = self.open_document(uri)
         if document is None:
             log.info("no items: %s is not open", uri)
             self.stats.count("rejected")
@@ -392,7 +405,7 @@ class DiffusionServer(LanguageServer):
             self.tell_user(f"{uri} is too large for completions ({len(text):,} characters)")
             self.stats.count("rejected")
             return None
-        encoding = str(self.workspace.position_encoding or "utf-16")
+        encoding = encoding_name(self.workspace.position_encoding)
         try:
             cursor = ctx.locate(text, position.line, position.character, encoding)
         except ctx.PositionError as error:
@@ -583,7 +596,7 @@ def on_document(ls: DiffusionServer, params: Any = None) -> dict | None:
     """The server's copy of a document (debugging and the fuzz suite): `{"uri"}` in,
     `{"uri", "version", "text"}` out, or null when it is not open."""
     uri = getattr(params, "uri", None)
-    document = ls.workspace.text_documents.get(uri) if isinstance(uri, str) else None
+    document = ls.open_document(uri) if isinstance(uri, str) else None
     if document is None:
         return None
     return {"uri": uri, "version": document.version, "text": document.source}

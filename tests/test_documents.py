@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 from lsprotocol import types
+from pygls.workspace import PositionCodec
 
 from lsp_server import context as ctx
-from lsp_server.documents import Document, apply_edit, count_lines, offset_at, split_lines
+from lsp_server.documents import (
+    Document,
+    apply_edit,
+    count_lines,
+    encoding_name,
+    offset_at,
+    split_lines,
+)
 
 LOOKALIKES = ["\u2028", "\u2029", "\x85", "\f", "\v", "\x1c", "\x1d", "\x1e"]
 
@@ -53,3 +61,14 @@ def test_locate_ignores_lookalikes():
     assert ctx.locate(text, 1, 0).line_after == "e"
     with pytest.raises(ctx.PositionError, match="2 lines"):
         ctx.locate(text, 2, 0)
+
+
+def test_the_negotiated_encoding_enum_counts_astral_characters_as_two_units():
+    """pygls hands the encoding as lsprotocol's enum, whose str() is "PositionEncodingKind.Utf16":
+    read as a name, every emoji counted one unit and edits after it landed a character late."""
+    assert encoding_name(types.PositionEncodingKind.Utf16) == "utf-16"
+    assert encoding_name(None) == "utf-16" and encoding_name("utf-8") == "utf-8"
+    codec = PositionCodec(encoding=types.PositionEncodingKind.Utf16)
+    document = Document("untitled:e.py", "x = '😋'  # ok\n", position_codec=codec)
+    change(document, (0, 7), (0, 8), "")  # the closing quote: 😋 is units 5-6
+    assert document.source == "x = '😋  # ok\n"

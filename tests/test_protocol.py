@@ -77,12 +77,29 @@ def test_edits_below_line_separator_lookalikes_keep_the_document_in_sync(server)
     assert document(server, uri) == text.replace("x = 1", "x = 42")
 
 
+def test_an_edit_after_an_emoji_counts_it_as_two_utf16_units(server):
+    uri = "untitled:emoji.py"
+    open_doc(server, uri, "x = '😋'  # ok\n")
+    server.notify("textDocument/didChange", {
+        "textDocument": {"uri": uri, "version": 2},
+        "contentChanges": [{"range": {"start": {"line": 0, "character": 7},
+                                      "end": {"line": 0, "character": 8}}, "text": ""}]})
+    assert document(server, uri) == "x = '😋  # ok\n"
+
+
 def test_cr_only_documents_get_completions_past_the_first_line(server):
     uri = "untitled:mac.py"
     open_doc(server, uri, SOURCE.replace("\n", "\r"))
     before = server.request("diffusion/stats")["result"]["rejected"]
     assert inline(server, uri, 1, 11)
     assert server.request("diffusion/stats")["result"]["rejected"] == before
+
+
+def test_a_percent_escaped_uri_is_found(server):
+    uri = "file:///tmp/with%20space.py"
+    open_doc(server, uri, SOURCE)
+    assert document(server, uri) == SOURCE
+    assert inline(server, uri, 1, 11)
 
 
 # -- JSON-RPC ----------------------------------------------------------------------------------
