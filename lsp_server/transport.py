@@ -250,14 +250,24 @@ async def pump(read: Callable[[], Awaitable[bytes]], receiver: Receiver,
                 events = reader.feed(chunk)
                 pending = asyncio.ensure_future(read())
             for event in events:
-                if isinstance(event, Message):
-                    receiver.receive(event.value)
-                else:
-                    receiver.reply_problem(event)
+                deliver(receiver, event)
                 if receiver.stopped:
                     return
     finally:
         pending.cancel()
+
+
+def deliver(receiver: Receiver, event: Event) -> None:
+    """Hand one event on; a bug in handling one message is logged, never the end of serving."""
+    try:
+        if isinstance(event, Message):
+            receiver.receive(event.value)
+        else:
+            receiver.reply_problem(event)
+    except (BrokenPipeError, ConnectionError):
+        raise
+    except Exception:  # noqa: BLE001 - the next message must still be read
+        log.exception("failed to handle a message")
 
 
 def stdin_chunks(fd: int) -> Callable[[], Awaitable[bytes]]:

@@ -114,7 +114,7 @@ class Run:
     """One server process and what the fuzz expects of it."""
 
     server: RawServer
-    expected: dict = field(default_factory=dict)  # request id -> responses it must get
+    expected: dict = field(default_factory=dict)  # request id -> responses it must get (a case)
     cases: int = 0
     steps: int = 0
     ids: itertools.count = field(default_factory=itertools.count)
@@ -196,6 +196,8 @@ def check(run: Run, references: dict[str, Reference | None]) -> None:
 
 def run_case(run: Run, case: list[tuple]) -> None:
     run.cases += 1
+    run.expected = {}  # this case's ids (a late duplicate answer still shows within the case)
+    run.server.forget()
     uris = [f"untitled:fuzz-{run.cases}-{index}.py" for index in range(DOCUMENTS)]
     references: dict[str, Reference | None] = {}
     versions = dict.fromkeys(uris, 0)
@@ -236,6 +238,9 @@ def run_case(run: Run, case: list[tuple]) -> None:
         else:
             garbage(run, *step[1:])
         check(run, references)
+    for uri, reference in references.items():  # the next case starts with nothing open
+        if reference is not None:
+            run.server.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
 
 
 def start(log: Path, tiny_dir: Path) -> Run:

@@ -28,6 +28,11 @@ def encode(message: dict) -> bytes:
     return frame(json.dumps(message).encode())
 
 
+def key(msg_id) -> str:
+    """A dictionary key for any JSON id (a hostile one may be an object)."""
+    return json.dumps(msg_id, sort_keys=True)
+
+
 class FrameReader:
     """Splits the server's stdout into JSON messages (the server is trusted to frame right)."""
 
@@ -64,6 +69,7 @@ class RawServer:
             [sys.executable, *SERVE, *extra_args], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self.log_file, env=environment, cwd=root)
         self.messages: list[dict] = []
+        self.answers: dict[str, list[dict]] = {}  # responses by id
         self.changed = threading.Condition()
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -73,6 +79,8 @@ class RawServer:
         for message in FrameReader(self.process.stdout):
             with self.changed:
                 self.messages.append(message)
+                if "method" not in message:
+                    self.answers.setdefault(key(message.get("id")), []).append(message)
                 self.changed.notify_all()
         with self.changed:
             self.changed.notify_all()
@@ -107,17 +115,22 @@ class RawServer:
 
     # -- receiving ----------------------------------------------------------------------------
 
+    def forget(self) -> None:
+        """Drop what came so far (a long fuzz run would otherwise hold every message)."""
+        with self.changed:
+            self.messages.clear()
+            self.answers.clear()
+
     def responses(self, msg_id) -> list[dict]:
         with self.changed:
-            return [m for m in self.messages if "method" not in m and m.get("id") == msg_id]
+            return list(self.answers.get(key(msg_id), []))
 
     def response(self, msg_id, timeout: float = TIMEOUT_S) -> dict:
         deadline = time.monotonic() + timeout
         with self.changed:
             while True:
-                for message in self.messages:
-                    if "method" not in message and message.get("id") == msg_id:
-                        return message
+                if found := self.answers.get(key(msg_id)):
+                    return found[0]
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.thread.is_alive():
                     raise TimeoutError(f"no response to {msg_id!r} in {timeout} s")
