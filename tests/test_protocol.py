@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from lsp_server.transport import STALL_S
 from tests.raw_lsp import SERVE, FrameReader, RawServer, encode, frame
 
 LOOKALIKES = "\u2028\u2029\x85\f\v\x1c\x1d\x1e"
@@ -170,6 +171,14 @@ def test_wrong_content_lengths_resynchronise(server):
     assert server.request("diffusion/stats")["result"]["state"] == "ready"
     assert "result" in server.response("long")
     assert server.responses("short") == []  # its id was cut off: an id-null error instead
+
+
+def test_a_frame_claiming_more_than_comes_is_answered_after_the_stall_timeout(server):
+    body = json.dumps({"jsonrpc": "2.0", "id": "stalled", "method": "diffusion/stats"}).encode()
+    began = time.monotonic()
+    server.write(b"Content-Length: %d\r\n\r\n" % (len(body) + 10) + body)  # nothing after
+    assert "result" in server.response("stalled", timeout=STALL_S + 10)
+    assert time.monotonic() - began >= STALL_S - 0.5
 
 
 # -- lifecycle (no model needed: these never send `initialized`) -------------------------------
