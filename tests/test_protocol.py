@@ -251,6 +251,7 @@ def test_tcp_one_client_closing_does_not_stop_the_listener(tcp_port):
     TcpClient(tcp_port).close()  # connects and leaves at once
     time.sleep(0.3)
     client = TcpClient(tcp_port)
+    client.sock.sendall(b"Content-Length: 1000000000000\r\n\r\n")  # framing as over stdio
     assert "capabilities" in client.initialize()["result"]
     client.close()
 
