@@ -56,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(evaluate)
 
     bench = commands.add_parser("bench", help="speed benchmarks of the model (no LSP)")
-    bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp"],
-                       help="lsp: end to end through a real LSP client (needs the test extra)")
+    bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp",
+                                        "cache-agreement"],
+                       help="lsp: end to end through a real LSP client (needs the test extra); "
+                            "cache-agreement: how often the context cache changes completions "
+                            "(tiny checkpoints of every family and the bundled model)")
     bench.add_argument("--limit", type=int, default=40, help="holes per split")
     bench.add_argument("--max-tokens", type=int, default=32)
     bench.add_argument("--tokens-per-step", type=int, default=None,
