@@ -309,8 +309,9 @@ def agreement_models(include_bundled: bool, workdir: Path) -> dict[str, LoadedMo
 
 
 def mode_options(split: str, max_tokens: int, mode: dict, reference: bool) -> InfillOptions:
+    """As the language server asks (at least one token: an editor asked for text)."""
     extra = dict(AGREEMENT_REFERENCE) if reference else {}
-    return options_for(split, max_tokens, **extra, **mode)
+    return options_for(split, max_tokens, min_tokens=1, **extra, **mode)
 
 
 def bench_cache_agreement(model: LoadedModel, holes: list[dict], split: str,
