@@ -25,12 +25,15 @@ class ModelSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     threads: int | None = None  # torch CPU threads; None = torch's choice
 
 
+# Dream's `alg` and LLaDA's `remasking` names (service.wire.ALGORITHM_NAMES; a test keeps them so)
+Algorithm = Literal["maskgit_plus", "topk_margin", "entropy", "origin", "low_confidence", "random"]
+
+
 class SamplerSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     """The reference samplers' settings (Dream, LLaDA); names and defaults as the sampler's
     `InfillOptions` (README: "Sampler settings" maps each model card's values onto these)."""
 
-    algorithm: str | None = None  # maskgit_plus | topk_margin | entropy | origin |
-    # low_confidence | random; None = the threshold sampler
+    algorithm: Algorithm | None = None  # None = the threshold sampler
     steps: int | None = None  # a step budget; the hole is then maxTokens long
     block_length: int | None = None  # LLaDA's semi-autoregressive blocks
     temperature: float = 0.0
