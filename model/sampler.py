@@ -96,7 +96,8 @@ class InfillOptions:
     top_k: int = NO_TOP_K  # keep the k likeliest tokens before sampling (0: off)
     alg_temp: float = 0.0  # Dream: > 0 draws positions from softmax(score / alg_temp)
     cfg_scale: float = 0.0  # LLaDA: > 0 adds a pass with prefix and suffix masked (guidance)
-    exact: bool = False  # the published algorithm verbatim: full passes, fixed-length hole
+    exact: bool = False  # the published algorithm verbatim: full passes, fixed-length hole,
+    # no end closing, end runs or min_tokens
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -578,7 +579,7 @@ def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> No
     """Commit tokens from one forward pass. logits: (m, V) for the m masked positions, in order."""
     options = state.options
     masked_positions = state.masked.nonzero().squeeze(-1)  # (m,)
-    if options.min_tokens > 0:
+    if options.min_tokens > 0 and not options.exact:  # the references have no such rule
         logits = ban_early_ends(model, logits, masked_positions, options)
     chosen, tokens = pick(state, logits, masked_positions)
     if options.end_runs and not options.exact:

@@ -519,3 +519,13 @@ def test_exact_mode_reproduces_the_reference_trajectory(tiny_models, name, setti
     expected = model.tokenizer.decode(final[: ends[0]] if ends else final,
                                       skip_special_tokens=False)
     assert result.text == expected
+
+
+def test_exact_mode_lets_the_hole_end_at_once_as_the_references_do(tiny_model):
+    model = tiny_model
+    end = model.ids.end_of_hole
+    state = new_state(model, PREFIX, SUFFIX, InfillOptions(max_tokens=4, threshold=0.5,
+                                                           min_tokens=1, exact=True))
+    apply_step(model, state, sharp_logits(model, [end, end, end, end]))
+    assert state.hole.tolist() == [end] * 4 and state.finish_reason == "end"
+    assert state.closed_at is None  # nothing was closed: every position was decoded
