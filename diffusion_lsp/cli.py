@@ -9,10 +9,32 @@ from collections.abc import Sequence
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="model directory or HF cache name (default: the bundled model)")
+                        help="model directory, or a repo id / short name in the HF cache "
+                             "(see `diffusion-lsp models`; default: the bundled model)")
     parser.add_argument("--family", default=None, help="default | dream | llada (default: detect)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+
+
+def _add_sampler_args(parser: argparse.ArgumentParser) -> None:
+    """The reference samplers' settings (README: "Sampler settings"); unset = the sampler's."""
+    group = parser.add_argument_group("reference samplers (Dream, LLaDA)")
+    group.add_argument("--algorithm", default=None,
+                       help="maskgit_plus | topk_margin | entropy | origin (Dream's alg), "
+                            "low_confidence | random (LLaDA's remasking)")
+    group.add_argument("--steps", type=int, default=None,
+                       help="step budget; the hole is then --max-tokens long")
+    group.add_argument("--block-length", type=int, default=None,
+                       help="LLaDA's semi-autoregressive blocks")
+    group.add_argument("--tokens-per-step", type=int, default=None)
+    group.add_argument("--temperature", type=float, default=None)
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--alg-temp", type=float, default=None)
+    group.add_argument("--cfg-scale", type=float, default=None)
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--exact", action="store_true", default=None,
+                       help="the published algorithm verbatim: no context cache, no shortcuts")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     infill.add_argument("--max-tokens", type=int, default=64)
     infill.add_argument("--threshold", type=float, default=None)
     infill.add_argument("--single-line", action="store_true")
+    _add_sampler_args(infill)
     _add_model_args(infill)
 
     demo = commands.add_parser("demo", help="watch a hole being denoised, step by step")
@@ -56,8 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(evaluate)
 
     bench = commands.add_parser("bench", help="speed benchmarks of the model (no LSP)")
-    bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp"],
-                       help="lsp: end to end through a real LSP client (needs the test extra)")
+    bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp",
+                                        "cache-agreement"],
+                       help="lsp: end to end through a real LSP client (needs the test extra); "
+                            "cache-agreement: how often the context cache changes completions "
+                            "(tiny checkpoints of every family and the bundled model)")
     bench.add_argument("--limit", type=int, default=40, help="holes per split")
     bench.add_argument("--max-tokens", type=int, default=32)
     bench.add_argument("--tokens-per-step", type=int, default=None,
@@ -92,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="CPUs for the Ray instance this command starts")
     service.add_argument("--log-level", default="INFO")
     _add_model_args(service)
+
+    pull = commands.add_parser(
+        "pull", help="download a model into the Hugging Face cache (the only command that does)")
+    pull.add_argument("model", help="a short name from `diffusion-lsp models`, or a Hugging Face "
+                                    "repo id (org/name)")
+    pull.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+
+    models = commands.add_parser("models", help="the supported models and which are on disk")
+    models.add_argument("--json", action="store_true", help="one JSON list, for scripts")
     return parser
 
 
@@ -125,6 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.humaneval import run_eval
 
         return run_eval(args)
+    if args.command == "pull":
+        from diffusion_lsp.hub_commands import run_pull
+
+        return run_pull(args)
+    if args.command == "models":
+        from diffusion_lsp.hub_commands import run_models
+
+        return run_models(args)
     return 2
 
 
