@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +28,11 @@ import torch
 from transformers import DynamicCache
 
 from model.loader import LoadedModel
+
+# transformers 5.x renames the forward's `past_key_values` to `cache` (removed in 5.40) and warns
+# on every model load; every 5.x takes the old name, which the forward calls below pass
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated",
+                        category=FutureWarning)
 
 SCORES = ("confidence", "margin", "entropy")
 NEWLINE = "\n"
