@@ -322,3 +322,19 @@ def test_dreamon_holes_that_change_length_batch_like_single_ones(family_models):
     assert all(r.finish_reason == "end" and r.steps <= 3 * options.max_tokens for r in alone)
     for result in together:
         assert not [t for t in SPECS["dreamon"].tokens if t in result.text]
+
+
+@pytest.mark.parametrize("name", FAMILY_SPECS)
+def test_exact_mode_follows_the_reference_but_its_text_has_no_special_token(family_models,
+                                                                              name):
+    """Exact mode samples as the references do (specials included, so its trajectory is
+    theirs); the completion still leaves them out."""
+    model = family_models[name]
+    leaking = ids_of(model, *leaking_tokens(SPECS[name]))
+    with head(model, BoostedHead(model.network.lm_head, leaking)):
+        results = [infill(model, PREFIX, SUFFIX, InfillOptions(
+            max_tokens=5, temperature=1.0, seed=seed, exact=True)) for seed in range(4)]
+    committed = {token for r in results for step in r.trace for _, token in step.committed}
+    assert committed & set(leaking)  # the reference would write them ...
+    for result in results:  # ... the completion does not
+        assert not [t for t in SPECS[name].tokens if t in result.text], result.text
