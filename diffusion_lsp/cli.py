@@ -11,7 +11,15 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model directory, or a repo id / short name in the HF cache "
                              "(see `diffusion-lsp models`; default: the bundled model)")
-    parser.add_argument("--family", default=None, help="default | dream | llada (default: detect)")
+    parser.add_argument("--family", default=None,
+                        help="default | dream | diffucoder | dreamon | open-dcoder | llada "
+                             "(default: config.json's diffusion_lsp block, else detect)")
+    parser.add_argument("--family-override", action="append", default=None,
+                        metavar="KEY=VALUE",
+                        help="replace one family field, e.g. mask_token=<M> (repeatable; keys: "
+                             "mask_token end_of_hole_token bos_token eos_token pad_token "
+                             "expand_token delete_token extra_end_tokens shifted_logits "
+                             "always_bos delete_pads_right)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
 

@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from model.families import parse_overrides
 from model.loader import LoadedModel, ModelLoadError, bundled_model_path, load_model
 from model.sampler import Infill, InfillOptions, apply_step, final_text, forward_holes, new_state
 
@@ -38,7 +39,9 @@ def load_for_cli(args) -> LoadedModel:
         if not (TINY_FALLBACK_DIR / "model.safetensors").exists():
             write_tiny_model(TINY_FALLBACK_DIR)
         return load_model(TINY_FALLBACK_DIR, device=args.device, dtype=args.dtype)
-    return load_model(args.model, family=args.family, device=args.device, dtype=args.dtype)
+    overrides = parse_overrides(getattr(args, "family_override", None))
+    return load_model(args.model, family=args.family, device=args.device, dtype=args.dtype,
+                      overrides=overrides)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from lsp_server.documents import Workspace, encoding_name
 from lsp_server.postprocess import Surroundings, choose_multiline, clean, detect_indent_unit
 from lsp_server.settings import Settings, merge
 from lsp_server.stats import Stats
+from model.families import parse_overrides
 
 log = logging.getLogger("diffusion_lsp")
 
@@ -628,8 +629,14 @@ def configure_logging(level: str, log_file: str | None) -> None:
 
 def serve(args) -> int:
     configure_logging(args.log_level, args.log_file)
+    try:
+        parse_overrides(args.family_override)
+    except ValueError as error:
+        print(f"diffusion-lsp serve: {error}", file=sys.stderr)
+        return 2
     override = {"model": {key: value for key, value in (
         ("path", args.model), ("family", args.family),
+        ("familyOverrides", parse_overrides(args.family_override) or None),
         ("device", None if args.device == "auto" else args.device),
         ("dtype", None if args.dtype == "auto" else args.dtype)) if value is not None}}
     model_override = override if override["model"] else {}

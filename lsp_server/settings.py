@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from model.families import OVERRIDABLE
 from service.wire import Sampling, sampling_problem
 
 SECTION = "diffusionLsp"
@@ -19,7 +20,9 @@ SECTION = "diffusionLsp"
 
 class ModelSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     path: str | None = None  # model directory or HF cache name; None = the bundled model
-    family: str | None = None  # default | dream | llada; None = detect from config.json
+    family: str | None = None  # a name in model.families.FAMILIES; None = config.json / detect
+    # family fields to replace, e.g. {"mask_token": "<M>"} (model.families.OVERRIDABLE)
+    family_overrides: dict[str, str] = msgspec.field(default_factory=dict)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int | None = None  # torch CPU threads; None = torch's choice
@@ -135,6 +138,10 @@ def _check_ranges(settings: Settings) -> list[str]:
     per_step = settings.completion.tokens_per_step
     if per_step is not None and per_step <= 0:
         problems.append("completion.tokensPerStep must be positive")
+    unknown = sorted(set(settings.model.family_overrides) - set(OVERRIDABLE))
+    if unknown:
+        problems.append(f"model.familyOverrides: unknown {', '.join(unknown)}; "
+                        f"known: {', '.join(OVERRIDABLE)}")
     if settings.model.threads is not None and settings.model.threads <= 0:
         problems.append("model.threads must be positive")
     completion = settings.completion

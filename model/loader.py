@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from model.families import Family, detect_family, get_family
+from model.families import Family, resolve_family
 from model.registry import find_supported
 from model.tokenizer import BPE_MERGES_FILE, BPE_VOCAB_FILE, qwen2_tokenizer_from_bpe_files
 
@@ -27,7 +27,8 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_GLOB = "*.safetensors"
 # config.json keys that describe where the checkpoint came from, not its shape
-NON_SHAPE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype")
+NON_SHAPE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype",
+                  "diffusion_lsp", "diffusion_lsp_family")
 
 
 class ModelLoadError(RuntimeError):
@@ -43,8 +44,21 @@ class SpecialIds:
     bos: int | None
     eos: int | None
     pad: int  # fills batch padding (never attended to)
-    extra_end: tuple[int, ...]
+    extra_end: tuple[int, ...]  # also end the hole: the family's extra ends and its pad token
     newline: int | None = None  # the id of "\n" when it is a token of its own (ends a line)
+    hole_pad: int | None = None  # "nothing here" (DiffuCoder's <|dlm_pad|>); also in extra_end
+    expand: int | None = None  # committed: becomes two masks (DreamOn)
+    delete: int | None = None  # committed: the position disappears (DreamOn)
+
+    @property
+    def ends(self) -> frozenset[int]:
+        """Every id that ends the hole."""
+        return frozenset((self.end_of_hole, *self.extra_end))
+
+    @property
+    def hole_edits(self) -> frozenset[int]:
+        """Ids that change the hole's length when committed (DreamOn's expand / delete)."""
+        return frozenset(i for i in (self.expand, self.delete) if i is not None)
 
 
 @dataclass
@@ -58,6 +72,16 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     path: Path
+    # (V,) bool: ids that may never be sampled (special/added tokens that neither end the hole
+    # nor edit it, and ids the tokenizer does not know); computed from the tokenizer when None
+    never_sample: torch.Tensor | None = None
+    # (k,) the same ids as a list, for an in-place fill that touches k columns, not V
+    never_sample_ids: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.never_sample is None:
+            self.never_sample = never_sampled_ids(self.tokenizer, self.ids, self.vocab_size)
+        self.never_sample_ids = self.never_sample.nonzero().squeeze(-1)
 
     @property
     def vocab_size(self) -> int:
@@ -209,7 +233,10 @@ def resolve_special_ids(tokenizer: Tokenizer, family: Family, path: Path) -> Spe
         return None if token is None else tokenizer.token_to_id(token)
 
     end = need(family.end_of_hole_token)
+    hole_pad = None if family.pad_token is None else need(family.pad_token)
     extra = tuple(i for i in (maybe(t) for t in family.extra_end_tokens) if i is not None)
+    if hole_pad is not None and hole_pad != end and hole_pad not in extra:
+        extra = (*extra, hole_pad)
     newline = tokenizer.encode("\n", add_special_tokens=False).ids
     return SpecialIds(
         mask=need(family.mask_token),
@@ -219,7 +246,29 @@ def resolve_special_ids(tokenizer: Tokenizer, family: Family, path: Path) -> Spe
         pad=end,
         extra_end=extra,
         newline=newline[0] if len(newline) == 1 else None,
+        hole_pad=hole_pad,
+        expand=None if family.expand_token is None else need(family.expand_token),
+        delete=None if family.delete_token is None else need(family.delete_token),
     )
+
+
+def never_sampled_ids(tokenizer: Tokenizer, ids: SpecialIds, vocab_size: int) -> torch.Tensor:
+    """(V,) bool: the ids a completion may never contain.
+
+    Every added / special token of the tokenizer (Qwen2's <|image_pad|>, <tool_call>,
+    <|repo_name|>, ...: several are not even flagged "special", so decoding would keep them)
+    and every id the tokenizer has no token for (LLaDA pads its vocabulary to 126464 rows),
+    except the ids that end the hole and DreamOn's expand / delete, which the sampler acts on.
+    The mask token itself is an added token: it is never sampled either.
+    """
+    banned = torch.ones(vocab_size, dtype=torch.bool)
+    known = [i for i in tokenizer.get_vocab(with_added_tokens=True).values() if i < vocab_size]
+    banned[torch.tensor(known, dtype=torch.long)] = False
+    added = [i for i in tokenizer.get_added_tokens_decoder() if i < vocab_size]
+    banned[torch.tensor(added, dtype=torch.long)] = True
+    allowed = [i for i in (*ids.ends, *ids.hole_edits) if i < vocab_size]
+    banned[torch.tensor(allowed, dtype=torch.long)] = False
+    return banned
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
@@ -242,8 +291,13 @@ def load_model(
     family: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    overrides: dict[str, object] | None = None,
 ) -> LoadedModel:
-    """Load tokenizer and weights into a bidirectional stock transformers model, ready for eval."""
+    """Load tokenizer and weights into a bidirectional stock transformers model, ready for eval.
+
+    `family` names the family (else config.json's `diffusion_lsp` block, else detection);
+    `overrides` replace family fields (model.families.OVERRIDABLE) after the config block's.
+    """
     path = resolve_model_path(name_or_path)
     config_file = path / CONFIG_FILE
     if not config_file.exists():
@@ -252,8 +306,8 @@ def load_model(
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
-    fam = get_family(family) if family else detect_family(raw)
     tokenizer = load_tokenizer(path)
+    fam = resolve_family(raw, tokenizer.get_vocab(with_added_tokens=True), family, overrides)
     ids = resolve_special_ids(tokenizer, fam, path)
 
     torch_device = pick_device(device)

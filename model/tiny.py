@@ -1,8 +1,10 @@
-"""Tiny random-weight checkpoints for every family, with the real config and tokenizer layout.
+"""Tiny random-weight checkpoints for every family, with the family's special tokens.
 
 Their output is noise: they exist so that the loader, sampler, engine and server can be
-tested (and the CLI tried) without downloading anything. `python -m model.tiny DIR --family F`
-writes one.
+tested (and the CLI tried) without downloading anything, small and fast (a 400-token
+vocabulary). `python -m model.tiny DIR --family F` writes one. tests/fixtures_families.py
+writes the published on-disk formats instead (published ids, vocabulary sizes, config keys
+and weight names) for the family tests.
 """
 
 from __future__ import annotations
@@ -50,8 +52,15 @@ result = {"key": "value", "count": len(values)}
 FAMILY_SPECIAL_TOKENS = {
     "default": ["<|bos|>", "<|eos|>", "<|mask|>", "<|endofhole|>", "<|file_sep|>"],
     "dream": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"],
+    "diffucoder": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>", "<|dlm_pad|>"],
+    "dreamon": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>",
+                "<|expand|>", "<|delete|>"],
+    "open-dcoder": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<M>"],
     "llada": ["<|startoftext|>", "<|endoftext|>", "<|eot_id|>", "<|mdm_mask|>"],
 }
+# config.json model_type per Qwen2-shaped family (what the published checkpoints say)
+QWEN2_MODEL_TYPES = {"dream": "Dream", "diffucoder": "Dream", "dreamon": "Dream",
+                     "open-dcoder": "qwen2"}
 TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2,
               "max_position_embeddings": 2048}
@@ -100,7 +109,7 @@ def write_tiny_model(directory: str | Path, family: str = "default", seed: int =
         if family == "default":
             raw["diffusion_lsp_family"] = "default"
         else:
-            raw["model_type"] = "Dream"
+            raw["model_type"] = QWEN2_MODEL_TYPES[family]
         state = network.state_dict()
     else:
         config = LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, **TINY_SHAPE)

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from model.families import parse_overrides
 from service import wire
 
 if TYPE_CHECKING:  # Ray, starlette and the model are imported where they are used
@@ -87,6 +88,7 @@ class ServiceConfig:
 
     model: str | None = None  # a model directory; None = the bundled model
     family: str | None = None
+    family_overrides: tuple[tuple[str, str], ...] = ()  # (field, value): model.families
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"
     replicas: int | None = None  # fixed count; None = one per GPU, else 1
@@ -291,7 +293,8 @@ class Infiller:
         def load():
             if device == "cpu":
                 torch.set_num_threads(max(1, int(config.cpus_per_replica)))
-            return load_model(config.model, config.family, device, config.dtype)
+            return load_model(config.model, config.family, device, config.dtype,
+                              overrides=dict(config.family_overrides))
 
         # loaded, warmed up and run on the engine's own thread (Engine.start says why)
         self.engine = Engine.start(load, max_batch=config.max_batch).result()
@@ -545,6 +548,7 @@ def run_service(args: argparse.Namespace) -> int:
     try:
         config = ServiceConfig(
             model=_model_path(args), family=args.family, device=args.device, dtype=args.dtype,
+            family_overrides=tuple(parse_overrides(args.family_override).items()),
             replicas=args.replicas, min_replicas=args.min_replicas,
             max_replicas=args.max_replicas, cpus_per_replica=args.cpus_per_replica,
             max_batch=args.max_batch, batching=args.batching, token_sha256=token_digest(token))

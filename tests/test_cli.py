@@ -49,6 +49,28 @@ def test_demo_shows_the_denoising(tiny_dirs):
     assert "step 1" in done.stdout and "forward passes" in done.stdout
 
 
+def test_infill_family_overrides_from_the_command_line(tiny_dirs, tmp_path):
+    """A checkpoint whose mask token is not the family's runs with --family-override alone;
+    an unknown key is one clear error naming the known ones."""
+    import shutil
+
+    checkpoint = tmp_path / "renamed-mask"
+    shutil.copytree(tiny_dirs["dream"], checkpoint)
+    tokenizer = (checkpoint / "tokenizer.json").read_text().replace("<|mask|>", "<M>")
+    (checkpoint / "tokenizer.json").write_text(tokenizer)
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"id": 1, "prefix": "x = ", "suffix": "\n"}) + "\n")
+    common = ("infill", "--input", str(source), "--output", str(target), "--model",
+              str(checkpoint), "--max-tokens", "4", "--device", "cpu")
+    refused = run_cli(*common)
+    assert refused.returncode == 1 and "'<|mask|>'" in refused.stderr
+    done = run_cli(*common, "--family", "dream", "--family-override", "mask_token=<M>")
+    assert done.returncode == 0, done.stderr
+    assert "completion" in json.loads(target.read_text())
+    bad = run_cli(*common, "--family-override", "mask=<M>")
+    assert bad.returncode == 1 and "known: mask_token" in bad.stderr
+
+
 def test_infill_takes_a_model_cards_sampler_settings(tiny_dirs, tiny_models, tmp_path):
     from model.sampler import InfillOptions, infill
 

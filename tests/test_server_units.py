@@ -252,6 +252,14 @@ def test_the_api_key_never_shows_in_a_repr():
     assert "sk-secret-123" not in repr(settings) and "sk-secret-123" not in str(settings)
 
 
+def test_family_overrides_setting_merges_and_rejects_unknown_keys():
+    settings, problems = merge(Settings(), {"model": {"familyOverrides": {"mask_token": "<M>"}}})
+    assert problems == [] and settings.model.family_overrides == {"mask_token": "<M>"}
+    kept, problems = merge(settings, {"model": {"familyOverrides": {"mask": "<M>"}}})
+    assert kept.model.family_overrides == {"mask_token": "<M>"}
+    assert problems and "known: mask_token" in problems[0]
+
+
 def test_sampler_settings_decode_and_bad_ones_are_reported():
     raw = {"completion": {"sampler": {"algorithm": "entropy", "steps": 16, "topP": 0.95,
                                       "temperature": 0.2}}}

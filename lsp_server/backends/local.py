@@ -86,4 +86,4 @@ def _load(settings: Settings):
     if settings.model.threads:
         torch.set_num_threads(settings.model.threads)
     return load_model(settings.model.path, settings.model.family, settings.model.device,
-                      settings.model.dtype)
+                      settings.model.dtype, overrides=settings.model.family_overrides)
