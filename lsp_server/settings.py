@@ -21,6 +21,8 @@ class ModelSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int | None = None  # torch CPU threads; None = torch's choice
+    # documents whose context (keys/values) is kept across completions; 0 = off
+    context_cache_documents: int = 20
 
 
 class CompletionSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -80,7 +82,7 @@ POSITIVE = {
 }
 NON_NEGATIVE = {
     ("completion", "debounce_ms"), ("context", "suffix_tokens"), ("context", "snippet_tokens"),
-    ("remote", "retries"),
+    ("remote", "retries"), ("model", "context_cache_documents"),
 }
 
 
