@@ -57,10 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="speed benchmarks of the model (no LSP)")
     bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp",
-                                        "typing"],
+                                        "typing", "cpu"],
                        help="lsp: end to end through a real LSP client (needs the test extra); "
                             "typing: first request vs the one after a typed character, over "
-                            "LSP and model only, with the document context cache")
+                            "LSP and model only, with the document context cache; cpu: pass "
+                            "times per dtype and a profile of where they go")
     bench.add_argument("--limit", type=int, default=40, help="holes per split")
     bench.add_argument("--max-tokens", type=int, default=32)
     bench.add_argument("--tokens-per-step", type=int, default=None,
@@ -121,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from model.bench_typing import run_typing_bench
 
         return run_typing_bench(args)
+    if args.command == "bench" and args.name == "cpu":
+        from model.bench_cpu import run_cpu_bench
+
+        return run_cpu_bench(args)
     if args.command == "bench":
         from model.bench import run_bench
 

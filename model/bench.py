@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from model.engine import Engine
 from model.loader import LoadedModel
@@ -180,17 +181,24 @@ def _set_causal(model: LoadedModel, causal: bool) -> None:
 
 
 @torch.inference_mode()
-def autoregressive_ms(model: LoadedModel, prefix: str, new_tokens: int) -> float:
-    """Time to decode `new_tokens` left to right (causal, KV cache, greedy) after `prefix`."""
+def autoregressive_ms(model: LoadedModel, prefix: str, new_tokens: int,
+                      warm: bool = False) -> float:
+    """Time to decode `new_tokens` left to right (causal, KV cache, greedy) after `prefix`.
+    `warm`: the prefix's keys/values are already cached (a prompt cache, as llama.cpp keeps
+    across requests), so only the decoding is timed."""
     prefix_ids, _ = layout_ids(model, prefix, "")
     ids = torch.tensor([prefix_ids], device=model.device)
     _set_causal(model, True)
     try:
+        cache = None
+        if warm:
+            cache = DynamicCache()
+            model.network.model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
         began = time.perf_counter()
         model.network.generate(ids, attention_mask=torch.ones_like(ids),
                                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                do_sample=False, use_cache=True, pad_token_id=model.ids.pad,
-                               eos_token_id=None)
+                               eos_token_id=None, past_key_values=cache)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - began) * 1e3
@@ -201,25 +209,41 @@ def autoregressive_ms(model: LoadedModel, prefix: str, new_tokens: int) -> float
 def bench_vs_autoregressive(model: LoadedModel, holes: list[dict], max_tokens: int,
                             tokens_per_step: int | None) -> dict:
     """Diffusion fills the hole with exactly `max_tokens` real tokens (end tokens banned, so the
-    step count is fixed by `tokens_per_step`); AR decodes the same number after the same prefix."""
+    step count is fixed by `tokens_per_step`); AR decodes the same number after the same prefix.
+    Each also warm: the context's keys/values cached beforehand (diffusion: the document's
+    context, `model.prompt_cache`; AR: the prefix's), as while the user types."""
+    from model.prompt_cache import PromptCache
+
     options = InfillOptions(max_tokens=max_tokens, initial_tokens=max_tokens,
                             tokens_per_step=tokens_per_step, min_tokens=max_tokens)
     rows = []
     autoregressive_ms(model, holes[0]["prompt"], 4)  # warm-up
+    cache = PromptCache()
     for hole in holes:
         began = time.perf_counter()
-        result = infill(model, hole["prompt"], hole["suffix"], options)
+        result = infill(model, hole["prompt"], hole["suffix"], options, cache=cache,
+                        document=hole["task_id"])
         diffusion = (time.perf_counter() - began) * 1e3
+        began = time.perf_counter()
+        infill(model, hole["prompt"], hole["suffix"], options, cache=cache,
+               document=hole["task_id"])
+        diffusion_warm = (time.perf_counter() - began) * 1e3
         hole_tokens = max(result.tokens, 1)  # real tokens: end tokens are banned
         ar = autoregressive_ms(model, hole["prompt"], hole_tokens)
+        ar_warm = autoregressive_ms(model, hole["prompt"], hole_tokens, warm=True)
         rows.append({"task_id": hole["task_id"], "tokens": hole_tokens,
                      "diffusion_ms": diffusion, "autoregressive_ms": ar,
+                     "diffusion_warm_ms": diffusion_warm, "autoregressive_warm_ms": ar_warm,
                      "diffusion_tokens_per_s": hole_tokens / diffusion * 1e3,
                      "autoregressive_tokens_per_s": hole_tokens / ar * 1e3,
-                     "speedup": ar / diffusion, "steps": result.steps})
+                     "speedup": ar / diffusion, "speedup_warm": ar_warm / diffusion_warm,
+                     "steps": result.steps})
     return {
         "tokens_per_step": tokens_per_step, "max_tokens": max_tokens,
         "speedup_p50": percentile([r["speedup"] for r in rows], 50),
+        "speedup_warm_p50": percentile([r["speedup_warm"] for r in rows], 50),
+        "diffusion_warm_ms_p50": percentile([r["diffusion_warm_ms"] for r in rows], 50),
+        "autoregressive_warm_ms_p50": percentile([r["autoregressive_warm_ms"] for r in rows], 50),
         "diffusion_tokens_per_s_p50": percentile([r["diffusion_tokens_per_s"] for r in rows], 50),
         "autoregressive_tokens_per_s_p50": percentile(
             [r["autoregressive_tokens_per_s"] for r in rows], 50),
@@ -272,7 +296,8 @@ def random_model_of_shape(shape: str, device: str) -> LoadedModel:
     dtype = pick_dtype("auto", torch_device, sum(p.numel() for p in network.parameters()))
     network = random_weights(network, config, torch_device, dtype)
     make_bidirectional(network)
-    tokenizer = train_tokenizer([SAMPLE_CODE] * 4, 400, FAMILY_SPECIAL_TOKENS["dream"], 1)
+    tokenizer = (train_tokenizer([SAMPLE_CODE] * 4, 400, FAMILY_SPECIAL_TOKENS["dream"], 1)
+                 if shape == "tiny-qwen2" else code_tokenizer())
     return LoadedModel(network, tokenizer, DREAM, resolve_special_ids(tokenizer, DREAM, Path()),
                        torch_device, dtype, Path(f"random:{shape}"))
 
@@ -296,6 +321,20 @@ def random_weights(network: torch.nn.Module, config, device: torch.device,
         network.tie_weights()
     network.model.rotary_emb = type(network.model.rotary_emb)(config=config).to(device)
     return network.eval()
+
+
+def code_tokenizer():
+    """The bundled model's code BPE (8,192 pieces) with the dream family's special tokens
+    added: random-weight models of a published shape get contexts of a realistic number of
+    tokens (a real code tokenizer; Qwen2.5's own cannot be downloaded here)."""
+    from tokenizers import Tokenizer
+
+    from model.loader import BUNDLED_DIR, TOKENIZER_FILE
+    from model.tiny import FAMILY_SPECIAL_TOKENS
+
+    tokenizer = Tokenizer.from_file(str(BUNDLED_DIR / TOKENIZER_FILE))
+    tokenizer.add_special_tokens(FAMILY_SPECIAL_TOKENS["dream"])
+    return tokenizer
 
 
 def bandwidth_bound_ms(model: LoadedModel) -> float | None:
@@ -420,7 +459,10 @@ def run_bench(args) -> int:
                                                         args.tokens_per_step)}
         print(f"diffusion {payload['diffusion_tokens_per_s_p50']:.1f} tokens/s, "
               f"autoregressive {payload['autoregressive_tokens_per_s_p50']:.1f} tokens/s, "
-              f"speed-up p50 {payload['speedup_p50']:.2f}x")
+              f"speed-up p50 {payload['speedup_p50']:.2f}x; context cached: diffusion "
+              f"{payload['diffusion_warm_ms_p50']:.0f} ms, autoregressive "
+              f"{payload['autoregressive_warm_ms_p50']:.0f} ms, speed-up p50 "
+              f"{payload['speedup_warm_p50']:.2f}x")
     path = save(args.name, payload)
     picture = plot(args.name, payload)
     print(f"saved {path}" + (f" and {picture}" if picture else ""))

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer
 
 from model.bench import (
     SHAPES,
+    code_tokenizer,
     full_forward_ms,
     load_holes,
     machine,
@@ -45,10 +45,9 @@ from model.bench import (
 )
 from model.cpu import describe
 from model.families import DREAM
-from model.loader import BUNDLED_DIR, TOKENIZER_FILE, LoadedModel, load_model, pick_dtype
+from model.loader import TOKENIZER_FILE, LoadedModel, load_model, pick_dtype
 from model.prompt_cache import PromptCache
 from model.sampler import InfillOptions, infill, layout_ids
-from model.tiny import FAMILY_SPECIAL_TOKENS
 
 DOCUMENTS_FOR_MEMORY = 20  # the issue's "20 open documents"
 SINGLE_LINE_TOKENS = 32  # the server's completion.maxTokensSingleLine default
@@ -72,13 +71,6 @@ def server_options() -> InfillOptions:
 
 # ---------------------------------------------------------------------------------------------
 # a checkpoint of a published shape
-
-
-def code_tokenizer() -> Tokenizer:
-    """The bundled model's code BPE with the dream family's special tokens added."""
-    tokenizer = Tokenizer.from_file(str(BUNDLED_DIR / TOKENIZER_FILE))
-    tokenizer.add_special_tokens(FAMILY_SPECIAL_TOKENS[DREAM.name])
-    return tokenizer
 
 
 def write_shape_checkpoint(shape: str, directory: Path) -> Path:
