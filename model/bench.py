@@ -281,8 +281,6 @@ def random_model_of_shape(shape: str, device: str) -> LoadedModel:
 
     from model.families import DREAM
     from model.loader import make_bidirectional, pick_device, pick_dtype, resolve_special_ids
-    from model.tiny import FAMILY_SPECIAL_TOKENS, SAMPLE_CODE
-    from model.tokenizer import train_tokenizer
 
     if shape not in SHAPES:
         raise SystemExit(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
@@ -296,8 +294,7 @@ def random_model_of_shape(shape: str, device: str) -> LoadedModel:
     dtype = pick_dtype("auto", torch_device, sum(p.numel() for p in network.parameters()))
     network = random_weights(network, config, torch_device, dtype)
     make_bidirectional(network)
-    tokenizer = (train_tokenizer([SAMPLE_CODE] * 4, 400, FAMILY_SPECIAL_TOKENS["dream"], 1)
-                 if shape == "tiny-qwen2" else code_tokenizer())
+    tokenizer = shape_tokenizer(shape)
     return LoadedModel(network, tokenizer, DREAM, resolve_special_ids(tokenizer, DREAM, Path()),
                        torch_device, dtype, Path(f"random:{shape}"))
 
@@ -321,6 +318,17 @@ def random_weights(network: torch.nn.Module, config, device: torch.device,
         network.tie_weights()
     network.model.rotary_emb = type(network.model.rotary_emb)(config=config).to(device)
     return network.eval()
+
+
+def shape_tokenizer(shape: str):
+    """The tokenizer a random model of `shape` gets: a 400-piece one for the tiny shape (its
+    vocabulary has 512 rows), the bundled code BPE for published shapes."""
+    if shape != "tiny-qwen2":
+        return code_tokenizer()
+    from model.tiny import FAMILY_SPECIAL_TOKENS, SAMPLE_CODE
+    from model.tokenizer import train_tokenizer
+
+    return train_tokenizer([SAMPLE_CODE] * 4, 400, FAMILY_SPECIAL_TOKENS["dream"], 1)
 
 
 def code_tokenizer():

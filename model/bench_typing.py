@@ -32,7 +32,6 @@ from safetensors.torch import save_file
 
 from model.bench import (
     SHAPES,
-    code_tokenizer,
     full_forward_ms,
     load_holes,
     machine,
@@ -42,6 +41,7 @@ from model.bench import (
     random_weights,
     save,
     save_figure,
+    shape_tokenizer,
 )
 from model.cpu import describe
 from model.families import DREAM
@@ -90,7 +90,7 @@ def write_shape_checkpoint(shape: str, directory: Path) -> Path:
     (directory / "config.json").write_text(json.dumps(
         {**fields, "model_type": "Dream", "diffusion_lsp_family": DREAM.name,
          "shape": shape}, indent=2))
-    code_tokenizer().save(str(directory / TOKENIZER_FILE))
+    shape_tokenizer(shape).save(str(directory / TOKENIZER_FILE))
     return directory
 
 
@@ -122,7 +122,7 @@ def bench_model(model: LoadedModel, holes: list[dict]) -> dict:
         rows.append({"task_id": hole["task_id"],
                      "context_tokens": len(prefix_ids) + len(suffix_ids),
                      "first_ms": first_ms, "typing_ms": warm_ms, "typing_no_cache_ms": cold_ms,
-                     "typing": warm, "typing_no_cache": cold,
+                     "first": first, "typing": warm, "typing_no_cache": cold,
                      "same_text": warm["text"] == cold["text"]})
     contexts = [r["context_tokens"] for r in rows]
     length = int(statistics.median(contexts)) + 16
