@@ -10,7 +10,10 @@ twice, side by side in one run:
 - model only, in this process: the same two requests with the document cache, plus the typed
   request without it (the cache's effect on the text: how many completions are the same).
 
-Also: the bytes that 20 documents' cached contexts take, and one full pass over a typical
+Random weights are never confident, so a hole would take as many steps as it has tokens:
+`--max-tokens 16 --tokens-per-step 8` fixes the work at two steps, about what the bundled
+model's single-line holes take (2.1 over LSP). Also: the bytes that 20 documents' cached
+contexts take, and one full pass over a typical
 context for scale. With `--shape`, a random-weight checkpoint of that published shape is
 written to a temporary folder first (so the server and this process load the same weights the
 ordinary way, dtype `auto` included). Its tokenizer is the bundled model's code BPE (8,192
@@ -63,10 +66,11 @@ def hole_document(hole: dict) -> tuple[str, str, str]:
     return hole["prompt"] + indent, hole["suffix"], body[:1] or " "
 
 
-def server_options() -> InfillOptions:
+def server_options(max_tokens: int = SINGLE_LINE_TOKENS,
+                   tokens_per_step: int | None = None) -> InfillOptions:
     """What the language server's LocalBackend asks for a single-line hole."""
-    return InfillOptions(max_tokens=SINGLE_LINE_TOKENS, initial_tokens=16, single_line=True,
-                         min_tokens=1)
+    return InfillOptions(max_tokens=max_tokens, initial_tokens=min(16, max_tokens),
+                         single_line=True, min_tokens=1, tokens_per_step=tokens_per_step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,26 +102,31 @@ def write_shape_checkpoint(shape: str, directory: Path) -> Path:
 # model only
 
 
-def _timed(model: LoadedModel, prefix: str, suffix: str, **cache) -> tuple[dict, float]:
+def _timed(model: LoadedModel, prefix: str, suffix: str, options: InfillOptions,
+           **cache) -> tuple[dict, float]:
     began = time.perf_counter()
-    result = infill(model, prefix, suffix, server_options(), **cache)
+    result = infill(model, prefix, suffix, options, **cache)
     latency = (time.perf_counter() - began) * 1e3
     return {"text": result.text, "steps": result.steps, "full_passes": result.full_passes,
             "reused_tokens": result.reused_tokens}, latency
 
 
-def bench_model(model: LoadedModel, holes: list[dict]) -> dict:
+def bench_model(model: LoadedModel, holes: list[dict],
+                options: InfillOptions | None = None) -> dict:
     """First request on a new document, the request after one typed character (cache warm),
     and that request without the cache, per hole; and the cache's bytes after 20 documents."""
+    options = options or server_options()
     cache = PromptCache(max_documents=DOCUMENTS_FOR_MEMORY)
-    _timed(model, *hole_document(holes[0])[:2])  # warm-up
+    _timed(model, *hole_document(holes[0])[:2], options)  # warm-up
     rows = []
     for index, hole in enumerate(holes):
         prefix, suffix, typed = hole_document(hole)
         document = f"doc-{index}"
-        first, first_ms = _timed(model, prefix, suffix, cache=cache, document=document)
-        warm, warm_ms = _timed(model, prefix + typed, suffix, cache=cache, document=document)
-        cold, cold_ms = _timed(model, prefix + typed, suffix)
+        first, first_ms = _timed(model, prefix, suffix, options, cache=cache,
+                                 document=document)
+        warm, warm_ms = _timed(model, prefix + typed, suffix, options, cache=cache,
+                               document=document)
+        cold, cold_ms = _timed(model, prefix + typed, suffix, options)
         prefix_ids, suffix_ids = layout_ids(model, prefix + typed, suffix)
         rows.append({"task_id": hole["task_id"],
                      "context_tokens": len(prefix_ids) + len(suffix_ids),
@@ -150,11 +159,12 @@ def bench_model(model: LoadedModel, holes: list[dict]) -> dict:
 # over LSP
 
 
-async def bench_lsp(holes: list[dict], model_path: str | None) -> dict:
+async def bench_lsp(holes: list[dict], model_path: str | None, options: InfillOptions) -> dict:
     """The same two requests per hole, through a real LSP client and the server process."""
     from lsp_server.lsp_client import edit, inline, open_document, running_server, stats
 
-    settings = {"completion": {"multiline": "never"}}
+    settings = {"completion": {"multiline": "never", "maxTokensSingleLine": options.max_tokens,
+                               "tokensPerStep": options.tokens_per_step}}
     if model_path:
         settings["model"] = {"path": model_path}
     rows = []
@@ -195,6 +205,7 @@ def run_typing_bench(args) -> int:
     from model.cli import load_for_cli
 
     holes = load_holes("single-line", args.limit, Path(args.data) if args.data else None)
+    options = server_options(args.max_tokens, args.tokens_per_step)
     with tempfile.TemporaryDirectory(prefix="diffusion-lsp-shape-") as scratch:
         model_path = args.model
         if args.shape:
@@ -202,7 +213,7 @@ def run_typing_bench(args) -> int:
             model_path = str(write_shape_checkpoint(args.shape, Path(scratch) / args.shape))
             print(f"wrote a random {args.shape} checkpoint in {time.perf_counter() - began:.0f} s")
         # over LSP first, while this process holds no model (no contention for the cores)
-        lsp = asyncio.run(bench_lsp(holes, model_path))
+        lsp = asyncio.run(bench_lsp(holes, model_path, options))
         print(f"over LSP    first request p50 {lsp['first_p50_ms']:7.0f} ms   "
               f"while typing p50 {lsp['typing_p50_ms']:7.0f} ms "
               f"(p95 {lsp['typing_p95_ms']:.0f})")
@@ -212,7 +223,7 @@ def run_typing_bench(args) -> int:
             model = load_model(model_path, device=args.device, dtype=args.dtype)
         else:
             model = load_for_cli(args)
-        only = bench_model(model, holes)
+        only = bench_model(model, holes, options)
     print(f"model only  first request p50 {only['first_p50_ms']:7.0f} ms   "
           f"while typing p50 {only['typing_p50_ms']:7.0f} ms, without the cache "
           f"{only['typing_no_cache_p50_ms']:.0f} ms ({only['speedup_p50']:.1f}x); same text "
@@ -220,7 +231,8 @@ def run_typing_bench(args) -> int:
           f"{only['cache_bytes'] / 2**20:.0f} MiB")
     payload = {"machine": {**machine(), **describe()}, "model": args.shape or str(model.path),
                "parameters": sum(p.numel() for p in model.network.parameters()),
-               "dtype": str(model.dtype), "lsp": lsp, "model_only": only}
+               "dtype": str(model.dtype), "max_tokens": options.max_tokens,
+               "tokens_per_step": options.tokens_per_step, "lsp": lsp, "model_only": only}
     path = save(NAME, payload)
     picture = plot(payload)
     print(f"saved {path}" + (f" and {picture}" if picture else ""))
