@@ -2,7 +2,7 @@
 
 Measured on the project's 2-core AMD EPYC VM (AVX-512 with bf16 dot products, no AMX), torch
 2.13, a random-weight model of Qwen2.5-0.5B's shape (Open-dCoder-0.5B), idle machine, median of
-3 (`python -m benchmarks.cpu_profile`, numbers in benchmarks/results/cpu-profile.json):
+3 (`diffusion-lsp bench cpu --shape qwen2.5-0.5b`, in benchmarks/results/cpu-profile.json):
 
     pass                         float32    bfloat16
     320 tokens, whole sequence   1742 ms    1002 ms

@@ -18,8 +18,8 @@ reused row was computed seeing the document as it was then (the text the user ha
 an edit above the cursor, the hole at its old length and position). It is exact when the
 document did not change (same text, same hole); otherwise the rows far from the edit barely
 move and the ones next to it are recomputed. `max_reuses` bounds the drift: after that many
-partial passes a document's context is computed from scratch again. benchmarks/model_cache.py
-(`bench typing`) measures what it changes in the output.
+partial passes a document's context is computed from scratch again. `diffusion-lsp bench typing`
+(benchmarks/typing_latency.py) measures what it changes in the output.
 
 Memory: the cache is an LRU over documents, bounded by `max_documents` and `max_bytes`; a
 document's entry is its context's keys and values (2 x layers x kv_heads x head_dim x tokens).

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import torch
 
-import model.bench as bench
-from model.bench_cpu import run_cpu_bench
-from model.bench_typing import bench_model, write_shape_checkpoint
+import benchmarks.report as report
+from benchmarks.cpu_profile import run_cpu_bench
+from benchmarks.typing_latency import bench_model, server_options, write_shape_checkpoint
 from model.cpu import BF16_MIN_PARAMETERS, auto_cpu_dtype, cpu_flags
 from model.loader import load_model, pick_dtype
 
@@ -46,7 +46,7 @@ def test_a_small_model_stays_float32_on_any_cpu(tiny_model):
 def test_typing_bench_reuses_each_documents_context(tmp_path):
     model = load_model(write_shape_checkpoint("tiny-qwen2", tmp_path / "shape"), device="cpu")
     assert model.family.name == "dream" and model.dtype == torch.float32
-    result = bench_model(model, HOLES)
+    result = bench_model(model, HOLES, server_options(max_tokens=8, tokens_per_step=4))
     assert result["cached_documents"] == len(HOLES) and result["cache_bytes"] > 0
     assert all(r["typing"]["reused_tokens"] > 0 for r in result["rows"])
     assert all(r["typing_no_cache"]["reused_tokens"] == 0 for r in result["rows"])
@@ -54,7 +54,7 @@ def test_typing_bench_reuses_each_documents_context(tmp_path):
 
 
 def test_cpu_bench_times_each_dtype_and_profiles(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
     args = SimpleNamespace(shape="tiny-qwen2", threads=None)
     assert run_cpu_bench(args) == 0
     payload = json.loads((tmp_path / "cpu-profile.json").read_text())

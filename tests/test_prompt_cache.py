@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from lsp_server.backend import CompletionJob, LocalBackend
+from lsp_server.backends.base import CompletionJob
+from lsp_server.backends.local import LocalBackend
 from model.engine import Engine
 from model.prompt_cache import PromptCache, move_keys
 from model.sampler import InfillOptions, infill, new_state, window

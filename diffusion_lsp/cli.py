@@ -1,4 +1,4 @@
-"""`diffusion-lsp`: the command line. Each subcommand imports what it needs lazily."""
+"""`diffusion-lsp`: the one command-line parser; each subcommand imports what it needs lazily."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="model directory or HF cache name (default: the bundled model)")
+                        help="model directory, or a repo id / short name in the HF cache "
+                             "(see `diffusion-lsp models`; default: the bundled model)")
     parser.add_argument("--family", default=None, help="default | dream | llada (default: detect)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -97,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="CPUs for the Ray instance this command starts")
     service.add_argument("--log-level", default="INFO")
     _add_model_args(service)
+
+    pull = commands.add_parser(
+        "pull", help="download a model into the Hugging Face cache (the only command that does)")
+    pull.add_argument("model", help="a short name from `diffusion-lsp models`, or a Hugging Face "
+                                    "repo id (org/name)")
+    pull.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+
+    models = commands.add_parser("models", help="the supported models and which are on disk")
+    models.add_argument("--json", action="store_true", help="one JSON list, for scripts")
     return parser
 
 
@@ -107,37 +117,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return serve(args) or 0
     if args.command == "infill":
-        from model.cli import run_infill
+        from diffusion_lsp.commands import run_infill
 
         return run_infill(args)
     if args.command == "demo":
-        from model.cli import run_demo
+        from diffusion_lsp.commands import run_demo
 
         return run_demo(args)
     if args.command == "bench" and args.name == "lsp":
-        from lsp_server.bench_lsp import run_lsp_bench
+        from benchmarks.lsp_latency import run_lsp_bench
 
         return run_lsp_bench(args)
     if args.command == "bench" and args.name == "typing":
-        from model.bench_typing import run_typing_bench
+        from benchmarks.typing_latency import run_typing_bench
 
         return run_typing_bench(args)
     if args.command == "bench" and args.name == "cpu":
-        from model.bench_cpu import run_cpu_bench
+        from benchmarks.cpu_profile import run_cpu_bench
 
         return run_cpu_bench(args)
     if args.command == "bench":
-        from model.bench import run_bench
+        from benchmarks.model_speed import run_bench
 
         return run_bench(args)
     if args.command == "service":
-        from lsp_server.service import run_service
+        from service.app import run_service
 
         return run_service(args)
     if args.command == "eval":
-        from model.eval.humaneval import run_eval
+        from benchmarks.humaneval import run_eval
 
         return run_eval(args)
+    if args.command == "pull":
+        from diffusion_lsp.hub_commands import run_pull
+
+        return run_pull(args)
+    if args.command == "models":
+        from diffusion_lsp.hub_commands import run_models
+
+        return run_models(args)
     return 2
 
 

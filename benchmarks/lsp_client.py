@@ -54,7 +54,7 @@ async def running_server(init_options: dict | None, client_name: str = "visual-s
     def on_status(params) -> None:  # the server's status notifications, newest last
         client.statuses.append(plain(params))
 
-    await client.start_io(sys.executable, "-m", "lsp_server.cli", "serve", *extra_args,
+    await client.start_io(sys.executable, "-m", "diffusion_lsp", "serve", *extra_args,
                           env=env)
     try:
         client.initialize_result = await client.initialize_session(types.InitializeParams(

@@ -22,7 +22,8 @@ import time
 import torch
 from transformers import DynamicCache
 
-from model.bench import machine, random_model_of_shape, save
+from benchmarks.model_speed import random_model_of_shape
+from benchmarks.report import machine, save
 from model.cpu import cpu_flags, describe
 from model.loader import LoadedModel
 
@@ -131,7 +132,7 @@ def profile(model: LoadedModel) -> dict:
 
 
 def run_cpu_bench(args) -> int:
-    from model.cli import load_for_cli
+    from diffusion_lsp.commands import load_for_cli
 
     if args.threads:
         torch.set_num_threads(args.threads)

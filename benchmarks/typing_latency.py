@@ -33,19 +33,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model.bench import (
-    SHAPES,
-    full_forward_ms,
-    load_holes,
-    machine,
-    percentile,
-    plot_cdf,
-    pyplot,
-    random_weights,
-    save,
-    save_figure,
-    shape_tokenizer,
-)
+from benchmarks.model_speed import SHAPES, full_forward_ms, random_weights, shape_tokenizer
+from benchmarks.report import load_holes, machine, percentile, plot_cdf, pyplot, save, save_figure
 from model.cpu import describe
 from model.families import DREAM
 from model.loader import TOKENIZER_FILE, LoadedModel, load_model, pick_dtype
@@ -161,7 +150,7 @@ def bench_model(model: LoadedModel, holes: list[dict],
 
 async def bench_lsp(holes: list[dict], model_path: str | None, options: InfillOptions) -> dict:
     """The same two requests per hole, through a real LSP client and the server process."""
-    from lsp_server.lsp_client import edit, inline, open_document, running_server, stats
+    from benchmarks.lsp_client import edit, inline, open_document, running_server, stats
 
     settings = {"completion": {"multiline": "never", "maxTokensSingleLine": options.max_tokens,
                                "tokensPerStep": options.tokens_per_step}}
@@ -202,7 +191,7 @@ async def bench_lsp(holes: list[dict], model_path: str | None, options: InfillOp
 
 
 def run_typing_bench(args) -> int:
-    from model.cli import load_for_cli
+    from diffusion_lsp.commands import load_for_cli
 
     holes = load_holes("single-line", args.limit, Path(args.data) if args.data else None)
     options = server_options(args.max_tokens, args.tokens_per_step)
