@@ -149,5 +149,5 @@ def run_cpu_bench(args) -> int:
                "parameters": sum(p.numel() for p in model.network.parameters()),
                "full_tokens": FULL_TOKENS, "hole_tokens": HOLE_TOKENS,
                "milliseconds": rows, "profile": tables}
-    print(f"saved {save(NAME, payload)}")
+    print(f"saved {save(f'{NAME}-{args.shape}' if args.shape else NAME, payload)}")
     return 0

@@ -327,13 +327,13 @@ def plot(name: str, payload: dict) -> Path | None:
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    if name == "latency":
+    if name.startswith("latency"):
         for run in payload["runs"]:
             label = f"{run['split']}, {run['variant']}"
             plot_cdf(ax, run["rows"], label)
         ax.set_xlabel("latency per infill (ms)")
         ax.set_ylabel("fraction of holes")
-    elif name == "throughput":
+    elif name.startswith("throughput"):
         runs = payload["runs"]
         ax.plot([r["concurrency"] for r in runs], [r["tokens_per_s"] for r in runs], "o-",
                 label="tokens/s")
@@ -345,8 +345,12 @@ def plot(name: str, payload: dict) -> Path | None:
         ax.set_ylabel("tokens/s")
     else:
         rows = payload["rows"]
-        ax.bar(["diffusion", "autoregressive"],
-               [payload["diffusion_tokens_per_s_p50"], payload["autoregressive_tokens_per_s_p50"]])
+        warm = [percentile([r["tokens"] / r[f"{side}_warm_ms"] * 1e3 for r in rows], 50)
+                for side in ("diffusion", "autoregressive")]
+        ax.bar(["diffusion", "autoregressive", "diffusion,\ncontext cached",
+                "autoregressive,\nprefix cached"],
+               [payload["diffusion_tokens_per_s_p50"], payload["autoregressive_tokens_per_s_p50"],
+                *warm])
         ax.set_ylabel(f"tokens/s (median over {len(rows)} holes)")
     ax.set_title(f"{name} — {payload['machine']['cpu']}"[:80])
     if ax.get_legend_handles_labels()[0]:
@@ -406,7 +410,8 @@ def run_bench(args) -> int:
               f"{payload['diffusion_warm_ms_p50']:.0f} ms, autoregressive "
               f"{payload['autoregressive_warm_ms_p50']:.0f} ms, speed-up p50 "
               f"{payload['speedup_warm_p50']:.2f}x")
-    path = save(args.name, payload)
-    picture = plot(args.name, payload)
+    name = f"{args.name}-{args.shape}" if args.shape else args.name  # one file per model
+    path = save(name, payload)
+    picture = plot(name, payload)
     print(f"saved {path}" + (f" and {picture}" if picture else ""))
     return 0

@@ -222,13 +222,14 @@ def run_typing_bench(args) -> int:
                "parameters": sum(p.numel() for p in model.network.parameters()),
                "dtype": str(model.dtype), "max_tokens": options.max_tokens,
                "tokens_per_step": options.tokens_per_step, "lsp": lsp, "model_only": only}
-    path = save(NAME, payload)
-    picture = plot(payload)
+    name = f"{NAME}-{args.shape}" if args.shape else NAME  # one file per model
+    path = save(name, payload)
+    picture = plot(payload, name)
     print(f"saved {path}" + (f" and {picture}" if picture else ""))
     return 0
 
 
-def plot(payload: dict) -> Path | None:
+def plot(payload: dict, name: str) -> Path | None:
     plt = pyplot()
     if plt is None:
         return None
@@ -243,4 +244,4 @@ def plot(payload: dict) -> Path | None:
     ax.set_ylabel("fraction of requests")
     ax.set_title(f"{payload['model']} ({payload['dtype']}) — {payload['machine']['cpu']}"[:80])
     ax.legend(loc="best")
-    return save_figure(plt, fig, NAME)
+    return save_figure(plt, fig, name)

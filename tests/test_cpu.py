@@ -57,7 +57,7 @@ def test_cpu_bench_times_each_dtype_and_profiles(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     args = SimpleNamespace(shape="tiny-qwen2", threads=None)
     assert run_cpu_bench(args) == 0
-    payload = json.loads((tmp_path / "cpu-profile.json").read_text())
+    payload = json.loads((tmp_path / "cpu-profile-tiny-qwen2.json").read_text())
     dtypes = [row["dtype"] for row in payload["milliseconds"]]
     assert dtypes[:2] == ["float32", "bfloat16"]
     assert all(row["hole"] > 0 and row["full"] > 0 for row in payload["milliseconds"])
