@@ -111,6 +111,24 @@ def time_dtypes(model: LoadedModel) -> list[dict]:
     return rows
 
 
+def time_threads(model: LoadedModel) -> list[dict]:
+    """Hole and full pass in the model's dtype with 1, 2, ... threads up to torch's default
+    (one per core): on a machine shared with other work, fewer threads can win."""
+    default = torch.get_num_threads()
+    rows = []
+    try:
+        for threads in range(1, default + 1):
+            torch.set_num_threads(threads)
+            timed = {name: median_ms(run) for name, run in passes(model.network).items()
+                     if name != "lm_head"}
+            rows.append({"threads": threads, **timed})
+            print(f"{threads} thread(s): full {timed['full']:7.0f} ms  "
+                  f"hole {timed['hole']:6.0f} ms", flush=True)
+    finally:
+        torch.set_num_threads(default)
+    return rows
+
+
 def profile(model: LoadedModel) -> dict:
     """Top operators by self CPU time, for a hole pass and a full pass in the model's dtype."""
     from torch.profiler import ProfilerActivity
@@ -138,6 +156,7 @@ def run_cpu_bench(args) -> int:
         torch.set_num_threads(args.threads)
     model = random_model_of_shape(args.shape, "cpu") if args.shape else load_for_cli(args)
     rows = time_dtypes(model)
+    threads = time_threads(model)
     tables = profile(model)
     for name, table in tables.items():
         print(f"{name} pass ({model.dtype}): " + ", ".join(
@@ -148,6 +167,6 @@ def run_cpu_bench(args) -> int:
                "model": args.shape or str(model.path), "auto_dtype": str(model.dtype),
                "parameters": sum(p.numel() for p in model.network.parameters()),
                "full_tokens": FULL_TOKENS, "hole_tokens": HOLE_TOKENS,
-               "milliseconds": rows, "profile": tables}
+               "milliseconds": rows, "threads": threads, "profile": tables}
     print(f"saved {save(f'{NAME}-{args.shape}' if args.shape else NAME, payload)}")
     return 0
