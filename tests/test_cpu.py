@@ -46,7 +46,9 @@ def test_a_small_model_stays_float32_on_any_cpu(tiny_model):
 def test_typing_bench_reuses_each_documents_context(tmp_path):
     model = load_model(write_shape_checkpoint("tiny-qwen2", tmp_path / "shape"), device="cpu")
     assert model.family.name == "dream" and model.dtype == torch.float32
-    result = bench_model(model, HOLES, server_options(max_tokens=8, tokens_per_step=4))
+    result = bench_model(model, HOLES[:2], server_options(max_tokens=8, tokens_per_step=4),
+                         extra_holes=HOLES[2:])
+    assert result["holes"] == 2
     assert result["cached_documents"] == len(HOLES) and result["cache_bytes"] > 0
     assert all(r["typing"]["reused_tokens"] > 0 for r in result["rows"])
     assert all(r["typing_no_cache"]["reused_tokens"] == 0 for r in result["rows"])
