@@ -1,8 +1,9 @@
 """What runs fastest on this CPU: the dtype `auto` picks, by a rule measured on real machines.
 
 Measured on the project's 2-core AMD EPYC VM (AVX-512 with bf16 dot products, no AMX), torch
-2.13, a random-weight model of Qwen2.5-0.5B's shape (Open-dCoder-0.5B), idle machine, median of
-3 (`diffusion-lsp bench cpu --shape qwen2.5-0.5b`, in benchmarks/results/cpu-profile.json):
+2.13, a random-weight model of Qwen2.5-0.5B's shape (Open-dCoder-0.5B), idle machine (load
+0.2), median of 3, the passes `diffusion-lsp bench cpu --shape qwen2.5-0.5b` times (its rerun
+on the loaded machine is in benchmarks/results/cpu-profile-qwen2.5-0.5b.json):
 
     pass                         float32    bfloat16
     320 tokens, whole sequence   1742 ms    1002 ms
