@@ -113,19 +113,25 @@ def time_dtypes(model: LoadedModel) -> list[dict]:
 
 def time_threads(model: LoadedModel) -> list[dict]:
     """Hole and full pass in the model's dtype with 1, 2, ... threads up to torch's default
-    (one per core): on a machine shared with other work, fewer threads can win."""
+    (one per core), interleaved repeat by repeat so that a change in the machine's load hits
+    every thread count alike: on a machine shared with other work, fewer threads can win."""
     default = torch.get_num_threads()
-    rows = []
+    counts = range(1, default + 1)
+    runs = {name: run for name, run in passes(model.network).items() if name != "lm_head"}
+    times: dict[int, dict[str, list[float]]] = {n: {name: [] for name in runs} for n in counts}
     try:
-        for threads in range(1, default + 1):
-            torch.set_num_threads(threads)
-            timed = {name: median_ms(run) for name, run in passes(model.network).items()
-                     if name != "lm_head"}
-            rows.append({"threads": threads, **timed})
-            print(f"{threads} thread(s): full {timed['full']:7.0f} ms  "
-                  f"hole {timed['hole']:6.0f} ms", flush=True)
+        for _ in range(REPEATS):
+            for threads in counts:
+                torch.set_num_threads(threads)
+                for name, run in runs.items():
+                    times[threads][name].append(median_ms(run, repeats=1))
     finally:
         torch.set_num_threads(default)
+    rows = [{"threads": n, **{name: statistics.median(v) for name, v in times[n].items()}}
+            for n in counts]
+    for row in rows:
+        print(f"{row['threads']} thread(s): full {row['full']:7.0f} ms  "
+              f"hole {row['hole']:6.0f} ms", flush=True)
     return rows
 
 
