@@ -358,8 +358,110 @@ def plot(name: str, payload: dict) -> Path | None:
     return save_figure(plt, fig, name)
 
 
+# ---------------------------------------------------------------------------------------------
+# cache agreement: how often the approximate context cache changes a completion
+
+
+# the same hole in each mode: as shipped (dual cache), without the cache, and exact mode (the
+# published algorithm: full passes, no early closing, a fixed-length hole)
+AGREEMENT_MODES = {
+    "default": {},
+    "no context cache": {"reuse_context": False},
+    "exact": {"exact": True},
+}
+# a reference setting (Dream's entropy with a step budget) with and without the cache
+AGREEMENT_REFERENCE = {"algorithm": "entropy", "steps": 8}
+
+
+def agreement_models(include_bundled: bool, workdir: Path) -> dict[str, LoadedModel]:
+    """A tiny random checkpoint of every family (model/tiny.py), and the bundled model."""
+    from model.families import FAMILIES
+    from model.loader import bundled_model_path, load_model
+    from model.tiny import write_tiny_model
+
+    models = {f"tiny-{name}": load_model(write_tiny_model(workdir / name, family=name),
+                                         device="cpu")
+              for name in FAMILIES}
+    if include_bundled and bundled_model_path() is not None:
+        models["bundled"] = load_model(None, device="cpu")
+    return models
+
+
+def mode_options(split: str, max_tokens: int, mode: dict, reference: bool) -> InfillOptions:
+    """As the language server asks (at least one token: an editor asked for text)."""
+    extra = dict(AGREEMENT_REFERENCE) if reference else {}
+    return options_for(split, max_tokens, min_tokens=1, **extra, **mode)
+
+
+def bench_cache_agreement(model: LoadedModel, holes: list[dict], split: str,
+                          max_tokens: int, reference: bool = False) -> dict:
+    """Fill every hole in each mode; count how often a mode's text differs from no-cache."""
+    texts: dict[str, list[str]] = {}
+    paths: dict[str, list[list[list[int]]]] = {}
+    passes: dict[str, list[int]] = {}
+    for mode, overrides in AGREEMENT_MODES.items():
+        options = mode_options(split, max_tokens, overrides, reference)
+        results = [infill(model, h["prompt"], h["suffix"], options) for h in holes]
+        texts[mode] = [r.text for r in results]
+        paths[mode] = [[step.hole for step in r.trace] for r in results]
+        passes[mode] = [r.steps for r in results]
+
+    def differ(values: dict[str, list], mode: str, other: str) -> int:
+        return sum(a != b for a, b in zip(values[mode], values[other], strict=True))
+
+    return {
+        "split": split, "holes": len(holes),
+        "settings": AGREEMENT_REFERENCE if reference else "defaults",
+        "empty_texts_no_cache": sum(not text for text in texts["no context cache"]),
+        "modes": {
+            mode: {"text_differs_from_no_cache": differ(texts, mode, "no context cache"),
+                   "text_differs_from_exact": differ(texts, mode, "exact"),
+                   "trajectory_differs_from_no_cache": differ(paths, mode, "no context cache"),
+                   "forward_passes_mean": statistics.mean(passes[mode])}
+            for mode in AGREEMENT_MODES
+        },
+    }
+
+
+def run_cache_agreement(args) -> int:
+    import tempfile
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = Path(args.data) if args.data else None
+    with tempfile.TemporaryDirectory() as workdir:
+        models = agreement_models(args.model is None, Path(workdir))
+        if args.model is not None:
+            from diffusion_lsp.commands import load_for_cli
+
+            models[str(args.model)] = load_for_cli(args)
+        runs = []
+        for name, model in models.items():
+            for split in ("single-line", "multi-line"):
+                holes = load_holes(split, args.limit, data)
+                for reference in (False, True):
+                    run = bench_cache_agreement(model, holes, split, args.max_tokens, reference)
+                    runs.append({"model": name, "family": model.family.name, **run})
+                    modes = run["modes"]
+                    default, plain = modes["default"], modes["no context cache"]
+                    print(f"{name:14} {split:12} {'steps=8' if reference else 'defaults':9}"
+                          f"cache changes text {default['text_differs_from_no_cache']:3}, "
+                          f"trajectory {default['trajectory_differs_from_no_cache']:3}; "
+                          f"text default != exact {default['text_differs_from_exact']:3}, "
+                          f"no-cache != exact {plain['text_differs_from_exact']:3} "
+                          f"(of {run['holes']}; {run['empty_texts_no_cache']} empty)",
+                          flush=True)
+    path = save("cache-agreement", {"machine": machine(), "max_tokens": args.max_tokens,
+                                    "modes": AGREEMENT_MODES, "runs": runs})
+    print(f"saved {path}")
+    return 0
+
+
 def run_bench(args) -> int:
     from diffusion_lsp.commands import load_for_cli
+
+    if args.name == "cache-agreement":
+        return run_cache_agreement(args)
 
     def load() -> LoadedModel:
         if args.threads:

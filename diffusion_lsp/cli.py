@@ -16,6 +16,27 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
 
 
+def _add_sampler_args(parser: argparse.ArgumentParser) -> None:
+    """The reference samplers' settings (README: "Sampler settings"); unset = the sampler's."""
+    group = parser.add_argument_group("reference samplers (Dream, LLaDA)")
+    group.add_argument("--algorithm", default=None,
+                       help="maskgit_plus | topk_margin | entropy | origin (Dream's alg), "
+                            "low_confidence | random (LLaDA's remasking)")
+    group.add_argument("--steps", type=int, default=None,
+                       help="step budget; the hole is then --max-tokens long")
+    group.add_argument("--block-length", type=int, default=None,
+                       help="LLaDA's semi-autoregressive blocks")
+    group.add_argument("--tokens-per-step", type=int, default=None)
+    group.add_argument("--temperature", type=float, default=None)
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--alg-temp", type=float, default=None)
+    group.add_argument("--cfg-scale", type=float, default=None)
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--exact", action="store_true", default=None,
+                       help="the published algorithm verbatim: no context cache, no shortcuts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusion-lsp",
@@ -38,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     infill.add_argument("--max-tokens", type=int, default=64)
     infill.add_argument("--threshold", type=float, default=None)
     infill.add_argument("--single-line", action="store_true")
+    _add_sampler_args(infill)
     _add_model_args(infill)
 
     demo = commands.add_parser("demo", help="watch a hole being denoised, step by step")
@@ -58,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="speed benchmarks of the model (no LSP)")
     bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp",
-                                        "typing", "cpu"],
+                                        "cache-agreement", "typing", "cpu"],
                        help="lsp: end to end through a real LSP client (needs the test extra); "
+                            "cache-agreement: how often the context cache changes completions "
+                            "(tiny checkpoints of every family and the bundled model); "
                             "typing: first request vs the one after a typed character, over "
                             "LSP and model only, with the document context cache; cpu: pass "
                             "times per dtype and a profile of where they go")

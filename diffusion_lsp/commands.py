@@ -89,18 +89,27 @@ def infill_records(model: LoadedModel, lines: list[str], options: InfillOptions,
             progress()
 
 
+# `infill` flags that are InfillOptions fields of the same name (cli._add_sampler_args)
+SAMPLER_FLAGS = ("algorithm", "steps", "block_length", "tokens_per_step", "temperature", "top_p",
+                 "top_k", "alg_temp", "cfg_scale", "seed", "exact")
+
+
 def run_infill(args) -> int:
     from rich.progress import Progress
 
+    overrides = {"max_tokens": args.max_tokens, "single_line": args.single_line,
+                 **{name: getattr(args, name) for name in ("threshold", *SAMPLER_FLAGS)
+                    if getattr(args, name) is not None}}
+    try:
+        options = InfillOptions(**overrides)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         model = load_for_cli(args)
     except (ModelLoadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    overrides = {"max_tokens": args.max_tokens, "single_line": args.single_line}
-    if args.threshold is not None:
-        overrides["threshold"] = args.threshold
-    options = InfillOptions(**overrides)
     lines = Path(args.input).read_text(encoding="utf-8").splitlines()
     total = sum(1 for line in lines if line.strip())
     with Progress(transient=True, disable=total < 5) as bar, \

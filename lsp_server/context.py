@@ -17,6 +17,8 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from lsp_server.documents import LINE_END, column_from_units, count_lines, line_span
+
 CountTokens = Callable[[str], int]
 
 DEF_LINE = re.compile(r"^\s*(async\s+)?def\s")
@@ -56,26 +58,6 @@ class Cursor:
     line_after: str  # text of the cursor's line after the cursor (no newline)
 
 
-def column_from_units(line: str, units: int, encoding: str) -> int:
-    """Code-point column of a position `units` code units into `line` (utf-8/16/32).
-
-    Past the end of the line means the end of the line (LSP). Inside a character (half a
-    surrogate pair, a partial UTF-8 sequence) rounds down to that character's start."""
-    if encoding == "utf-32":
-        return min(units, len(line))
-    width = 2 if encoding == "utf-16" else 1
-    seen = 0
-    for index, char in enumerate(line):
-        if encoding == "utf-8":
-            size = len(char.encode("utf-8", "surrogatepass"))
-        else:
-            size = width if ord(char) > 0xFFFF else 1
-        if seen + size > units:
-            return index
-        seen += size
-    return len(line)
-
-
 def units_of(text: str, encoding: str) -> int:
     """Length of `text` in the code units of `encoding`."""
     if encoding == "utf-32":
@@ -86,22 +68,24 @@ def units_of(text: str, encoding: str) -> int:
 
 
 def locate(text: str, line: int, character: int, encoding: str = "utf-16") -> Cursor:
-    """The cursor at LSP position (line, character) of `text`. Raises PositionError when the
-    line does not exist; a character past the end of its line means the end of the line."""
+    """The cursor at LSP position (line, character) of `text` (lines end at \\n, \\r\\n or \\r
+    only). Raises PositionError when the line does not exist; a character past the end of its
+    line means the end of the line."""
     if line < 0 or character < 0:
         raise PositionError(f"negative position ({line}, {character})")
-    start = 0
-    for _ in range(line):
-        newline = text.find("\n", start)
-        if newline < 0:
-            raise PositionError(f"line {line} is past the end of the document "
-                                f"({text.count(chr(10)) + 1} lines)")
-        start = newline + 1
-    end = text.find("\n", start)
-    end = len(text) if end < 0 else end
-    line_text = text[start:end].removesuffix("\r")
+    span = line_span(text, line)
+    if span is None:
+        raise PositionError(f"line {line} is past the end of the document "
+                            f"({count_lines(text)} lines)")
+    start, end = span
+    line_text = text[start:end]
     column = column_from_units(line_text, character, encoding)
     return Cursor(start + column, line, column, line_text[:column], line_text[column:])
+
+
+def normalize_line_ends(text: str) -> str:
+    """`text` with every LSP line end ("\\r\\n", "\\r") written as "\\n"."""
+    return LINE_END.sub("\n", text) if "\r" in text else text
 
 
 def sanitize(text: str) -> str:
@@ -337,8 +321,10 @@ def build_context(text: str, cursor: Cursor, count_tokens: CountTokens, prefix_t
                   suffix_tokens: int, snippet_tokens: int = 0,
                   others: Iterable[tuple[str, str]] = (), max_snippets: int = 0,
                   snippet_lines: int = 16, language_id: str | None = None) -> Context:
-    before = sanitize(text[max(0, cursor.offset - WINDOW_CHARS):cursor.offset])
-    after = sanitize(text[cursor.offset:cursor.offset + WINDOW_CHARS])
+    # the model sees "\n" line ends whatever the document uses (CR-only, CRLF)
+    before = normalize_line_ends(sanitize(text[max(0, cursor.offset - WINDOW_CHARS):
+                                               cursor.offset]))
+    after = normalize_line_ends(sanitize(text[cursor.offset:cursor.offset + WINDOW_CHARS]))
     if cursor.offset > WINDOW_CHARS:  # the window may start mid-line: drop that partial line
         before = before[before.find("\n") + 1:] if "\n" in before else before
     prefix = cut_prefix(before, prefix_tokens, count_tokens)

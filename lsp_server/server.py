@@ -9,28 +9,39 @@ a malformed message), is logged, and leaves the server serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
+import cattrs
 import msgspec
+from cattrs.errors import ClassValidationError
 from lsprotocol import types
-from pygls.exceptions import (
-    JsonRpcException,
-    JsonRpcInvalidParams,
-    JsonRpcInvalidRequest,
-    JsonRpcParseError,
-)
+from lsprotocol.types import ResponseErrorMessage
+from pygls.exceptions import JsonRpcInvalidParams, JsonRpcInvalidRequest
+from pygls.io_ import StdoutWriter
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
+from pygls.protocol.json_rpc import (
+    JsonRPCNotification,
+    JsonRPCRequestMessage,
+    JsonRPCResponseMessage,
+)
+from pygls.protocol.language_server import lsp_method
 
 from lsp_server import context as ctx
+from lsp_server import transport
 from lsp_server.backends import Backend, BackendError, CompletionJob, make_backend
 from lsp_server.cache import CompletionCache
+from lsp_server.documents import Workspace, encoding_name
 from lsp_server.postprocess import Surroundings, choose_multiline, clean, detect_indent_unit
 from lsp_server.settings import Settings, merge
 from lsp_server.stats import Stats
@@ -41,32 +52,142 @@ NAME = "diffusion-lsp"
 VERSION = "0.1.0"
 STATUS = "diffusion/status"
 STATS = "diffusion/stats"
+DOCUMENT = "diffusion/document"
 MAX_DOCUMENT_CHARS = 20_000_000  # larger documents get no completions
 RECENT_DOCUMENTS = 8  # documents remembered for snippets (a ring, most recent first)
 BELOW_LINES = 8  # lines after the cursor's line the clean-up compares against
 RELOAD_KEYS = ("backend", "model", "remote")  # settings whose change restarts the backend
 
 
-class BadRequest(Exception):
-    """A request whose params could not be decoded: answered with InvalidParams."""
+def envelope_problem(value: Any) -> str | None:
+    """Why `value` is not a JSON-RPC 2.0 message LSP can carry, or None when it is one."""
+    if isinstance(value, list):
+        return "batches are not part of LSP"
+    if not isinstance(value, dict):
+        return "a message must be a JSON object"
+    if value.get("jsonrpc") != "2.0":
+        return f'"jsonrpc" must be "2.0", not {json.dumps(value.get("jsonrpc"))[:20]}'
+    if "id" in value and transport.readable_id(value) is None:
+        return "an id must be an integer or a string"
+    if "method" in value and not isinstance(value["method"], str):
+        return "a method must be a string"
+    if "method" not in value and not ("id" in value and ("result" in value or "error" in value)):
+        return "neither a request, a notification nor a response"
+    return None
 
-    def __init__(self, msg_id: Any, error: JsonRpcException) -> None:
-        super().__init__(str(error))
-        self.msg_id = msg_id
-        self.error = error
+
+def invalid_params_reason(error: Exception) -> str:
+    """One line saying which params were wrong (cattrs' nested errors, flattened)."""
+    if isinstance(error, ClassValidationError):
+        return "; ".join(cattrs.transform_error(error)[:3])
+    return str(error) or type(error).__name__
+
+
+class InvalidParams(Exception):
+    """A message whose params do not decode into the method's types."""
 
 
 class Protocol(LanguageServerProtocol):
-    """pygls' protocol, but a request with undecodable params gets an error answer (pygls
-    logs it and never answers, which leaves the client waiting)."""
+    """pygls' protocol with a JSON-RPC 2.0 error policy: every request whose id can be read
+    gets exactly one response (an error for a malformed one, InvalidRequest after `shutdown`),
+    anything else unreadable gets an error with `"id": null`, and each problem is one log
+    line. Messages arrive from `transport.pump` through `receive`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stopped = False  # `exit` came: the transport stops reading
+        self.exit_code = 1  # LSP: 0 only when `exit` follows `shutdown`
+
+    @property
+    def workspace(self) -> Workspace:
+        """pygls' workspace, made into one holding LSP-line-end `Document`s on first use."""
+        workspace = super().workspace
+        if not isinstance(workspace, Workspace):
+            self._workspace = workspace = Workspace.like(workspace)
+        return workspace
+
+    def receive(self, value: Any) -> None:
+        msg_id = transport.readable_id(value)
+        problem = envelope_problem(value)
+        if problem is not None:
+            log.warning("invalid message (id %s): %s", msg_id, problem)
+            self.send_error(msg_id, JsonRpcInvalidRequest.CODE, f"invalid request: {problem}")
+            return
+        is_request = "method" in value and "id" in value
+        if self._shutdown and is_request:
+            log.warning("request %s %s after shutdown: refused", msg_id, value["method"])
+            self.send_error(msg_id, JsonRpcInvalidRequest.CODE, "the server is shut down")
+            return
+        try:
+            message = self.structure_message(value)
+        except InvalidParams as error:
+            log.warning("%s %s: invalid params: %s", value.get("method", "response"),
+                        msg_id if msg_id is not None else "", error)
+            if is_request:
+                self.send_error(msg_id, JsonRpcInvalidParams.CODE, f"invalid params: {error}")
+            return
+        self.handle_message(message)
+
+    def reply_problem(self, problem: transport.Problem) -> None:
+        if problem.reply:
+            log.warning("unreadable message: %s", problem.reason)
+            self.send_error(problem.msg_id, problem.code, problem.reason)
+
+    def send_error(self, msg_id: Any, code: int, message: str) -> None:
+        """An error response; `msg_id` None is sent as `"id": null` (pygls would leave it out)."""
+        self._send_data({"jsonrpc": "2.0", "id": msg_id,
+                         "error": {"code": code, "message": message}})
 
     def structure_message(self, data: dict[str, Any]):
+        """pygls' decoding of a checked message into lsprotocol types, without its
+        traceback per failure; params may be omitted where the method's type allows it (our
+        own methods take any)."""
+        if "id" in data and "error" in data:
+            kind = ResponseErrorMessage
+        elif "id" in data and "method" in data:
+            kind = self.get_message_type(data["method"]) or JsonRPCRequestMessage
+        elif "id" in data:
+            kind = self._result_types.pop(data["id"], None) or JsonRPCResponseMessage
+        else:
+            kind = self.get_message_type(data["method"]) or JsonRPCNotification
+        if kind in (JsonRPCRequestMessage, JsonRPCNotification):
+            data = {"params": None, **data}
         try:
-            return super().structure_message(data)
-        except JsonRpcException as error:
-            if isinstance(data, dict) and "id" in data and "method" in data:
-                raise BadRequest(data["id"], error) from error
-            raise
+            return self._converter.structure(data, kind)
+        except Exception as error:  # noqa: BLE001 - whatever cattrs raises, one line
+            raise InvalidParams(invalid_params_reason(error)) from None
+
+    def _handle_cancel_notification(self, msg_id: Any) -> None:
+        """Cancel a running request; one already answered is normal (LSP), not a warning."""
+        future = self._request_futures.pop(msg_id, None)
+        if future is None:
+            log.debug("cancel for %s, already answered", msg_id)
+        elif future.cancel():
+            log.debug("cancelled request %s", msg_id)
+
+    @lsp_method(types.EXIT)
+    def lsp_exit(self, *args) -> None:
+        """Stop reading; the process exits with 0 after `shutdown`, else 1 (LSP)."""
+        self.exit_code = 0 if self._shutdown else 1
+        self.stopped = True
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
+    def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams):
+        """pygls' didChange, with one warning (not a KeyError) for a document not open."""
+        uri = params.text_document.uri
+        if unquote(uri) not in self.workspace.text_documents:
+            log.warning("didChange for %s, which is not open: ignored", uri)
+            return
+        yield from super().lsp_text_document__did_change(params)
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
+    def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams):
+        """pygls' didClose, with one warning for a document not open."""
+        uri = params.text_document.uri
+        if unquote(uri) not in self.workspace.text_documents:
+            log.warning("didClose for %s, which is not open: ignored", uri)
+            return
+        yield from super().lsp_text_document__did_close(params)
 
 
 @dataclass
@@ -93,32 +214,42 @@ class DiffusionServer(LanguageServer):
         self._load_task: asyncio.Task | None = None
         self.model_override: dict = {}  # from the command line; wins over the editor
 
-    # -- errors ---------------------------------------------------------------------------------
+    # -- transports and errors -----------------------------------------------------------------
 
     def report_server_error(self, error: Exception, source) -> None:
-        if isinstance(error, BadRequest):
-            log.warning("request %s: invalid params: %s", error.msg_id, error)
-            self.protocol._send_response(
-                error.msg_id, error=JsonRpcInvalidParams(str(error)).to_response_error())
-            return
-        if isinstance(error, json.JSONDecodeError):
-            log.warning("malformed JSON-RPC message: %s", error)
-            self.send_unattributed_error(JsonRpcParseError.CODE, f"malformed JSON: {error}")
-            return
-        if isinstance(error, AttributeError | TypeError) and "jsonrpc" in str(error):
-            log.warning("not a JSON-RPC message: %s", error)
-            self.send_unattributed_error(JsonRpcInvalidRequest.CODE, "not a JSON-RPC message")
-            return
+        """pygls' hook for a failure outside our handlers: one log line."""
         log.error("server error (%s): %s", getattr(source, "__name__", source), error)
 
-    def send_unattributed_error(self, code: int, message: str) -> None:
-        """An error response with `"id": null` (JSON-RPC's answer to a message whose id could
-        not be read); pygls would leave the id out."""
-        body = json.dumps({"jsonrpc": "2.0", "id": None,
-                           "error": {"code": code, "message": message}})
-        writer = self.protocol.writer
-        if writer is not None:
-            writer.write(f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    async def run(self, read, writer) -> int:
+        """Serve one client: messages from `read()` chunks, answers to `writer`, until `exit`
+        or the end of input; then stop the backend. Returns the exit code (LSP)."""
+        self.protocol.set_writer(writer)
+        try:
+            await transport.pump(read, self.protocol)
+        except (BrokenPipeError, ConnectionResetError):
+            log.error("the client went away")
+        finally:
+            await self.close()
+        return self.protocol.exit_code
+
+    async def close(self) -> None:
+        for task in list(self.inflight.values()):
+            task.cancel()
+        if self._load_task is not None:
+            self._load_task.cancel()
+        if self.backend is not None:
+            backend, self.backend = self.backend, None
+            await backend.close()
+
+    def start_io(self, stdin=None, stdout=None) -> int:  # type: ignore[override]
+        """Serve over stdio with our transport (see lsp_server/transport.py)."""
+        fd = (stdin or sys.stdin.buffer).fileno()
+        writer = StdoutWriter(stdout or sys.stdout.buffer)
+
+        async def main() -> int:
+            return await self.run(transport.stdin_chunks(fd), writer)
+
+        return asyncio.run(main())
 
     # -- status ---------------------------------------------------------------------------------
 
@@ -222,6 +353,10 @@ class DiffusionServer(LanguageServer):
 
     # -- completions ----------------------------------------------------------------------------
 
+    def open_document(self, uri: str):
+        """The open document at `uri`, or None (pygls keys documents by unquoted URI)."""
+        return self.workspace.text_documents.get(unquote(uri))
+
     def touch(self, uri: str) -> None:
         if uri in self.recent:
             self.recent.remove(uri)
@@ -254,7 +389,7 @@ class DiffusionServer(LanguageServer):
 
     async def _answer(self, uri: str, position: types.Position, began: float,
                       task: asyncio.Task | None) -> Answer | None:
-        document = self.workspace.text_documents.get(uri)
+        document = self.open_document(uri)
         if document is None:
             log.info("no items: %s is not open", uri)
             self.stats.count("rejected")
@@ -270,7 +405,7 @@ class DiffusionServer(LanguageServer):
             self.tell_user(f"{uri} is too large for completions ({len(text):,} characters)")
             self.stats.count("rejected")
             return None
-        encoding = str(self.workspace.position_encoding or "utf-16")
+        encoding = encoding_name(self.workspace.position_encoding)
         try:
             cursor = ctx.locate(text, position.line, position.character, encoding)
         except ctx.PositionError as error:
@@ -312,7 +447,7 @@ class DiffusionServer(LanguageServer):
             max_tokens=completion.max_tokens if multiline else completion.max_tokens_single_line,
             single_line=not multiline, stop=tuple(completion.stop),
             threshold=completion.threshold, tokens_per_step=completion.tokens_per_step,
-            document=uri)
+            sampler=completion.sampler, document=uri)
         outcome = await backend.complete(job)
         below_start = text.find("\n", cursor.offset)
         below = text[below_start + 1:below_start + 1 + 4096].split("\n")[:BELOW_LINES] if (
@@ -362,32 +497,50 @@ class DiffusionServer(LanguageServer):
         return snapshot
 
 
-server = DiffusionServer()
+HANDLERS: list[tuple[str, Any, Callable]] = []  # (method, options, handler) of every server
 
 
-@server.feature(types.INITIALIZE)
+def handles(method: str, options: Any = None) -> Callable[[Callable], Callable]:
+    """Register a handler for every server `make_server` makes."""
+    def register(handler: Callable) -> Callable:
+        HANDLERS.append((method, options, handler))
+        return handler
+    return register
+
+
+def make_server(model_override: dict | None = None) -> DiffusionServer:
+    """A fresh server state (settings, documents, backend, stats) with every handler."""
+    server = DiffusionServer()
+    for method, options, handler in HANDLERS:
+        server.feature(method, options)(handler)
+    server.model_override = model_override or {}
+    server.apply_settings(None)
+    return server
+
+
+@handles(types.INITIALIZE)
 def on_initialize(ls: DiffusionServer, params: types.InitializeParams) -> None:
     ls.apply_settings(params.initialization_options)
 
 
-@server.feature(types.INITIALIZED)
+@handles(types.INITIALIZED)
 def on_initialized(ls: DiffusionServer, params: types.InitializedParams) -> None:
     ls.start_backend()
 
 
-@server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+@handles(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
 def on_configuration(ls: DiffusionServer, params: types.DidChangeConfigurationParams) -> None:
     if ls.apply_settings(params.settings):
         log.info("model settings changed: restarting the backend")
         ls.start_backend()
 
 
-@server.feature(types.TEXT_DOCUMENT_DID_OPEN)
+@handles(types.TEXT_DOCUMENT_DID_OPEN)
 def on_open(ls: DiffusionServer, params: types.DidOpenTextDocumentParams) -> None:
     ls.touch(params.text_document.uri)
 
 
-@server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+@handles(types.TEXT_DOCUMENT_DID_CLOSE)
 def on_close(ls: DiffusionServer, params: types.DidCloseTextDocumentParams) -> None:
     uri = params.text_document.uri
     task = ls.inflight.pop(uri, None)
@@ -398,7 +551,7 @@ def on_close(ls: DiffusionServer, params: types.DidCloseTextDocumentParams) -> N
         ls.recent.remove(uri)
 
 
-@server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+@handles(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
 async def on_inline_completion(ls: DiffusionServer, params: types.InlineCompletionParams
                                ) -> types.InlineCompletionList | None:
     answer = await ls.answer(params.text_document.uri, params.position)
@@ -410,7 +563,7 @@ async def on_inline_completion(ls: DiffusionServer, params: types.InlineCompleti
     return types.InlineCompletionList(items=[item])
 
 
-@server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(
+@handles(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(
     trigger_characters=[".", "(", " ", "\n"]))
 async def on_completion(ls: DiffusionServer, params: types.CompletionParams
                         ) -> types.CompletionList:
@@ -434,12 +587,23 @@ async def on_completion(ls: DiffusionServer, params: types.CompletionParams
     return types.CompletionList(is_incomplete=True, items=[item])
 
 
-@server.feature(STATS)
+@handles(STATS)
 def on_stats(ls: DiffusionServer, params: Any = None) -> dict:
     return ls.stats_snapshot()
 
 
-@server.feature(types.SHUTDOWN)
+@handles(DOCUMENT)
+def on_document(ls: DiffusionServer, params: Any = None) -> dict | None:
+    """The server's copy of a document (debugging and the fuzz suite): `{"uri"}` in,
+    `{"uri", "version", "text"}` out, or null when it is not open."""
+    uri = getattr(params, "uri", None)
+    document = ls.open_document(uri) if isinstance(uri, str) else None
+    if document is None:
+        return None
+    return {"uri": uri, "version": document.version, "text": document.source}
+
+
+@handles(types.SHUTDOWN)
 def on_shutdown(ls: DiffusionServer, params: Any = None) -> None:
     for task in list(ls.inflight.values()):
         task.cancel()
@@ -468,17 +632,23 @@ def serve(args) -> int:
         ("path", args.model), ("family", args.family),
         ("device", None if args.device == "auto" else args.device),
         ("dtype", None if args.dtype == "auto" else args.dtype)) if value is not None}}
-    server.model_override = override if override["model"] else {}
-    server.apply_settings(None)
+    model_override = override if override["model"] else {}
     try:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:  # uvloop does not exist on Windows
         pass
+    code = 0
     if args.tcp:
-        log.info("listening on %s:%d", args.host, args.port)
-        server.start_tcp(args.host, args.port)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(transport.serve_tcp(args.host, args.port,
+                                            lambda: make_server(model_override)))
     else:
-        server.start_io()
-    return 0
+        code = make_server(model_override).start_io()
+    # leave at once: a daemon thread still inside torch (a model loading, a step) aborts the
+    # interpreter's teardown ("terminate called without an active exception", exit -6)
+    logging.shutdown()
+    with contextlib.suppress(OSError, ValueError):  # stdout may be closed already
+        sys.stdout.flush()
+    os._exit(code)

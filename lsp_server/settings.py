@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from service.wire import Sampling, sampling_problem
+
 SECTION = "diffusionLsp"
 
 
@@ -25,6 +27,26 @@ class ModelSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     context_cache_documents: int = 20
 
 
+# Dream's `alg` and LLaDA's `remasking` names (service.wire.ALGORITHM_NAMES; a test keeps them so)
+Algorithm = Literal["maskgit_plus", "topk_margin", "entropy", "origin", "low_confidence", "random"]
+
+
+class SamplerSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    """The reference samplers' settings (Dream, LLaDA); names and defaults as the sampler's
+    `InfillOptions` (README: "Sampler settings" maps each model card's values onto these)."""
+
+    algorithm: Algorithm | None = None  # None = the threshold sampler
+    steps: int | None = None  # a step budget; the hole is then maxTokens long
+    block_length: int | None = None  # LLaDA's semi-autoregressive blocks
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    alg_temp: float = 0.0
+    cfg_scale: float = 0.0
+    seed: int = 0
+    exact: bool = False  # full passes, no shortcuts: the reference trajectory
+
+
 class CompletionSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     max_tokens: int = 64  # tokens in a multi-line completion, at most
     max_tokens_single_line: int = 32
@@ -34,6 +56,7 @@ class CompletionSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=T
     multiline: Literal["auto", "always", "never"] = "auto"
     debounce_ms: int = 10  # wait this long for the user to type on before starting
     stop: list[str] = msgspec.field(default_factory=list)
+    sampler: SamplerSettings = msgspec.field(default_factory=SamplerSettings)
 
 
 class ContextSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -116,7 +139,20 @@ def _check_ranges(settings: Settings) -> list[str]:
         problems.append("completion.tokensPerStep must be positive")
     if settings.model.threads is not None and settings.model.threads <= 0:
         problems.append("model.threads must be positive")
+    completion = settings.completion
+    if completion.sampler.temperature < 0:
+        problems.append("completion.sampler.temperature must not be negative")
+    for max_tokens in (completion.max_tokens, completion.max_tokens_single_line):
+        problem = sampling_problem(wire_sampling(completion.sampler), max_tokens, per_step)
+        if problem is not None:
+            problems.append(f"completion.sampler: {problem} (maxTokens {max_tokens})")
+            break
     return problems
+
+
+def wire_sampling(sampler: SamplerSettings) -> Sampling:
+    """The sampler settings as the service API carries them (temperature and seed apart)."""
+    return Sampling(**{name: getattr(sampler, name) for name in Sampling.__struct_fields__})
 
 
 def unwrap(raw: Any) -> Any:

@@ -175,7 +175,7 @@ class PromptCache:
     def lookup(self, model: LoadedModel, document: str, state: HoleState) -> Reuse | None:
         """What `state` (a new hole in `document`) can reuse; None: run a full pass."""
         entry = self._entries.get(document)
-        if entry is None or not state.options.reuse_context:
+        if entry is None or not state.options.caches_context:
             return None
         self._entries.move_to_end(document)
         if entry.reuses >= self.max_reuses:

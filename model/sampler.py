@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -29,11 +30,54 @@ from transformers import DynamicCache
 
 from model.loader import LoadedModel
 
+# transformers 5.x renames the forward's `past_key_values` to `cache` (removed in 5.40) and warns
+# on every model load; every 5.x takes the old name, which the forward calls below pass
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated",
+                        category=FutureWarning)
+
 if TYPE_CHECKING:
     from model.prompt_cache import PromptCache, Reuse
 
 SCORES = ("confidence", "margin", "entropy")
 NEWLINE = "\n"
+DREAM_EPS = 1e-3  # Dream's timestep schedule ends at eps, not 0 (generation_utils.py default)
+ENTROPY_EPS = 1e-10  # Dream's neg-entropy confidence: sum p * log(p + eps)
+NO_TOP_K = 0
+NO_TOP_P = 1.0
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a reference sampler's algorithm name means in this sampler's terms.
+
+    score: which score ranks masked positions (confidence | margin | entropy).
+    order: "score" (the best-scored positions are committed), "random" (LLaDA's random
+      remasking: uniformly random scores), "origin" (Dream's: each masked position is
+      committed with probability 1 - s/t this step, whatever its score).
+    schedule: how many positions a `steps` budget commits per step: "timesteps" (Dream:
+      int(masks * (1 - s/t)) over linspace(1, eps, steps + 1), all at the last step) or
+      "uniform" (LLaDA's get_num_transfer_tokens: a block's masks spread evenly, the
+      remainder on the first steps).
+    noise: how temperature samples a token: "categorical" (Dream: softmax(logits / T) after
+      top_p / top_k; the score is read off those probabilities) or "gumbel" (LLaDA: argmax of
+      exp(logits) / (-log u) ** T in float64; the score is read off softmax(logits)).
+    """
+
+    score: str
+    order: str
+    schedule: str
+    noise: str
+
+
+# Reference names (Dream's `alg`, LLaDA's `remasking`) -> this sampler's rule.
+ALGORITHMS: dict[str, Rule] = {
+    "maskgit_plus": Rule("confidence", "score", "timesteps", "categorical"),
+    "topk_margin": Rule("margin", "score", "timesteps", "categorical"),
+    "entropy": Rule("entropy", "score", "timesteps", "categorical"),
+    "origin": Rule("confidence", "origin", "timesteps", "categorical"),
+    "low_confidence": Rule("confidence", "score", "uniform", "gumbel"),
+    "random": Rule("confidence", "random", "uniform", "gumbel"),
+}
 
 
 @dataclass(frozen=True)
@@ -54,16 +98,80 @@ class InfillOptions:
     refresh_every: int = 4  # with reuse_context: full pass every this many steps (0: never)
     min_tokens: int = 0  # the first this many hole positions may not end the hole (or line)
     end_runs: bool = True  # a committed end also commits the run of predicted ends before it
+    # -- reference samplers (Dream, LLaDA); see `Rule` and the README's settings table --------
+    algorithm: str | None = None  # a reference name (ALGORITHMS); None: `score` + threshold
+    steps: int | None = None  # a step budget: the hole is max_tokens long, filled on a schedule
+    block_length: int | None = None  # LLaDA's semi-autoregressive blocks, left to right
+    top_p: float = NO_TOP_P  # nucleus filter before sampling (1: off)
+    top_k: int = NO_TOP_K  # keep the k likeliest tokens before sampling (0: off)
+    alg_temp: float = 0.0  # Dream: > 0 draws positions from softmax(score / alg_temp)
+    cfg_scale: float = 0.0  # LLaDA: > 0 adds a pass with prefix and suffix masked (guidance)
+    exact: bool = False  # the published algorithm verbatim: full passes, fixed-length hole,
+    # no end closing, end runs or min_tokens
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
             raise ValueError(f"unknown score {self.score!r}; known: {', '.join(SCORES)}")
+        if self.algorithm is not None and self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; "
+                             f"known: {', '.join(ALGORITHMS)}")
+        self._check_reference_settings()
         if self.max_tokens < 1 or self.initial_tokens < 1:
             raise ValueError("max_tokens and initial_tokens must be at least 1")
         if self.tokens_per_step is not None and self.tokens_per_step < 1:
             raise ValueError("tokens_per_step must be at least 1")
         if self.refresh_every < 0:
             raise ValueError("refresh_every must be 0 (never) or positive")
+
+    def _check_reference_settings(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise ValueError("steps must be at least 1")
+        if self.steps is not None and self.tokens_per_step is not None:
+            raise ValueError("set steps or tokens_per_step, not both")
+        if self.block_length is not None:
+            if self.block_length < 1:
+                raise ValueError("block_length must be at least 1")
+            if self.steps is not None:
+                if self.max_tokens % self.block_length:
+                    raise ValueError("with steps, max_tokens must be a multiple of block_length "
+                                     "(LLaDA: gen_length % block_length == 0)")
+                if self.steps % (self.max_tokens // self.block_length):
+                    raise ValueError("with block_length, steps must be a multiple of the number "
+                                     "of blocks (LLaDA: steps % num_blocks == 0)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0 or self.alg_temp < 0 or self.cfg_scale < 0 or self.temperature < 0:
+            raise ValueError("top_k, alg_temp, cfg_scale and temperature must not be negative")
+        order = self.rule.order
+        if order == "origin" and self.steps is None:
+            raise ValueError("algorithm 'origin' needs steps (it commits with probability 1 - s/t)")
+        counted = self.steps is not None or self.tokens_per_step is not None
+        if (order == "random" or self.alg_temp > 0) and not counted:
+            raise ValueError("random orders and alg_temp need steps or tokens_per_step "
+                             "(a count of positions to draw)")
+
+    @property
+    def rule(self) -> Rule:
+        """The reference rule in force: the named algorithm's, or the project's own."""
+        if self.algorithm is not None:
+            return ALGORITHMS[self.algorithm]
+        return Rule(self.score, "score", "timesteps", "categorical")
+
+    @property
+    def fixed_length(self) -> bool:
+        """The references fill a hole of a set length (max_new_tokens / gen_length): with a step
+        budget or in exact mode the hole is `max_tokens` long and never grows."""
+        return self.exact or self.steps is not None
+
+    @property
+    def first_length(self) -> int:
+        return self.max_tokens if self.fixed_length else min(self.initial_tokens, self.max_tokens)
+
+    @property
+    def caches_context(self) -> bool:
+        """Whether hole-only passes against cached context keys/values may run (the dual cache
+        is an approximation; exact mode and classifier-free guidance run full passes)."""
+        return self.reuse_context and not self.exact and self.cfg_scale == 0
 
 
 @dataclass
@@ -85,6 +193,7 @@ class Infill:
     trace: list[StepTrace] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds
     full_passes: int = 0  # of `steps`, those over the whole sequence (the rest: hole only)
+    guidance_passes: int = 0  # extra unconditioned passes for cfg_scale (not in `steps`)
     reused_tokens: int = 0  # context tokens whose keys/values came from the document's cache
 
 
@@ -117,6 +226,10 @@ class HoleState:
     full_passes: int = 0  # forward passes over the whole sequence (the rest ran the hole only)
     trace: list[StepTrace] = field(default_factory=list)
     context: ContextCache | None = None
+    guidance_passes: int = 0  # unconditioned passes run for cfg_scale
+    block: int = 0  # the block (block_length) being decoded; 0 without blocks
+    block_step: int = 0  # with steps: the schedule step within the block
+    block_masks: int = -1  # masks in the block when it began (-1: not begun)
     reuse: Reuse | None = None  # the document's cached context rows, for the first pass
     reused_tokens: int = 0
 
@@ -160,45 +273,106 @@ def layout_ids(model: LoadedModel, prefix: str, suffix: str) -> tuple[list[int],
 
 def new_state(model: LoadedModel, prefix: str, suffix: str, options: InfillOptions) -> HoleState:
     prefix_ids, suffix_ids = layout_ids(model, prefix, suffix)
-    n = min(options.initial_tokens, options.max_tokens)
-    generator = None
-    if options.temperature > 0:
-        generator = torch.Generator().manual_seed(options.seed)
-    return HoleState(
+    n = options.first_length
+    state = HoleState(
         prefix_ids=prefix_ids,
         suffix_ids=suffix_ids,
         hole=torch.full((n,), model.ids.mask, dtype=torch.long),
         masked=torch.ones(n, dtype=torch.bool),
         options=options,
-        generator=generator,
+        generator=torch.Generator().manual_seed(options.seed),
     )
+    advance_schedule(state)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
 # Scoring and selection
 
 
+def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    """Dream's nucleus then top-k filters: tokens outside get the dtype's lowest value.
+
+    top_p keeps the smallest set of likeliest tokens whose probabilities add up past top_p
+    (the first token always kept); top_k keeps every token at least as likely as the k-th.
+    logits: (m, V).
+    """
+    lowest = torch.finfo(logits.dtype).min
+    if top_p < NO_TOP_P:
+        ordered, order = torch.sort(logits, descending=True)
+        cumulative = torch.cumsum(torch.softmax(ordered, dim=-1), dim=-1)
+        drop = cumulative > top_p
+        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), lowest)
+    if top_k != NO_TOP_K:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]  # (m, 1)
+        logits = logits.masked_fill(logits < kth, lowest)
+    return logits
+
+
+def gumbel_tokens(logits: torch.Tensor, temperature: float,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """LLaDA's sampling: argmax of exp(logits) / (-log u) ** T, in float64 (low precision
+    Gumbel-max hurts masked diffusion, arXiv:2409.02908). (m, V) -> (m,)."""
+    logits = logits.to(torch.float64)
+    noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator)
+    return (logits.exp() / (-torch.log(noise)) ** temperature).argmax(dim=-1)
+
+
+def raw_scores(probs: torch.Tensor, tokens: torch.Tensor, score: str) -> torch.Tensor:
+    """Dream's confidences: p(token), top1 - top2, or sum p log(p + eps) (negative entropy).
+    probs (m, V), tokens (m,) -> (m,). These rank, and alg_temp draws from them."""
+    if score == "confidence":
+        return probs.gather(-1, tokens[:, None]).squeeze(-1)
+    if score == "margin":
+        top2 = probs.topk(2, dim=-1).values  # (m, 2)
+        return top2[:, 0] - top2[:, 1]
+    if score == "entropy":
+        return (probs * torch.log(probs + ENTROPY_EPS)).sum(-1)
+    raise ValueError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
+
+
+def unit_scores(raw: torch.Tensor, score: str, vocab: int) -> torch.Tensor:
+    """Raw confidences mapped into [0, 1] for the threshold (negative entropy / log V + 1)."""
+    return 1.0 + raw / math.log(vocab) if score == "entropy" else raw
+
+
+def sample_and_score(logits: torch.Tensor, score: str, temperature: float,
+                     generator: torch.Generator | None, top_p: float = NO_TOP_P,
+                     top_k: int = NO_TOP_K,
+                     noise: str = "categorical") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token and raw confidence (`raw_scores`) for each row. logits: (m, V) -> (m,), (m,).
+
+    categorical (Dream's sample_tokens): logits / T, filtered, softmax; sample (or argmax at
+    T = 0) and score from those probabilities. gumbel (LLaDA): Gumbel-max on the filtered
+    logits, scored from the untempered softmax.
+    """
+    logits = logits.float()
+    if noise == "gumbel":
+        filtered = filter_logits(logits, top_p, top_k)
+        probs = torch.softmax(filtered, dim=-1)
+        if temperature > 0:
+            tokens = gumbel_tokens(filtered, temperature, generator)
+        else:
+            tokens = filtered.argmax(dim=-1)
+        return tokens, raw_scores(probs, tokens, score)
+    if temperature > 0:
+        logits = logits / temperature
+    probs = torch.softmax(filter_logits(logits, top_p, top_k), dim=-1)  # (m, V)
+    if temperature > 0:
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        tokens = probs.argmax(dim=-1)
+    return tokens, raw_scores(probs, tokens, score)
+
+
 def score_logits(
     logits: torch.Tensor, score: str, temperature: float, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best token and its score in [0, 1] for each row. logits: (m, V) -> (m,), (m,)."""
-    logits = logits.float()
-    if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)  # (m, V)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    else:
-        probs = torch.softmax(logits, dim=-1)
-        tokens = probs.argmax(dim=-1)
-    chosen = probs.gather(-1, tokens[:, None]).squeeze(-1)  # (m,)
-    if score == "confidence":
-        return tokens, chosen
-    if score == "margin":
-        top2 = probs.topk(2, dim=-1).values  # (m, 2)
-        return tokens, top2[:, 0] - top2[:, 1]
-    if score == "entropy":
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # (m,)
-        return tokens, 1.0 - entropy / math.log(probs.shape[-1])
-    raise ValueError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
+    """Best (or sampled) token and its score in [0, 1] for each row. (m, V) -> (m,), (m,)."""
+    tokens, raw = sample_and_score(logits, score, temperature, generator)
+    return tokens, unit_scores(raw, score, logits.shape[-1])
 
 
 def select_commits(scores: torch.Tensor, options: InfillOptions) -> torch.Tensor:
@@ -210,6 +384,125 @@ def select_commits(scores: torch.Tensor, options: InfillOptions) -> torch.Tensor
     if chosen.numel() == 0:
         chosen = scores.argmax().reshape(1)
     return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Step budgets and blocks (Dream's timestep schedule, LLaDA's semi-autoregressive blocks)
+
+
+def timesteps(steps: int) -> torch.Tensor:
+    """Dream's schedule: (steps + 1,) times from 1 down to eps, float32 as in the reference."""
+    return torch.linspace(1, DREAM_EPS, steps + 1)
+
+
+def transfer_fraction(step: int, steps: int) -> torch.Tensor:
+    """1 - s/t at schedule step `step` of `steps`: the share of the masks committed now
+    (Dream: the expected share unmasked between times t and s); 1 at the last step."""
+    if step >= steps - 1:
+        return torch.tensor(1.0)
+    times = timesteps(steps)
+    return 1 - times[step + 1] / times[step]
+
+
+def uniform_counts(masks: int, steps: int) -> list[int]:
+    """LLaDA's get_num_transfer_tokens: `masks` spread over `steps`, the remainder first."""
+    base, remainder = divmod(masks, steps)
+    return [base + (1 if step < remainder else 0) for step in range(steps)]
+
+
+def steps_per_block(options: InfillOptions) -> int | None:
+    """LLaDA divides the step budget evenly between the blocks."""
+    if options.steps is None:
+        return None
+    blocks = options.max_tokens // options.block_length if options.block_length else 1
+    return options.steps // blocks
+
+
+def block_span(state: HoleState) -> tuple[int, int]:
+    """[start, end) hole positions of the block being decoded (the whole hole without blocks)."""
+    size = state.options.block_length or state.hole.numel()
+    start = state.block * size
+    return start, min(start + size, state.hole.numel())
+
+
+def _block_masks(state: HoleState) -> int:
+    start, end = block_span(state)
+    return int(state.masked[start:end].sum())
+
+
+def transfer_count(state: HoleState) -> int | None:
+    """How many positions this step commits: from the step budget's schedule, or
+    tokens_per_step; None when the threshold decides (and for Dream's origin order)."""
+    options = state.options
+    rule = options.rule
+    if rule.order == "origin":
+        return None
+    steps = steps_per_block(options)
+    if steps is None:
+        return options.tokens_per_step
+    masks = _block_masks(state)
+    if state.block_step >= steps - 1:
+        return masks
+    if rule.schedule == "uniform":
+        return uniform_counts(state.block_masks, steps)[state.block_step]
+    fraction = transfer_fraction(state.block_step, steps)
+    return int(torch.tensor(float(masks)) * fraction)  # float32, as Dream's int(n * (1 - s/t))
+
+
+def advance_schedule(state: HoleState) -> None:
+    """Before a forward pass: move on to the first block that still has masks, and past the
+    schedule steps that would commit nothing. Such a step's forward pass could change nothing
+    (nothing is committed), so it is not run; the schedule's step count still advances."""
+    while block_span(state)[0] < state.hole.numel() and _block_masks(state) == 0:
+        state.block, state.block_step, state.block_masks = state.block + 1, 0, -1
+    if block_span(state)[0] >= state.hole.numel():
+        return
+    if state.block_masks < 0:
+        state.block_masks = _block_masks(state)
+    steps = steps_per_block(state.options)
+    while steps is not None and state.block_step < steps - 1 and transfer_count(state) == 0:
+        state.block_step += 1
+
+
+def pick(state: HoleState, logits: torch.Tensor,
+         masked_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one selection rule: which masked positions to commit this step, and their tokens.
+
+    logits (m, V) are the masked positions' in order; only the current block's are candidates.
+    Returns (indices into `masked_positions`, tokens (m,)) -- tokens of non-candidates are -1.
+    Random draws, in this order, from the state's generator: the tokens (temperature), then
+    the positions (origin / random / alg_temp).
+    """
+    options, rule = state.options, state.options.rule
+    start, end = block_span(state)
+    candidates = ((masked_positions >= start) & (masked_positions < end)).nonzero().squeeze(-1)
+    tokens = torch.full((masked_positions.numel(),), -1, dtype=torch.long)
+    if candidates.numel() == 0:
+        return candidates, tokens
+    picked, raw = sample_and_score(logits[candidates], rule.score, options.temperature,
+                                   state.generator, options.top_p, options.top_k, rule.noise)
+    tokens[candidates] = picked
+    generator = state.generator
+    if rule.order == "origin":
+        steps = steps_per_block(options) or 1
+        chance = transfer_fraction(state.block_step, steps)
+        draws = torch.rand(candidates.numel(), generator=generator)
+        return candidates[(draws < chance).nonzero().squeeze(-1)], tokens
+    if rule.order == "random":
+        raw = torch.rand(candidates.numel(), generator=generator)
+    count = transfer_count(state)
+    if count is None:
+        chosen = select_commits(unit_scores(raw, rule.score, logits.shape[-1]), options)
+    else:
+        count = min(count, candidates.numel())
+        if count == 0:
+            chosen = candidates[:0]
+        elif options.alg_temp > 0:
+            weights = torch.softmax(raw / options.alg_temp, dim=-1)
+            chosen = torch.multinomial(weights, count, generator=generator)
+        else:
+            chosen = raw.topk(count).indices
+    return candidates[chosen], tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,11 +592,10 @@ def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> No
     """Commit tokens from one forward pass. logits: (m, V) for the m masked positions, in order."""
     options = state.options
     masked_positions = state.masked.nonzero().squeeze(-1)  # (m,)
-    if options.min_tokens > 0:
+    if options.min_tokens > 0 and not options.exact:  # the references have no such rule
         logits = ban_early_ends(model, logits, masked_positions, options)
-    tokens, scores = score_logits(logits, options.score, options.temperature, state.generator)
-    chosen = select_commits(scores, options)
-    if options.end_runs:
+    chosen, tokens = pick(state, logits, masked_positions)
+    if options.end_runs and not options.exact:
         chosen = with_end_runs(model, chosen, masked_positions, tokens)
     committed = []
     for index in chosen.tolist():
@@ -313,6 +605,8 @@ def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> No
         committed.append((position, token))
     state.steps += 1
     for position, token in sorted(committed):
+        if options.exact:  # the references leave later masks to the schedule
+            break
         if state.closed_at is not None and position >= state.closed_at:
             continue
         ends_line = options.single_line and NEWLINE in model.tokenizer.decode([token])
@@ -320,6 +614,21 @@ def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> No
             _close(state, model, position + 1)
     state.trace.append(StepTrace(committed, state.hole.tolist()))
     _check_finished(model, state)
+    if options.steps is not None:
+        state.block_step += 1
+    advance_schedule(state)
+
+
+def text_settled_by_end(model: LoadedModel, state: HoleState) -> bool:
+    """The committed run at the hole's start ends at a committed end token: the text can no
+    longer change, whatever the positions after it become (exact mode stops here; the
+    references would go on decoding positions that the text never reads)."""
+    for token, masked in zip(state.hole.tolist(), state.masked.tolist(), strict=True):
+        if masked:
+            return False
+        if _is_end(model, token):
+            return True
+    return False
 
 
 def _check_finished(model: LoadedModel, state: HoleState) -> None:
@@ -331,12 +640,15 @@ def _check_finished(model: LoadedModel, state: HoleState) -> None:
     if options.single_line and NEWLINE in text:
         state.finish_reason = "newline"
         return
+    if text_settled_by_end(model, state):
+        state.finish_reason = "end"
+        return
     if bool(state.masked.any()):
         return
     if state.closed_at is not None:
         state.finish_reason = "end"
         return
-    if state.hole.numel() >= options.max_tokens:
+    if state.hole.numel() >= options.max_tokens or options.fixed_length:
         state.finish_reason = "max_tokens"
         return
     grow = min(options.extend_by, options.max_tokens - state.hole.numel())
@@ -363,7 +675,8 @@ def final_text(model: LoadedModel, state: HoleState) -> tuple[str, int]:
 def result(model: LoadedModel, state: HoleState, timings: dict[str, float]) -> Infill:
     text, tokens = final_text(model, state)
     return Infill(text, state.steps, tokens, state.finish_reason or "cancelled", state.trace,
-                  timings, state.full_passes, state.reused_tokens)
+                  timings, state.full_passes, state.guidance_passes,
+                  reused_tokens=state.reused_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +692,7 @@ def window(state: HoleState, shifted: bool) -> tuple[int, int]:
 
 def needs_full_pass(state: HoleState) -> bool:
     options, context = state.options, state.context
-    if not options.reuse_context or context is None:
+    if not options.caches_context or context is None:
         return True
     if context.hole_len != state.hole.numel():
         return True
@@ -404,7 +717,7 @@ def _full_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Te
         input_ids[row, : len(seq)] = seq
         attention[row, : len(seq)] = 1
     padded = any(length != width for length in lengths)
-    keep_cache = any(s.options.reuse_context for s in states)
+    keep_cache = any(s.options.caches_context for s in states)
     cache = DynamicCache() if keep_cache else None
     hidden = model.network.model(
         input_ids=input_ids.to(model.device),
@@ -417,7 +730,7 @@ def _full_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Te
     for row, state in enumerate(states):
         rows.append(_rows_at(hidden[row], logit_positions(state, shifted)))
         state.full_passes += 1
-        if state.options.reuse_context:
+        if state.options.caches_context:
             start, end = window(state, shifted)
             length = lengths[row]
             state.context = ContextCache(
@@ -491,19 +804,46 @@ def forward_holes(model: LoadedModel, states: Sequence[HoleState]) -> list[torch
     pass over their whole sequences (which also refreshes their caches).
     """
     full = [i for i, s in enumerate(states) if needs_full_pass(s)]
+    guided = [i for i, s in enumerate(states) if s.options.cfg_scale > 0]
+    twins = [unconditioned(model, states[i]) for i in guided]
     hidden: dict[int, torch.Tensor] = {}
     for i in full:  # a first pass that reuses its document's context (model.prompt_cache)
         if states[i].reuse is not None and states[i].context is None:
             hidden[i] = states[i].reuse.run(model, states[i])
     full = [i for i in full if i not in hidden]
     if full:
-        hidden.update(zip(full, _full_pass(model, [states[i] for i in full]), strict=True))
+        passed = _full_pass(model, [states[i] for i in full] + twins)
+        hidden.update(zip(full, passed[: len(full)], strict=True))
+        hidden.update(zip([-1 - i for i in guided], passed[len(full):], strict=True))
     cached = [i for i in range(len(states)) if i not in hidden]
     if cached:
         hidden.update(zip(cached, _hole_pass(model, [states[i] for i in cached]), strict=True))
-    rows = torch.cat([hidden[i] for i in range(len(states))])  # (M, H)
+    order = list(range(len(states))) + [-1 - i for i in guided]
+    rows = torch.cat([hidden[i] for i in order])  # (M, H)
     logits = model.network.lm_head(rows).float().cpu()  # (M, V)
-    return list(logits.split([hidden[i].shape[0] for i in range(len(states))]))
+    split = dict(zip(order, logits.split([hidden[i].shape[0] for i in order]), strict=True))
+    for i in guided:
+        states[i].guidance_passes += 1
+        split[i] = guide(split[i], split[-1 - i], states[i].options.cfg_scale)
+    return [split[i] for i in range(len(states))]
+
+
+def unconditioned(model: LoadedModel, state: HoleState) -> HoleState:
+    """The state with its prompt (every prefix and suffix token) masked, as LLaDA's
+    unsupervised classifier-free guidance runs it; same hole, no cache."""
+    mask = model.ids.mask
+    return HoleState(
+        prefix_ids=[mask] * len(state.prefix_ids),
+        suffix_ids=[mask] * len(state.suffix_ids),
+        hole=state.hole,
+        masked=state.masked,
+        options=state.options,
+    )
+
+
+def guide(conditioned: torch.Tensor, unconditioned: torch.Tensor, scale: float) -> torch.Tensor:
+    """LLaDA's guidance: un + (scale + 1) * (cond - un). (m, V) each."""
+    return unconditioned + (scale + 1) * (conditioned - unconditioned)
 
 
 # ---------------------------------------------------------------------------------------------

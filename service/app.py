@@ -266,13 +266,15 @@ def infill_options(hole: wire.Hole) -> InfillOptions:
     what the request leaves out)."""
     from model.sampler import InfillOptions
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = msgspec.structs.asdict(hole.sampling)
     if hole.threshold is not None:
         kwargs["threshold"] = hole.threshold
+    seed = hole.seed
+    if seed is None:
+        seed = random.getrandbits(31) if hole.temperature > 0 else 0
     return InfillOptions(
         max_tokens=hole.max_tokens, initial_tokens=min(INITIAL_TOKENS, hole.max_tokens),
-        tokens_per_step=hole.tokens_per_step, temperature=hole.temperature,
-        seed=random.getrandbits(31) if hole.temperature > 0 else 0,
+        tokens_per_step=hole.tokens_per_step, temperature=hole.temperature, seed=seed,
         single_line=hole.single_line, stop=hole.stop, min_tokens=MIN_TOKENS, **kwargs)
 
 

@@ -10,10 +10,11 @@ Both answer an OpenAI text completion: `{id, object: "text_completion", created,
 choices: [{index, text, finish_reason}], usage: {prompt_tokens, completion_tokens,
 total_tokens}}`. Errors are `{"error": {"message", "type", "code"}}`.
 
-Our service adds two optional request fields (`threshold`, `tokens_per_step`: how the diffusion
-sampler commits tokens) and one optional response field (`diffusion`: steps and timings). The
-client sends the request fields only to a server whose `GET /health` says it is ours; other
-servers never see them.
+Our service adds optional request fields (how the diffusion sampler commits tokens:
+`threshold`, `tokens_per_step`, and the reference samplers' settings `algorithm`, `steps`,
+`block_length`, `top_p`, `top_k`, `alg_temp`, `cfg_scale`, `exact`, `seed`; see `Sampling`)
+and one optional response field (`diffusion`: steps and timings). The client sends the request
+fields only to a server whose `GET /health` says it is ours; other servers never see them.
 """
 
 from __future__ import annotations
@@ -39,8 +40,56 @@ API_FINISH = {"end": "stop", "newline": "stop", "stop": "stop", "max_tokens": "l
               "cancelled": "stop"}
 
 
+# the reference algorithm names the sampler knows (model.sampler.ALGORITHMS; a test keeps them
+# equal): Dream's `alg` and LLaDA's `remasking`
+ALGORITHM_NAMES = ("maskgit_plus", "topk_margin", "entropy", "origin", "low_confidence", "random")
+
+
 class WireError(ValueError):
     """A request the API rejects (400), with the message the client gets."""
+
+
+class Sampling(msgspec.Struct, frozen=True):
+    """The reference samplers' settings (Dream, LLaDA), named as `model.sampler.InfillOptions`
+    names them; the defaults are the sampler's."""
+
+    algorithm: str | None = None
+    steps: int | None = None
+    block_length: int | None = None
+    top_p: float = 1.0
+    top_k: int = 0
+    alg_temp: float = 0.0
+    cfg_scale: float = 0.0
+    exact: bool = False
+
+
+def sampling_problem(sampling: Sampling, max_tokens: int,
+                     tokens_per_step: int | None) -> str | None:
+    """What is wrong with these settings for a hole of `max_tokens`, if anything (the checks
+    `InfillOptions` makes, without importing the model)."""
+    s = sampling
+    if s.algorithm is not None and s.algorithm not in ALGORITHM_NAMES:
+        return f"algorithm must be one of {', '.join(ALGORITHM_NAMES)}"
+    if s.steps is not None and s.steps < 1:
+        return "steps must be positive"
+    if s.steps is not None and tokens_per_step is not None:
+        return "set steps or tokens_per_step, not both"
+    if s.block_length is not None and s.block_length < 1:
+        return "block_length must be positive"
+    if s.block_length is not None and s.steps is not None:
+        if max_tokens % s.block_length:
+            return "with steps, max_tokens must be a multiple of block_length"
+        if s.steps % (max_tokens // s.block_length):
+            return "with block_length, steps must be a multiple of the number of blocks"
+    if not 0.0 < s.top_p <= 1.0:
+        return "top_p must lie in (0, 1]"
+    if s.top_k < 0 or s.alg_temp < 0 or s.cfg_scale < 0:
+        return "top_k, alg_temp and cfg_scale must not be negative"
+    if s.algorithm == "origin" and s.steps is None:
+        return "algorithm origin needs steps"
+    if (s.algorithm == "random" or s.alg_temp > 0) and s.steps is None and tokens_per_step is None:
+        return "algorithm random and alg_temp need steps or tokens_per_step"
+    return None
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -60,6 +109,15 @@ class FimRequest(msgspec.Struct):
     # -- our extensions (sent only to our service) --
     threshold: float | None | UnsetType = UNSET
     tokens_per_step: int | None | UnsetType = UNSET
+    algorithm: str | None | UnsetType = UNSET
+    steps: int | None | UnsetType = UNSET
+    block_length: int | None | UnsetType = UNSET
+    top_p: float | UnsetType = UNSET
+    top_k: int | UnsetType = UNSET
+    alg_temp: float | UnsetType = UNSET
+    cfg_scale: float | UnsetType = UNSET
+    exact: bool | UnsetType = UNSET
+    seed: int | None | UnsetType = UNSET
 
 
 class CompletionsRequest(msgspec.Struct):
@@ -76,6 +134,15 @@ class CompletionsRequest(msgspec.Struct):
     echo: bool | UnsetType = UNSET
     threshold: float | None | UnsetType = UNSET
     tokens_per_step: int | None | UnsetType = UNSET
+    algorithm: str | None | UnsetType = UNSET
+    steps: int | None | UnsetType = UNSET
+    block_length: int | None | UnsetType = UNSET
+    top_p: float | UnsetType = UNSET
+    top_k: int | UnsetType = UNSET
+    alg_temp: float | UnsetType = UNSET
+    cfg_scale: float | UnsetType = UNSET
+    exact: bool | UnsetType = UNSET
+    seed: int | None | UnsetType = UNSET
 
 
 class Hole(msgspec.Struct, frozen=True):
@@ -89,6 +156,8 @@ class Hole(msgspec.Struct, frozen=True):
     temperature: float
     threshold: float | None
     tokens_per_step: int | None
+    sampling: Sampling = Sampling()
+    seed: int | None = None  # None: a fresh one per request when temperature > 0
 
     @property
     def single_line(self) -> bool:
@@ -121,7 +190,17 @@ def _checked(hole: Hole, stream: bool) -> Hole:
         raise WireError("threshold must lie in [0, 1]")
     if hole.tokens_per_step is not None and hole.tokens_per_step < 1:
         raise WireError("tokens_per_step must be positive")
+    problem = sampling_problem(hole.sampling, hole.max_tokens, hole.tokens_per_step)
+    if problem is not None:
+        raise WireError(problem)
     return hole
+
+
+def sampling_of(request: FimRequest | CompletionsRequest) -> Sampling:
+    """The request's reference-sampler fields, the sampler's defaults where left out."""
+    given = {name: getattr(request, name) for name in Sampling.__struct_fields__
+             if getattr(request, name) is not UNSET}
+    return Sampling(**given)
 
 
 def decode_fim(body: bytes) -> Hole:
@@ -132,7 +211,8 @@ def decode_fim(body: bytes) -> Hole:
         raise WireError(f"bad request body: {error}") from error
     return _checked(Hole(request.model, request.prompt, request.suffix, request.max_tokens,
                          stop_words(request.stop), request.temperature,
-                         _given(request.threshold), _given(request.tokens_per_step)),
+                         _given(request.threshold), _given(request.tokens_per_step),
+                         sampling_of(request), _given(request.seed)),
                     _given(request.stream, False))
 
 
@@ -153,7 +233,8 @@ def decode_completions(body: bytes) -> Hole:
         raise WireError("echo is not supported")
     return _checked(Hole(request.model, prompt, request.suffix or "", request.max_tokens,
                          stop_words(request.stop), request.temperature,
-                         _given(request.threshold), _given(request.tokens_per_step)),
+                         _given(request.threshold), _given(request.tokens_per_step),
+                         sampling_of(request), _given(request.seed)),
                     _given(request.stream, False))
 
 

@@ -10,9 +10,11 @@ import pytest
 import benchmarks.model_speed as bench
 import benchmarks.report as report
 
-pytestmark = pytest.mark.skipif(not report.EVAL_DATA.exists(), reason="../shared eval data absent")
+needs_eval_data = pytest.mark.skipif(not report.EVAL_DATA.exists(),
+                                     reason="../shared eval data absent")
 
 
+@needs_eval_data
 @pytest.mark.parametrize("name", ["latency", "throughput", "vs-autoregressive"])
 def test_bench_writes_json(tiny_dirs, tmp_path, monkeypatch, capsys, name):
     monkeypatch.setattr(report, "RESULTS", tmp_path)
@@ -30,3 +32,28 @@ def test_bench_writes_json(tiny_dirs, tmp_path, monkeypatch, capsys, name):
     else:
         assert payload["speedup_p50"] > 0
     assert "saved" in capsys.readouterr().out
+
+
+def test_cache_agreement_covers_every_family_and_mode(tiny_models, tmp_path, monkeypatch, capsys):
+    holes = [{"task_id": "a", "prompt": "def add(a, b):\n    return ", "suffix": "\n"},
+             {"task_id": "b", "prompt": "import os\npath = ", "suffix": "\nprint(path)\n"}]
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "load_holes", lambda split, limit, data: holes[:limit])
+    monkeypatch.setattr(bench, "agreement_models", lambda bundled, workdir: {
+        f"tiny-{name}": model for name, model in tiny_models.items()})
+    args = SimpleNamespace(name="cache-agreement", model=None, family=None,
+                           device="cpu", dtype="auto", data=None, limit=1, max_tokens=4,
+                           tokens_per_step=None, threads=None, shape=None)
+    assert bench.run_bench(args) == 0
+    payload = json.loads((tmp_path / "cache-agreement.json").read_text())
+    runs = payload["runs"]
+    assert {r["family"] for r in runs} == {"default", "dream", "llada"}
+    assert {(r["split"], str(r["settings"])) for r in runs} == {
+        (split, str(settings)) for split in ("single-line", "multi-line")
+        for settings in ("defaults", bench.AGREEMENT_REFERENCE)}
+    for run in runs:
+        modes = run["modes"]
+        assert set(modes) == set(bench.AGREEMENT_MODES)
+        assert modes["exact"]["text_differs_from_exact"] == 0
+        assert 0 <= modes["default"]["text_differs_from_no_cache"] <= run["holes"] == 1
+    assert "cache changes text" in capsys.readouterr().out

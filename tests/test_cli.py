@@ -47,3 +47,30 @@ def test_demo_shows_the_denoising(tiny_dirs):
                    "--max-tokens", "6")
     assert done.returncode == 0, done.stderr
     assert "step 1" in done.stdout and "forward passes" in done.stdout
+
+
+def test_infill_takes_a_model_cards_sampler_settings(tiny_dirs, tiny_models, tmp_path):
+    from model.sampler import InfillOptions, infill
+
+    prefix, suffix = "def f(x):\n    return ", "\n"
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"id": 1, "prefix": prefix, "suffix": suffix}) + "\n")
+    done = run_cli("infill", "--input", str(source), "--output", str(target),
+                   "--model", str(tiny_dirs["llada"]), "--device", "cpu", "--max-tokens", "8",
+                   "--algorithm", "low_confidence", "--steps", "4", "--block-length", "4",
+                   "--temperature", "0.5", "--seed", "3", "--cfg-scale", "0.5", "--exact")
+    assert done.returncode == 0, done.stderr
+    (record,) = [json.loads(line) for line in target.read_text().splitlines()]
+    expected = infill(tiny_models["llada"], prefix, suffix, InfillOptions(
+        max_tokens=8, algorithm="low_confidence", steps=4, block_length=4, temperature=0.5,
+        seed=3, cfg_scale=0.5, exact=True))
+    assert (record["completion"], record["steps"]) == (expected.text, expected.steps)
+
+
+def test_infill_refuses_an_unknown_algorithm_with_the_known_ones(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": 1, "prefix": "x", "suffix": ""}\n')
+    done = run_cli("infill", "--input", str(source), "--output", str(tmp_path / "o.jsonl"),
+                   "--algorithm", "greedy")
+    assert done.returncode == 2
+    assert "maskgit_plus" in done.stderr and "Traceback" not in done.stderr

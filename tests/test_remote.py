@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
 import msgspec
@@ -20,7 +20,7 @@ import pytest
 
 from lsp_server.backends import BackendError, CompletionJob, make_backend
 from lsp_server.backends.remote import Endpoints, RemoteBackend, backoff_s, cut_at_stop
-from lsp_server.settings import RemoteSettings, Settings
+from lsp_server.settings import RemoteSettings, SamplerSettings, Settings
 from service import wire
 
 KEY = "sk_standin_0123456789abcdef"  # a made-up key: it must never reach a log line
@@ -44,6 +44,7 @@ class StandIn:
     "ok", an HTTP status (429, 500...), "hang" (never answer) or "chat" (a chat-shaped answer)."""
 
     key: str = KEY
+    ours: bool = False  # answer /health as our service does (then it takes our extensions)
     plan: list = field(default_factory=list)
     text: str = "a + b"
     seen: list[Seen] = field(default_factory=list)
@@ -95,11 +96,13 @@ class StandIn:
             return 401, {"error": {"message": "Incorrect API key provided",
                                    "type": "invalid_request_error",
                                    "code": "invalid_api_key"}}, {}
+        if seen.path == wire.HEALTH_PATH and self.ours:
+            return 200, msgspec.to_builtins(wire.Health("ok", replicas=1)), {}
         if seen.path == wire.MODELS_PATH and seen.method == "GET":
             return 200, {"object": "list", "data": [{"id": "mercury-coder", "object": "model"}]}, {}
         if seen.path not in (wire.FIM_PATH, wire.COMPLETIONS_PATH) or seen.method != "POST":
             return 404, {"error": {"message": "not found"}}, {}
-        problem = _contract_problem(seen)
+        problem = _contract_problem(seen, self.ours)
         if problem:
             return 400, {"error": {"message": problem, "type": "invalid_request_error"}}, {}
         step = self.plan.pop(0) if self.plan else "ok"
@@ -122,14 +125,15 @@ class StandIn:
                                "total_tokens": 8}}, {}
 
 
-def _contract_problem(seen: Seen) -> str | None:
+def _contract_problem(seen: Seen, ours: bool = False) -> str | None:
     body = seen.body
+    allowed = FIM_FIELDS | (set(wire.FimRequest.__struct_fields__) if ours else set())
     if not isinstance(body, dict):
         return "the body must be a JSON object"
     if seen.headers.get("content-type", "").split(";")[0] != "application/json":
         return "Content-Type must be application/json"
-    if seen.path == wire.FIM_PATH and set(body) - FIM_FIELDS:
-        return f"unknown fields: {sorted(set(body) - FIM_FIELDS)}"
+    if seen.path == wire.FIM_PATH and set(body) - allowed:
+        return f"unknown fields: {sorted(set(body) - allowed)}"
     if not isinstance(body.get("model"), str) or not isinstance(body.get("prompt"), str):
         return "model and prompt are required strings"
     if not isinstance(body.get("suffix", ""), str):
@@ -242,7 +246,38 @@ async def test_start_describes_a_server_that_is_not_ours_and_sends_no_extensions
         await backend.close()
     assert standin.url in description
     assert [s.path for s in standin.seen][:2] == ["/health", "/v1/models"]
-    assert "threshold" not in standin.completions()[0].body
+    body = standin.completions()[0].body
+    assert "threshold" not in body and "algorithm" not in body and "seed" not in body
+
+
+async def test_our_service_gets_the_sampler_settings_the_server_was_given():
+    sampler = SamplerSettings(algorithm="entropy", steps=8, temperature=0.2, top_p=0.95, seed=5)
+    async with StandIn(ours=True) as standin:
+        backend = await _started(standin.url)
+        await backend.complete(replace(JOB, sampler=sampler))
+        await backend.close()
+    (seen,) = standin.completions()
+    hole = wire.decode_fim(json.dumps(seen.body).encode())
+    assert hole.sampling == wire.Sampling(algorithm="entropy", steps=8, top_p=0.95)
+    assert (hole.temperature, hole.seed) == (0.2, 5)
+
+
+def test_wire_checks_the_sampler_settings():
+    for fields, problem in ((b'"algorithm": "greedy"', "maskgit_plus"),
+                            (b'"steps": 8, "block_length": 5', "multiple of block_length"),
+                            (b'"algorithm": "origin"', "needs steps"),
+                            (b'"top_p": 0', "top_p")):
+        with pytest.raises(wire.WireError, match=problem):
+            wire.decode_fim(b'{"model": "m", "prompt": "p", "max_tokens": 16, ' + fields + b"}")
+
+
+def test_the_algorithm_names_agree_everywhere():
+    import typing
+
+    from lsp_server.settings import Algorithm
+    from model.sampler import ALGORITHMS
+
+    assert tuple(ALGORITHMS) == wire.ALGORITHM_NAMES == typing.get_args(Algorithm)
 
 
 # -- failures, retries, deadline -----------------------------------------------------------------

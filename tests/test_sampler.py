@@ -10,11 +10,15 @@ import torch
 from model.sampler import (
     InfillOptions,
     apply_step,
+    filter_logits,
     forward_holes,
     infill,
+    layout_ids,
     new_state,
     score_logits,
     select_commits,
+    transfer_fraction,
+    uniform_counts,
 )
 
 from .conftest import FAMILY_NAMES
@@ -286,3 +290,242 @@ def test_an_end_run_stops_at_a_committed_token(tiny_model):
     apply_step(model, state, torch.cat([logits[:4], logits[5:]]))  # rows of masked positions
     assert state.closed_at == 6  # the run 5..7 only: position 4 holds a real token
     assert state.masked.tolist() == [True] * 4 + [False] * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference samplers: Dream's and LLaDA's settings, and exact mode against a reference loop
+
+
+def test_unknown_algorithm_lists_known_ones():
+    with pytest.raises(ValueError, match="maskgit_plus, topk_margin, entropy, origin, "
+                                         "low_confidence, random"):
+        InfillOptions(algorithm="greedy")
+
+
+def test_reference_settings_are_checked():
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        InfillOptions(steps=8, max_tokens=10, block_length=4)
+    with pytest.raises(ValueError, match="multiple of the number of blocks"):
+        InfillOptions(steps=6, max_tokens=16, block_length=4)
+    with pytest.raises(ValueError, match="origin' needs steps"):
+        InfillOptions(algorithm="origin")
+    with pytest.raises(ValueError, match="not both"):
+        InfillOptions(steps=4, tokens_per_step=2)
+
+
+def test_llada_counts_spread_a_blocks_masks_remainder_first():
+    assert uniform_counts(10, 4) == [3, 3, 2, 2]
+    assert uniform_counts(3, 4) == [1, 1, 1, 0]
+
+
+def test_dream_schedule_commits_what_its_timesteps_say():
+    """One token a step (steps == masks): the first step's share rounds down to none and the
+    last commits the rest; every step in between commits one."""
+    counts = []
+    masks, steps = 8, 8
+    for step in range(steps):
+        fraction = transfer_fraction(step, steps)
+        count = masks if step == steps - 1 else int(torch.tensor(float(masks)) * fraction)
+        counts.append(count)
+        masks -= count
+    assert counts[0] == 0 and sum(counts) == 8 and counts[-1] >= 1
+
+
+def test_a_step_budget_fills_a_fixed_hole_without_idle_passes(tiny_models):
+    model = tiny_models["dream"]
+    options = InfillOptions(max_tokens=8, steps=8, algorithm="entropy", exact=True)
+    state = new_state(model, PREFIX, SUFFIX, options)
+    assert state.hole.numel() == 8 and state.block_step == 1  # step 0 commits none: skipped
+    result = infill(model, PREFIX, SUFFIX, options)
+    assert all(step.committed for step in result.trace)
+    assert result.steps <= 7
+
+
+def test_blocks_are_decoded_left_to_right(tiny_models):
+    model = tiny_models["llada"]
+    options = InfillOptions(max_tokens=12, steps=6, block_length=4, algorithm="low_confidence",
+                            exact=True)
+    result = infill(model, PREFIX, SUFFIX, options)
+    mask = model.ids.mask
+    for step in result.trace:
+        filled = [token != mask for token in step.hole]
+        for block in range(1, 3):  # a later block starts only once the earlier ones are full
+            if any(filled[block * 4:(block + 1) * 4]):
+                assert all(filled[: block * 4])
+        assert len(step.committed) == 2  # 4 masks over 2 steps per block
+
+
+def test_top_p_and_top_k_keep_the_likeliest_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    lowest = torch.finfo(logits.dtype).min
+    kept = filter_logits(logits, top_p=0.7, top_k=0) > lowest
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 crosses 0.7
+    kept = filter_logits(logits, top_p=1.0, top_k=3) > lowest
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_cfg_scale_runs_an_unconditioned_pass_with_the_prompt_masked(tiny_models):
+    model = tiny_models["llada"]
+    options = InfillOptions(max_tokens=6, steps=6, algorithm="low_confidence", cfg_scale=1.0)
+    state = new_state(model, PREFIX, SUFFIX, options)
+    (guided,) = forward_holes(model, [state])
+    plain_state = new_state(model, PREFIX, SUFFIX, replace(options, cfg_scale=0.0))
+    (plain,) = forward_holes(model, [plain_state])
+    mask = model.ids.mask
+    twin = new_state(model, "", "", replace(options, cfg_scale=0.0))
+    twin.prefix_ids = [mask] * len(plain_state.prefix_ids)
+    twin.suffix_ids = [mask] * len(plain_state.suffix_ids)
+    (unguided,) = forward_holes(model, [twin])
+    torch.testing.assert_close(guided, unguided + 2.0 * (plain - unguided))
+    assert state.guidance_passes == 1 and state.steps == 0
+
+
+def _dream_sample(logits, temperature, top_p, top_k, generator):
+    """Dream's sample_tokens: logits / T, top_p, top_k, softmax; sample or take the max."""
+    if temperature > 0:
+        logits = logits / temperature
+    logits = filter_logits(logits, top_p, top_k)
+    probs = torch.softmax(logits, dim=-1)
+    if temperature > 0:
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        tokens = probs.argmax(-1)
+    return probs, tokens
+
+
+def reference_loop(model, prefix, suffix, algorithm, gen_length, steps, block_length=None,
+                   temperature=0.0, top_p=1.0, top_k=0, alg_temp=0.0, cfg_scale=0.0, seed=0):
+    """Dream's `_sample` and LLaDA's `generate`, written out from their published code with a
+    full forward pass over the whole sequence every step. The hole after every step.
+
+    Random draws come from one generator, tokens first and then positions, for the current
+    block's masked positions in order (the references draw over whole rows, where the other
+    entries cannot be drawn: the same distributions); a step that commits no position is
+    skipped without drawing (the sampler under test documents the same conventions).
+    """
+    prefix_ids, suffix_ids = layout_ids(model, prefix, suffix)
+    mask, start = model.ids.mask, len(prefix_ids)
+    x = torch.tensor(prefix_ids + [mask] * gen_length + suffix_ids)
+    prompt = x != mask
+    generator = torch.Generator().manual_seed(seed)
+    block_length = block_length or gen_length
+    blocks = gen_length // block_length
+    per_block = steps // blocks
+    times = torch.linspace(1, 1e-3, per_block + 1)
+    history = []
+    for block in range(blocks):
+        in_block = torch.zeros_like(prompt)
+        in_block[start + block * block_length: start + (block + 1) * block_length] = True
+        block_masks = int((x[in_block] == mask).sum())
+        llada_counts = [block_masks // per_block + (1 if i < block_masks % per_block else 0)
+                        for i in range(per_block)]
+        for i in range(per_block):
+            candidates = (x == mask) & in_block
+            n = int(candidates.sum())
+            t, s = times[i], times[i + 1]
+            if algorithm in ("low_confidence", "random"):
+                count = llada_counts[i]
+            elif algorithm != "origin":
+                count = int(torch.tensor(float(n)) * (1 - s / t)) if i < per_block - 1 else n
+            if algorithm != "origin" and count == 0:
+                continue
+            with torch.inference_mode():
+                logits = model.network(x[None]).logits[0].float()  # (L, V)
+                if cfg_scale > 0:
+                    unprompted = x.clone()
+                    unprompted[prompt] = mask
+                    un = model.network(unprompted[None]).logits[0].float()
+                    logits = un + (cfg_scale + 1) * (logits - un)
+            if model.family.shifted_logits:
+                logits = torch.cat([logits[:1], logits[:-1]])
+            rows = logits[candidates]  # (n, V)
+            if algorithm in ("low_confidence", "random"):
+                if temperature > 0:
+                    rows64 = rows.to(torch.float64)
+                    u = torch.rand(rows64.shape, dtype=torch.float64, generator=generator)
+                    tokens = (rows64.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+                else:
+                    tokens = rows.argmax(-1)
+                if algorithm == "low_confidence":
+                    scores = torch.softmax(rows, -1).gather(-1, tokens[:, None]).squeeze(-1)
+                else:
+                    scores = torch.rand(n, generator=generator)
+            else:
+                probs, tokens = _dream_sample(rows, temperature, top_p, top_k, generator)
+                if algorithm == "entropy":
+                    scores = (probs * torch.log(probs + 1e-10)).sum(-1)
+                elif algorithm == "topk_margin":
+                    top2 = probs.sort(-1, descending=True).values
+                    scores = top2[:, 0] - top2[:, 1]
+                else:
+                    scores = probs.gather(-1, tokens[:, None]).squeeze(-1)
+            proposal = torch.full_like(x, mask)
+            proposal[candidates] = tokens
+            if algorithm == "origin":
+                chance = 1 - s / t if i < per_block - 1 else 1
+                transfer = torch.zeros_like(prompt)
+                transfer[candidates] = torch.rand(n, generator=generator) < chance
+                x[transfer] = proposal[transfer]
+            else:
+                full = torch.full(x.shape, -torch.inf)
+                full[candidates] = scores
+                if alg_temp > 0:  # Dream's row is 0 off the candidates: the same distribution
+                    weights = torch.softmax(scores / alg_temp, -1)
+                    drawn = torch.multinomial(weights, count, generator=generator)
+                    chosen = candidates.nonzero().squeeze(-1)[drawn]
+                else:
+                    chosen = torch.topk(full, count).indices
+                x[chosen] = proposal[chosen]
+            history.append(x[start: start + gen_length].tolist())
+    return history
+
+
+def _distinct(holes: list[list[int]]) -> list[list[int]]:
+    return [hole for i, hole in enumerate(holes) if i == 0 or hole != holes[i - 1]]
+
+
+REFERENCE_CASES = [  # (family, settings, seed): every setting once, the sampled ones twice
+    ("dream", dict(algorithm="entropy", steps=12), 0),  # one token a step
+    ("dream", dict(algorithm="entropy", steps=6, temperature=0.2, top_p=0.95), 1),  # DiffuCoder
+    ("dream", dict(algorithm="entropy", steps=6, temperature=0.2, top_p=0.95), 2),
+    ("dream", dict(algorithm="maskgit_plus", steps=4, alg_temp=0.5), 2),
+    ("dream", dict(algorithm="topk_margin", steps=5, top_k=20), 0),
+    ("dream", dict(algorithm="origin", steps=6, temperature=0.5), 1),
+    ("llada", dict(algorithm="low_confidence", steps=6, block_length=4), 2),
+    ("llada", dict(algorithm="random", steps=12, block_length=6, temperature=0.7), 0),
+    ("llada", dict(algorithm="random", steps=12, block_length=6, temperature=0.7), 1),
+    ("llada", dict(algorithm="low_confidence", steps=4, cfg_scale=0.5), 0),
+    ("default", dict(algorithm="low_confidence", steps=6, temperature=1.0), 1),
+]
+
+
+@pytest.mark.parametrize(("name", "settings", "seed"), REFERENCE_CASES)
+def test_exact_mode_reproduces_the_reference_trajectory(tiny_models, name, settings, seed):
+    model = tiny_models[name]
+    prefix, suffix = [(PREFIX, SUFFIX), ("x = ", "\n"), ("import os\n", "\n\nos.")][seed]
+    gen_length = 12
+    options = InfillOptions(max_tokens=gen_length, exact=True, seed=seed, **settings)
+    result = infill(model, prefix, suffix, options)
+    reference = _distinct(reference_loop(model, prefix, suffix, gen_length=gen_length,
+                                         seed=seed, **settings))
+    ours = _distinct([step.hole for step in result.trace])
+    assert ours == reference[: len(ours)]
+    assert result.finish_reason in ("end", "max_tokens")
+    if result.finish_reason == "max_tokens":
+        assert len(ours) == len(reference)
+    final = reference[-1]
+    ends = [i for i, token in enumerate(final) if token == model.ids.end_of_hole
+            or token in model.ids.extra_end]
+    expected = model.tokenizer.decode(final[: ends[0]] if ends else final,
+                                      skip_special_tokens=False)
+    assert result.text == expected
+
+
+def test_exact_mode_lets_the_hole_end_at_once_as_the_references_do(tiny_model):
+    model = tiny_model
+    end = model.ids.end_of_hole
+    state = new_state(model, PREFIX, SUFFIX, InfillOptions(max_tokens=4, threshold=0.5,
+                                                           min_tokens=1, exact=True))
+    apply_step(model, state, sharp_logits(model, [end, end, end, end]))
+    assert state.hole.tolist() == [end] * 4 and state.finish_reason == "end"
+    assert state.closed_at is None  # nothing was closed: every position was decoded

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lsp_server import context as ctx
+from lsp_server.backends import BackendError
 from lsp_server.cache import CompletionCache
 from lsp_server.postprocess import (
     Surroundings,
@@ -249,3 +250,44 @@ def test_the_api_key_never_shows_in_a_repr():
     settings, _ = merge(Settings(), {"remote": {"apiKey": "sk-secret-123"}})
     assert settings.remote.api_key == "sk-secret-123"
     assert "sk-secret-123" not in repr(settings) and "sk-secret-123" not in str(settings)
+
+
+def test_sampler_settings_decode_and_bad_ones_are_reported():
+    raw = {"completion": {"sampler": {"algorithm": "entropy", "steps": 16, "topP": 0.95,
+                                      "temperature": 0.2}}}
+    settings, problems = merge(Settings(), raw)
+    sampler = settings.completion.sampler
+    assert problems == []
+    assert (sampler.algorithm, sampler.steps, sampler.top_p, sampler.temperature) == (
+        "entropy", 16, 0.95, 0.2)
+    for bad, word in (({"algorithm": "greedy"}, "algorithm"),
+                      ({"blockLength": 5, "steps": 10}, "block_length"),
+                      ({"topP": 1.5}, "top_p")):
+        kept, problems = merge(settings, {"completion": {"sampler": bad}})
+        assert word in "\n".join(problems)
+    assert merge(settings, {"completion": {"sampler": {"algorithm": "greedy"}}})[0] == settings
+
+
+async def test_the_local_backend_samples_as_the_settings_say(tiny_dirs, tiny_models):
+    from lsp_server.backends import CompletionJob
+    from lsp_server.backends.local import LocalBackend
+    from lsp_server.settings import ModelSettings, SamplerSettings
+    from model.sampler import InfillOptions, infill
+
+    sampler = SamplerSettings(algorithm="low_confidence", steps=4, block_length=4,
+                              temperature=0.7, seed=11, exact=True)
+    settings = Settings(model=ModelSettings(path=str(tiny_dirs["llada"]), device="cpu"))
+    backend = LocalBackend()
+    await backend.start(settings, report=lambda message: None)
+    try:
+        outcome = await backend.complete(CompletionJob(
+            prefix="x = ", suffix="\n", max_tokens=8, single_line=False, sampler=sampler))
+        with pytest.raises(BackendError, match="sampler settings"):
+            await backend.complete(CompletionJob(prefix="x = ", suffix="\n", max_tokens=6,
+                                                 single_line=False, sampler=sampler))
+    finally:
+        await backend.close()
+    expected = infill(tiny_models["llada"], "x = ", "\n", InfillOptions(
+        max_tokens=8, initial_tokens=8, min_tokens=1, algorithm="low_confidence", steps=4,
+        block_length=4, temperature=0.7, seed=11, exact=True))
+    assert (outcome.text, outcome.steps) == (expected.text, expected.steps)

@@ -26,6 +26,7 @@ from service.app import (
     ServiceConfig,
     authorized,
     binding_problem,
+    infill_options,
     infiller_options,
     token_digest,
 )
@@ -38,6 +39,18 @@ STOP_TIMEOUT_S = 60
 
 
 # -- pure pieces ---------------------------------------------------------------------------------
+
+
+def test_a_requests_sampler_settings_reach_the_sampler():
+    body = (b'{"model": "m", "prompt": "p", "max_tokens": 16, "temperature": 0.5, "seed": 9, '
+            b'"algorithm": "low_confidence", "steps": 8, "block_length": 8, "cfg_scale": 1.5, '
+            b'"exact": true}')
+    options = infill_options(wire.decode_fim(body))
+    assert (options.algorithm, options.steps, options.block_length) == ("low_confidence", 8, 8)
+    assert (options.temperature, options.seed, options.cfg_scale, options.exact) == (
+        0.5, 9, 1.5, True)
+    plain = infill_options(wire.decode_fim(b'{"model": "m", "prompt": "p"}'))
+    assert plain.algorithm is None and plain.steps is None and not plain.exact
 
 
 def test_token_check():

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lsp_server.settings import Settings
+from lsp_server.settings import SamplerSettings, Settings
 
 CHARS_PER_TOKEN = 3.5  # token estimate for backends without a local tokenizer
 
@@ -35,6 +35,7 @@ class CompletionJob:
     stop: tuple[str, ...] = ()
     threshold: float = 0.9
     tokens_per_step: int | None = None
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)  # reference samplers
     document: str | None = None  # the document's URI: a local engine reuses its context
 
 

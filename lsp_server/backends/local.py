@@ -6,6 +6,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import msgspec
+
 from lsp_server.backends.base import (
     BackendError,
     CompletionJob,
@@ -58,10 +60,14 @@ class LocalBackend:
             raise BackendError("the model is not loaded", "unavailable")
         from model.sampler import InfillOptions
 
-        options = InfillOptions(
-            max_tokens=job.max_tokens, initial_tokens=min(16, job.max_tokens),
-            threshold=job.threshold, tokens_per_step=job.tokens_per_step,
-            single_line=job.single_line, stop=job.stop, min_tokens=1)
+        try:
+            options = InfillOptions(
+                max_tokens=job.max_tokens, initial_tokens=min(16, job.max_tokens),
+                threshold=job.threshold, tokens_per_step=job.tokens_per_step,
+                single_line=job.single_line, stop=job.stop, min_tokens=1,
+                **msgspec.structs.asdict(job.sampler))
+        except ValueError as error:  # settings the sampler refuses: no completion, say why
+            raise BackendError(f"sampler settings: {error}") from error
         began = time.perf_counter()
         result = await self.engine.infill(job.prefix, job.suffix, options, job.document)
         return CompletionOutcome(

@@ -38,7 +38,7 @@ from lsp_server.backends.base import (
     CompletionOutcome,
     estimate_tokens,
 )
-from lsp_server.settings import RemoteSettings, Settings
+from lsp_server.settings import RemoteSettings, Settings, wire_sampling
 from service import wire
 
 log = logging.getLogger(__name__)
@@ -223,8 +223,12 @@ class RemoteBackend:
             request = wire.CompletionsRequest(model=self._model, prompt=job.prefix,
                                               suffix=job.suffix, max_tokens=job.max_tokens,
                                               stop=stop_field, temperature=0.0)
+        request.temperature = job.sampler.temperature
         if self._ours:  # only our service takes the sampler's settings
             request.threshold, request.tokens_per_step = job.threshold, job.tokens_per_step
+            for name, value in msgspec.structs.asdict(wire_sampling(job.sampler)).items():
+                setattr(request, name, value)
+            request.seed = job.sampler.seed
         return request
 
     async def _post(self, path: str, body: bytes, deadline: float) -> httpx.Response:

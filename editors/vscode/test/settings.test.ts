@@ -100,3 +100,14 @@ test("the status bar shows loading, ready with the last latency, disabled and er
   assert.equal(clickCommand({ state: "disabled" }), "diffusionLsp.toggle");
   assert.equal(clickCommand({ state: "error" }), "diffusionLsp.showOutput");
 });
+
+test("the reference sampler settings reach the server under completion.sampler", () => {
+  const tree = serverSettings(configuration({
+    "completion.sampler.algorithm": "entropy", "completion.sampler.steps": 32, "completion.sampler.topP": 0.95,
+  }));
+  const sampler = (tree.completion as Tree).sampler as Tree;
+  assert.deepEqual(
+    { algorithm: sampler.algorithm, steps: sampler.steps, topP: sampler.topP, exact: sampler.exact },
+    { algorithm: "entropy", steps: 32, topP: 0.95, exact: false },
+  );
+});
