@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from benchmarks.report import (
     load_holes,
@@ -141,17 +142,24 @@ def _set_causal(model: LoadedModel, causal: bool) -> None:
 
 
 @torch.inference_mode()
-def autoregressive_ms(model: LoadedModel, prefix: str, new_tokens: int) -> float:
-    """Time to decode `new_tokens` left to right (causal, KV cache, greedy) after `prefix`."""
+def autoregressive_ms(model: LoadedModel, prefix: str, new_tokens: int,
+                      warm: bool = False) -> float:
+    """Time to decode `new_tokens` left to right (causal, KV cache, greedy) after `prefix`.
+    `warm`: the prefix's keys/values are already cached (a prompt cache, as llama.cpp keeps
+    across requests), so only the decoding is timed."""
     prefix_ids, _ = layout_ids(model, prefix, "")
     ids = torch.tensor([prefix_ids], device=model.device)
     _set_causal(model, True)
     try:
+        cache = None
+        if warm:
+            cache = DynamicCache()
+            model.network.model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
         began = time.perf_counter()
         model.network.generate(ids, attention_mask=torch.ones_like(ids),
                                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                do_sample=False, use_cache=True, pad_token_id=model.ids.pad,
-                               eos_token_id=None)
+                               eos_token_id=None, past_key_values=cache)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - began) * 1e3
@@ -162,25 +170,41 @@ def autoregressive_ms(model: LoadedModel, prefix: str, new_tokens: int) -> float
 def bench_vs_autoregressive(model: LoadedModel, holes: list[dict], max_tokens: int,
                             tokens_per_step: int | None) -> dict:
     """Diffusion fills the hole with exactly `max_tokens` real tokens (end tokens banned, so the
-    step count is fixed by `tokens_per_step`); AR decodes the same number after the same prefix."""
+    step count is fixed by `tokens_per_step`); AR decodes the same number after the same prefix.
+    Each also warm: the context's keys/values cached beforehand (diffusion: the document's
+    context, `model.prompt_cache`; AR: the prefix's), as while the user types."""
+    from model.prompt_cache import PromptCache
+
     options = InfillOptions(max_tokens=max_tokens, initial_tokens=max_tokens,
                             tokens_per_step=tokens_per_step, min_tokens=max_tokens)
     rows = []
     autoregressive_ms(model, holes[0]["prompt"], 4)  # warm-up
+    cache = PromptCache()
     for hole in holes:
         began = time.perf_counter()
-        result = infill(model, hole["prompt"], hole["suffix"], options)
+        result = infill(model, hole["prompt"], hole["suffix"], options, cache=cache,
+                        document=hole["task_id"])
         diffusion = (time.perf_counter() - began) * 1e3
+        began = time.perf_counter()
+        infill(model, hole["prompt"], hole["suffix"], options, cache=cache,
+               document=hole["task_id"])
+        diffusion_warm = (time.perf_counter() - began) * 1e3
         hole_tokens = max(result.tokens, 1)  # real tokens: end tokens are banned
         ar = autoregressive_ms(model, hole["prompt"], hole_tokens)
+        ar_warm = autoregressive_ms(model, hole["prompt"], hole_tokens, warm=True)
         rows.append({"task_id": hole["task_id"], "tokens": hole_tokens,
                      "diffusion_ms": diffusion, "autoregressive_ms": ar,
+                     "diffusion_warm_ms": diffusion_warm, "autoregressive_warm_ms": ar_warm,
                      "diffusion_tokens_per_s": hole_tokens / diffusion * 1e3,
                      "autoregressive_tokens_per_s": hole_tokens / ar * 1e3,
-                     "speedup": ar / diffusion, "steps": result.steps})
+                     "speedup": ar / diffusion, "speedup_warm": ar_warm / diffusion_warm,
+                     "steps": result.steps})
     return {
         "tokens_per_step": tokens_per_step, "max_tokens": max_tokens,
         "speedup_p50": percentile([r["speedup"] for r in rows], 50),
+        "speedup_warm_p50": percentile([r["speedup_warm"] for r in rows], 50),
+        "diffusion_warm_ms_p50": percentile([r["diffusion_warm_ms"] for r in rows], 50),
+        "autoregressive_warm_ms_p50": percentile([r["autoregressive_warm_ms"] for r in rows], 50),
         "diffusion_tokens_per_s_p50": percentile([r["diffusion_tokens_per_s"] for r in rows], 50),
         "autoregressive_tokens_per_s_p50": percentile(
             [r["autoregressive_tokens_per_s"] for r in rows], 50),
@@ -197,38 +221,89 @@ SHAPES = {
     "qwen2.5-7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
                    "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
                    "max_position_embeddings": 32768, "rope_theta": 1000000.0},
+    # Open-dCoder-0.5B / Qwen2.5-(Coder-)0.5B: the size people run on a laptop CPU
+    "qwen2.5-0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+                     "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+                     "tie_word_embeddings": True},
     # a few MB of weights: the same code path on a CPU, for tests
     "tiny-qwen2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
                    "max_position_embeddings": 2048, "rope_theta": 1000000.0},
 }
-CPU_SHAPES = ("tiny-qwen2",)  # small enough to run without a GPU
+CPU_SHAPES = ("qwen2.5-0.5b", "tiny-qwen2")  # small enough to run without a GPU
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # SXM memory bandwidth
 
 
 def random_model_of_shape(shape: str, device: str) -> LoadedModel:
-    """A `dream`-family model of a published shape with random bf16 weights, on the GPU
-    (or, for CPU_SHAPES, wherever `device` says)."""
+    """A `dream`-family model of a published shape with random weights: bf16 on the GPU; for
+    CPU_SHAPES on a CPU, in the dtype `auto` picks there (`model.cpu`)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from model.families import DREAM
-    from model.loader import make_bidirectional, pick_device, resolve_special_ids
-    from model.tiny import FAMILY_SPECIAL_TOKENS, SAMPLE_CODE
-    from model.tokenizer import train_tokenizer
+    from model.loader import make_bidirectional, pick_device, pick_dtype, resolve_special_ids
 
     if shape not in SHAPES:
         raise SystemExit(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     torch_device = pick_device(device)
     if torch_device.type != "cuda" and shape not in CPU_SHAPES:
         raise SystemExit(f"--shape {shape} needs a CUDA GPU (its bf16 weights take many GB)")
-    config = Qwen2Config(**SHAPES[shape], tie_word_embeddings=False)
+    config = Qwen2Config(**{"tie_word_embeddings": False, **SHAPES[shape]})
     config._attn_implementation = "sdpa"
-    with torch_device:
-        network = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+    with torch.device("meta"):
+        network = Qwen2ForCausalLM(config)
+    dtype = pick_dtype("auto", torch_device, sum(p.numel() for p in network.parameters()))
+    network = random_weights(network, config, torch_device, dtype)
     make_bidirectional(network)
-    tokenizer = train_tokenizer([SAMPLE_CODE] * 4, 400, FAMILY_SPECIAL_TOKENS["dream"], 1)
+    tokenizer = shape_tokenizer(shape)
     return LoadedModel(network, tokenizer, DREAM, resolve_special_ids(tokenizer, DREAM, Path()),
-                       torch_device, torch.bfloat16, Path(f"random:{shape}"))
+                       torch_device, dtype, Path(f"random:{shape}"))
+
+
+INIT_STD = 0.02  # Qwen2's initializer_range
+
+
+@torch.no_grad()
+def random_weights(network: torch.nn.Module, config, device: torch.device,
+                   dtype: torch.dtype) -> torch.nn.Module:
+    """`network` (built on the meta device) with N(0, INIT_STD) weights and unit norms, made
+    directly in `dtype` on `device`: seconds for 0.5B parameters, where transformers' own
+    initialisation takes minutes on a 2-core CPU."""
+    network = network.to_empty(device=device).to(dtype)
+    for name, parameter in network.named_parameters():
+        if name.endswith("norm.weight"):
+            parameter.fill_(1.0)
+        else:
+            parameter.normal_(0.0, INIT_STD)
+    if config.tie_word_embeddings:
+        network.tie_weights()
+    network.model.rotary_emb = type(network.model.rotary_emb)(config=config).to(device)
+    return network.eval()
+
+
+def shape_tokenizer(shape: str):
+    """The tokenizer a random model of `shape` gets: a 400-piece one for the tiny shape (its
+    vocabulary has 512 rows), the bundled code BPE for published shapes."""
+    if shape != "tiny-qwen2":
+        return code_tokenizer()
+    from model.tiny import FAMILY_SPECIAL_TOKENS, SAMPLE_CODE
+    from model.tokenizer import train_tokenizer
+
+    return train_tokenizer([SAMPLE_CODE] * 4, 400, FAMILY_SPECIAL_TOKENS["dream"], 1)
+
+
+def code_tokenizer():
+    """The bundled model's code BPE (8,192 pieces) with the dream family's special tokens
+    added: random-weight models of a published shape get contexts of a realistic number of
+    tokens (a real code tokenizer; Qwen2.5's own cannot be downloaded here)."""
+    from tokenizers import Tokenizer
+
+    from model.loader import BUNDLED_DIR, TOKENIZER_FILE
+    from model.tiny import FAMILY_SPECIAL_TOKENS
+
+    tokenizer = Tokenizer.from_file(str(BUNDLED_DIR / TOKENIZER_FILE))
+    tokenizer.add_special_tokens(FAMILY_SPECIAL_TOKENS["dream"])
+    return tokenizer
 
 
 def bandwidth_bound_ms(model: LoadedModel) -> float | None:
@@ -252,13 +327,13 @@ def plot(name: str, payload: dict) -> Path | None:
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    if name == "latency":
+    if name.startswith("latency"):
         for run in payload["runs"]:
             label = f"{run['split']}, {run['variant']}"
             plot_cdf(ax, run["rows"], label)
         ax.set_xlabel("latency per infill (ms)")
         ax.set_ylabel("fraction of holes")
-    elif name == "throughput":
+    elif name.startswith("throughput"):
         runs = payload["runs"]
         ax.plot([r["concurrency"] for r in runs], [r["tokens_per_s"] for r in runs], "o-",
                 label="tokens/s")
@@ -270,8 +345,12 @@ def plot(name: str, payload: dict) -> Path | None:
         ax.set_ylabel("tokens/s")
     else:
         rows = payload["rows"]
-        ax.bar(["diffusion", "autoregressive"],
-               [payload["diffusion_tokens_per_s_p50"], payload["autoregressive_tokens_per_s_p50"]])
+        warm = [percentile([r["tokens"] / r[f"{side}_warm_ms"] * 1e3 for r in rows], 50)
+                for side in ("diffusion", "autoregressive")]
+        ax.bar(["diffusion", "autoregressive", "diffusion,\ncontext cached",
+                "autoregressive,\nprefix cached"],
+               [payload["diffusion_tokens_per_s_p50"], payload["autoregressive_tokens_per_s_p50"],
+                *warm])
         ax.set_ylabel(f"tokens/s (median over {len(rows)} holes)")
     ax.set_title(f"{name} — {payload['machine']['cpu']}"[:80])
     if ax.get_legend_handles_labels()[0]:
@@ -429,8 +508,12 @@ def run_bench(args) -> int:
                                                         args.tokens_per_step)}
         print(f"diffusion {payload['diffusion_tokens_per_s_p50']:.1f} tokens/s, "
               f"autoregressive {payload['autoregressive_tokens_per_s_p50']:.1f} tokens/s, "
-              f"speed-up p50 {payload['speedup_p50']:.2f}x")
-    path = save(args.name, payload)
-    picture = plot(args.name, payload)
+              f"speed-up p50 {payload['speedup_p50']:.2f}x; context cached: diffusion "
+              f"{payload['diffusion_warm_ms_p50']:.0f} ms, autoregressive "
+              f"{payload['autoregressive_warm_ms_p50']:.0f} ms, speed-up p50 "
+              f"{payload['speedup_warm_p50']:.2f}x")
+    name = f"{args.name}-{args.shape}" if args.shape else args.name  # one file per model
+    path = save(name, payload)
+    picture = plot(name, payload)
     print(f"saved {path}" + (f" and {picture}" if picture else ""))
     return 0

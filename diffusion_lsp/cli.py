@@ -88,10 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="speed benchmarks of the model (no LSP)")
     bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp",
-                                        "cache-agreement"],
+                                        "cache-agreement", "typing", "cpu"],
                        help="lsp: end to end through a real LSP client (needs the test extra); "
                             "cache-agreement: how often the context cache changes completions "
-                            "(tiny checkpoints of every family and the bundled model)")
+                            "(tiny checkpoints of every family and the bundled model); "
+                            "typing: first request vs the one after a typed character, over "
+                            "LSP and model only, with the document context cache; cpu: pass "
+                            "times per dtype and a profile of where they go")
     bench.add_argument("--limit", type=int, default=40, help="holes per split")
     bench.add_argument("--max-tokens", type=int, default=32)
     bench.add_argument("--tokens-per-step", type=int, default=None,
@@ -100,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data", default=None, help="folder with the HumanEval-*.jsonl.gz files")
     bench.add_argument("--shape", default=None,
                        help="instead of --model: random weights of a published shape "
-                            "(qwen2.5-7b = Dream-Coder-7B, GPU only; tiny-qwen2 runs on CPU)")
+                            "(qwen2.5-7b = Dream-Coder-7B, GPU only; qwen2.5-0.5b = "
+                            "Open-dCoder-0.5B and tiny-qwen2 run on a CPU)")
     _add_model_args(bench)
 
     service = commands.add_parser(
@@ -156,6 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.lsp_latency import run_lsp_bench
 
         return run_lsp_bench(args)
+    if args.command == "bench" and args.name == "typing":
+        from benchmarks.typing_latency import run_typing_bench
+
+        return run_typing_bench(args)
+    if args.command == "bench" and args.name == "cpu":
+        from benchmarks.cpu_profile import run_cpu_bench
+
+        return run_cpu_bench(args)
     if args.command == "bench":
         from benchmarks.model_speed import run_bench
 

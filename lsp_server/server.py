@@ -448,7 +448,7 @@ class DiffusionServer(LanguageServer):
             max_tokens=completion.max_tokens if multiline else completion.max_tokens_single_line,
             single_line=not multiline, stop=tuple(completion.stop),
             threshold=completion.threshold, tokens_per_step=completion.tokens_per_step,
-            sampler=completion.sampler)
+            sampler=completion.sampler, document=uri)
         outcome = await backend.complete(job)
         below_start = text.find("\n", cursor.offset)
         below = text[below_start + 1:below_start + 1 + 4096].split("\n")[:BELOW_LINES] if (

@@ -26,6 +26,8 @@ class ModelSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int | None = None  # torch CPU threads; None = torch's choice
+    # documents whose context (keys/values) is kept across completions; 0 = off
+    context_cache_documents: int = 20
 
 
 # Dream's `alg` and LLaDA's `remasking` names (service.wire.ALGORITHM_NAMES; a test keeps them so)
@@ -106,7 +108,7 @@ POSITIVE = {
 }
 NON_NEGATIVE = {
     ("completion", "debounce_ms"), ("context", "suffix_tokens"), ("context", "snippet_tokens"),
-    ("remote", "retries"),
+    ("remote", "retries"), ("model", "context_cache_documents"),
 }
 
 

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from model.loader import LoadedModel
+from model.prompt_cache import PromptCache
 from model.sampler import (
     HoleState,
     Infill,
@@ -55,6 +56,7 @@ class Request:
     tokenize_ms: float = 0.0
     forward_s: float = 0.0
     started: float | None = None
+    document: str | None = None  # the document's key (its URI): its context is reused
 
     def cancel(self) -> None:
         """Ask the worker to drop this request at its next step."""
@@ -68,11 +70,14 @@ class Engine:
     """Owns a loaded model; fills holes for many callers, batching their denoising steps."""
 
     def __init__(
-        self, model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH, warm_up: bool = False
+        self, model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH, warm_up: bool = False,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         """Serve `model` from a new worker thread. Prefer `Engine.start` where the model is not
-        loaded yet: it loads in the worker itself, which on a CPU is much faster (see there)."""
-        self._setup(max_batch)
+        loaded yet: it loads in the worker itself, which on a CPU is much faster (see there).
+        With a `prompt_cache`, requests that name their document reuse its context
+        (`model.prompt_cache`)."""
+        self._setup(max_batch, prompt_cache)
         self.model = model
         self._thread = threading.Thread(target=self._run, name="diffusion-engine", daemon=True)
         self._thread.start()
@@ -81,7 +86,7 @@ class Engine:
 
     @classmethod
     def start(cls, load: Callable[[], LoadedModel], max_batch: int = DEFAULT_MAX_BATCH,
-              warm_up: bool = True) -> Future:
+              warm_up: bool = True, prompt_cache: PromptCache | None = None) -> Future:
         """A future of an engine whose worker thread loads the model itself (and warms it up)
         before serving; the future holds the load's exception if it fails.
 
@@ -92,7 +97,7 @@ class Engine:
         loaded and run in the same thread in 109 ms.
         """
         engine = cls.__new__(cls)
-        engine._setup(max_batch)
+        engine._setup(max_batch, prompt_cache)
         ready: Future = Future()
 
         def load_then_serve() -> None:
@@ -111,8 +116,9 @@ class Engine:
         engine._thread.start()
         return ready
 
-    def _setup(self, max_batch: int) -> None:
+    def _setup(self, max_batch: int, prompt_cache: PromptCache | None) -> None:
         self.max_batch = max_batch
+        self.prompt_cache = prompt_cache  # touched by the worker thread only
         self._queue: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
         self._closed = False
@@ -125,22 +131,24 @@ class Engine:
 
     # -- callers -------------------------------------------------------------------------------
 
-    def submit(self, prefix: str, suffix: str, options: InfillOptions | None = None) -> Request:
-        """Queue a hole; returns at once. Thread-safe."""
+    def submit(self, prefix: str, suffix: str, options: InfillOptions | None = None,
+               document: str | None = None) -> Request:
+        """Queue a hole (of `document`, when named); returns at once. Thread-safe."""
         if self._closed:
             raise RuntimeError("engine is closed")
         began = time.perf_counter()
         state = new_state(self.model, prefix, suffix, options or InfillOptions())
-        request = Request(next(self._ids), state, submitted=began)
+        request = Request(next(self._ids), state, submitted=began, document=document)
         request.tokenize_ms = (time.perf_counter() - began) * 1e3
         self._queue.put(request)
         return request
 
     async def infill(
-        self, prefix: str, suffix: str, options: InfillOptions | None = None
+        self, prefix: str, suffix: str, options: InfillOptions | None = None,
+        document: str | None = None,
     ) -> Infill:
         """Fill a hole from asyncio; cancelling the awaiting task cancels the request."""
-        request = self.submit(prefix, suffix, options)
+        request = self.submit(prefix, suffix, options, document)
         try:
             return await asyncio.wrap_future(request.future)
         except asyncio.CancelledError:
@@ -167,6 +175,8 @@ class Engine:
             if item is _STOP:
                 return False
             item.started = time.perf_counter()
+            if self.prompt_cache is not None:
+                self.prompt_cache.attach(self.model, item.document, item.state)
             active.append(item)
         return True
 
@@ -201,6 +211,7 @@ class Engine:
             logits = forward_holes(self.model, [r.state for r in active])
             for request, rows in zip(active, logits, strict=True):
                 apply_step(self.model, request.state, rows)
+                self._remember_context(request)
         except Exception as exc:  # nothing the model does may take the worker down
             log.exception("denoising step failed for %d request(s)", len(active))
             for request in active:
@@ -213,6 +224,12 @@ class Engine:
         self.batched_rows += len(active)
         for request in active:
             request.forward_s += elapsed
+
+    def _remember_context(self, request: Request) -> None:
+        """After a request's first pass, keep its context as its document's."""
+        if (self.prompt_cache is not None and request.document is not None
+                and request.state.steps == 1):
+            self.prompt_cache.store(self.model, request.document, request.state)
 
     def _finish(self, active: list[Request]) -> list[Request]:
         keep = []

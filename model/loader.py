@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from model.cpu import auto_cpu_dtype
 from model.families import Family, resolve_family
 from model.registry import find_supported
 from model.tokenizer import BPE_MERGES_FILE, BPE_VOCAB_FILE, qwen2_tokenizer_from_bpe_files
@@ -152,10 +153,14 @@ def pick_device(device: str = "auto") -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` means bf16 on CUDA and fp32 on CPU."""
+def pick_dtype(dtype: str, device: torch.device, parameters: int = 0) -> torch.dtype:
+    """`auto` means bf16 on CUDA; on a CPU, what measured fastest there for a model of
+    `parameters` parameters (`model.cpu.auto_cpu_dtype`: bf16 for large models on CPUs with
+    native bf16, fp32 otherwise)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return auto_cpu_dtype(parameters)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; known: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -310,13 +315,14 @@ def load_model(
     fam = resolve_family(raw, tokenizer.get_vocab(with_added_tokens=True), family, overrides)
     ids = resolve_special_ids(tokenizer, fam, path)
 
-    torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device)
     config = build_config(raw, fam)
     config._attn_implementation = "sdpa"
     network_class = Qwen2ForCausalLM if fam.architecture == "qwen2" else LlamaForCausalLM
     with torch.device("meta"):
         network = network_class(config)
+    torch_device = pick_device(device)
+    parameters = sum(p.numel() for p in network.parameters())
+    torch_dtype = pick_dtype(dtype, torch_device, parameters)
     state = load_state_dict(path, fam)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -27,6 +27,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
@@ -37,6 +38,9 @@ from model.loader import LoadedModel
 # on every model load; every 5.x takes the old name, which the forward calls below pass
 warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated",
                         category=FutureWarning)
+
+if TYPE_CHECKING:
+    from model.prompt_cache import PromptCache, Reuse
 
 SCORES = ("confidence", "margin", "entropy")
 NEWLINE = "\n"
@@ -194,6 +198,7 @@ class Infill:
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds
     full_passes: int = 0  # of `steps`, those over the whole sequence (the rest: hole only)
     guidance_passes: int = 0  # extra unconditioned passes for cfg_scale (not in `steps`)
+    reused_tokens: int = 0  # context tokens whose keys/values came from the document's cache
 
 
 @dataclass
@@ -231,6 +236,8 @@ class HoleState:
     block_masks: int = -1  # masks in the block when it began (-1: not begun)
     # DreamOn: expansions still allowed (its `expand_budget`); bounds expand/delete cycles
     expansions_left: int = 0
+    reuse: Reuse | None = None  # the document's cached context rows, for the first pass
+    reused_tokens: int = 0
 
     @property
     def hole_start(self) -> int:
@@ -751,7 +758,8 @@ def final_text(model: LoadedModel, state: HoleState) -> tuple[str, int]:
 def result(model: LoadedModel, state: HoleState, timings: dict[str, float]) -> Infill:
     text, tokens = final_text(model, state)
     return Infill(text, state.steps, tokens, state.finish_reason or "cancelled", state.trace,
-                  timings, state.full_passes, state.guidance_passes)
+                  timings, state.full_passes, state.guidance_passes,
+                  reused_tokens=state.reused_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -882,6 +890,10 @@ def forward_holes(model: LoadedModel, states: Sequence[HoleState]) -> list[torch
     guided = [i for i, s in enumerate(states) if s.options.cfg_scale > 0]
     twins = [unconditioned(model, states[i]) for i in guided]
     hidden: dict[int, torch.Tensor] = {}
+    for i in full:  # a first pass that reuses its document's context (model.prompt_cache)
+        if states[i].reuse is not None and states[i].context is None:
+            hidden[i] = states[i].reuse.run(model, states[i])
+    full = [i for i in full if i not in hidden]
     if full:
         passed = _full_pass(model, [states[i] for i in full] + twins)
         hidden.update(zip(full, passed[: len(full)], strict=True))
@@ -927,11 +939,17 @@ def infill(
     suffix: str,
     options: InfillOptions | None = None,
     should_stop: Callable[[], bool] | None = None,
+    cache: PromptCache | None = None,
+    document: str | None = None,
 ) -> Infill:
-    """Fill the hole between `prefix` and `suffix`. `should_stop` is polled before each step."""
+    """Fill the hole between `prefix` and `suffix`. `should_stop` is polled before each step.
+    With a `cache` and a `document` key, the first pass reuses the document's context from its
+    last completion, and this completion's context is kept for the next."""
     options = options or InfillOptions()
     started = time.perf_counter()
     state = new_state(model, prefix, suffix, options)
+    if cache is not None:
+        cache.attach(model, document, state)
     tokenized = time.perf_counter()
     forward_s = 0.0
     while not state.finished:
@@ -941,6 +959,8 @@ def infill(
         (logits,) = forward_holes(model, [state])
         forward_s += time.perf_counter() - before
         apply_step(model, state, logits)
+        if cache is not None and document is not None and state.steps == 1:
+            cache.store(model, document, state)
     timings = {
         "tokenize_ms": (tokenized - started) * 1e3,
         "forward_ms": forward_s * 1e3,

@@ -36,6 +36,7 @@ class CompletionJob:
     threshold: float = 0.9
     tokens_per_step: int | None = None
     sampler: SamplerSettings = field(default_factory=SamplerSettings)  # reference samplers
+    document: str | None = None  # the document's URI: a local engine reuses its context
 
 
 @dataclass

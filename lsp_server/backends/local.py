@@ -30,12 +30,15 @@ class LocalBackend:
         model_settings = settings.model
         report(f"loading {model_settings.path or 'the bundled model'}")
         from model.engine import Engine
+        from model.prompt_cache import PromptCache
 
+        documents = model_settings.context_cache_documents
+        cache = PromptCache(max_documents=documents) if documents > 0 else None
         # the engine's own thread loads and then runs the model: every torch call on one
         # thread (Engine.start says why)
         try:
             engine = await asyncio.wrap_future(
-                Engine.start(lambda: _load(settings), warm_up=False))
+                Engine.start(lambda: _load(settings), warm_up=False, prompt_cache=cache))
         except Exception as error:  # noqa: BLE001 - every load failure is reported the same way
             raise BackendError(str(error), "unavailable") from error
         loaded = engine.model
@@ -66,11 +69,11 @@ class LocalBackend:
         except ValueError as error:  # settings the sampler refuses: no completion, say why
             raise BackendError(f"sampler settings: {error}") from error
         began = time.perf_counter()
-        result = await self.engine.infill(job.prefix, job.suffix, options)
+        result = await self.engine.infill(job.prefix, job.suffix, options, job.document)
         return CompletionOutcome(
             text=result.text, steps=result.steps, tokens=result.tokens,
             model_ms=(time.perf_counter() - began) * 1e3, finish_reason=result.finish_reason,
-            extra={"full_passes": result.full_passes})
+            extra={"full_passes": result.full_passes, "reused_tokens": result.reused_tokens})
 
     async def close(self) -> None:
         if self.engine is not None:
