@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pygls.protocol import LanguageServerProtocol
 from lsp_server import context as ctx
 from lsp_server.backend import Backend, BackendError, CompletionJob, make_backend
 from lsp_server.cache import CompletionCache
+from lsp_server.logfile import make_handler
 from lsp_server.postprocess import Surroundings, choose_multiline, clean, detect_indent_unit
 from lsp_server.settings import Settings, merge
 from lsp_server.stats import Stats
@@ -92,6 +92,8 @@ class DiffusionServer(LanguageServer):
         self.last_latency_ms: float | None = None
         self._load_task: asyncio.Task | None = None
         self.model_override: dict = {}  # from the command line; wins over the editor
+        self.event_loop: asyncio.AbstractEventLoop | None = None  # set once serving
+        self.pending_reports: list[str] = []  # problems found before the loop ran
 
     # -- errors ---------------------------------------------------------------------------------
 
@@ -198,7 +200,9 @@ class DiffusionServer(LanguageServer):
             self.backend = backend
             self.set_state("ready" if self.settings.enable else "disabled",
                            f"ready: {self.description}")
-        except BackendError as error:
+        except Exception as error:  # noqa: BLE001 - BackendError, or a bug in a backend
+            if not isinstance(error, BackendError):
+                log.exception("the %s backend did not start", backend.name)
             self.set_state("error", str(error))
             self.tell_user(f"no completions: {error}", types.MessageType.Error, popup=True)
         finally:
@@ -240,9 +244,7 @@ class DiffusionServer(LanguageServer):
             raise
         except BackendError as error:
             self.stats.count("errors")
-            self.tell_user(f"completion failed: {error}")
-            if error.kind in ("unavailable", "unauthorized"):
-                self.set_state("ready", f"{error.kind}: {error}")
+            self.backend_failed(error)
             return None
         except Exception:
             self.stats.count("errors")
@@ -322,8 +324,29 @@ class DiffusionServer(LanguageServer):
                              completion.max_lines)
         cleaned = clean(outcome.text, where)
         self.cache.put(uri, text, cursor.offset, cleaned)
+        if self.state == "ready":  # a failure shown in the status bar is over
+            self.status_message = f"ready: {self.description}"
         self._finish(began, outcome, uri, cleaned, snippets=context.snippets)
         return Answer(cleaned, cursor) if cleaned else None
+
+    def backend_failed(self, error: BackendError) -> None:
+        """A completion failed: the user sees it once (log panel, and the status bar until the
+        next completion succeeds); a backend that stopped also pops up and serves no more."""
+        if error.kind == "stopped":
+            self.set_state("error", str(error))
+            self.tell_user(f"no completions: {error}", types.MessageType.Error, popup=True)
+            return
+        self.tell_user(f"completion failed: {error}")
+        self.set_state(self.state, f"{error.kind}: {error}")
+
+    def report_from_any_thread(self, message: str) -> None:
+        """`tell_user` (with a pop-up) from any thread, e.g. a log handler that lost its file;
+        held until the event loop runs."""
+        if self.event_loop is None:
+            self.pending_reports.append(message)
+            return
+        self.event_loop.call_soon_threadsafe(self.tell_user, message,
+                                             types.MessageType.Warning, True)
 
     def _neighbours(self, uri: str, document) -> list[tuple[str, Any]]:
         documents = self.workspace.text_documents
@@ -366,6 +389,10 @@ server = DiffusionServer()
 
 @server.feature(types.INITIALIZE)
 def on_initialize(ls: DiffusionServer, params: types.InitializeParams) -> None:
+    ls.event_loop = asyncio.get_running_loop()
+    for message in ls.pending_reports:
+        ls.report_from_any_thread(message)
+    ls.pending_reports.clear()
     ls.apply_settings(params.initialization_options)
 
 
@@ -452,9 +479,7 @@ def on_shutdown(ls: DiffusionServer, params: Any = None) -> None:
 
 
 def configure_logging(level: str, log_file: str | None) -> None:
-    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
-                                else logging.StreamHandler(sys.stderr))  # never stdout
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = make_handler(log_file, on_failure=server.report_from_any_thread)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
