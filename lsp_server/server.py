@@ -381,6 +381,7 @@ class DiffusionServer(LanguageServer):
         engine = getattr(self.backend, "engine", None)
         if engine is not None:
             snapshot["forwardPasses"] = engine.forward_passes
+            snapshot["outOfMemory"] = engine.out_of_memory
         return snapshot
 
 
