@@ -33,7 +33,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from model.bench import RESULTS, load_holes, machine, percentile  # noqa: E402
+from benchmarks.report import RESULTS, load_holes, machine, percentile  # noqa: E402
 from model.loader import bundled_model_path  # noqa: E402
 
 TOKEN = "load-test-token"  # a throwaway token for this run's own loopback service
@@ -70,7 +70,7 @@ class Service:
     def __init__(self, replicas: int, model: str | None, batching: str, log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "lsp_server.cli", "service", "--port", str(self.port),
+        command = [sys.executable, "-m", "diffusion_lsp", "service", "--port", str(self.port),
                    "--replicas", str(replicas), "--num-cpus", str(os.cpu_count() or 2),
                    "--device", "cpu", "--batching", batching, "--log-level", "WARNING"]
         if model:

@@ -28,7 +28,7 @@ from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 
 from lsp_server import context as ctx
-from lsp_server.backend import Backend, BackendError, CompletionJob, make_backend
+from lsp_server.backends import Backend, BackendError, CompletionJob, make_backend
 from lsp_server.cache import CompletionCache
 from lsp_server.logfile import make_handler
 from lsp_server.postprocess import Surroundings, choose_multiline, clean, detect_indent_unit

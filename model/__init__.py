@@ -1,0 +1,2 @@
+"""The diffusion model: families < tokenizer < loader < sampler < engine, tiny test
+checkpoints, training."""

@@ -32,10 +32,10 @@ bench() {
 import sys
 from pathlib import Path
 
-import model.bench
-from lsp_server.cli import main
+import benchmarks.report
+from diffusion_lsp.cli import main
 
-model.bench.RESULTS = Path(sys.argv[1])
+benchmarks.report.RESULTS = Path(sys.argv[1])
 sys.exit(main(["bench", *sys.argv[2:]]))
 EOF
     [ "$status" = 0 ] || echo "== $tag failed or ran out of time (exit $status)"

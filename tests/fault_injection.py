@@ -14,7 +14,7 @@ import sys
 import torch
 
 import model.engine as engine_module
-from lsp_server.cli import main
+from diffusion_lsp.cli import main
 
 STEP_ERROR = "INJECT_STEP_ERROR"  # the forward pass raises a RuntimeError
 OUT_OF_MEMORY = "INJECT_OUT_OF_MEMORY"  # the forward pass raises torch.OutOfMemoryError

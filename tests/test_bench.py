@@ -7,14 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 
-import model.bench as bench
+import benchmarks.model_speed as bench
+import benchmarks.report as report
 
-pytestmark = pytest.mark.skipif(not bench.EVAL_DATA.exists(), reason="../shared eval data absent")
+pytestmark = pytest.mark.skipif(not report.EVAL_DATA.exists(), reason="../shared eval data absent")
 
 
 @pytest.mark.parametrize("name", ["latency", "throughput", "vs-autoregressive"])
 def test_bench_writes_json(tiny_dirs, tmp_path, monkeypatch, capsys, name):
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
     args = SimpleNamespace(name=name, model=str(tiny_dirs["default"]), family=None, device="cpu",
                            dtype="auto", data=None, limit=2, max_tokens=6, tokens_per_step=2,
                            threads=None, shape=None)

@@ -8,7 +8,7 @@ import sys
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lsp_server.cli", *args],
+    return subprocess.run([sys.executable, "-m", "diffusion_lsp", *args],
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import model.eval.humaneval as humaneval
-from model.eval.context import cut_prefix, cut_suffix
-from model.eval.execute import run_program, run_programs
+import benchmarks.humaneval as humaneval
+from benchmarks.sandbox import run_program, run_programs
+from lsp_server.context import cut_prefix, cut_suffix
 from model.sampler import Infill
 
 DATA = Path(__file__).parent / "data" / "humaneval-infilling"

@@ -16,7 +16,7 @@ import time
 import pytest
 from lsprotocol import types
 
-from lsp_server.lsp_client import inline, open_document, running_server, stats, wait_ready
+from benchmarks.lsp_client import inline, open_document, running_server, stats, wait_ready
 from tests import fault_injection as faults
 from tests.test_remote import KEY, StandIn
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-import model.bench as bench
+import benchmarks.model_speed as bench
+import benchmarks.report as report
 import model.train.train as train_mod
 from model.loader import BUNDLED_DIR
 from model.train import gpu_kit
@@ -83,9 +84,9 @@ def test_bf16_autocast_trains_and_resumes_from_packed_weights(data_dir, tmp_path
 
 
 def test_random_model_of_a_tiny_shape_runs_the_gpu_benchmark_path_on_cpu(tmp_path, monkeypatch):
-    if not bench.EVAL_DATA.exists():
+    if not report.EVAL_DATA.exists():
         pytest.skip("../shared eval data absent")
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
     args = SimpleNamespace(name="vs-autoregressive", shape="tiny-qwen2", device="cpu",
                            data=None, limit=1, max_tokens=4, tokens_per_step=2, threads=None)
     assert bench.run_bench(args) == 0
@@ -100,7 +101,7 @@ def test_training_refuses_a_network_whose_attention_is_causal():
     network = train_mod.build_network(64, tiny_config(1).model, SimpleNamespace(
         bos=0, eos=1, end_of_hole=3), torch.device("cpu"))
     train_mod.check_bidirectional(network, 64, torch.device("cpu"))  # as built: bidirectional
-    network.config.is_causal = True  # as model.bench does for autoregressive decoding
+    network.config.is_causal = True  # as benchmarks.model_speed does for autoregressive decoding
     for module in network.modules():
         if hasattr(module, "is_causal"):
             module.is_causal = True

@@ -149,7 +149,7 @@ def test_completion_from_the_server_is_shown_and_accepted(nvim, tiny_dir, tmp_pa
     init = fill(DRIVER + """
 local plugin = require("diffusion_lsp")
 plugin.setup({
-  cmd = { @python@, "-m", "lsp_server.cli", "serve" },
+  cmd = { @python@, "-m", "diffusion_lsp", "serve" },
   settings = { model = { path = @model@ }, completion = { debounceMs = 5 } },
 })
 vim.api.nvim_create_autocmd("VimEnter", { callback = function()

@@ -18,10 +18,10 @@ import httpx
 import msgspec
 import pytest
 
-from lsp_server import wire
-from lsp_server.backend import BackendError, CompletionJob, make_backend
-from lsp_server.remote import Endpoints, RemoteBackend, backoff_s, cut_at_stop
+from lsp_server.backends import BackendError, CompletionJob, make_backend
+from lsp_server.backends.remote import Endpoints, RemoteBackend, backoff_s, cut_at_stop
 from lsp_server.settings import RemoteSettings, Settings
+from service import wire
 
 KEY = "sk_standin_0123456789abcdef"  # a made-up key: it must never reach a log line
 KEY_ENV = "DIFFUSION_LSP_TEST_KEY"

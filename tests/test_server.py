@@ -15,7 +15,7 @@ import pytest_asyncio
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 
-from lsp_server.lsp_client import (
+from benchmarks.lsp_client import (
     edit,
     file_uri,
     inline,

@@ -16,10 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lsp_server import wire
-from lsp_server.backend import BackendError, CompletionJob
-from lsp_server.remote import RemoteBackend
-from lsp_server.service import (
+from lsp_server.backends import BackendError, CompletionJob
+from lsp_server.backends.remote import RemoteBackend
+from lsp_server.settings import RemoteSettings, Settings
+from model.loader import bundled_model_path
+from service import wire
+from service.app import (
     Metrics,
     ServiceConfig,
     authorized,
@@ -27,8 +29,6 @@ from lsp_server.service import (
     infiller_options,
     token_digest,
 )
-from lsp_server.settings import RemoteSettings, Settings
-from model.loader import bundled_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "service-test-token"
@@ -57,7 +57,7 @@ def test_no_binding_beyond_loopback_without_a_token():
 
 def test_the_command_refuses_to_listen_beyond_loopback_without_a_token():
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
-    done = subprocess.run([sys.executable, "-m", "lsp_server.cli", "service", "--host",
+    done = subprocess.run([sys.executable, "-m", "diffusion_lsp", "service", "--host",
                            "0.0.0.0"], check=False, capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=60)
     assert done.returncode == 2 and "DIFFUSION_LSP_TOKEN" in done.stderr
@@ -78,7 +78,7 @@ def test_replicas_and_resources():
 
 def test_the_serve_run_builder_takes_string_args_and_refuses_typos():
     pytest.importorskip("ray.serve")
-    from lsp_server.service import app
+    from service.app import app
 
     assert type(app({"replicas": "2", "device": "cpu", "max_batch": "8"})).__name__ == \
         "Application"
@@ -148,7 +148,7 @@ def service(tiny_dirs, tmp_path_factory):
     env = os.environ | {TOKEN_ENV: TOKEN, "RAY_USAGE_STATS_ENABLED": "0"}
     with log_file.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "lsp_server.cli", "service", "--port", str(port),
+            [sys.executable, "-m", "diffusion_lsp", "service", "--port", str(port),
              "--replicas", "2", "--num-cpus", "2", "--device", "cpu", *model,
              "--log-level", "WARNING"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -191,7 +191,7 @@ def main() -> int:
         marker = work / "shown.json"
         (work / "init.lua").write_text(INIT % {
             "plugin": json.dumps(str(PLUGIN)), "marker": json.dumps(str(marker)),
-            "cmd": lua([sys.executable, "-m", "lsp_server.cli", "serve"]),
+            "cmd": lua([sys.executable, "-m", "diffusion_lsp", "serve"]),
             "settings": lua(settings), "row": HOLE[0], "col": HOLE[1] - 1})
         (work / "settings.py").write_text(SOURCE)
         env = {**os.environ, "TERM": "xterm-256color", "COLORTERM": "truecolor",

@@ -1,0 +1,2 @@
+"""Training the bundled model: corpus, tokenizer, hole-shaped examples, masked-diffusion
+training, export."""

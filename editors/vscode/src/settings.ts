@@ -123,7 +123,7 @@ export function onPath(name: string, lookup: Lookup): string | undefined {
 }
 
 /**
- * How to start the server: `serverPath`, else `pythonPath -m lsp_server.cli serve`, else the
+ * How to start the server: `serverPath`, else `pythonPath -m diffusion_lsp serve`, else the
  * workspace's `.venv`, else `diffusion-lsp` on PATH. A string is the reason none was found,
  * phrased with the fix.
  */
@@ -139,7 +139,7 @@ export function resolveServer(section: Tree, lookup: Lookup): ServerCommand | st
   }
   if (pythonPath) {
     return lookup.executable(pythonPath)
-      ? { command: pythonPath, args: ["-m", "lsp_server.cli", "serve"], source: `${SECTION}.pythonPath` }
+      ? { command: pythonPath, args: ["-m", "diffusion_lsp", "serve"], source: `${SECTION}.pythonPath` }
       : `${SECTION}.pythonPath is "${pythonPath}", which is not an executable file. ` +
           "Point it at the python of the environment where diffusion-lsp is installed, or clear it.";
   }

@@ -72,7 +72,7 @@ test("the server is found: serverPath, then pythonPath, then the workspace .venv
   });
   assert.deepEqual(resolveServer({ pythonPath: "/py/python" }, lookup(all, undefined, ["/ws"])), {
     command: "/py/python",
-    args: ["-m", "lsp_server.cli", "serve"],
+    args: ["-m", "diffusion_lsp", "serve"],
     source: "diffusionLsp.pythonPath",
   });
   assert.equal((resolveServer({}, lookup(all, undefined, ["/ws"])) as { command: string }).command, "/ws/.venv/bin/diffusion-lsp");

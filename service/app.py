@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from lsp_server import wire
+from service import wire
 
 if TYPE_CHECKING:  # Ray, starlette and the model are imported where they are used
     from ray.serve import Application
@@ -487,7 +487,7 @@ def build_app(config: ServiceConfig) -> Application:
 
 def app(args: dict[str, Any]) -> Application:
     """Application builder for `serve run` / `serve deploy` (import path
-    `lsp_server.service:app`); `args` are ServiceConfig's fields. The token's SHA-256 comes
+    `service.app:app`); `args` are ServiceConfig's fields. The token's SHA-256 comes
     from `args["token_sha256"]`, else from DIFFUSION_LSP_TOKEN where the app is built."""
     known = set(ServiceConfig.__annotations__)
     if unknown := sorted(set(args) - known):
@@ -514,7 +514,7 @@ def _model_path(args: argparse.Namespace) -> str | None:
 
     if bundled_model_path() is not None:
         return None
-    from model.cli import TINY_FALLBACK_DIR
+    from diffusion_lsp.commands import TINY_FALLBACK_DIR
     from model.tiny import write_tiny_model
 
     print("warning: no bundled model is installed; using a tiny RANDOM-weight model whose "

@@ -47,7 +47,7 @@ async def wait_ready(client: LanguageClient, timeout: float = READY_TIMEOUT_S) -
 async def running_server(init_options: dict | None, client_name: str = "visual-studio-code",
                          extra_args: tuple[str, ...] = (), wait: bool = True,
                          env: dict[str, str] | None = None,
-                         module: str = "lsp_server.cli") -> AsyncIterator[LanguageClient]:
+                         module: str = "diffusion_lsp") -> AsyncIterator[LanguageClient]:
     """A started, initialised server process (`python -m MODULE serve EXTRA_ARGS`); waits until
     the model is ready unless `wait` is false."""
     client = make_test_lsp_client()

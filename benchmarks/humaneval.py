@@ -1,8 +1,9 @@
 """HumanEval-infilling (Bavarian et al., 2022): pass@1 and exact match of one greedy infill.
 
 For every task the model fills the hole between `prompt` and `suffix` (cut to token budgets
-by `model.eval.context`); the program `prompt + completion + suffix + test +
-check(entry_point)` then runs in a sandboxed subprocess (`model.eval.execute`), never in this
+by `lsp_server.context`, the cutter the language server uses); the program `prompt +
+completion + suffix + test + check(entry_point)` then runs in a sandboxed subprocess
+(`benchmarks.sandbox`), never in this
 process. Holes are batched through the engine (all submitted, then collected), and each
 program starts as soon as its completion is ready. A few holes first run alone, to measure the
 latency of one infill.
@@ -30,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from model.eval.context import cut_prefix, cut_suffix
-from model.eval.execute import DEFAULT_TIMEOUT_S, DEFAULT_WORKERS, Outcome, run_program
+from benchmarks.sandbox import DEFAULT_TIMEOUT_S, DEFAULT_WORKERS, Outcome, run_program
+from lsp_server.context import cut_prefix, cut_suffix
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DATA_SUBDIR = Path("shared") / "eval-data" / "humaneval-infilling"
 SPLIT_FILES = {
@@ -217,7 +218,7 @@ def summarise(records: list[dict], records_in_split: int) -> dict:
 
 
 def machine() -> dict:
-    from model.bench import machine as bench_machine
+    from benchmarks.report import machine as bench_machine
 
     info = bench_machine()
     info["cpus"] = os.cpu_count()
@@ -288,7 +289,7 @@ def run_eval(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from model.cli import load_for_cli
+    from diffusion_lsp.commands import load_for_cli
     from model.engine import Engine
     from model.loader import ModelLoadError
 

@@ -32,9 +32,14 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 
-from lsp_server import wire
-from lsp_server.backend import BackendError, CompletionJob, CompletionOutcome, estimate_tokens
+from lsp_server.backends.base import (
+    BackendError,
+    CompletionJob,
+    CompletionOutcome,
+    estimate_tokens,
+)
 from lsp_server.settings import RemoteSettings, Settings
+from service import wire
 
 log = logging.getLogger(__name__)
 

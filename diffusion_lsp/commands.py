@@ -1,4 +1,5 @@
-"""The `infill` and `demo` commands: plain-script use of the model, no LSP involved."""
+"""The `infill` and `demo` commands, and the model a command runs (`load_for_cli`): plain-script
+use of the model, no LSP involved."""
 
 from __future__ import annotations
 

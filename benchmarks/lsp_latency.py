@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from model.bench import (
-    full_forward_ms,
+from benchmarks.model_speed import full_forward_ms
+from benchmarks.report import (
     load_holes,
     machine,
     percentile,
@@ -46,7 +46,7 @@ async def measure_split(split: str, holes: list[dict], model_path: str | None,
                         max_tokens: int, tokens_per_step: int | None = None) -> dict:
     from lsprotocol import types
 
-    from lsp_server.lsp_client import open_document, running_server, stats
+    from benchmarks.lsp_client import open_document, running_server, stats
 
     settings = {"completion": {"multiline": SPLITS[split], "maxTokens": max_tokens,
                                "maxTokensSingleLine": max_tokens}}
@@ -99,9 +99,9 @@ def summarise(run: dict) -> dict:
 
 
 def run_lsp_bench(args) -> int:
+    from diffusion_lsp.commands import load_for_cli
     from lsp_server import context as ctx
     from lsp_server.settings import Settings
-    from model.cli import load_for_cli
 
     data = Path(args.data) if args.data else None
     runs = []

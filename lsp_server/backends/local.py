@@ -1,77 +1,18 @@
-"""Where completions come from: the seam between the language server and a model.
-
-The server cuts the context and cleans the text; a backend only fills a hole. `LocalBackend`
-runs the diffusion engine in this process; `lsp_server.remote.RemoteBackend` calls a FIM
-completions API (our service, or Mercury's). Cancelling the task awaiting `complete` cancels
-the work (the engine drops the hole at its next step; the remote closes the HTTP request).
-"""
+"""The local backend: the diffusion engine, in this process, on this machine's CPU or GPU."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
 
+from lsp_server.backends.base import (
+    BackendError,
+    CompletionJob,
+    CompletionOutcome,
+    estimate_tokens,
+)
 from lsp_server.settings import Settings
-
-log = logging.getLogger(__name__)
-
-CHARS_PER_TOKEN = 3.5  # token estimate for backends without a local tokenizer
-
-
-class BackendError(RuntimeError):
-    """A backend could not start or answer. `kind`: unavailable | unauthorized | failed |
-    stopped (the backend serves no more until it is restarted)."""
-
-    def __init__(self, message: str, kind: str = "failed") -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclass(frozen=True)
-class CompletionJob:
-    """One hole to fill, with the context already cut to budget."""
-
-    prefix: str
-    suffix: str
-    max_tokens: int
-    single_line: bool
-    stop: tuple[str, ...] = ()
-    threshold: float = 0.9
-    tokens_per_step: int | None = None
-
-
-@dataclass
-class CompletionOutcome:
-    text: str
-    steps: int = 0  # forward passes (0 when the backend does not say)
-    tokens: int = 0
-    model_ms: float = 0.0  # time spent filling the hole, as the backend measured it
-    finish_reason: str = "end"
-    extra: dict = field(default_factory=dict)
-
-
-class Backend(Protocol):
-    name: str
-
-    async def start(self, settings: Settings, report: Callable[[str], None]) -> str:
-        """Get ready (load the model, check the remote); returns a one-line description.
-        `report` shows progress messages. Raises BackendError."""
-
-    async def complete(self, job: CompletionJob) -> CompletionOutcome:
-        """Fill the hole. Raises BackendError; cancellation propagates."""
-
-    def count_tokens(self, text: str) -> int:
-        """Tokens `text` costs (estimated where the backend has no tokenizer)."""
-
-    async def close(self) -> None: ...
-
-
-def estimate_tokens(text: str) -> int:
-    return int(len(text) / CHARS_PER_TOKEN) + 1 if text else 0
 
 
 class LocalBackend:
@@ -184,11 +125,3 @@ def _load(settings: Settings):
         torch.set_num_threads(settings.model.threads)
     return load_model(settings.model.path, settings.model.family, settings.model.device,
                       settings.model.dtype)
-
-
-def make_backend(settings: Settings) -> Backend:
-    if settings.backend == "remote":
-        from lsp_server.remote import RemoteBackend
-
-        return RemoteBackend()
-    return LocalBackend()

@@ -8,63 +8,24 @@ noisy. Holes come from HumanEval-infilling (../shared/eval-data by default).
 
 from __future__ import annotations
 
-import gzip
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.report import (
+    load_holes,
+    machine,
+    percentile,
+    plot_cdf,
+    pyplot,
+    save,
+    save_figure,
+)
 from model.engine import Engine
 from model.loader import LoadedModel
 from model.sampler import InfillOptions, infill, layout_ids
-
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-EVAL_DATA = REPO.parent / "shared" / "eval-data" / "humaneval-infilling"
-SPLIT_FILES = {
-    "single-line": "HumanEval-SingleLineInfilling.jsonl.gz",
-    "multi-line": "HumanEval-MultiLineInfilling.jsonl.gz",
-}
-
-
-def machine() -> dict:
-    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
-
-
-def load_holes(split: str, limit: int, data: Path | None = None) -> list[dict]:
-    """Evenly spaced records of a HumanEval-infilling split: {task_id, prompt, suffix}."""
-    path = (data or EVAL_DATA) / SPLIT_FILES[split]
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    stride = max(1, len(records) // limit)
-    return records[::stride][:limit]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def save(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2))
-    return path
 
 
 @torch.inference_mode()
@@ -283,25 +244,7 @@ def bandwidth_bound_ms(model: LoadedModel) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# plots and the command
-
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def plot_cdf(ax, rows: list[dict], label: str) -> None:
-    """The fraction of rows at or under each latency."""
-    values = sorted(r["latency_ms"] for r in rows)
-    ax.plot(values, [i / len(values) for i in range(len(values))], label=label)
+# the plot and the command
 
 
 def plot(name: str, payload: dict) -> Path | None:
@@ -336,16 +279,8 @@ def plot(name: str, payload: dict) -> Path | None:
     return save_figure(plt, fig, name)
 
 
-def save_figure(plt, fig, name: str) -> Path:
-    fig.tight_layout()
-    path = RESULTS / f"{name}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def run_bench(args) -> int:
-    from model.cli import load_for_cli
+    from diffusion_lsp.commands import load_for_cli
 
     def load() -> LoadedModel:
         if args.threads:

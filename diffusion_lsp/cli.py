@@ -1,4 +1,4 @@
-"""`diffusion-lsp`: the command line. Each subcommand imports what it needs lazily."""
+"""`diffusion-lsp`: the one command-line parser; each subcommand imports what it needs lazily."""
 
 from __future__ import annotations
 
@@ -102,27 +102,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return serve(args) or 0
     if args.command == "infill":
-        from model.cli import run_infill
+        from diffusion_lsp.commands import run_infill
 
         return run_infill(args)
     if args.command == "demo":
-        from model.cli import run_demo
+        from diffusion_lsp.commands import run_demo
 
         return run_demo(args)
     if args.command == "bench" and args.name == "lsp":
-        from lsp_server.bench_lsp import run_lsp_bench
+        from benchmarks.lsp_latency import run_lsp_bench
 
         return run_lsp_bench(args)
     if args.command == "bench":
-        from model.bench import run_bench
+        from benchmarks.model_speed import run_bench
 
         return run_bench(args)
     if args.command == "service":
-        from lsp_server.service import run_service
+        from service.app import run_service
 
         return run_service(args)
     if args.command == "eval":
-        from model.eval.humaneval import run_eval
+        from benchmarks.humaneval import run_eval
 
         return run_eval(args)
     return 2

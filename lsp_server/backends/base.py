@@ -1,0 +1,68 @@
+"""The seam between the language server and a model: the Backend protocol and its types.
+
+The server cuts the context and cleans the text; a backend only fills a hole. Cancelling the
+task awaiting `complete` cancels the work (the engine drops the hole at its next step; the
+remote closes the HTTP request). `local` and `remote` implement the protocol on top of this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from lsp_server.settings import Settings
+
+CHARS_PER_TOKEN = 3.5  # token estimate for backends without a local tokenizer
+
+
+class BackendError(RuntimeError):
+    """A backend could not start or answer. `kind`: unavailable | unauthorized | failed |
+    stopped (the backend serves no more until it is restarted)."""
+
+    def __init__(self, message: str, kind: str = "failed") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class CompletionJob:
+    """One hole to fill, with the context already cut to budget."""
+
+    prefix: str
+    suffix: str
+    max_tokens: int
+    single_line: bool
+    stop: tuple[str, ...] = ()
+    threshold: float = 0.9
+    tokens_per_step: int | None = None
+
+
+@dataclass
+class CompletionOutcome:
+    text: str
+    steps: int = 0  # forward passes (0 when the backend does not say)
+    tokens: int = 0
+    model_ms: float = 0.0  # time spent filling the hole, as the backend measured it
+    finish_reason: str = "end"
+    extra: dict = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    name: str
+
+    async def start(self, settings: Settings, report: Callable[[str], None]) -> str:
+        """Get ready (load the model, check the remote); returns a one-line description.
+        `report` shows progress messages. Raises BackendError."""
+
+    async def complete(self, job: CompletionJob) -> CompletionOutcome:
+        """Fill the hole. Raises BackendError; cancellation propagates."""
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens `text` costs (estimated where the backend has no tokenizer)."""
+
+    async def close(self) -> None: ...
+
+
+def estimate_tokens(text: str) -> int:
+    return int(len(text) / CHARS_PER_TOKEN) + 1 if text else 0
