@@ -59,7 +59,15 @@ def make_handler(log_file: str | None,
                  on_failure: Callable[[str], None] | None = None) -> logging.Handler:
     """The handler for `serve`: the log file when one is given, else stderr (never stdout,
     which carries the protocol)."""
-    handler: logging.Handler = (FallbackFileHandler(log_file, on_failure) if log_file
-                                else logging.StreamHandler(sys.stderr))
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if log_file:
+        try:
+            handler = FallbackFileHandler(log_file, on_failure)
+        except OSError as error:  # no such folder, no permission: the server starts anyway
+            reason = (f"cannot open the log file {log_file} ({error.strerror or error}); "
+                      "logging to stderr instead")
+            sys.stderr.write(f"{reason}\n")
+            if on_failure is not None:
+                on_failure(reason)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     return handler

@@ -191,7 +191,7 @@ async def test_a_hanging_remote_is_given_up_at_the_deadline():
     async with StandIn(plan=["hang"] * 3) as remote, running_server(
             remote_options(remote.url)) as client:
         items, seconds = await ask(client, "untitled:hang.py", SOURCE)
-        assert items == () and seconds < 1.5 + 1.0
+        assert items == () and seconds < 1.5 + FAILED_ANSWER_S  # the deadline, not a hang
         shown = [m for m in texts(client.log_messages) if "no answer from" in m]
         assert len(shown) == 1, texts(client.log_messages)
         assert (await stats(client))["state"] == "ready"
