@@ -13,7 +13,8 @@ CONTEXT = ContextSettings()  # the server's context budgets, the default for `in
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="model directory or HF cache name (default: the bundled model)")
+                        help="model directory, or a repo id / short name in the HF cache "
+                             "(see `diffusion-lsp models`; default: the bundled model)")
     parser.add_argument("--family", default=None, help="default | dream | llada (default: detect)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -101,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="CPUs for the Ray instance this command starts")
     service.add_argument("--log-level", default="INFO")
     _add_model_args(service)
+
+    pull = commands.add_parser(
+        "pull", help="download a model into the Hugging Face cache (the only command that does)")
+    pull.add_argument("model", help="a short name from `diffusion-lsp models`, or a Hugging Face "
+                                    "repo id (org/name)")
+    pull.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+
+    models = commands.add_parser("models", help="the supported models and which are on disk")
+    models.add_argument("--json", action="store_true", help="one JSON list, for scripts")
     return parser
 
 
@@ -134,6 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.humaneval import run_eval
 
         return run_eval(args)
+    if args.command == "pull":
+        from diffusion_lsp.hub_commands import run_pull
+
+        return run_pull(args)
+    if args.command == "models":
+        from diffusion_lsp.hub_commands import run_models
+
+        return run_models(args)
     return 2
 
 

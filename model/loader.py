@@ -19,6 +19,8 @@ from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from model.families import Family, detect_family, get_family
+from model.registry import find_supported
+from model.tokenizer import BPE_MERGES_FILE, BPE_VOCAB_FILE, qwen2_tokenizer_from_bpe_files
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 CONFIG_FILE = "config.json"
@@ -80,27 +82,31 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    cached = _hf_cache_snapshot(str(name_or_path))
+    supported = find_supported(str(name_or_path))
+    repo_id = supported.repo_id if supported else str(name_or_path)
+    cached = hf_cache_snapshot(repo_id)
     if cached is not None:
         return cached
     raise ModelLoadError(
         f"model {str(name_or_path)!r} not found: not a directory, and not in the Hugging Face "
-        f"cache at {_hf_hub_dir()} (downloads are never made at run time; download it first "
-        f"with `huggingface-cli download {name_or_path}`)"
+        f"cache at {hf_hub_dir()} (downloads are never made at run time; download it first "
+        f"with `diffusion-lsp pull {name_or_path}`)"
     )
 
 
-def _hf_hub_dir() -> Path:
+def hf_hub_dir() -> Path:
+    """The Hugging Face hub cache: `HF_HUB_CACHE`, else `$HF_HOME/hub` (read when called)."""
     if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
     return home / "hub"
 
 
-def _hf_cache_snapshot(repo_id: str) -> Path | None:
+def hf_cache_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path | None:
+    """The cached snapshot of `repo_id`: the one `refs/main` names, else the last by name."""
     if "/" not in repo_id:
         return None
-    repo_dir = _hf_hub_dir() / ("models--" + repo_id.replace("/", "--"))
+    repo_dir = (cache_dir or hf_hub_dir()) / ("models--" + repo_id.replace("/", "--"))
     ref = repo_dir / "refs" / "main"
     if ref.exists():
         snapshot = repo_dir / "snapshots" / ref.read_text().strip()
@@ -231,6 +237,25 @@ def resolve_special_ids(tokenizer: Tokenizer, family: Family, path: Path) -> Spe
     )
 
 
+def load_tokenizer(path: Path) -> Tokenizer:
+    """tokenizer.json, or else the Qwen2 BPE in vocab.json + merges.txt (how Dream-Coder,
+    DiffuCoder and DreamOn publish their tokenizer)."""
+    if (path / TOKENIZER_FILE).exists():
+        try:
+            return Tokenizer.from_file(str(path / TOKENIZER_FILE))
+        except Exception as exc:  # tokenizers raises plain Exception on unreadable files
+            raise ModelLoadError(f"cannot read the tokenizer {path / TOKENIZER_FILE}: {exc}"
+                                 ) from exc
+    if (path / BPE_VOCAB_FILE).exists() and (path / BPE_MERGES_FILE).exists():
+        try:
+            return qwen2_tokenizer_from_bpe_files(path)
+        except Exception as exc:  # tokenizers raises plain Exception on unreadable files
+            raise ModelLoadError(f"cannot build the tokenizer from {BPE_VOCAB_FILE} + "
+                                 f"{BPE_MERGES_FILE} in {path}: {exc}") from exc
+    raise ModelLoadError(f"no {TOKENIZER_FILE} (nor {BPE_VOCAB_FILE} + {BPE_MERGES_FILE}) in "
+                         f"{path}: expected a HF tokenizers file")
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     family: str | None = None,
@@ -247,13 +272,7 @@ def load_model(
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
     fam = get_family(family) if family else detect_family(raw)
-    tokenizer_file = path / TOKENIZER_FILE
-    if not tokenizer_file.exists():
-        raise ModelLoadError(f"no {TOKENIZER_FILE} in {path}: expected a HF tokenizers file")
-    try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    except Exception as exc:  # the tokenizers library raises a bare Exception for a bad file
-        raise ModelLoadError(f"cannot read the tokenizer {tokenizer_file}: {exc}") from exc
+    tokenizer = load_tokenizer(path)
     ids = resolve_special_ids(tokenizer, fam, path)
 
     torch_device = pick_device(device)

@@ -1,0 +1,115 @@
+"""The `pull` and `models` commands: the terminal side of model/hub.py (progress, tables)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from model import hub
+from model.loader import hf_hub_dir
+from model.registry import find_supported
+
+
+def run_pull(args) -> int:
+    """`diffusion-lsp pull MODEL`: plan, show what will come, download with a progress bar."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    console = Console(stderr=True)
+    try:
+        plan = hub.plan_pull(args.model, revision=args.revision)
+    except hub.PullError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 1
+    repo_id = plan.repo.repo_id
+    if find_supported(args.model) is None:
+        console.print(f"note: {repo_id} is not in the supported table (`diffusion-lsp models`); "
+                      f"it loads if its family is detected or given with --family",
+                      highlight=False)
+    resumable = plan.partial_bytes()
+    console.print(
+        f"{repo_id} @ {plan.repo.commit[:12]}: {len(plan.files)} files, "
+        f"{hub.format_bytes(plan.total_bytes)}"
+        + (f" ({hub.format_bytes(resumable)} already downloaded, resuming)" if resumable else ""),
+        highlight=False)
+    done_by_file: dict[str, int] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(repo_id, total=plan.total_bytes)
+
+        def progress(path: str, done: int, total: int) -> None:
+            done_by_file[path] = done
+            bar.update(task, completed=sum(done_by_file.values()), description=path)
+
+        try:
+            result = hub.run_pull(plan, progress)
+        except hub.PullError as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False)
+            return 1
+        except KeyboardInterrupt:
+            console.print("interrupted: run the same command again to resume")
+            return 130
+        bar.update(task, description=repo_id)
+    console.print(_summary(result), highlight=False)
+    console.print(f"use it with: --model {args.model}", highlight=False)
+    print(result.snapshot)  # stdout: the one line a script needs
+    return 0
+
+
+def _summary(result: hub.PullResult) -> str:
+    parts = [f"downloaded {len(result.downloaded)} file(s)"]
+    if result.resumed:
+        parts.append(f"{len(result.resumed)} resumed")
+    if result.present:
+        parts.append(f"{len(result.present)} already present")
+    if result.repaired:
+        parts.append(f"{len(result.repaired)} corrupt on disk and downloaded again: "
+                     f"{', '.join(result.repaired)}")
+    return "; ".join(parts) + "; all verified against the hub's sizes and hashes"
+
+
+def _state(local: hub.LocalModel) -> str:
+    if local.state == "ready":
+        return f"ready ({hub.format_bytes(local.size_bytes)})"
+    if local.state == "partial":
+        return f"partial ({hub.format_bytes(local.partial_bytes)}; pull again to resume)"
+    if local.state == "incomplete":
+        lacking = ", ".join(local.missing[:3]) or "unfinished downloads"
+        return f"incomplete (missing {lacking}; pull again)"
+    return "-"
+
+
+def run_models(args) -> int:
+    """`diffusion-lsp models`: the supported models and what is on disk (no network)."""
+    rows = hub.model_rows()
+    if args.json:
+        print(json.dumps([{
+            "name": r.name, "repo_id": r.repo_id, "family": r.family, "size": r.size,
+            "hardware": r.hardware, "state": r.local.state,
+            "path": str(r.local.snapshot) if r.local.snapshot else None,
+            "missing": r.local.missing,
+        } for r in rows], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"models (cache: {hf_hub_dir()})", title_justify="left")
+    for column in ("name", "repo", "family", "download", "hardware", "on disk"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(r.name if r.name != r.repo_id else "", r.repo_id, r.family, r.size,
+                      r.hardware, _state(r.local))
+    console = Console(file=sys.stdout, width=max(Console().width, 140))
+    console.print(table)
+    ready = [r for r in rows if r.local.state == "ready"]
+    for r in ready:
+        console.print(f"{r.name}: {r.local.snapshot}", highlight=False, soft_wrap=True)
+    return 0

@@ -1,0 +1,56 @@
+"""The published diffusion code models the project supports: short names, repo ids, family,
+download size and the hardware each needs. `diffusion-lsp pull` / `models` and `--model` read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SupportedModel:
+    """One published checkpoint the project knows: where it lives and what it takes to run."""
+
+    name: str  # short name accepted by `pull` and `--model`
+    repo_id: str
+    family: str
+    size_gb: float  # download size of the weights (safetensors), GB as the hub shows them
+    hardware: str
+    notes: str = ""
+
+
+# 7-8B weights in bf16 take 15-16 GB; Dream's README asks for "a GPU with at least 20GB memory".
+GPU_24GB = "GPU with >= 24 GB (bf16)"
+
+SUPPORTED_MODELS: tuple[SupportedModel, ...] = (
+    # Sizes: the sum of the safetensors shards in each repo's hub listing where marked "hub";
+    # "same shape" rows are the Qwen2.5-7B / 0.5B shape in bf16, not read from the hub.
+    # pull prints the exact size from the hub's metadata before downloading.
+    SupportedModel("Dream-Coder-v0-Instruct-7B", "Dream-org/Dream-Coder-v0-Instruct-7B", "dream",
+                   15.2, GPU_24GB, "hub: 4 shards"),
+    SupportedModel("Dream-Coder-v0-Base-7B", "Dream-org/Dream-Coder-v0-Base-7B", "dream",
+                   15.2, GPU_24GB, "same shape as Instruct"),
+    SupportedModel("DiffuCoder-7B-Base", "apple/DiffuCoder-7B-Base", "dream",
+                   15.2, GPU_24GB, "hub: 4 shards"),
+    SupportedModel("DiffuCoder-7B-Instruct", "apple/DiffuCoder-7B-Instruct", "dream",
+                   15.2, GPU_24GB, "hub: 4 shards"),
+    SupportedModel("DiffuCoder-7B-cpGRPO", "apple/DiffuCoder-7B-cpGRPO", "dream",
+                   15.2, GPU_24GB, "hub: 4 shards"),
+    SupportedModel("DreamOn-v0-7B", "Dream-org/DreamOn-v0-7B", "dream",
+                   15.2, GPU_24GB, "same shape as Dream-Coder"),
+    SupportedModel("Open-dCoder-0.5B", "fredzzp/open-dcoder-0.5B", "dream",
+                   1.0, "CPU (slow) or any GPU with >= 4 GB", "Qwen2.5-0.5B shape in bf16"),
+    SupportedModel("LLaDA-8B-Base", "GSAI-ML/LLaDA-8B-Base", "llada",
+                   16.0, GPU_24GB, "hub: 6 shards"),
+    SupportedModel("LLaDA-8B-Instruct", "GSAI-ML/LLaDA-8B-Instruct", "llada",
+                   16.0, GPU_24GB, "hub: 6 shards"),
+)
+
+
+def find_supported(name: str) -> SupportedModel | None:
+    """The table row for a short name or repo id (case-insensitive), if any."""
+    wanted = name.strip().lower()
+    for model in SUPPORTED_MODELS:
+        if wanted in (model.name.lower(), model.repo_id.lower()):
+            return model
+    return None
