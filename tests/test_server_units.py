@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from lsprotocol import types
 
 from lsp_server import context as ctx
 from lsp_server.cache import CompletionCache
@@ -249,3 +250,29 @@ def test_the_api_key_never_shows_in_a_repr():
     settings, _ = merge(Settings(), {"remote": {"apiKey": "sk-secret-123"}})
     assert settings.remote.api_key == "sk-secret-123"
     assert "sk-secret-123" not in repr(settings) and "sk-secret-123" not in str(settings)
+
+
+def test_notifications_leave_no_futures_behind():
+    """pygls kept one future per didOpen/didChange/didClose forever (the soak's RSS growth)."""
+    from pygls.workspace import Workspace
+
+    from lsp_server.server import server
+
+    protocol = server.protocol
+    protocol._workspace = Workspace(None)
+    before = len(protocol._request_futures)
+    uri = "untitled:futures.py"
+    protocol._handle_notification(types.TEXT_DOCUMENT_DID_OPEN, types.DidOpenTextDocumentParams(
+        text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1,
+                                             text="x = 1\n")))
+    for version in range(2, 52):
+        protocol._handle_notification(
+            types.TEXT_DOCUMENT_DID_CHANGE, types.DidChangeTextDocumentParams(
+                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+                content_changes=[types.TextDocumentContentChangePartial(
+                    range=types.Range(start=types.Position(line=0, character=0),
+                                      end=types.Position(line=0, character=0)), text="y")]))
+    assert protocol.workspace.get_text_document(uri).source.startswith("y" * 50)
+    protocol._handle_notification(types.TEXT_DOCUMENT_DID_CLOSE, types.DidCloseTextDocumentParams(
+        text_document=types.TextDocumentIdentifier(uri=uri)))
+    assert len(protocol._request_futures) == before
