@@ -46,7 +46,10 @@ async def wait_ready(client: LanguageClient, timeout: float = READY_TIMEOUT_S) -
 @contextlib.asynccontextmanager
 async def running_server(init_options: dict | None, client_name: str = "visual-studio-code",
                          extra_args: tuple[str, ...] = (), wait: bool = True,
-                         env: dict[str, str] | None = None) -> AsyncIterator[LanguageClient]:
+                         env: dict[str, str] | None = None,
+                         module: str = "diffusion_lsp") -> AsyncIterator[LanguageClient]:
+    """A started, initialised server process (`python -m MODULE serve EXTRA_ARGS`); waits until
+    the model is ready unless `wait` is false."""
     client = make_test_lsp_client()
     client.statuses = collections.deque(maxlen=100)
 
@@ -54,7 +57,7 @@ async def running_server(init_options: dict | None, client_name: str = "visual-s
     def on_status(params) -> None:  # the server's status notifications, newest last
         client.statuses.append(plain(params))
 
-    await client.start_io(sys.executable, "-m", "diffusion_lsp", "serve", *extra_args,
+    await client.start_io(sys.executable, "-m", module, "serve", *extra_args,
                           env=env)
     try:
         client.initialize_result = await client.initialize_session(types.InitializeParams(

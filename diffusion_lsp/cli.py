@@ -6,6 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from lsp_server.settings import ContextSettings
+
+CONTEXT = ContextSettings()  # the server's context budgets, the default for `infill` too
+
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
@@ -68,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     infill.add_argument("--threshold", type=float, default=None)
     infill.add_argument("--single-line", action="store_true")
     _add_sampler_args(infill)
+    infill.add_argument("--prefix-tokens", type=int, default=CONTEXT.prefix_tokens,
+                        help="context before the hole, cut by whole lines as the server cuts "
+                             "it (default: %(default)s, the server's)")
+    infill.add_argument("--suffix-tokens", type=int, default=CONTEXT.suffix_tokens,
+                        help="context after the hole (default: %(default)s)")
     _add_model_args(infill)
 
     demo = commands.add_parser("demo", help="watch a hole being denoised, step by step")

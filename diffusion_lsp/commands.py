@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from model.families import parse_overrides
@@ -46,45 +49,95 @@ def load_for_cli(args) -> LoadedModel:
 
 # ---------------------------------------------------------------------------------------------
 # infill
+#
+# Input is JSON lines read as bytes: a record ends at b"\n" and nowhere else (a raw U+2028 or
+# U+0085 inside a JSON string stays in its record), and a record that is not UTF-8 or not JSON
+# becomes one error record. The context is cut as the server cuts it, so a huge prefix costs
+# no more than the budget. Ctrl-C stops after the record being filled (twice: at once); what
+# was written stays written, and the exit status is 130.
+
+INTERRUPTED = 130  # the shell's exit status for a command stopped by SIGINT
+# characters str.splitlines() (and some JSONL readers) take for line ends; escaped on output so
+# that every output record is one line for any reader
+LINE_END_LOOKALIKES = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\u0085": "\\u0085",
+                       "\x1c": "\\u001c", "\x1d": "\\u001d", "\x1e": "\\u001e"}
 
 
-def _parse_record(line: str, number: int) -> tuple[object, str, str]:
-    record = json.loads(line)
+class BadRecord(ValueError):
+    """An input line that is not a hole; the message says why, for the error record."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Token budgets for the context (the server's defaults unless given)."""
+
+    prefix_tokens: int
+    suffix_tokens: int
+
+
+def parse_record(raw: bytes, number: int) -> tuple[object, str, str]:
+    """(id, prefix, suffix) of one input line; raises BadRecord."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRecord(f"not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+                        ) from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRecord(f"not JSON ({exc})") from None
     if not isinstance(record, dict):
-        raise ValueError("a record must be a JSON object")
+        raise BadRecord("a record must be a JSON object")
     prefix, suffix = record.get("prefix"), record.get("suffix", "")
     if not isinstance(prefix, str) or not isinstance(suffix, str):
-        raise ValueError('"prefix" (and "suffix", if given) must be strings')
+        raise BadRecord('"prefix" (and "suffix", if given) must be strings')
     return record.get("id", number), prefix, suffix
 
 
-def _record_id(line: str, number: int) -> object:
+def record_id(raw: bytes, number: int) -> object:
+    """The id of a bad record where it can still be read, else its line number."""
     try:
-        record = json.loads(line)
-        return record.get("id", number) if isinstance(record, dict) else number
+        record = json.loads(raw.decode("utf-8", errors="replace"))
     except json.JSONDecodeError:
         return number
+    return record.get("id", number) if isinstance(record, dict) else number
 
 
-def infill_records(model: LoadedModel, lines: list[str], options: InfillOptions, progress=None):
-    """Yield one output record per non-blank input line, in input order."""
+def to_jsonl(record: dict) -> str:
+    """One output line: UTF-8 JSON with line-end lookalikes escaped, ending in "\n"."""
+    text = json.dumps(record, ensure_ascii=False)
+    for char, escaped in LINE_END_LOOKALIKES.items():
+        text = text.replace(char, escaped)
+    return text + "\n"
+
+
+def infill_records(model: LoadedModel, lines: Iterable[bytes], options: InfillOptions,
+                   budget: Budget, progress=None):
+    """Yield one output record per non-blank input line (bytes, as read), in input order."""
+    from lsp_server.context import cut_hole
     from model.sampler import infill
 
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
+    def count_tokens(text: str) -> int:
+        return len(model.tokenizer.encode(text, add_special_tokens=False).ids) if text else 0
+
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
         try:
-            record_id, prefix, suffix = _parse_record(line, number)
-        except (json.JSONDecodeError, ValueError) as exc:
-            yield {"id": _record_id(line, number), "error": f"line {number}: {exc}"}
+            key, prefix, suffix = parse_record(raw, number)
+        except BadRecord as exc:
+            yield {"id": record_id(raw, number), "error": f"line {number}: {exc}"}
         else:
             began = time.perf_counter()
+            prefix, suffix = cut_hole(prefix, suffix, count_tokens, budget.prefix_tokens,
+                                      budget.suffix_tokens)
             result: Infill = infill(model, prefix, suffix, options)
             yield {
-                "id": record_id,
+                "id": key,
                 "completion": result.text,
                 "steps": result.steps,
                 "tokens": result.tokens,
+                "context_tokens": count_tokens(prefix) + count_tokens(suffix),
                 "finish_reason": result.finish_reason,
                 "latency_ms": round((time.perf_counter() - began) * 1e3, 2),
             }
@@ -97,7 +150,45 @@ SAMPLER_FLAGS = ("algorithm", "steps", "block_length", "tokens_per_step", "tempe
                  "top_k", "alg_temp", "cfg_scale", "seed", "exact")
 
 
+class StopOnInterrupt:
+    """While active, the first SIGINT asks the loop to stop after the current record; a
+    second one interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopOnInterrupt:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("interrupted: stopping after the current record (Ctrl-C again to stop now)",
+              file=sys.stderr)
+
+
+def count_records(path: Path) -> int:
+    """Non-blank lines of `path`, read in blocks (for the progress bar)."""
+    with path.open("rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
 def run_infill(args) -> int:
+    try:
+        with StopOnInterrupt() as interrupt:
+            return _infill_file(args, interrupt)
+    except KeyboardInterrupt:
+        print("interrupted: stopped; the records written so far are complete", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _infill_file(args, interrupt: StopOnInterrupt) -> int:
     from rich.progress import Progress
 
     overrides = {"max_tokens": args.max_tokens, "single_line": args.single_line,
@@ -113,14 +204,19 @@ def run_infill(args) -> int:
     except (ModelLoadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    lines = Path(args.input).read_text(encoding="utf-8").splitlines()
-    total = sum(1 for line in lines if line.strip())
-    with Progress(transient=True, disable=total < 5) as bar, \
+    budget = Budget(args.prefix_tokens, args.suffix_tokens)
+    source = Path(args.input)
+    total = count_records(source)
+    with Progress(transient=True, disable=total < 5) as bar, source.open("rb") as lines, \
             open(args.output, "w", encoding="utf-8") as out:
         task = bar.add_task("infilling", total=total)
-        for record in infill_records(model, lines, options, lambda: bar.advance(task)):
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for record in infill_records(model, lines, options, budget, lambda: bar.advance(task)):
+            out.write(to_jsonl(record))
             out.flush()
+            if interrupt.requested:
+                print(f"interrupted: stopped after {record['id']!r}; the records written so "
+                      "far are complete", file=sys.stderr)
+                return INTERRUPTED
     return 0
 
 

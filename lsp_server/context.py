@@ -317,18 +317,28 @@ class Context:
     snippets: int  # snippets included
 
 
+def cut_hole(prefix: str, suffix: str, count_tokens: CountTokens, prefix_tokens: int,
+             suffix_tokens: int) -> tuple[str, str]:
+    """The prefix and suffix the model sees for a hole between `prefix` and `suffix`: at most
+    WINDOW_CHARS of each looked at (so the cost does not grow with the document), then cut
+    to their token budgets by whole lines. The server and `diffusion-lsp infill` both cut
+    here. The model sees "\n" line ends whatever the text uses (CR-only, CRLF)."""
+    before = normalize_line_ends(sanitize(prefix[-WINDOW_CHARS:]))
+    if len(prefix) > WINDOW_CHARS:  # the window may start mid-line: drop that partial line
+        before = before[before.find("\n") + 1:] if "\n" in before else before
+    after = normalize_line_ends(sanitize(suffix[:WINDOW_CHARS]))
+    return (cut_prefix(before, prefix_tokens, count_tokens),
+            cut_suffix(after, suffix_tokens, count_tokens))
+
+
 def build_context(text: str, cursor: Cursor, count_tokens: CountTokens, prefix_tokens: int,
                   suffix_tokens: int, snippet_tokens: int = 0,
                   others: Iterable[tuple[str, str]] = (), max_snippets: int = 0,
                   snippet_lines: int = 16, language_id: str | None = None) -> Context:
-    # the model sees "\n" line ends whatever the document uses (CR-only, CRLF)
-    before = normalize_line_ends(sanitize(text[max(0, cursor.offset - WINDOW_CHARS):
-                                               cursor.offset]))
-    after = normalize_line_ends(sanitize(text[cursor.offset:cursor.offset + WINDOW_CHARS]))
-    if cursor.offset > WINDOW_CHARS:  # the window may start mid-line: drop that partial line
-        before = before[before.find("\n") + 1:] if "\n" in before else before
-    prefix = cut_prefix(before, prefix_tokens, count_tokens)
-    suffix = cut_suffix(after, suffix_tokens, count_tokens)
+    # one character more than the window: cut_hole then sees whether the text went on
+    prefix, suffix = cut_hole(text[max(0, cursor.offset - WINDOW_CHARS - 1):cursor.offset],
+                              text[cursor.offset:cursor.offset + WINDOW_CHARS], count_tokens,
+                              prefix_tokens, suffix_tokens)
     rendered = ""
     chosen: list[Snippet] = []
     if snippet_tokens > 0 and max_snippets > 0:

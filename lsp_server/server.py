@@ -42,6 +42,7 @@ from lsp_server import transport
 from lsp_server.backends import Backend, BackendError, CompletionJob, make_backend
 from lsp_server.cache import CompletionCache
 from lsp_server.documents import Workspace, encoding_name
+from lsp_server.logfile import make_handler
 from lsp_server.postprocess import Surroundings, choose_multiline, clean, detect_indent_unit
 from lsp_server.settings import Settings, merge
 from lsp_server.stats import Stats
@@ -139,6 +140,21 @@ class Protocol(LanguageServerProtocol):
         self._send_data({"jsonrpc": "2.0", "id": msg_id,
                          "error": {"code": code, "message": message}})
 
+    def _execute_handler(self, msg_id, handler, callback, args=None, kwargs=None):
+        """pygls files the future of every notification whose handler is a generator (its own
+        didOpen/didChange/didClose) in `_request_futures` under a random id, and nothing ever
+        removes it: about 1.5 KB per edit for as long as the server runs (found by the soak).
+        A notification's future is forgotten once it is done."""
+        if callback == self._check_handler_result:  # a notification: no answer will pop it
+            check = callback
+
+            def forget(future) -> None:
+                self._request_futures.pop(msg_id, None)
+                check(future)
+
+            callback = forget
+        super()._execute_handler(msg_id, handler, callback, args, kwargs)
+
     def structure_message(self, data: dict[str, Any]):
         """pygls' decoding of a checked message into lsprotocol types, without its
         traceback per failure; params may be omitted where the method's type allows it (our
@@ -214,6 +230,8 @@ class DiffusionServer(LanguageServer):
         self.last_latency_ms: float | None = None
         self._load_task: asyncio.Task | None = None
         self.model_override: dict = {}  # from the command line; wins over the editor
+        self.event_loop: asyncio.AbstractEventLoop | None = None  # set once serving
+        self.pending_reports: list[str] = []  # problems found before the loop ran
 
     # -- transports and errors -----------------------------------------------------------------
 
@@ -330,7 +348,9 @@ class DiffusionServer(LanguageServer):
             self.backend = backend
             self.set_state("ready" if self.settings.enable else "disabled",
                            f"ready: {self.description}")
-        except BackendError as error:
+        except Exception as error:  # noqa: BLE001 - BackendError, or a bug in a backend
+            if not isinstance(error, BackendError):
+                log.exception("the %s backend did not start", backend.name)
             self.set_state("error", str(error))
             self.tell_user(f"no completions: {error}", types.MessageType.Error, popup=True)
         finally:
@@ -376,9 +396,7 @@ class DiffusionServer(LanguageServer):
             raise
         except BackendError as error:
             self.stats.count("errors")
-            self.tell_user(f"completion failed: {error}")
-            if error.kind in ("unavailable", "unauthorized"):
-                self.set_state("ready", f"{error.kind}: {error}")
+            self.backend_failed(error)
             return None
         except Exception:
             self.stats.count("errors")
@@ -459,8 +477,29 @@ class DiffusionServer(LanguageServer):
                              completion.max_lines)
         cleaned = clean(outcome.text, where)
         self.cache.put(uri, text, cursor.offset, cleaned)
+        if self.state == "ready":  # a failure shown in the status bar is over
+            self.status_message = f"ready: {self.description}"
         self._finish(began, outcome, uri, cleaned, snippets=context.snippets)
         return Answer(cleaned, cursor) if cleaned else None
+
+    def backend_failed(self, error: BackendError) -> None:
+        """A completion failed: the user sees it once (log panel, and the status bar until the
+        next completion succeeds); a backend that stopped also pops up and serves no more."""
+        if error.kind == "stopped":
+            self.set_state("error", str(error))
+            self.tell_user(f"no completions: {error}", types.MessageType.Error, popup=True)
+            return
+        self.tell_user(f"completion failed: {error}")
+        self.set_state(self.state, f"{error.kind}: {error}")
+
+    def report_from_any_thread(self, message: str) -> None:
+        """`tell_user` (with a pop-up) from any thread, e.g. a log handler that lost its file;
+        held until the event loop runs."""
+        if self.event_loop is None:
+            self.pending_reports.append(message)
+            return
+        self.event_loop.call_soon_threadsafe(self.tell_user, message,
+                                             types.MessageType.Warning, True)
 
     def _neighbours(self, uri: str, document) -> list[tuple[str, Any]]:
         documents = self.workspace.text_documents
@@ -495,6 +534,7 @@ class DiffusionServer(LanguageServer):
         engine = getattr(self.backend, "engine", None)
         if engine is not None:
             snapshot["forwardPasses"] = engine.forward_passes
+            snapshot["outOfMemory"] = engine.out_of_memory
         return snapshot
 
 
@@ -509,18 +549,39 @@ def handles(method: str, options: Any = None) -> Callable[[Callable], Callable]:
     return register
 
 
+SERVING: list[DiffusionServer] = []  # the server of the client served now (one at a time)
+UNREPORTED: list[str] = []  # process-wide problems found while no server was serving
+
+
 def make_server(model_override: dict | None = None) -> DiffusionServer:
-    """A fresh server state (settings, documents, backend, stats) with every handler."""
+    """A fresh server state (settings, documents, backend, stats) with every handler; it is
+    the one told of process-wide problems (`report_to_user`) from now on."""
     server = DiffusionServer()
     for method, options, handler in HANDLERS:
         server.feature(method, options)(handler)
     server.model_override = model_override or {}
     server.apply_settings(None)
+    server.pending_reports.extend(UNREPORTED)
+    UNREPORTED.clear()
+    SERVING[:] = [server]
     return server
+
+
+def report_to_user(message: str) -> None:
+    """Tell the user of the client served now (from any thread), e.g. that the log file was
+    lost; held for the next server when none is serving yet."""
+    if SERVING:
+        SERVING[0].report_from_any_thread(message)
+    else:
+        UNREPORTED.append(message)
 
 
 @handles(types.INITIALIZE)
 def on_initialize(ls: DiffusionServer, params: types.InitializeParams) -> None:
+    ls.event_loop = asyncio.get_running_loop()
+    for message in ls.pending_reports:
+        ls.report_from_any_thread(message)
+    ls.pending_reports.clear()
     ls.apply_settings(params.initialization_options)
 
 
@@ -618,9 +679,7 @@ def on_shutdown(ls: DiffusionServer, params: Any = None) -> None:
 
 
 def configure_logging(level: str, log_file: str | None) -> None:
-    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
-                                else logging.StreamHandler(sys.stderr))  # never stdout
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = make_handler(log_file, on_failure=report_to_user)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import torch
+
 from model.loader import LoadedModel
 from model.prompt_cache import PromptCache
 from model.sampler import (
@@ -42,6 +44,22 @@ WARM_UP_OPTIONS = InfillOptions(max_tokens=8, initial_tokens=8, tokens_per_step=
 
 class Cancelled(Exception):
     """The request was cancelled before its hole was filled."""
+
+
+class EngineStopped(RuntimeError):
+    """The worker thread died (a bug outside a denoising step); the engine serves no more."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the accelerator running out of memory (torch raises
+    `torch.OutOfMemoryError`, a RuntimeError, for CUDA and for other devices alike)."""
+    return isinstance(error, torch.OutOfMemoryError)
+
+
+def free_memory(device: torch.device) -> None:
+    """Hand cached blocks back after an out-of-memory step, so the next step can allocate."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -79,7 +97,7 @@ class Engine:
         (`model.prompt_cache`)."""
         self._setup(max_batch, prompt_cache)
         self.model = model
-        self._thread = threading.Thread(target=self._run, name="diffusion-engine", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="diffusion-engine", daemon=True)
         self._thread.start()
         if warm_up:
             self.warm_up()
@@ -109,7 +127,7 @@ class Engine:
                 ready.set_exception(exc)
                 return
             ready.set_result(engine)
-            engine._run()
+            engine._serve()
 
         engine._thread = threading.Thread(target=load_then_serve, name="diffusion-engine",
                                           daemon=True)
@@ -122,6 +140,8 @@ class Engine:
         self._queue: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
         self._closed = False
+        self.failure: EngineStopped | None = None  # set when the worker died
+        self.out_of_memory = 0  # steps that ran out of memory (their requests failed)
         self.forward_passes = 0
         self.batched_rows = 0
 
@@ -134,6 +154,8 @@ class Engine:
     def submit(self, prefix: str, suffix: str, options: InfillOptions | None = None,
                document: str | None = None) -> Request:
         """Queue a hole (of `document`, when named); returns at once. Thread-safe."""
+        if self.failure is not None:
+            raise self.failure
         if self._closed:
             raise RuntimeError("engine is closed")
         began = time.perf_counter()
@@ -141,6 +163,8 @@ class Engine:
         request = Request(next(self._ids), state, submitted=began, document=document)
         request.tokenize_ms = (time.perf_counter() - began) * 1e3
         self._queue.put(request)
+        if self.failure is not None:  # the worker died while this one was being queued
+            self._fail_queued(self.failure)
         return request
 
     async def infill(
@@ -180,8 +204,31 @@ class Engine:
             active.append(item)
         return True
 
-    def _run(self) -> None:
+    def _serve(self) -> None:
+        """The worker's body: `_run`, and if it ever raises, every waiting caller gets
+        `EngineStopped` (and so does every later `submit`) instead of waiting forever."""
         active: list[Request] = []
+        try:
+            self._run(active)
+        except BaseException as exc:  # noqa: BLE001 - the thread is dying: tell every caller
+            log.critical("the engine's worker stopped", exc_info=exc)
+            self.failure = EngineStopped(f"the model engine stopped ({type(exc).__name__}: "
+                                         f"{_first_line(exc)})")
+            for request in active:
+                if not request.future.done():
+                    request.future.set_exception(self.failure)
+            self._fail_queued(self.failure)
+
+    def _fail_queued(self, error: EngineStopped) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP and not item.future.done():
+                item.future.set_exception(error)
+
+    def _run(self, active: list[Request]) -> None:
         running = True
         while running or active:
             if running:
@@ -189,11 +236,11 @@ class Engine:
             if not running:
                 for request in active:
                     request.cancel()
-            active = self._drop_cancelled(active)
+            active[:] = self._drop_cancelled(active)
             if not active:
                 continue
             self._step(active)
-            active = self._finish(active)
+            active[:] = self._finish(active)
 
     def _drop_cancelled(self, active: list[Request]) -> list[Request]:
         keep = []
@@ -213,7 +260,10 @@ class Engine:
                 apply_step(self.model, request.state, rows)
                 self._remember_context(request)
         except Exception as exc:  # nothing the model does may take the worker down
-            log.exception("denoising step failed for %d request(s)", len(active))
+            if is_out_of_memory(exc):
+                self._out_of_memory(exc, len(active))
+            else:
+                log.exception("denoising step failed for %d request(s)", len(active))
             for request in active:
                 if not request.future.done():
                     request.future.set_exception(exc)
@@ -230,6 +280,16 @@ class Engine:
         if (self.prompt_cache is not None and request.document is not None
                 and request.state.steps == 1):
             self.prompt_cache.store(self.model, request.document, request.state)
+
+    def _out_of_memory(self, error: Exception, rows: int) -> None:
+        """One log line, then free what the failed step held: its traceback's frames (the
+        activations) and the allocator's cached blocks. The step's requests fail; the next
+        step starts from a clean allocator."""
+        self.out_of_memory += 1
+        log.warning("out of memory in a denoising step of %d request(s) on %s; they fail and "
+                    "cached memory is freed: %s", rows, self.model.device, _first_line(error))
+        error.with_traceback(None)
+        free_memory(self.model.device)
 
     def _finish(self, active: list[Request]) -> list[Request]:
         keep = []
@@ -248,3 +308,9 @@ class Engine:
             }
             request.future.set_result(state_result(self.model, request.state, timings))
         return keep
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception's message, first line only (torch's out-of-memory message runs to five)."""
+    text = str(error).strip()
+    return text.split("\n", 1)[0] if text else type(error).__name__

@@ -225,6 +225,21 @@ def load_state_dict(path: Path, family: Family) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_shapes(network: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights whose shapes differ from what config.json builds, naming the first one
+    (torch would list every mismatched tensor, several hundred lines for a 7B model)."""
+    expected = dict(network.named_parameters())
+    wrong = [(name, tuple(tensor.shape), tuple(expected[name].shape))
+             for name, tensor in state.items()
+             if name in expected and tensor.shape != expected[name].shape]
+    if wrong:
+        name, found, wanted = wrong[0]
+        more = f" (and {len(wrong) - 1} more tensors)" if len(wrong) > 1 else ""
+        raise ModelLoadError(
+            f"weights in {path} do not fit {CONFIG_FILE}: {name} is {list(found)} in the "
+            f"checkpoint but {list(wanted)} by {CONFIG_FILE}{more}")
+
+
 def resolve_special_ids(tokenizer: Tokenizer, family: Family, path: Path) -> SpecialIds:
     def need(token: str) -> int:
         token_id = tokenizer.token_to_id(token)
@@ -280,7 +295,11 @@ def load_tokenizer(path: Path) -> Tokenizer:
     """tokenizer.json, or else the Qwen2 BPE in vocab.json + merges.txt (how Dream-Coder,
     DiffuCoder and DreamOn publish their tokenizer)."""
     if (path / TOKENIZER_FILE).exists():
-        return Tokenizer.from_file(str(path / TOKENIZER_FILE))
+        try:
+            return Tokenizer.from_file(str(path / TOKENIZER_FILE))
+        except Exception as exc:  # tokenizers raises plain Exception on unreadable files
+            raise ModelLoadError(f"cannot read the tokenizer {path / TOKENIZER_FILE}: {exc}"
+                                 ) from exc
     if (path / BPE_VOCAB_FILE).exists() and (path / BPE_MERGES_FILE).exists():
         try:
             return qwen2_tokenizer_from_bpe_files(path)
@@ -315,7 +334,10 @@ def load_model(
     fam = resolve_family(raw, tokenizer.get_vocab(with_added_tokens=True), family, overrides)
     ids = resolve_special_ids(tokenizer, fam, path)
 
-    config = build_config(raw, fam)
+    try:
+        config = build_config(raw, fam)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{config_file} does not describe a {fam.name} model: {exc}") from exc
     config._attn_implementation = "sdpa"
     network_class = Qwen2ForCausalLM if fam.architecture == "qwen2" else LlamaForCausalLM
     with torch.device("meta"):
@@ -326,6 +348,7 @@ def load_model(
     state = load_state_dict(path, fam)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    check_shapes(network, state, path)
     result = network.load_state_dict(state, strict=False, assign=True)
     tied = config.tie_word_embeddings
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]

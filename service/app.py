@@ -64,7 +64,10 @@ DEFAULT_MAX_BATCH = 16
 SERVE_BATCH_WAIT_S = 0.005  # batching="serve": how long a batch waits to fill up, at most
 REQUEST_TIMEOUT_S = 60.0  # the proxy answers 408 past this; clients give up much sooner
 MAX_QUEUED_REQUESTS = 256  # requests waiting for a replica, at most; then 503 + Retry-After
-MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a larger body is refused (413) before it is read
+# the whole body must arrive within this (a client that trickles it in, slowloris-style, gets
+# 408 and its connection back); an editor's request arrives in milliseconds
+BODY_READ_TIMEOUT_S = 10.0
 LATENCY_WINDOW = 2048  # /metrics percentiles are over this many recent completions
 QUANTILES = (0.5, 0.95, 0.99)
 HEALTH_TIMEOUT_S = 2.0
@@ -364,6 +367,45 @@ def _replica_name() -> str:
 # -- the HTTP gateway ----------------------------------------------------------------------------
 
 
+class Refused(Exception):
+    """A request refused before it reaches a replica: the HTTP status and the reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+async def read_body(request: Any, limit: int = MAX_BODY_BYTES,
+                    timeout_s: float = BODY_READ_TIMEOUT_S) -> bytes:
+    """The request's body, at most `limit` bytes, within `timeout_s`; raises Refused.
+
+    A declared Content-Length over the limit is refused before a byte of the body is read; a
+    chunked body (no length) is read chunk by chunk and refused as soon as it passes the limit.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise Refused(400, f"Content-Length is not a number: {declared[:40]!r}") from None
+        if length > limit:
+            raise Refused(413, f"request body of {length} bytes is over the limit of {limit}")
+
+    async def collect() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Refused(413, f"request body over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(collect(), timeout_s)
+    except asyncio.TimeoutError:
+        raise Refused(408, f"the request body did not arrive within {timeout_s:.0f} s") from None
+
+
 def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     from starlette.responses import Response
 
@@ -400,9 +442,11 @@ class Gateway:
         if path in COMPLETION_PATHS:
             if method != "POST":
                 return _json(wire.error_body(f"{path} takes POST"), 405, {"Allow": "POST"})
-            body = await request.body()
-            if len(body) > MAX_BODY_BYTES:
-                return _json(wire.error_body(f"request body over {MAX_BODY_BYTES} bytes"), 413)
+            try:
+                body = await read_body(request)
+            except Refused as refused:
+                return _json(wire.error_body(str(refused)), refused.status,
+                             {"Connection": "close"})
             return await self.complete(COMPLETION_PATHS[path], body)
         if path == wire.MODELS_PATH:
             return _json(msgspec.json.encode({"object": "list", "data": [

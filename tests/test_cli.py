@@ -96,3 +96,73 @@ def test_infill_refuses_an_unknown_algorithm_with_the_known_ones(tmp_path):
                    "--algorithm", "greedy")
     assert done.returncode == 2
     assert "maskgit_plus" in done.stderr and "Traceback" not in done.stderr
+
+
+def infill_args(tiny_dirs, source, target, *extra: str) -> list[str]:
+    return ["infill", "--input", str(source), "--output", str(target), "--model",
+            str(tiny_dirs["default"]), "--max-tokens", "8", "--device", "cpu", *extra]
+
+
+def test_infill_a_non_utf8_line_loses_that_record_only(tiny_dirs, tmp_path):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good = json.dumps({"id": "ok", "prefix": "x = ", "suffix": "\n"}).encode()
+    bad = b'{"id": "latin1", "prefix": "caf\xe9 = ", "suffix": ""}'
+    source.write_bytes(b"\n".join([good, bad, good.replace(b'"ok"', b'"ok2"')]) + b"\n")
+    done = run_cli(*infill_args(tiny_dirs, source, target))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    out = [json.loads(line) for line in target.read_text().split("\n") if line]
+    assert [r["id"] for r in out] == ["ok", "latin1", "ok2"]
+    assert "not UTF-8 (byte 0xe9" in out[1]["error"] and out[1]["error"].startswith("line 2")
+    assert "completion" in out[0] and "completion" in out[2]
+
+
+def test_infill_line_separator_lookalikes_stay_inside_their_record(tiny_dirs, tmp_path):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    prefix = "s = 'a\u2028b\u0085c\u2029d\x1c'\nt = "
+    line = json.dumps({"id": "seps", "prefix": prefix, "suffix": "\n"}, ensure_ascii=False)
+    assert "\u2028" in line  # raw in the input, as editors and other tools write it
+    source.write_text(line + "\n", encoding="utf-8")
+    done = run_cli(*infill_args(tiny_dirs, source, target))
+    assert done.returncode == 0, done.stderr
+    written = target.read_text(encoding="utf-8")
+    assert written.count("\n") == 1 and len(written.splitlines()) == 1  # any reader: one line
+    (record,) = [json.loads(written)]
+    assert record["id"] == "seps" and "error" not in record
+
+
+def test_infill_cuts_a_huge_prefix_to_the_servers_budget(tiny_dirs, tmp_path):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    prefix = "".join(f"value_{index} = {index} * 2\n" for index in range(5000)) + "total = "
+    source.write_text(json.dumps({"id": "huge", "prefix": prefix, "suffix": "\n"}) + "\n")
+    done = run_cli(*infill_args(tiny_dirs, source, target), timeout=60)
+    assert done.returncode == 0, done.stderr
+    (record,) = [json.loads(line) for line in target.read_text().splitlines()]
+    assert record["context_tokens"] <= 640 + 192  # the server's default budgets
+    assert record["latency_ms"] < 30_000  # uncut: ~60,000 tokens a step (first call: warm-up)
+    done = run_cli(*infill_args(tiny_dirs, source, target, "--prefix-tokens", "64"))
+    (small,) = [json.loads(line) for line in target.read_text().splitlines()]
+    assert small["context_tokens"] <= 64 + 192 < record["context_tokens"]
+
+
+def test_infill_stops_cleanly_on_ctrl_c(tiny_dirs, tmp_path):
+    import signal
+    import time
+
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    hole = {"prefix": "def f(x):\n    return ", "suffix": "\n"}
+    source.write_text("".join(json.dumps({"id": i, **hole}) + "\n" for i in range(5000)))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "diffusion_lsp", *infill_args(tiny_dirs, source, target)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (
+            not target.exists() or target.read_text().count("\n") < 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    lines = target.read_text().split("\n")
+    assert lines[-1] == "" and 3 <= len(lines) - 1 < 5000  # whole records only, flushed
+    assert [json.loads(line)["id"] for line in lines[:-1]] == list(range(len(lines) - 1))

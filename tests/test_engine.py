@@ -128,3 +128,48 @@ def test_start_hands_a_failed_load_to_the_caller():
 
     with pytest.raises(FileNotFoundError, match="no weights here"):
         Engine.start(load).result(30)
+
+
+def test_a_dying_worker_fails_every_caller_instead_of_hanging(tiny_model, monkeypatch):
+    """An exception outside a denoising step (here: building a finished hole's result) kills
+    the worker thread; every waiting and later caller gets EngineStopped at once."""
+    import model.engine as engine_module
+    from model.engine import EngineStopped
+
+    def broken_result(*args):
+        raise RuntimeError("bug while finishing a hole")
+
+    engine = Engine(tiny_model)
+    monkeypatch.setattr(engine_module, "state_result", broken_result)
+    first = engine.submit("a = ", "\n", OPTIONS)
+    with pytest.raises(EngineStopped, match="bug while finishing a hole"):
+        first.result(30)
+    engine._thread.join(5)
+    assert not engine._thread.is_alive()
+    with pytest.raises(EngineStopped):
+        engine.submit("b = ", "\n", OPTIONS)
+    engine.close(timeout=1)
+
+
+def test_out_of_memory_fails_the_step_frees_memory_and_serving_goes_on(
+        tiny_model, engine, monkeypatch):
+    import torch
+
+    import model.engine as engine_module
+
+    real = engine_module.forward_holes
+    freed = []
+    calls = {"n": 0}
+
+    def out_of_memory_once(model, states):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, states)
+
+    monkeypatch.setattr(engine_module, "forward_holes", out_of_memory_once)
+    monkeypatch.setattr(engine_module, "free_memory", freed.append)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.submit("a", "b", OPTIONS).result(10)
+    assert freed == [tiny_model.device] and engine.out_of_memory == 1
+    assert engine.submit("a", "b", OPTIONS).result(10).steps >= 1

@@ -112,3 +112,28 @@ def test_dtype_and_device_default_to_fp32_on_cpu(tiny_model):
 def test_dtype_override(tiny_dirs):
     model = load_model(tiny_dirs["default"], device="cpu", dtype="bfloat16")
     assert next(model.network.parameters()).dtype == torch.bfloat16
+
+
+def test_a_broken_tokenizer_gives_one_clear_error(tiny_dirs, tmp_path):
+    import shutil
+
+    broken = tmp_path / "bad-tokenizer"
+    shutil.copytree(tiny_dirs["default"], broken)
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(ModelLoadError, match="cannot read the tokenizer"):
+        load_model(broken)
+
+
+def test_weights_of_the_wrong_shape_name_the_first_tensor_in_one_line(tiny_dirs, tmp_path):
+    import shutil
+
+    wrong = tmp_path / "wrong-shape"
+    shutil.copytree(tiny_dirs["default"], wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    config["hidden_size"] *= 2
+    (wrong / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"do not fit config.json: [\w.]+"
+                                             r"\.weight is \[\d+, \d+\] in the checkpoint but "
+                                             r"\[\d+, \d+\]") as error:
+        load_model(wrong)
+    assert "\n" not in str(error.value) and "more tensors" in str(error.value)

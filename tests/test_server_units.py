@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from lsprotocol import types
 
 from lsp_server import context as ctx
 from lsp_server.backends import BackendError
@@ -299,3 +300,29 @@ async def test_the_local_backend_samples_as_the_settings_say(tiny_dirs, tiny_mod
         max_tokens=8, initial_tokens=8, min_tokens=1, algorithm="low_confidence", steps=4,
         block_length=4, temperature=0.7, seed=11, exact=True))
     assert (outcome.text, outcome.steps) == (expected.text, expected.steps)
+
+
+def test_notifications_leave_no_futures_behind():
+    """pygls kept one future per didOpen/didChange/didClose forever (the soak's RSS growth)."""
+    from pygls.workspace import Workspace
+
+    from lsp_server.server import make_server
+
+    protocol = make_server().protocol
+    protocol._workspace = Workspace(None)
+    before = len(protocol._request_futures)
+    uri = "untitled:futures.py"
+    protocol._handle_notification(types.TEXT_DOCUMENT_DID_OPEN, types.DidOpenTextDocumentParams(
+        text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1,
+                                             text="x = 1\n")))
+    for version in range(2, 52):
+        protocol._handle_notification(
+            types.TEXT_DOCUMENT_DID_CHANGE, types.DidChangeTextDocumentParams(
+                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+                content_changes=[types.TextDocumentContentChangePartial(
+                    range=types.Range(start=types.Position(line=0, character=0),
+                                      end=types.Position(line=0, character=0)), text="y")]))
+    assert protocol.workspace.get_text_document(uri).source.startswith("y" * 50)
+    protocol._handle_notification(types.TEXT_DOCUMENT_DID_CLOSE, types.DidCloseTextDocumentParams(
+        text_document=types.TextDocumentIdentifier(uri=uri)))
+    assert len(protocol._request_futures) == before

@@ -5,11 +5,13 @@ language server's remote backend, and stopped by SIGTERM with nothing left runni
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -110,6 +112,61 @@ def test_metrics_text():
     assert "diffusion_lsp_request_latency_ms_count 3" in text
     snapshot = metrics.snapshot()
     assert snapshot["latency_ms"]["p95"] == 30.0 and snapshot["by_replica"] == {"r1": 3}
+
+
+def _request(chunks: list[bytes], headers: dict[str, str], delay_s: float = 0.0):
+    """A real starlette Request whose body arrives as `chunks` (each after `delay_s`);
+    `received` counts the body messages the app pulled."""
+    from starlette.requests import Request
+
+    received = []
+
+    async def receive() -> dict:
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        index = len(received)
+        received.append(index)
+        more = index + 1 < len(chunks)
+        return {"type": "http.request", "body": chunks[index] if chunks else b"",
+                "more_body": more}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/fim/completions",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    return Request(scope, receive), received
+
+
+def test_an_oversized_body_is_refused_before_it_is_read():
+    from service.app import MAX_BODY_BYTES, Refused, read_body
+
+    request, received = _request([b"x"], {"content-length": str(MAX_BODY_BYTES + 1)})
+    with pytest.raises(Refused) as refused:
+        asyncio.run(read_body(request))
+    assert refused.value.status == 413 and received == []
+    request, _ = _request([b"x"], {"content-length": "lots"})
+    with pytest.raises(Refused) as refused:
+        asyncio.run(read_body(request))
+    assert refused.value.status == 400 and "Content-Length" in str(refused.value)
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit():
+    from service.app import Refused, read_body
+
+    request, received = _request([b"x" * 1000] * 100, {"transfer-encoding": "chunked"})
+    with pytest.raises(Refused) as refused:
+        asyncio.run(read_body(request, limit=5000))
+    assert refused.value.status == 413 and len(received) == 6  # stopped at the limit
+    request, _ = _request([b"ab", b"cd"], {"transfer-encoding": "chunked"})
+    assert asyncio.run(read_body(request)) == b"abcd"
+
+
+def test_a_trickling_body_times_out():
+    from service.app import Refused, read_body
+
+    request, _ = _request([b"x"] * 50, {"content-length": "50"}, delay_s=0.05)
+    began = time.monotonic()
+    with pytest.raises(Refused) as refused:
+        asyncio.run(read_body(request, timeout_s=0.5))
+    assert refused.value.status == 408 and time.monotonic() - began < 1.5
 
 
 # -- the real service ----------------------------------------------------------------------------
@@ -266,6 +323,137 @@ def test_both_replicas_serve_concurrent_requests_and_metrics_count_them(service)
     assert 'diffusion_lsp_requests_total{endpoint="/v1/fim/completions",status="200"}' in text
 
 
+def _raw_exchange(url: str, head: bytes, body_parts: tuple[bytes, ...] = (),
+                  pause_s: float = 0.0, timeout_s: float = 60.0) -> tuple[bytes, float]:
+    """Send `head` (request line and headers) then `body_parts` one by one with `pause_s`
+    between them, over a raw socket; returns (whatever came back, seconds until it did)."""
+    host, port = url.removeprefix("http://").split(":")
+    began = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        sock.sendall(head)
+        answer = b""
+        for part in body_parts:
+            sock.settimeout(pause_s or 0.01)
+            with contextlib.suppress(TimeoutError):
+                answer += sock.recv(65536)
+            if answer:
+                break
+            try:
+                sock.sendall(part)
+            except OSError:  # the server answered and closed
+                break
+        sock.settimeout(timeout_s)
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer, time.monotonic() - began
+
+
+def _head(content_length: int | str, extra: str = "") -> bytes:
+    return (f"POST /v1/fim/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {content_length}\r\n{extra}\r\n").encode()
+
+
+@pytest.mark.slow
+def test_an_oversized_body_is_refused_with_413_before_it_is_sent(service):
+    answer, seconds = _raw_exchange(service["url"], _head(10**12))  # no body ever follows
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert seconds < 30
+
+
+@pytest.mark.slow
+def test_an_oversized_chunked_body_is_refused_with_413(service):
+    def chunks():
+        for _ in range(6):
+            yield b" " * (1024 * 1024)
+
+    answer = httpx.post(service["url"] + "/v1/fim/completions", content=chunks(),
+                        headers=AUTH | {"Content-Type": "application/json"}, timeout=60)
+    assert answer.status_code == 413 and "limit" in answer.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_malformed_json_is_400_with_the_reason(service):
+    answer = httpx.post(service["url"] + "/v1/fim/completions", content=b'{"prompt": "x",',
+                        headers=AUTH | {"Content-Type": "application/json"}, timeout=30)
+    assert answer.status_code == 400
+    assert "bad request body" in answer.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_a_slowloris_body_is_cut_off_and_others_are_served_meanwhile(service):
+    from service.app import BODY_READ_TIMEOUT_S
+
+    slow = {}
+
+    def trickle() -> None:
+        slow["answer"], slow["seconds"] = _raw_exchange(
+            service["url"], _head(200), tuple(b" " for _ in range(100)), pause_s=1.0)
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    time.sleep(1.0)
+    answer = httpx.post(service["url"] + "/v1/fim/completions", json=FIM, headers=AUTH,
+                        timeout=60)
+    assert answer.status_code == 200  # the slow client holds nothing others need
+    thread.join(60)
+    assert slow["answer"].startswith(b"HTTP/1.1 408"), slow["answer"][:200]
+    assert slow["seconds"] < BODY_READ_TIMEOUT_S + 15
+
+
+def _replica_pids(service) -> set[int]:
+    pids = set()
+    for pid in _descendants(service["process"].pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"ServeReplica" in command and _alive(pid):
+            pids.add(pid)
+    return pids
+
+
+@pytest.mark.slow
+def test_a_thousand_concurrent_connections_kill_no_replica(service):
+    """1,000 connections at once, each with a completion: every one is answered (200, or 503
+    with Retry-After when the queue is full), and the same replica processes serve after."""
+    before = _replica_pids(service)
+    assert len(before) >= 2, before  # the gateway and the model replicas
+
+    async def flood() -> list:
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
+        hole = FIM | {"max_tokens": 2}
+        async with httpx.AsyncClient(headers=AUTH, timeout=180, limits=limits) as client:
+            async def one():
+                try:
+                    answer = await client.post(service["url"] + "/v1/fim/completions",
+                                               json=hole)
+                except httpx.HTTPError as error:
+                    return type(error).__name__
+                return answer.status_code, answer.headers.get("retry-after")
+            return await asyncio.gather(*(one() for _ in range(1000)))
+
+    outcomes = asyncio.run(flood())
+    statuses = [outcome[0] if isinstance(outcome, tuple) else outcome for outcome in outcomes]
+    assert set(statuses) <= {200, 503}, {s: statuses.count(s) for s in set(statuses)}
+    assert statuses.count(200) >= 100
+    assert all(retry == "1" for status, retry in outcomes if status == 503)
+    assert _replica_pids(service) == before  # none died (Ray would restart it as another)
+    assert httpx.post(service["url"] + "/v1/fim/completions", json=FIM, headers=AUTH,
+                      timeout=60).status_code == 200
+
+
+@pytest.mark.slow
+def test_the_token_is_never_logged(service):
+    httpx.post(service["url"] + "/v1/fim/completions", json=FIM,
+               headers={"Authorization": "Bearer not-the-token-7f3a"}, timeout=30)
+    log = service["log"].read_text()
+    assert TOKEN not in log and "not-the-token-7f3a" not in log
+
+
 def _remote_settings(url: str, **remote) -> Settings:
     return Settings(backend="remote", remote=RemoteSettings(url=url, **remote))
 
@@ -319,9 +507,21 @@ def test_sigterm_stops_everything_it_started(service):
     """Runs last in this module: the service is gone afterwards."""
     process, tree = service["process"], service["tree"] | _descendants(service["process"].pid)
     assert len(tree) >= 5  # Ray's processes and the replicas really were below it
+
+    async def in_flight_then_sigterm() -> list:
+        hole = FIM | {"max_tokens": 48, "threshold": 1.0}  # several steps each
+        async with httpx.AsyncClient(headers=AUTH, timeout=60) as client:
+            requests = [asyncio.ensure_future(client.post(
+                service["url"] + "/v1/fim/completions", json=hole)) for _ in range(8)]
+            await asyncio.sleep(0.5)  # sent and being served
+            process.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*requests, return_exceptions=True)
+
     began = time.monotonic()
-    process.send_signal(signal.SIGTERM)
+    answers = asyncio.run(in_flight_then_sigterm())
+    drained = [getattr(answer, "status_code", repr(answer)) for answer in answers]
     code = process.wait(STOP_TIMEOUT_S)
+    assert drained == [200] * 8, drained  # requests in flight at SIGTERM were completed
     assert code == 0, service["log"].read_text()[-3000:]
     deadline = time.monotonic() + 10
     while (left := [pid for pid in tree if _alive(pid)]) and time.monotonic() < deadline:

@@ -17,7 +17,8 @@ CHARS_PER_TOKEN = 3.5  # token estimate for backends without a local tokenizer
 
 
 class BackendError(RuntimeError):
-    """A backend could not start or answer. `kind`: unavailable | unauthorized | failed."""
+    """A backend could not start or answer. `kind`: unavailable | unauthorized | failed |
+    stopped (the backend serves no more until it is restarted)."""
 
     def __init__(self, message: str, kind: str = "failed") -> None:
         super().__init__(message)

@@ -40,11 +40,17 @@ class LocalBackend:
             engine = await asyncio.wrap_future(
                 Engine.start(lambda: _load(settings), warm_up=False, prompt_cache=cache))
         except Exception as error:  # noqa: BLE001 - every load failure is reported the same way
-            raise BackendError(str(error), "unavailable") from error
+            raise BackendError(load_failure(error, settings.model.device), "unavailable"
+                               ) from error
         loaded = engine.model
         self._tokenizer = loaded.tokenizer
         report("warming up")
-        await asyncio.to_thread(engine.warm_up)
+        try:
+            await asyncio.to_thread(engine.warm_up)
+        except Exception as error:  # noqa: BLE001 - a model that cannot run one hole is no use
+            await asyncio.to_thread(engine.close)
+            raise BackendError(load_failure(error, settings.model.device), "unavailable"
+                               ) from error
         self.engine = engine
         parameters = sum(p.numel() for p in loaded.network.parameters())
         return (f"{loaded.path.name} ({loaded.family.name}, {parameters / 1e6:.1f}M parameters) "
@@ -69,7 +75,13 @@ class LocalBackend:
         except ValueError as error:  # settings the sampler refuses: no completion, say why
             raise BackendError(f"sampler settings: {error}") from error
         began = time.perf_counter()
-        result = await self.engine.infill(job.prefix, job.suffix, options, job.document)
+        try:
+            result = await self.engine.infill(job.prefix, job.suffix, options,
+                                                  job.document)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every engine failure becomes one message
+            raise engine_failure(error, self.engine.model.device.type) from error
         return CompletionOutcome(
             text=result.text, steps=result.steps, tokens=result.tokens,
             model_ms=(time.perf_counter() - began) * 1e3, finish_reason=result.finish_reason,
@@ -79,6 +91,39 @@ class LocalBackend:
         if self.engine is not None:
             await asyncio.to_thread(self.engine.close)
             self.engine = None
+
+
+def load_failure(error: Exception, device: str) -> str:
+    """One line for a model that did not load. The loader's own errors already say what is
+    wrong and where; out-of-memory and anything unexpected get their first line, named."""
+    from model.engine import is_out_of_memory
+    from model.loader import ModelLoadError
+
+    first_line = (str(error).strip() or type(error).__name__).split("\n", 1)[0]
+    if isinstance(error, ModelLoadError):
+        return first_line
+    if is_out_of_memory(error):
+        return (f"the model does not fit in memory on {device} ({first_line}); choose a "
+                "smaller model, model.dtype bfloat16, or model.device cpu")
+    return f"the model did not load ({type(error).__name__}: {first_line})"
+
+
+def engine_failure(error: Exception, device: str) -> BackendError:
+    """What the user is told when the engine fails a hole: one line, with what to do."""
+    from model.engine import Cancelled, EngineStopped, is_out_of_memory
+
+    first_line = (str(error).strip() or type(error).__name__).split("\n", 1)[0]
+    if is_out_of_memory(error):
+        return BackendError(
+            f"the model ran out of memory on {device} (cached memory was freed; later "
+            "completions try again; lower completion.maxTokens or context.prefixTokens if this "
+            "repeats)", "failed")
+    if isinstance(error, EngineStopped):
+        return BackendError(f"{error}; reload the model (change a model setting or restart "
+                            "the server)", "stopped")
+    if isinstance(error, Cancelled):
+        return BackendError("the engine is shutting down", "unavailable")
+    return BackendError(f"the model failed ({type(error).__name__}: {first_line})", "failed")
 
 
 def _load(settings: Settings):
