@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
 from collections.abc import Callable
 
@@ -29,6 +30,9 @@ class LocalBackend:
     async def start(self, settings: Settings, report: Callable[[str], None]) -> str:
         model_settings = settings.model
         report(f"loading {model_settings.path or 'the bundled model'}")
+        # importing torch and transformers takes seconds: not on the event loop, which keeps
+        # answering (no items) meanwhile
+        await asyncio.to_thread(importlib.import_module, "model.engine")
         from model.engine import Engine
         from model.prompt_cache import PromptCache
 
