@@ -36,8 +36,8 @@ def install() -> None:
                                            engine_module.forward_holes,
                                            engine_module.state_result)
 
-    def marking_submit(self, prefix, suffix, options=None):
-        request = submit(self, prefix, suffix, options)
+    def marking_submit(self, prefix, suffix, options=None, document=None):
+        request = submit(self, prefix, suffix, options, document)
         for marker in (STEP_ERROR, OUT_OF_MEMORY, WORKER_DIES):
             if marker in prefix:
                 _faults[id(request.state)] = marker

@@ -90,8 +90,9 @@ def test_random_model_of_a_tiny_shape_runs_the_gpu_benchmark_path_on_cpu(tmp_pat
     args = SimpleNamespace(name="vs-autoregressive", shape="tiny-qwen2", device="cpu",
                            data=None, limit=1, max_tokens=4, tokens_per_step=2, threads=None)
     assert bench.run_bench(args) == 0
-    payload = json.loads((tmp_path / "vs-autoregressive.json").read_text())
-    assert payload["model"] == "random:tiny-qwen2" and payload["dtype"] == "torch.bfloat16"
+    payload = json.loads((tmp_path / "vs-autoregressive-tiny-qwen2.json").read_text())
+    # dtype auto: fp32 on a CPU for a model under 100M parameters (bf16 on CUDA)
+    assert payload["model"] == "random:tiny-qwen2" and payload["dtype"] == "torch.float32"
     assert payload["rows"][0]["steps"] == 2  # 4 tokens, 2 per step
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         bench.random_model_of_shape("qwen2.5-7b", "cpu")
