@@ -95,18 +95,9 @@ def sampling_problem(sampling: Sampling, max_tokens: int,
 # -- requests ------------------------------------------------------------------------------------
 
 
-class FimRequest(msgspec.Struct):
-    """`POST /v1/fim/completions`: fill between `prompt` and `suffix`. UNSET fields are left
-    out of the JSON."""
+class SamplerExtensions(msgspec.Struct, kw_only=True):
+    """Our extensions to both request kinds (sent only to our service; UNSET: the default)."""
 
-    model: str
-    prompt: str
-    suffix: str = ""
-    max_tokens: int = 64
-    stop: str | list[str] | None | UnsetType = UNSET
-    temperature: float = 0.0
-    stream: bool | UnsetType = UNSET  # true is refused: completions come back whole
-    # -- our extensions (sent only to our service) --
     threshold: float | None | UnsetType = UNSET
     tokens_per_step: int | None | UnsetType = UNSET
     algorithm: str | None | UnsetType = UNSET
@@ -120,7 +111,20 @@ class FimRequest(msgspec.Struct):
     seed: int | None | UnsetType = UNSET
 
 
-class CompletionsRequest(msgspec.Struct):
+class FimRequest(SamplerExtensions):
+    """`POST /v1/fim/completions`: fill between `prompt` and `suffix`. UNSET fields are left
+    out of the JSON."""
+
+    model: str
+    prompt: str
+    suffix: str = ""
+    max_tokens: int = 64
+    stop: str | list[str] | None | UnsetType = UNSET
+    temperature: float = 0.0
+    stream: bool | UnsetType = UNSET  # true is refused: completions come back whole
+
+
+class CompletionsRequest(SamplerExtensions):
     """`POST /v1/completions` with `suffix` (OpenAI's legacy completions)."""
 
     model: str
@@ -132,17 +136,6 @@ class CompletionsRequest(msgspec.Struct):
     n: int | UnsetType = UNSET
     stream: bool | UnsetType = UNSET
     echo: bool | UnsetType = UNSET
-    threshold: float | None | UnsetType = UNSET
-    tokens_per_step: int | None | UnsetType = UNSET
-    algorithm: str | None | UnsetType = UNSET
-    steps: int | None | UnsetType = UNSET
-    block_length: int | None | UnsetType = UNSET
-    top_p: float | UnsetType = UNSET
-    top_k: int | UnsetType = UNSET
-    alg_temp: float | UnsetType = UNSET
-    cfg_scale: float | UnsetType = UNSET
-    exact: bool | UnsetType = UNSET
-    seed: int | None | UnsetType = UNSET
 
 
 class Hole(msgspec.Struct, frozen=True):
