@@ -24,8 +24,8 @@ from benchmarks.report import (
     machine,
     percentile,
     plot_cdf,
+    publish,
     pyplot,
-    save,
     save_figure,
 )
 
@@ -140,9 +140,7 @@ def run_lsp_bench(args) -> int:
               f"p95 {s['latency_p95_ms']:7.1f} ms  model p50 {s['model_p50_ms']} ms "
               f"({share})  FPE p50 {s.get('forward_pass_equivalents_p50', 0):.2f}  "
               f"steps {s['mean_steps']}  empty {s['empty']}/{s['requests']}")
-    path = save(name, payload)
-    picture = plot(payload, name)
-    print(f"saved {path}" + (f" and {picture}" if picture else ""))
+    publish(name, payload, lambda: plot(payload, name))
     return 0
 
 

@@ -20,6 +20,7 @@ from benchmarks.report import (
     machine,
     percentile,
     plot_cdf,
+    publish,
     pyplot,
     save,
     save_figure,
@@ -513,7 +514,5 @@ def run_bench(args) -> int:
               f"{payload['autoregressive_warm_ms_p50']:.0f} ms, speed-up p50 "
               f"{payload['speedup_warm_p50']:.2f}x")
     name = f"{args.name}-{args.shape}" if args.shape else args.name  # one file per model
-    path = save(name, payload)
-    picture = plot(name, payload)
-    print(f"saved {path}" + (f" and {picture}" if picture else ""))
+    publish(name, payload, lambda: plot(name, payload))
     return 0

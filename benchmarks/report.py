@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,6 +53,15 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+def publish(name: str, payload: dict, draw: Callable[[], Path | None]) -> Path:
+    """Save `payload` as NAME.json, draw its picture (`draw` returns the PNG's path, or None
+    without matplotlib), and say where both went."""
+    path = save(name, payload)
+    picture = draw()
+    print(f"saved {path}" + (f" and {picture}" if picture else ""))
+    return path
 
 
 def save(name: str, payload: dict) -> Path:

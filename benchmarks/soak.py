@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.report import REPO, machine, percentile, pyplot, save, save_figure
+from benchmarks.report import REPO, machine, percentile, publish, pyplot, save, save_figure
 
 REQUESTS = 10_000
 DOCUMENTS = 20
@@ -228,7 +228,7 @@ def summarise(tally: Tally, samples: list[dict], elapsed: float, server_stats: d
     }
 
 
-def plot(result: dict) -> Path | None:
+def plot(result: dict, name: str) -> Path | None:
     plt = pyplot()
     if plt is None:
         return None
@@ -247,7 +247,7 @@ def plot(result: dict) -> Path | None:
     latency.set_xlabel("latency, send to answer (ms)")
     latency.set_ylabel("fraction of answered requests")
     latency.set_title(f"p50 {result['latency_ms']['p50']} ms, p95 {result['latency_ms']['p95']} ms")
-    return save_figure(plt, fig, "soak")
+    return save_figure(plt, fig, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,13 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = asyncio.run(soak(args.requests, args.documents, args.model, args.seed,
                               lambda partial: save(f"{args.name}-partial", partial)))
-    path = save(args.name, result)
-    (path.parent / f"{args.name}-partial.json").unlink(missing_ok=True)
-    figure = plot(result) if args.name == "soak" else None
     shown = {key: result[key] for key in ("requests", "seconds", "answered", "cancelled",
                                           "superseded", "errors", "latency_ms", "rss_mb")}
     print(shown)
-    print(f"saved {path}" + (f" and {figure}" if figure else ""))
+    path = publish(args.name, result, lambda: plot(result, args.name))
+    (path.parent / f"{args.name}-partial.json").unlink(missing_ok=True)
     return 1 if result["errors"] else 0
 
 

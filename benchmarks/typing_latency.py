@@ -34,7 +34,15 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.model_speed import SHAPES, full_forward_ms, random_weights, shape_tokenizer
-from benchmarks.report import load_holes, machine, percentile, plot_cdf, pyplot, save, save_figure
+from benchmarks.report import (
+    load_holes,
+    machine,
+    percentile,
+    plot_cdf,
+    publish,
+    pyplot,
+    save_figure,
+)
 from model.cpu import describe
 from model.families import DREAM
 from model.loader import TOKENIZER_FILE, LoadedModel, load_model, pick_dtype
@@ -232,9 +240,7 @@ def run_typing_bench(args) -> int:
                "dtype": str(model.dtype), "max_tokens": options.max_tokens,
                "tokens_per_step": options.tokens_per_step, "lsp": lsp, "model_only": only}
     name = f"{NAME}-{args.shape}" if args.shape else NAME  # one file per model
-    path = save(name, payload)
-    picture = plot(payload, name)
-    print(f"saved {path}" + (f" and {picture}" if picture else ""))
+    publish(name, payload, lambda: plot(payload, name))
     return 0
 
 
