@@ -213,7 +213,7 @@ class Engine:
         except BaseException as exc:  # noqa: BLE001 - the thread is dying: tell every caller
             log.critical("the engine's worker stopped", exc_info=exc)
             self.failure = EngineStopped(f"the model engine stopped ({type(exc).__name__}: "
-                                         f"{_first_line(exc)})")
+                                         f"{first_line(exc)})")
             for request in active:
                 if not request.future.done():
                     request.future.set_exception(self.failure)
@@ -287,7 +287,7 @@ class Engine:
         step starts from a clean allocator."""
         self.out_of_memory += 1
         log.warning("out of memory in a denoising step of %d request(s) on %s; they fail and "
-                    "cached memory is freed: %s", rows, self.model.device, _first_line(error))
+                    "cached memory is freed: %s", rows, self.model.device, first_line(error))
         error.with_traceback(None)
         free_memory(self.model.device)
 
@@ -310,7 +310,7 @@ class Engine:
         return keep
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """An exception's message, first line only (torch's out-of-memory message runs to five)."""
     text = str(error).strip()
     return text.split("\n", 1)[0] if text else type(error).__name__

@@ -100,23 +100,22 @@ class LocalBackend:
 def load_failure(error: Exception, device: str) -> str:
     """One line for a model that did not load. The loader's own errors already say what is
     wrong and where; out-of-memory and anything unexpected get their first line, named."""
-    from model.engine import is_out_of_memory
+    from model.engine import first_line, is_out_of_memory
     from model.loader import ModelLoadError
 
-    first_line = (str(error).strip() or type(error).__name__).split("\n", 1)[0]
+    line = first_line(error)
     if isinstance(error, ModelLoadError):
-        return first_line
+        return line
     if is_out_of_memory(error):
-        return (f"the model does not fit in memory on {device} ({first_line}); choose a "
+        return (f"the model does not fit in memory on {device} ({line}); choose a "
                 "smaller model, model.dtype bfloat16, or model.device cpu")
-    return f"the model did not load ({type(error).__name__}: {first_line})"
+    return f"the model did not load ({type(error).__name__}: {line})"
 
 
 def engine_failure(error: Exception, device: str) -> BackendError:
     """What the user is told when the engine fails a hole: one line, with what to do."""
-    from model.engine import Cancelled, EngineStopped, is_out_of_memory
+    from model.engine import Cancelled, EngineStopped, first_line, is_out_of_memory
 
-    first_line = (str(error).strip() or type(error).__name__).split("\n", 1)[0]
     if is_out_of_memory(error):
         return BackendError(
             f"the model ran out of memory on {device} (cached memory was freed; later "
@@ -127,7 +126,8 @@ def engine_failure(error: Exception, device: str) -> BackendError:
                             "the server)", "stopped")
     if isinstance(error, Cancelled):
         return BackendError("the engine is shutting down", "unavailable")
-    return BackendError(f"the model failed ({type(error).__name__}: {first_line})", "failed")
+    return BackendError(f"the model failed ({type(error).__name__}: {first_line(error)})",
+                        "failed")
 
 
 def _load(settings: Settings):
