@@ -188,23 +188,24 @@ class Protocol(LanguageServerProtocol):
         self.exit_code = 0 if self._shutdown else 1
         self.stopped = True
 
+    def is_open(self, uri: str, method: str) -> bool:
+        """Whether `uri` is open; when not, one warning instead of pygls' KeyError traceback."""
+        if unquote(uri) in self.workspace.text_documents:
+            return True
+        log.warning("%s for %s, which is not open: ignored", method, uri)
+        return False
+
     @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
     def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams):
-        """pygls' didChange, with one warning (not a KeyError) for a document not open."""
-        uri = params.text_document.uri
-        if unquote(uri) not in self.workspace.text_documents:
-            log.warning("didChange for %s, which is not open: ignored", uri)
-            return
-        yield from super().lsp_text_document__did_change(params)
+        """pygls' didChange, for open documents only (`is_open`)."""
+        if self.is_open(params.text_document.uri, "didChange"):
+            yield from super().lsp_text_document__did_change(params)
 
     @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
     def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams):
-        """pygls' didClose, with one warning for a document not open."""
-        uri = params.text_document.uri
-        if unquote(uri) not in self.workspace.text_documents:
-            log.warning("didClose for %s, which is not open: ignored", uri)
-            return
-        yield from super().lsp_text_document__did_close(params)
+        """pygls' didClose, for open documents only (`is_open`)."""
+        if self.is_open(params.text_document.uri, "didClose"):
+            yield from super().lsp_text_document__did_close(params)
 
 
 @dataclass
