@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import rotate_half  # RoPE's, as the network's
 
 from model.loader import LoadedModel
 from model.sampler import ContextCache, HoleState, logit_positions, window
@@ -66,11 +67,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         count += 1
     return count
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 def move_keys(model: LoadedModel, keys: torch.Tensor, delta: int) -> torch.Tensor:
