@@ -22,10 +22,10 @@ import time
 import torch
 from transformers import DynamicCache
 
-from benchmarks.model_speed import random_model_of_shape
 from benchmarks.report import machine, save
 from model.cpu import cpu_flags, describe
 from model.loader import LoadedModel
+from model.shapes import random_model_of_shape
 
 FULL_TOKENS = 320
 HOLE_TOKENS = 16

@@ -28,6 +28,7 @@ from benchmarks.report import (
 from model.engine import Engine
 from model.loader import LoadedModel
 from model.sampler import InfillOptions, infill, layout_ids
+from model.shapes import random_model_of_shape
 
 
 @torch.inference_mode()
@@ -214,97 +215,9 @@ def bench_vs_autoregressive(model: LoadedModel, holes: list[dict], max_tokens: i
 
 
 # ---------------------------------------------------------------------------------------------
-# random-weight models of a published shape (speed does not depend on weight values at a fixed
-# number of tokens per step)
+# random-weight models of a published shape: model.shapes
 
-SHAPES = {
-    # Dream-Coder-v0-7B / Qwen2.5-7B
-    "qwen2.5-7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-                   "max_position_embeddings": 32768, "rope_theta": 1000000.0},
-    # Open-dCoder-0.5B / Qwen2.5-(Coder-)0.5B: the size people run on a laptop CPU
-    "qwen2.5-0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-                     "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
-                     "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-                     "tie_word_embeddings": True},
-    # a few MB of weights: the same code path on a CPU, for tests
-    "tiny-qwen2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
-                   "max_position_embeddings": 2048, "rope_theta": 1000000.0},
-}
-CPU_SHAPES = ("qwen2.5-0.5b", "tiny-qwen2")  # small enough to run without a GPU
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # SXM memory bandwidth
-
-
-def random_model_of_shape(shape: str, device: str) -> LoadedModel:
-    """A `dream`-family model of a published shape with random weights: bf16 on the GPU; for
-    CPU_SHAPES on a CPU, in the dtype `auto` picks there (`model.cpu`)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from model.families import DREAM
-    from model.loader import make_bidirectional, pick_device, pick_dtype, resolve_special_ids
-
-    if shape not in SHAPES:
-        raise SystemExit(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-    torch_device = pick_device(device)
-    if torch_device.type != "cuda" and shape not in CPU_SHAPES:
-        raise SystemExit(f"--shape {shape} needs a CUDA GPU (its bf16 weights take many GB)")
-    config = Qwen2Config(**{"tie_word_embeddings": False, **SHAPES[shape]})
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        network = Qwen2ForCausalLM(config)
-    dtype = pick_dtype("auto", torch_device, sum(p.numel() for p in network.parameters()))
-    network = random_weights(network, config, torch_device, dtype)
-    make_bidirectional(network)
-    tokenizer = shape_tokenizer(shape)
-    return LoadedModel(network, tokenizer, DREAM, resolve_special_ids(tokenizer, DREAM, Path()),
-                       torch_device, dtype, Path(f"random:{shape}"))
-
-
-INIT_STD = 0.02  # Qwen2's initializer_range
-
-
-@torch.no_grad()
-def random_weights(network: torch.nn.Module, config, device: torch.device,
-                   dtype: torch.dtype) -> torch.nn.Module:
-    """`network` (built on the meta device) with N(0, INIT_STD) weights and unit norms, made
-    directly in `dtype` on `device`: seconds for 0.5B parameters, where transformers' own
-    initialisation takes minutes on a 2-core CPU."""
-    network = network.to_empty(device=device).to(dtype)
-    for name, parameter in network.named_parameters():
-        if name.endswith("norm.weight"):
-            parameter.fill_(1.0)
-        else:
-            parameter.normal_(0.0, INIT_STD)
-    if config.tie_word_embeddings:
-        network.tie_weights()
-    network.model.rotary_emb = type(network.model.rotary_emb)(config=config).to(device)
-    return network.eval()
-
-
-def shape_tokenizer(shape: str):
-    """The tokenizer a random model of `shape` gets: a 400-piece one for the tiny shape (its
-    vocabulary has 512 rows), the bundled code BPE for published shapes."""
-    if shape != "tiny-qwen2":
-        return code_tokenizer()
-    from model.tiny import FAMILY_SPECIAL_TOKENS, SAMPLE_CODE
-    from model.tokenizer import train_tokenizer
-
-    return train_tokenizer([SAMPLE_CODE] * 4, 400, FAMILY_SPECIAL_TOKENS["dream"], 1)
-
-
-def code_tokenizer():
-    """The bundled model's code BPE (8,192 pieces) with the dream family's special tokens
-    added: random-weight models of a published shape get contexts of a realistic number of
-    tokens (a real code tokenizer; Qwen2.5's own cannot be downloaded here)."""
-    from tokenizers import Tokenizer
-
-    from model.loader import BUNDLED_DIR, TOKENIZER_FILE
-    from model.tiny import FAMILY_SPECIAL_TOKENS
-
-    tokenizer = Tokenizer.from_file(str(BUNDLED_DIR / TOKENIZER_FILE))
-    tokenizer.add_special_tokens(FAMILY_SPECIAL_TOKENS["dream"])
-    return tokenizer
 
 
 def bandwidth_bound_ms(model: LoadedModel) -> float | None:

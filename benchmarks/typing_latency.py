@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from benchmarks.model_speed import SHAPES, full_forward_ms, random_weights, shape_tokenizer
+from benchmarks.model_speed import full_forward_ms
 from benchmarks.report import (
     load_holes,
     machine,
@@ -48,6 +48,7 @@ from model.families import DREAM
 from model.loader import TOKENIZER_FILE, LoadedModel, load_model, pick_dtype
 from model.prompt_cache import PromptCache
 from model.sampler import InfillOptions, infill, layout_ids
+from model.shapes import SHAPES, random_weights, shape_tokenizer
 
 DOCUMENTS_FOR_MEMORY = 20  # the issue's "20 open documents"
 SINGLE_LINE_TOKENS = 32  # the server's completion.maxTokensSingleLine default
@@ -163,14 +164,16 @@ def bench_model(model: LoadedModel, holes: list[dict], options: InfillOptions | 
 # over LSP
 
 
-async def bench_lsp(holes: list[dict], model_path: str | None, options: InfillOptions) -> dict:
+async def bench_lsp(holes: list[dict], model_path: str | None, options: InfillOptions,
+                    device: str = "auto") -> dict:
     """The same two requests per hole, through a real LSP client and the server process."""
     from benchmarks.lsp_client import edit, inline, open_document, running_server, stats
 
     settings = {"completion": {"multiline": "never", "maxTokensSingleLine": options.max_tokens,
                                "tokensPerStep": options.tokens_per_step}}
+    settings["model"] = {"device": device}
     if model_path:
-        settings["model"] = {"path": model_path}
+        settings["model"]["path"] = model_path
     rows = []
     async with running_server(settings) as client:
         for index, hole in enumerate(holes):

@@ -78,6 +78,8 @@ class LoadedModel:
     never_sample: torch.Tensor | None = None
     # (k,) the same ids as a list, for an in-place fill that touches k columns, not V
     never_sample_ids: torch.Tensor = field(init=False)
+    # model.fast_step.HoleSteps: the fixed-shape hole steps (CUDA graphs), made on first use
+    hole_steps: object | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.never_sample is None:

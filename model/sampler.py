@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
+from model import fast_step
 from model.loader import LoadedModel
 
 # transformers 5.x renames the forward's `past_key_values` to `cache` (removed in 5.40) and warns
@@ -488,6 +489,10 @@ def pick(state: HoleState, logits: torch.Tensor,
         return candidates, tokens
     picked, raw = sample_and_score(logits[candidates], rule.score, options.temperature,
                                    state.generator, options.top_p, options.top_k, rule.noise)
+    if picked.device.type != "cpu":  # scored on the GPU: one copy of (2, m) comes back
+        # token ids < 2**24 are exact in float32
+        picked, raw = torch.stack([picked.to(raw.dtype), raw]).cpu()
+        picked = picked.long()
     tokens[candidates] = picked
     generator = state.generator
     if rule.order == "origin":
@@ -543,7 +548,10 @@ def sampleable(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> to
     full = state.hole.numel() >= state.options.max_tokens
     with torch.inference_mode():
         if not state.options.exact:
-            logits.index_fill_(-1, model.never_sample_ids, float("-inf"))
+            banned = model.never_sample_ids
+            if banned.device != logits.device:  # logits on the GPU: keep a copy there
+                banned = model.never_sample_ids = banned.to(logits.device)
+            logits.index_fill_(-1, banned, float("-inf"))
         if expand is not None and (full or state.expansions_left <= 0):
             logits[:, expand] = float("-inf")
     return logits
@@ -587,6 +595,7 @@ def ban_early_ends(model: LoadedModel, logits: torch.Tensor, masked_positions: t
         return logits
     logits = logits.clone()
     banned = torch.tensor(_ending_ids(model, options.single_line), dtype=torch.long)
+    early, banned = early.to(logits.device), banned.to(logits.device)
     logits[early[:, None], banned[None, :]] = float("-inf")
     return logits
 
@@ -840,6 +849,8 @@ def _hole_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Te
     from every query, so a hole's result does not depend on its batch.
     """
     shifted = model.family.shifted_logits
+    if len(states) == 1 and fast_step.enabled(model):
+        return [_fixed_shape_hole_pass(model, states[0])]
     windows = [window(s, shifted) for s in states]
     widths = [end - start for start, end in windows]
     contexts = [s.context.layers[0][0].shape[-2] for s in states]
@@ -878,6 +889,24 @@ def _hole_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Te
     return rows
 
 
+def _fixed_shape_hole_pass(model: LoadedModel, state: HoleState) -> torch.Tensor:
+    """`_hole_pass` of one hole through `model.fast_step` (a CUDA graph replay). (m, H)"""
+    shifted = model.family.shifted_logits
+    start, end = window(state, shifted)
+    hidden = fast_step.hole_steps(model).run(state.context.layers, state.context,
+                                             state.sequence()[start:end], start)  # (W, H)
+    state.context.age += 1
+    return _rows_at(hidden, logit_positions(state, shifted) - start)
+
+
+def samples_on_host(options: InfillOptions) -> bool:
+    """Whether a step draws random numbers (from the state's CPU generator): then its logits
+    come to the CPU. Greedy steps are scored where the logits are, and only the (m,) tokens
+    and scores cross over (a 64-token hole's logits over a 152k vocabulary are 39 MB)."""
+    rule = options.rule
+    return options.temperature > 0 or rule.order in ("random", "origin") or options.alg_temp > 0
+
+
 @torch.inference_mode()
 def forward_holes(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
     """One denoising forward pass for any number of holes: logits at each state's masked
@@ -903,12 +932,13 @@ def forward_holes(model: LoadedModel, states: Sequence[HoleState]) -> list[torch
         hidden.update(zip(cached, _hole_pass(model, [states[i] for i in cached]), strict=True))
     order = list(range(len(states))) + [-1 - i for i in guided]
     rows = torch.cat([hidden[i] for i in order])  # (M, H)
-    logits = model.network.lm_head(rows).float().cpu()  # (M, V)
+    logits = model.network.lm_head(rows).float()  # (M, V), on the model's device
     split = dict(zip(order, logits.split([hidden[i].shape[0] for i in order]), strict=True))
     for i in guided:
         states[i].guidance_passes += 1
         split[i] = guide(split[i], split[-1 - i], states[i].options.cfg_scale)
-    return [split[i] for i in range(len(states))]
+    return [split[i].cpu() if samples_on_host(states[i].options) else split[i]
+            for i in range(len(states))]
 
 
 def unconditioned(model: LoadedModel, state: HoleState) -> HoleState:

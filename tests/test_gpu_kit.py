@@ -16,7 +16,8 @@ from tokenizers import Tokenizer
 import benchmarks.model_speed as bench
 import benchmarks.report as report
 import model.train.train as train_mod
-from model.loader import BUNDLED_DIR
+from model.loader import BUNDLED_DIR, ModelLoadError
+from model.shapes import random_model_of_shape
 from model.train import gpu_kit
 from model.train.train import LAST_CHECKPOINT, train
 from tests.test_train import tiny_config
@@ -94,8 +95,8 @@ def test_random_model_of_a_tiny_shape_runs_the_gpu_benchmark_path_on_cpu(tmp_pat
     # dtype auto: fp32 on a CPU for a model under 100M parameters (bf16 on CUDA)
     assert payload["model"] == "random:tiny-qwen2" and payload["dtype"] == "torch.float32"
     assert payload["rows"][0]["steps"] == 2  # 4 tokens, 2 per step
-    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-        bench.random_model_of_shape("qwen2.5-7b", "cpu")
+    with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
+        random_model_of_shape("qwen2.5-7b", "cpu")
 
 
 def test_training_refuses_a_network_whose_attention_is_causal():

@@ -134,8 +134,11 @@ def _load(settings: Settings):
     import torch
 
     from model.loader import load_model
+    from model.shapes import is_random, load_random
 
     if settings.model.threads:
         torch.set_num_threads(settings.model.threads)
+    if is_random(settings.model.path):  # a benchmark's random-weight model of a published shape
+        return load_random(settings.model.path, settings.model.device, settings.model.dtype)
     return load_model(settings.model.path, settings.model.family, settings.model.device,
                       settings.model.dtype, overrides=settings.model.family_overrides)

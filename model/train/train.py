@@ -22,6 +22,8 @@ import contextlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -307,7 +309,11 @@ def train(data: Path, tokenizer_file: Path, run: Path, config: TrainConfig, minu
     session_seconds_at_start = state["train_seconds"]
     smoothed = None
     network.train()
-    while True:
+    interrupted = []  # SIGINT (`timeout --signal=INT` in scripts/gpu-train.sh) ends the loop
+    main_thread = threading.current_thread() is threading.main_thread()  # signals go there
+    previous_handler = (signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+                        if main_thread else None)
+    while not interrupted:
         now = time.perf_counter()
         if now - began >= minutes * 60:
             break
@@ -343,6 +349,10 @@ def train(data: Path, tokenizer_file: Path, run: Path, config: TrainConfig, minu
         if now - last_save >= config.save_every_s:
             save_checkpoint(run / LAST_CHECKPOINT, network, optimizer, state, config, vocab_size)
             last_save = time.perf_counter()
+    if main_thread:
+        signal.signal(signal.SIGINT, previous_handler)
+    if interrupted:
+        log({"event": "interrupted", "step": state["step"]})
     _eval_and_log(network, validation, device, state, smoothed, lr_of(optimizer), log, run,
                   optimizer, config, vocab_size)
     save_checkpoint(run / LAST_CHECKPOINT, network, optimizer, state, config, vocab_size)

@@ -1,0 +1,413 @@
+"""`python -m benchmarks.gpu_check`: the GPU figures of one borrowed-GPU run, in one JSON file.
+
+`scripts/gpu-check.sh` runs the CUDA tests first, then this, then training with the time left.
+Every section merges what it measured into the output (benchmarks/results/gpu.json's format) as
+soon as it has it, so a run stopped by its time limit keeps what it got. Sections:
+
+- speed: a random-weight model of a published shape (qwen2.5-7b = Dream-Coder-7B's, bf16, made
+  on the GPU). One 64-token hole filled at exactly 1, 2, 4 and 8 tokens a step (end tokens
+  banned, so every hole has 64 real tokens), with the document's context cached as while the
+  user types: ms per hole-only step (median) and tokens/s of the whole hole (median over
+  holes); the same at 8 tokens a step through transformers' eager modules (no CUDA graph);
+  the HBM bound of a step (bytes of weights and keys/values read once / the card's
+  bandwidth, and the same over the bandwidth a device-to-device copy reaches here); the same
+  network as an autoregressive model (causal, its KV cache, greedy, CUDA graph a token) on the
+  same 64 tokens after the same prefix.
+- concurrent: 16 holes submitted to the engine at once (batched) against one alone.
+- lsp: the server as its own process over stdio on the same shape; a document is opened, a
+  completion asked for, one character typed, and the completion after it timed (p50).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+from benchmarks.report import load_holes, percentile
+from model import fast_step
+from model.loader import LoadedModel
+from model.prompt_cache import PromptCache
+from model.sampler import (
+    InfillOptions,
+    apply_step,
+    final_text,
+    forward_holes,
+    layout_ids,
+    new_state,
+)
+from model.shapes import random_model_of_shape
+
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # SXM memory bandwidth, vendor datasheets
+HOLE_TOKENS = 64
+TOKENS_PER_STEP = (1, 2, 4, 8)
+CONCURRENT = 16
+COPY_BYTES = 2 << 30  # the device-to-device copy that measures usable bandwidth
+
+
+def sync(model: LoadedModel) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# bounds
+
+
+def bytes_per_hole_step(model: LoadedModel, context_rows: int, window: int) -> int:
+    """The fewest bytes a hole-only step reads: every weight once (the embedding table only
+    where the LM head is tied to it: a lookup reads W rows), every layer's keys and values."""
+    network = model.network
+    tied = network.lm_head.weight is network.model.embed_tokens.weight
+    weights = sum(p.numel() * p.element_size() for name, p in network.named_parameters()
+                  if tied or "embed_tokens" not in name)
+    config = network.config
+    dim = network.model.layers[0].self_attn.head_dim
+    kv = (2 * config.num_hidden_layers * config.num_key_value_heads * dim
+          * (context_rows + window) * torch.tensor([], dtype=model.dtype).element_size())
+    return weights + kv
+
+
+def card_bandwidth(model: LoadedModel) -> float | None:
+    if model.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(model.device)
+    return next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
+
+
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Bytes/s a large device-to-device copy moves (read + write), median of 10."""
+    if device.type != "cuda":
+        return None
+    source = torch.empty(COPY_BYTES // 2, dtype=torch.bfloat16, device=device).normal_()
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del source, target
+    return 2 * COPY_BYTES / statistics.median(times[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# one hole, step by step
+
+
+def fill(model: LoadedModel, hole: dict, options: InfillOptions, cache: PromptCache | None,
+         document: str | None) -> dict:
+    """The sampler's loop (model.sampler.infill), each step timed: every step ends with its
+    tokens on the CPU, so the host clock times the GPU's work too."""
+    sync(model)
+    began = time.perf_counter()
+    state = new_state(model, hole["prompt"], hole["suffix"], options)
+    if cache is not None:
+        cache.attach(model, document, state)
+    steps = []
+    while not state.finished:
+        kind = ("reuse" if state.reuse is not None and state.context is None
+                else "full" if state.context is None or state.context.hole_len
+                != state.hole.numel() else "hole")
+        before, full_before = time.perf_counter(), state.full_passes
+        (logits,) = forward_holes(model, [state])
+        apply_step(model, state, logits)
+        if state.full_passes > full_before:
+            kind = "full"
+        steps.append((kind, (time.perf_counter() - before) * 1e3))
+        if cache is not None and document is not None and state.steps == 1:
+            cache.store(model, document, state)
+    total = (time.perf_counter() - began) * 1e3
+    _, tokens = final_text(model, state)
+    context = len(state.prefix_ids) + len(state.suffix_ids)
+    return {"total_ms": total, "tokens": tokens, "steps": len(steps), "context_tokens": context,
+            "hole_step_ms": [ms for kind, ms in steps if kind == "hole"],
+            "kinds": [kind for kind, _ in steps]}
+
+
+def hole_options(tokens_per_step: int) -> InfillOptions:
+    return InfillOptions(max_tokens=HOLE_TOKENS, initial_tokens=HOLE_TOKENS,
+                         tokens_per_step=tokens_per_step, min_tokens=HOLE_TOKENS)
+
+
+def bench_hole(model: LoadedModel, holes: list[dict], tokens_per_step: int) -> dict:
+    """Each hole twice in one document: cold (nothing cached), then warm (typing: the
+    document's context cached)."""
+    options = hole_options(tokens_per_step)
+    cache = PromptCache()
+    fill(model, holes[0], options, cache, "warm-up")
+    cold, warm = [], []
+    for index, hole in enumerate(holes):
+        cold.append(fill(model, hole, options, cache, f"doc-{index}"))
+        warm.append(fill(model, hole, options, cache, f"doc-{index}"))
+    step_ms = [ms for run in warm for ms in run["hole_step_ms"]]
+    return {
+        "ms_per_step": statistics.median(step_ms) if step_ms else None,
+        "tokens_per_s": statistics.median(r["tokens"] / r["total_ms"] * 1e3 for r in warm),
+        "cold_tokens_per_s": statistics.median(r["tokens"] / r["total_ms"] * 1e3 for r in cold),
+        "hole_ms_p50": statistics.median(r["total_ms"] for r in warm),
+        "steps": statistics.median(r["steps"] for r in warm),
+        "step_kinds": warm[0]["kinds"],
+        "tokens": statistics.median(r["tokens"] for r in warm),
+        "context_tokens_p50": statistics.median(r["context_tokens"] for r in warm),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the autoregressive twin
+
+
+class AutoregressiveTwin:
+    """The same network, causal, decoding greedily with its KV cache: each token one replay of
+    a captured step (fixed shapes; the next token and position are written on the GPU, so
+    decoding runs without a host sync until the end). The prompt's keys and values are filled
+    beforehand, as a prompt cache keeps them."""
+
+    def __init__(self, model: LoadedModel, prompt_ids: list[int], new_tokens: int) -> None:
+        self.model = model
+        device, dtype = model.device, model.dtype
+        rows = fast_step.bucket(len(prompt_ids) + new_tokens)
+        self.keys, self.values = fast_step.kv_buffers(model, 1, rows)
+        self.columns = torch.arange(rows, device=device)
+        with torch.inference_mode():
+            ids = torch.tensor([prompt_ids], device=device)
+            count = len(prompt_ids)
+            positions = torch.arange(count, device=device)
+            causal = self.columns[None, :] <= positions[:, None]  # (P, rows)
+            hidden = fast_step.window_forward(
+                model.network, ids, positions[None], self.keys, self.values, positions,
+                fast_step.additive_mask(causal, dtype)[None, None])
+            self.token = model.network.lm_head(hidden[:, -1:]).argmax(-1)  # (1, 1)
+            self.position = torch.full((1, 1), count, dtype=torch.long, device=device)
+        self.graph = None
+        self.generated: list[torch.Tensor] = []
+
+    def _step(self) -> torch.Tensor:
+        visible = self.columns[None, :] <= self.position  # (1, rows)
+        mask = fast_step.additive_mask(visible, self.model.dtype)[None, None]  # (1, 1, 1, rows)
+        hidden = fast_step.window_forward(self.model.network, self.token, self.position,
+                                          self.keys, self.values, self.position[0], mask)
+        following = self.model.network.lm_head(hidden).argmax(-1)  # (1, 1)
+        self.token.copy_(following)
+        self.position.add_(1)
+        return following
+
+    @torch.inference_mode()
+    def decode(self, tokens: int) -> float:
+        """Milliseconds to decode `tokens` tokens (the first call also captures the step)."""
+        graphs = self.model.device.type == "cuda"
+        if graphs and self.graph is None:
+            self.graph, _ = fast_step.capture(self._step, self.model.device)
+        sync(self.model)
+        began = time.perf_counter()
+        for _ in range(tokens):
+            if graphs:
+                self.graph.replay()
+            else:
+                self._step()
+        sync(self.model)
+        return (time.perf_counter() - began) * 1e3
+
+
+def bench_autoregressive(model: LoadedModel, holes: list[dict]) -> dict:
+    rates = []
+    for hole in holes:
+        prompt, _ = layout_ids(model, hole["prompt"], "")
+        # the capture warms up and replays: start the timed run at a fresh twin's first token
+        twin = AutoregressiveTwin(model, prompt, 2 * HOLE_TOKENS + 8)
+        twin.decode(4)
+        rates.append(HOLE_TOKENS / twin.decode(HOLE_TOKENS) * 1e3)
+    return {"tokens_per_s": statistics.median(rates), "holes": len(rates)}
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+def speed(model: LoadedModel, holes: list[dict], result: dict) -> None:
+    context = statistics.median(sum(len(p) for p in layout_ids(model, h["prompt"], h["suffix"]))
+                                for h in holes)
+    bytes_read = bytes_per_hole_step(model, int(context), HOLE_TOKENS)
+    card, copy = card_bandwidth(model), copy_bandwidth(model.device)
+    entry = result.setdefault("hole64_7b", {})
+    entry.update({
+        "shape": str(model.path), "dtype": str(model.dtype),
+        "parameters": sum(p.numel() for p in model.network.parameters()),
+        "bytes_per_step": bytes_read, "context_tokens_p50": context,
+        "hbm_bound_ms_per_step": bytes_read / card * 1e3 if card else None,
+        "card_bandwidth_bytes_per_s": card,
+        "copy_bandwidth_bytes_per_s": copy,
+        "copy_bound_ms_per_step": bytes_read / copy * 1e3 if copy else None,
+        "by_tokens_per_step": {},
+    })
+    for tokens_per_step in TOKENS_PER_STEP:
+        run = bench_hole(model, holes, tokens_per_step)
+        entry["by_tokens_per_step"][str(tokens_per_step)] = run
+        say(f"hole64 {tokens_per_step}/step: {run['ms_per_step']:.2f} ms/step, "
+            f"{run['tokens_per_s']:.0f} tokens/s (cold {run['cold_tokens_per_s']:.0f}), "
+            f"steps {run['steps']}, kinds {''.join(k[0] for k in run['step_kinds'])}")
+    os.environ[fast_step.DISABLE_ENV] = "0"
+    try:
+        eager = bench_hole(model, holes, 8)
+    finally:
+        os.environ.pop(fast_step.DISABLE_ENV)
+    entry["eager_tokens_per_step_8"] = eager
+    say(f"hole64 8/step through transformers' eager modules: {eager['ms_per_step']:.2f} ms/step,"
+        f" {eager['tokens_per_s']:.0f} tokens/s")
+    if entry["hbm_bound_ms_per_step"]:
+        say(f"HBM bound {entry['hbm_bound_ms_per_step']:.2f} ms/step "
+            f"({bytes_read / 1e9:.2f} GB at {card / 1e12:.1f} TB/s); copy reaches "
+            f"{copy / 1e12:.2f} TB/s: {entry['copy_bound_ms_per_step']:.2f} ms/step")
+    twin = bench_autoregressive(model, holes)
+    result["ar_twin_tokens_per_s"] = twin["tokens_per_s"]
+    diffusion = entry["by_tokens_per_step"]["8"]["tokens_per_s"]
+    result["diffusion_over_ar_at_8"] = diffusion / twin["tokens_per_s"]
+    say(f"autoregressive twin {twin['tokens_per_s']:.0f} tokens/s; diffusion at 8/step "
+        f"{result['diffusion_over_ar_at_8']:.2f}x")
+
+
+def concurrent(model: LoadedModel, holes: list[dict], result: dict) -> None:
+    from model.engine import Engine
+
+    options = hole_options(8)
+    batch = [holes[i % len(holes)] for i in range(CONCURRENT)]
+    engine = Engine(model, max_batch=CONCURRENT)
+    try:
+        engine.submit(batch[0]["prompt"], batch[0]["suffix"], options).result()
+        single = [engine.submit(h["prompt"], h["suffix"], options).result().timings["total_ms"]
+                  for h in batch[:8]]
+        requests = [engine.submit(h["prompt"], h["suffix"], options) for h in batch]
+        together = [r.result(600).timings["total_ms"] for r in requests]
+    finally:
+        engine.close()
+    result["concurrent16"] = {
+        "p50_ms": percentile(together, 50), "p95_ms": percentile(together, 95),
+        "single_p50_ms": percentile(single, 50), "tokens_per_step": 8,
+        "hole_tokens": HOLE_TOKENS,
+        "tokens_per_s": CONCURRENT * HOLE_TOKENS / max(together) * 1e3,
+    }
+    say(f"16 concurrent: p50 {result['concurrent16']['p50_ms']:.0f} ms, p95 "
+        f"{result['concurrent16']['p95_ms']:.0f} ms; one alone p50 "
+        f"{result['concurrent16']['single_p50_ms']:.0f} ms")
+
+
+def lsp(shape: str, device: str, data: Path | None, limit: int, result: dict) -> None:
+    from benchmarks.typing_latency import bench_lsp, server_options
+
+    holes = load_holes("single-line", limit, data)
+    options = server_options(16, 8)  # two steps, as the CPU's typing benchmark
+    run = asyncio.run(bench_lsp(holes, f"random:{shape}", options, device=device))
+    result["lsp_typing_p50_ms"] = run["typing_p50_ms"]
+    result["lsp"] = {key: run[key] for key in ("first_p50_ms", "first_p95_ms", "typing_p50_ms",
+                                              "typing_p95_ms", "requests")}
+    result["lsp"].update({"max_tokens": 16, "tokens_per_step": 8, "shape": shape,
+                          "answered": sum(r["answered"] for r in run["rows"])})
+    say(f"over LSP: after one typed character p50 {run['typing_p50_ms']:.0f} ms "
+        f"(first request p50 {run['first_p50_ms']:.0f} ms)")
+
+
+def test_counts(junit: Path) -> dict:
+    """passed / failed / skipped from pytest's JUnit XML."""
+    if not junit.exists():
+        return {"passed": 0, "failed": 0, "skipped": 0, "error": f"no {junit.name}"}
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    tests, failures, errors, skipped = (int(suite.get(k, 0)) for k in
+                                        ("tests", "failures", "errors", "skipped"))
+    failed = [case.get("name") for case in suite.iter("testcase")
+              if case.find("failure") is not None or case.find("error") is not None]
+    return {"passed": tests - failures - errors - skipped, "failed": failures + errors,
+            "skipped": skipped, "failed_names": failed}
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def say(line: str) -> None:
+    print(f"gpu-check: {line}", flush=True)
+
+
+def header(device: str) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update({"device": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
+                     "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                     "multiprocessors": props.multi_processor_count})
+    else:
+        info["device"] = f"cpu ({platform.processor() or platform.machine()})"
+    return info
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result.update(header(args.device))
+    if args.junit:
+        result["tests"] = test_counts(Path(args.junit))
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
+
+    save()
+    data = Path(args.data) if args.data else None
+    holes = load_holes("multi-line", args.holes, data)
+    model = None
+    for section in args.sections.split(","):
+        began = time.perf_counter()
+        try:
+            if section in ("speed", "concurrent") and model is None:
+                model = random_model_of_shape(args.shape, args.device)
+                say(f"built a random {args.shape} in {time.perf_counter() - began:.1f} s")
+            if section == "speed":
+                speed(model, holes, result)
+            elif section == "concurrent":
+                concurrent(model, holes, result)
+            elif section == "lsp":
+                if model is not None:  # the server process loads its own
+                    model = None
+                    gc.collect()  # the model and its HoleSteps refer to each other
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                lsp(args.shape, args.device, data, args.holes, result)
+            else:
+                raise ValueError(f"unknown section {section!r}; known: speed, concurrent, lsp")
+        except Exception as error:  # noqa: BLE001 - one section's failure keeps the others
+            traceback.print_exc()
+            result.setdefault("errors", {})[section] = f"{type(error).__name__}: {error}"
+        result.setdefault("section_s", {})[section] = round(time.perf_counter() - began, 1)
+        save()
+    say(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/gpu.json")
+    parser.add_argument("--shape", default="qwen2.5-7b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--data", help="HumanEval-infilling folder (default ../shared/eval-data)")
+    parser.add_argument("--holes", type=int, default=8, help="holes per measurement")
+    parser.add_argument("--sections", default="speed,concurrent,lsp")
+    parser.add_argument("--junit", help="the CUDA tests' JUnit XML, counted into `tests`")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

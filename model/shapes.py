@@ -1,0 +1,116 @@
+"""Random-weight models of published shapes: speed measured without downloading weights.
+
+Speed does not depend on the weights' values at a fixed number of tokens per step, so a model
+of Dream-Coder-7B's shape (Qwen2.5-7B) with random weights, built directly on the device, times
+the same work as the real one. `random:SHAPE` as a model path (the server's `model.path`,
+`--model` on the command line) loads one: for benchmarks, never for completions anyone reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model.families import DREAM
+from model.loader import (
+    BUNDLED_DIR,
+    TOKENIZER_FILE,
+    LoadedModel,
+    ModelLoadError,
+    make_bidirectional,
+    pick_device,
+    pick_dtype,
+    resolve_special_ids,
+)
+from model.tiny import FAMILY_SPECIAL_TOKENS, SAMPLE_CODE
+
+RANDOM_PREFIX = "random:"
+
+SHAPES = {
+    # Dream-Coder-v0-7B / Qwen2.5-7B
+    "qwen2.5-7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                   "max_position_embeddings": 32768, "rope_theta": 1000000.0},
+    # Open-dCoder-0.5B / Qwen2.5-(Coder-)0.5B: the size people run on a laptop CPU
+    "qwen2.5-0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+                     "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+                     "tie_word_embeddings": True},
+    # a few MB of weights: the same code path on a CPU, for tests
+    "tiny-qwen2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+                   "max_position_embeddings": 2048, "rope_theta": 1000000.0},
+}
+CPU_SHAPES = ("qwen2.5-0.5b", "tiny-qwen2")  # small enough to run without a GPU
+INIT_STD = 0.02  # Qwen2's initializer_range
+
+
+def is_random(name_or_path: object) -> bool:
+    return isinstance(name_or_path, str) and name_or_path.startswith(RANDOM_PREFIX)
+
+
+def random_model_of_shape(shape: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """A `dream`-family model of a published shape with random weights, made on `device` in
+    `dtype` (auto: bf16 on CUDA; on a CPU what `model.cpu` measured fastest)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if shape not in SHAPES:
+        raise ModelLoadError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    torch_device = pick_device(device)
+    if torch_device.type != "cuda" and shape not in CPU_SHAPES:
+        raise ModelLoadError(f"shape {shape} needs a CUDA GPU (its bf16 weights take many GB)")
+    config = Qwen2Config(**{"tie_word_embeddings": False, **SHAPES[shape]})
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        network = Qwen2ForCausalLM(config)
+    torch_dtype = pick_dtype(dtype, torch_device, sum(p.numel() for p in network.parameters()))
+    network = random_weights(network, config, torch_device, torch_dtype)
+    make_bidirectional(network)
+    tokenizer = shape_tokenizer(shape)
+    return LoadedModel(network, tokenizer, DREAM, resolve_special_ids(tokenizer, DREAM, Path()),
+                       torch_device, torch_dtype, Path(f"{RANDOM_PREFIX}{shape}"))
+
+
+def load_random(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """`random:SHAPE` -> that shape's random-weight model."""
+    return random_model_of_shape(name.removeprefix(RANDOM_PREFIX), device, dtype)
+
+
+@torch.no_grad()
+def random_weights(network: torch.nn.Module, config, device: torch.device,
+                   dtype: torch.dtype) -> torch.nn.Module:
+    """`network` (built on the meta device) with N(0, INIT_STD) weights and unit norms, made
+    directly in `dtype` on `device`: seconds for 0.5B parameters, where transformers' own
+    initialisation takes minutes on a 2-core CPU."""
+    network = network.to_empty(device=device).to(dtype)
+    for name, parameter in network.named_parameters():
+        if name.endswith("norm.weight"):
+            parameter.fill_(1.0)
+        else:
+            parameter.normal_(0.0, INIT_STD)
+    if config.tie_word_embeddings:
+        network.tie_weights()
+    network.model.rotary_emb = type(network.model.rotary_emb)(config=config).to(device)
+    return network.eval()
+
+
+def shape_tokenizer(shape: str):
+    """The tokenizer a random model of `shape` gets: a 400-piece one for the tiny shape (its
+    vocabulary has 512 rows), the bundled code BPE for published shapes."""
+    if shape != "tiny-qwen2":
+        return code_tokenizer()
+    from model.tokenizer import train_tokenizer
+
+    return train_tokenizer([SAMPLE_CODE] * 4, 400, FAMILY_SPECIAL_TOKENS["dream"], 1)
+
+
+def code_tokenizer():
+    """The bundled model's code BPE (8,192 pieces) with the dream family's special tokens
+    added: random-weight models of a published shape get contexts of a realistic number of
+    tokens (a real code tokenizer; Qwen2.5's own cannot be downloaded here)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(BUNDLED_DIR / TOKENIZER_FILE))
+    tokenizer.add_special_tokens(FAMILY_SPECIAL_TOKENS["dream"])
+    return tokenizer

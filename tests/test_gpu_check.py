@@ -1,0 +1,46 @@
+"""The GPU machine's one prepared command, dry-run on the CPU with a tiny shape: every step of
+scripts/gpu-check.sh runs (CUDA tests, which skip here; the speed, concurrency and LSP
+sections; the corpus build and a few seconds of training) and gpu.json has every field the
+README's GPU figures are read from. The GPU's minutes then go to measuring, not debugging."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "eval-data" / "humaneval-infilling"
+RETURNED_FILES = 8  # what a device call brings back
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_through_on_the_cpu(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "WORK": str(work),
+           "PY": sys.executable, "DATA": str(DATA), "DRY_BUDGET_S": "240"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh")], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    result = json.loads((out / "gpu.json").read_text())
+    assert not result.get("errors"), result.get("errors")
+    assert result["tests"]["failed"] == 0 and result["tests"]["skipped"] > 0  # no GPU here
+    assert {"device", "torch"} <= result.keys()
+    hole = result["hole64_7b"]
+    assert set(hole["by_tokens_per_step"]) == {"1", "2", "4", "8"}
+    for run in hole["by_tokens_per_step"].values():
+        assert run["ms_per_step"] > 0 and run["tokens_per_s"] > 0 and run["tokens"] == 64
+    assert hole["by_tokens_per_step"]["8"]["steps"] == 8
+    assert hole["by_tokens_per_step"]["1"]["steps"] == 64
+    assert result["ar_twin_tokens_per_s"] > 0
+    assert {"p50_ms", "p95_ms", "single_p50_ms"} <= result["concurrent16"].keys()
+    assert result["lsp_typing_p50_ms"] > 0 and result["lsp"]["answered"] >= 1
+    returned = sorted(p.name for p in out.iterdir())
+    assert len(returned) <= RETURNED_FILES, returned
+    assert "ckpt-last.pt.part00" in returned and "check.log" in returned, log[-3000:]
+    assert all(p.stat().st_size < 16 << 20 for p in out.iterdir())
