@@ -252,12 +252,28 @@ def speed(model: LoadedModel, holes: list[dict], result: dict) -> None:
         "copy_bound_ms_per_step": bytes_read / copy * 1e3 if copy else None,
         "by_tokens_per_step": {},
     })
+    began = time.perf_counter()
+    fill(model, holes[0], hole_options(8), None, None)  # compiles and captures: not timed
+    entry["warm_up_s"] = round(time.perf_counter() - began, 1)
+    say(f"warmed up (compile, capture) in {entry['warm_up_s']} s")
     for tokens_per_step in TOKENS_PER_STEP:
         run = bench_hole(model, holes, tokens_per_step)
         entry["by_tokens_per_step"][str(tokens_per_step)] = run
         say(f"hole64 {tokens_per_step}/step: {run['ms_per_step']:.2f} ms/step, "
             f"{run['tokens_per_s']:.0f} tokens/s (cold {run['cold_tokens_per_s']:.0f}), "
             f"steps {run['steps']}, kinds {''.join(k[0] for k in run['step_kinds'])}")
+    layers = fast_step.layers_of(model.network)
+    entry["compiled"] = layers.compiled
+    if layers.compiled:  # the same with the layer loop uncompiled (CUDA graphs still)
+        compiled_function, layers.function = layers.function, fast_step.decoder_layer
+        graphs, model.hole_steps = model.hole_steps, None
+        try:
+            plain = bench_hole(model, holes, 8)
+        finally:
+            layers.function, model.hole_steps = compiled_function, graphs
+        entry["uncompiled_tokens_per_step_8"] = plain
+        say(f"hole64 8/step without torch.compile: {plain['ms_per_step']:.2f} ms/step, "
+            f"{plain['tokens_per_s']:.0f} tokens/s")
     os.environ[fast_step.DISABLE_ENV] = "0"
     try:
         eager = bench_hole(model, holes, 8)

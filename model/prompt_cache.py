@@ -34,6 +34,7 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half  # RoPE's, as the network's
 
+from model import fast_step
 from model.loader import LoadedModel
 from model.sampler import ContextCache, HoleState, logit_positions, window
 
@@ -109,13 +110,17 @@ class Reuse:
         positions = torch.cat([torch.arange(kept_prefix, end),
                                torch.arange(end + kept_suffix, len(sequence))])  # (Q,)
         past = self._rows(model, end - self.entry.suffix_start)
-        cache = DynamicCache(ddp_cache_data=past)
-        hidden = model.network.model(
-            input_ids=sequence[positions][None].to(model.device),
-            position_ids=positions[None].to(model.device),
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state[0]  # (Q, H)
+        if fast_step.enabled(model):
+            hidden, rows = fast_step.rows_pass(model, sequence[positions], positions, past)
+        else:
+            cache = DynamicCache(ddp_cache_data=past)
+            hidden = model.network.model(
+                input_ids=sequence[positions][None].to(model.device),
+                position_ids=positions[None].to(model.device),
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[0]  # (Q, H)
+            rows = [(layer.keys, layer.values) for layer in cache.layers]
         kept = kept_prefix + kept_suffix
         new_prefix = start - kept_prefix
         after_window = kept + new_prefix + (end - start)
@@ -127,7 +132,7 @@ class Reuse:
                              dim=-2)
 
         state.context = ContextCache(
-            [(context_order(layer.keys), context_order(layer.values)) for layer in cache.layers],
+            [(context_order(keys), context_order(values)) for keys, values in rows],
             hole_len=state.hole.numel(),
         )
         state.reused_tokens = kept

@@ -800,6 +800,8 @@ def _full_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Te
     """Whole sequences, batched: right-padded, padding masked out of attention, so a hole's
     hidden states do not depend on what it is batched with. Returns (m_i, H) per state and,
     when asked, keeps each state's context keys/values for hole-only passes."""
+    if len(states) == 1 and fast_step.enabled(model):
+        return [_rows_pass_full(model, states[0])]
     sequences = [s.sequence() for s in states]
     lengths = [len(s) for s in sequences]
     width = max(lengths)
@@ -834,6 +836,21 @@ def _full_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Te
                 hole_len=state.hole.numel(),
             )
     return rows
+
+
+def _rows_pass_full(model: LoadedModel, state: HoleState) -> torch.Tensor:
+    """`_full_pass` of one hole through `model.fast_step`'s layer loop. (m, H)"""
+    sequence = state.sequence()
+    length = sequence.numel()
+    hidden, layers = fast_step.rows_pass(model, sequence, torch.arange(length))
+    shifted = model.family.shifted_logits
+    state.full_passes += 1
+    if state.options.caches_context:
+        start, end = window(state, shifted)
+        state.context = ContextCache(
+            [(_outside(k, start, end, length), _outside(v, start, end, length))
+             for k, v in layers], hole_len=state.hole.numel())
+    return _rows_at(hidden, logit_positions(state, shifted))
 
 
 def _outside(tensor: torch.Tensor, start: int, end: int, length: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 
 from model import fast_step
 from model.loader import load_model
+from model.prompt_cache import PromptCache
 from model.sampler import InfillOptions, forward_holes, infill, new_state, window
 
 from .fixtures_families import FAMILY_SPECS, write_checkpoint
@@ -84,16 +85,41 @@ def test_the_sampler_uses_it_only_on_cuda(family_models, monkeypatch):
     assert not fast_step.enabled(model)
 
 
-def test_infill_through_the_fixed_shape_step_gives_the_same_text(family_models, monkeypatch):
-    """Whole completions, every hole-only step through the fixed-shape step (eager here),
-    against the sampler as it runs on a CPU."""
-    model = family_models["default"] if "default" in family_models else family_models["dream"]
-    options = InfillOptions(max_tokens=16, initial_tokens=16, tokens_per_step=2,
-                            refresh_every=0)
-    plain = infill(model, PREFIX, SUFFIX, options)
+@pytest.mark.parametrize("name", FAMILY_SPECS)
+def test_whole_completions_through_the_layer_loop_give_the_same_text(family_models, name,
+                                                                      monkeypatch):
+    """Whole completions with every pass through `model.fast_step` as on CUDA (full passes,
+    the document cache's partial pass, hole-only steps; eager here) against the sampler
+    through transformers, as it runs on a CPU: same texts, same passes, same reuse."""
+    model = family_models[name]
+    options = InfillOptions(max_tokens=16, initial_tokens=16, tokens_per_step=2)
+
+    def complete() -> list:
+        cache = PromptCache()
+        return [infill(model, PREFIX, SUFFIX, options, cache=cache, document="a.py"),
+                infill(model, PREFIX + "x", SUFFIX, options, cache=cache, document="a.py")]
+
+    plain = complete()
     steps = fast_step.HoleSteps(model, graphs=False)
     monkeypatch.setattr(fast_step, "enabled", lambda m: True)
     monkeypatch.setattr(fast_step, "hole_steps", lambda m: steps)
-    fixed = infill(model, PREFIX, SUFFIX, options)
-    assert fixed.text == plain.text and fixed.steps == plain.steps
-    assert fixed.full_passes == 1 and len(steps._shapes) == 1
+    fixed = complete()
+    for a, b in zip(plain, fixed, strict=True):
+        assert (b.text, b.steps, b.full_passes, b.reused_tokens) == \
+            (a.text, a.steps, a.full_passes, a.reused_tokens)
+    assert fixed[1].reused_tokens > 0
+    assert steps._shapes or all(r.steps == 1 for r in fixed)  # hole-only steps ran
+
+
+def test_the_decoder_layer_compiles_as_one_graph(family_models, monkeypatch):
+    """torch.compile (fullgraph: no graph breaks) takes the layer function; on CUDA inductor
+    then fuses it. Traced here with the eager backend, which checks the trace, not codegen."""
+    model = family_models["dream"]
+    layers = fast_step.layers_of(model.network)
+    monkeypatch.setattr(layers, "function", torch.compile(fast_step.decoder_layer,
+                                                          fullgraph=True, backend="eager"))
+    state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=8, refresh_every=0))
+    forward_holes(model, [state])
+    reference, compiled = hole_pass_both_ways(model, state)
+    torch.testing.assert_close(compiled, reference, atol=1e-5, rtol=1e-4)
+    assert fast_step._Layers(model.network, torch.device("cpu")).compiled is False  # CPU: no

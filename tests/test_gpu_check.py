@@ -24,7 +24,7 @@ def test_the_gpu_check_runs_through_on_the_cpu(tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "WORK": str(work),
            "PY": sys.executable, "DATA": str(DATA), "DRY_BUDGET_S": "240"}
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh")], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
     result = json.loads((out / "gpu.json").read_text())
