@@ -485,7 +485,12 @@ class DiffusionServer(LanguageServer):
 
     def backend_failed(self, error: BackendError) -> None:
         """A completion failed: the user sees it once (log panel, and the status bar until the
-        next completion succeeds); a backend that stopped also pops up and serves no more."""
+        next completion succeeds); a backend that stopped also pops up and serves no more; an
+        engine that restarted itself pops up once (its message never changes)."""
+        if error.kind == "restarted":
+            self.tell_user(str(error), types.MessageType.Warning, popup=True)
+            self.set_state(self.state, f"{error.kind}: {error}")
+            return
         if error.kind == "stopped":
             self.set_state("error", str(error))
             self.tell_user(f"no completions: {error}", types.MessageType.Error, popup=True)
@@ -536,6 +541,7 @@ class DiffusionServer(LanguageServer):
         if engine is not None:
             snapshot["forwardPasses"] = engine.forward_passes
             snapshot["outOfMemory"] = engine.out_of_memory
+            snapshot["engineRestarts"] = engine.restarts
         return snapshot
 
 

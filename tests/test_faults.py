@@ -18,7 +18,7 @@ from lsprotocol import types
 
 from benchmarks.lsp_client import inline, open_document, running_server, stats, wait_ready
 from tests import fault_injection as faults
-from tests.test_remote import KEY, StandIn
+from tests.remote_standin import KEY, StandIn
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

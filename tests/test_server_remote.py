@@ -9,7 +9,7 @@ import time
 import pytest
 
 from benchmarks.lsp_client import inline, open_document, running_server, stats
-from tests.test_remote import KEY, StandIn
+from tests.remote_standin import KEY, StandIn
 
 SOURCE = "def add(a, b):\n    return \n\n\nprint(add(1, 2))\n"
 
