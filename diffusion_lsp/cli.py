@@ -29,7 +29,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampler_args(parser: argparse.ArgumentParser) -> None:
-    """The reference samplers' settings (README: "Sampler settings"); unset = the sampler's."""
+    """The reference samplers' settings (docs/models.md, "Sampler settings"); unset = the
+    sampler's."""
     group = parser.add_argument_group("reference samplers (Dream, LLaDA)")
     group.add_argument("--algorithm", default=None,
                        help="maskgit_plus | topk_margin | entropy | origin (Dream's alg), "
