@@ -156,7 +156,7 @@ def profile(model: LoadedModel) -> dict:
 
 
 def run_cpu_bench(args) -> int:
-    from diffusion_lsp.commands import load_for_cli
+    from model.load import load_for_cli
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -289,8 +289,8 @@ def run_eval(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from diffusion_lsp.commands import load_for_cli
     from model.engine import Engine
+    from model.load import load_for_cli
     from model.loader import ModelLoadError
 
     console = Console(stderr=True)

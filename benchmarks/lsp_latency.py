@@ -22,12 +22,12 @@ from benchmarks.model_speed import full_forward_ms
 from benchmarks.report import (
     load_holes,
     machine,
-    percentile,
     plot_cdf,
     publish,
     pyplot,
     save_figure,
 )
+from model.percentile import percentile
 
 SPLITS = {"single-line": "never", "multi-line": "auto"}  # split -> completion.multiline
 
@@ -99,9 +99,9 @@ def summarise(run: dict) -> dict:
 
 
 def run_lsp_bench(args) -> int:
-    from diffusion_lsp.commands import load_for_cli
     from lsp_server import context as ctx
     from lsp_server.settings import Settings
+    from model.load import load_for_cli
 
     data = Path(args.data) if args.data else None
     runs = []

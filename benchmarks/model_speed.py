@@ -18,7 +18,6 @@ from transformers import DynamicCache
 from benchmarks.report import (
     load_holes,
     machine,
-    percentile,
     plot_cdf,
     publish,
     pyplot,
@@ -27,6 +26,7 @@ from benchmarks.report import (
 )
 from model.engine import Engine
 from model.loader import LoadedModel
+from model.percentile import percentile
 from model.sampler import InfillOptions, infill, layout_ids
 from model.shapes import random_model_of_shape
 
@@ -346,7 +346,7 @@ def run_cache_agreement(args) -> int:
     with tempfile.TemporaryDirectory() as workdir:
         models = agreement_models(args.model is None, Path(workdir))
         if args.model is not None:
-            from diffusion_lsp.commands import load_for_cli
+            from model.load import load_for_cli
 
             models[str(args.model)] = load_for_cli(args)
         runs = []
@@ -372,7 +372,7 @@ def run_cache_agreement(args) -> int:
 
 
 def run_bench(args) -> int:
-    from diffusion_lsp.commands import load_for_cli
+    from model.load import load_for_cli
 
     if args.name == "cache-agreement":
         return run_cache_agreement(args)

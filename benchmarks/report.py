@@ -1,5 +1,5 @@
 """What every benchmark shares: where results go, the holes it runs, the machine it ran on,
-percentiles, and plots.
+percentiles (`model.percentile`), and plots.
 
 Every benchmark prints a table, saves JSON (and a PNG when matplotlib is installed) under
 benchmarks/results/ and names the machine, because figures here are only comparable side by
@@ -47,12 +47,6 @@ def load_holes(split: str, limit: int, data: Path | None = None) -> list[dict]:
         records = [json.loads(line) for line in handle if line.strip()]
     stride = max(1, len(records) // limit)
     return records[::stride][:limit]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def publish(name: str, payload: dict, draw: Callable[[], Path | None]) -> Path:

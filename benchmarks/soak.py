@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.report import REPO, machine, percentile, publish, pyplot, save, save_figure
+from benchmarks.report import REPO, machine, publish, pyplot, save, save_figure
+from model.percentile import percentile
 
 REQUESTS = 10_000
 DOCUMENTS = 20

@@ -37,7 +37,6 @@ from benchmarks.model_speed import full_forward_ms
 from benchmarks.report import (
     load_holes,
     machine,
-    percentile,
     plot_cdf,
     publish,
     pyplot,
@@ -46,6 +45,7 @@ from benchmarks.report import (
 from model.cpu import describe
 from model.families import DREAM
 from model.loader import TOKENIZER_FILE, LoadedModel, load_model, pick_dtype
+from model.percentile import percentile
 from model.prompt_cache import PromptCache
 from model.sampler import InfillOptions, infill, layout_ids
 from model.shapes import SHAPES, random_weights, shape_tokenizer
@@ -209,7 +209,7 @@ async def bench_lsp(holes: list[dict], model_path: str | None, options: InfillOp
 
 
 def run_typing_bench(args) -> int:
-    from diffusion_lsp.commands import load_for_cli
+    from model.load import load_for_cli
 
     holes = load_holes("single-line", args.limit, Path(args.data) if args.data else None)
     options = server_options(args.max_tokens, args.tokens_per_step)

@@ -29,7 +29,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampler_args(parser: argparse.ArgumentParser) -> None:
-    """The reference samplers' settings (README: "Sampler settings"); unset = the sampler's."""
+    """The reference samplers' settings (docs/models.md, "Sampler settings"); unset = the
+    sampler's."""
     group = parser.add_argument_group("reference samplers (Dream, LLaDA)")
     group.add_argument("--algorithm", default=None,
                        help="maskgit_plus | topk_margin | entropy | origin (Dream's alg), "
@@ -148,7 +149,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="the supported models and which are on disk")
     models.add_argument("--json", action="store_true", help="one JSON list, for scripts")
+
+    doctor = commands.add_parser(
+        "doctor", help="what this machine has, which models are on disk, whether the remote "
+                       "answers, and which model to run here")
+    doctor.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    doctor.add_argument("--remote-url", default=None,
+                        help="the remote to check (default: the server's remote.url default)")
+    doctor.add_argument("--api-key-env", default=None,
+                        help="the environment variable holding its key (default: the server's)")
     return parser
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    """`diffusion-lsp doctor [--json]`: `lsp_server.doctor`'s report, for people or scripts."""
+    import json
+
+    import msgspec
+
+    from lsp_server.doctor import describe, diagnose
+    from lsp_server.settings import RemoteSettings
+
+    remote = RemoteSettings()
+    if args.remote_url is not None:
+        remote = msgspec.structs.replace(remote, url=args.remote_url)
+    if args.api_key_env is not None:
+        remote = msgspec.structs.replace(remote, api_key_env=args.api_key_env)
+    report = diagnose(remote)
+    print(json.dumps(report, indent=2) if args.json else describe(report))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from diffusion_lsp.hub_commands import run_models
 
         return run_models(args)
+    if args.command == "doctor":
+        return run_doctor(args)
     return 2
 
 

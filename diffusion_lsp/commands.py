@@ -1,5 +1,5 @@
-"""The `infill` and `demo` commands, and the model a command runs (`load_for_cli`): plain-script
-use of the model, no LSP involved."""
+"""The `infill` and `demo` commands: plain-script use of the model, no LSP involved. The model
+they run is `model.load.load_for_cli`'s."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ import json
 import logging
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.families import parse_overrides
-from model.loader import LoadedModel, ModelLoadError, bundled_model_path, load_model
+from model.load import load_for_cli
+from model.loader import LoadedModel, ModelLoadError
 from model.sampler import Infill, InfillOptions, apply_step, final_text, forward_holes, new_state
 
 log = logging.getLogger(__name__)
@@ -25,28 +24,6 @@ DEMO_PREFIX = (
     "    "
 )
 DEMO_SUFFIX = "\n\n\nprint(is_palindrome('level'))\n"
-TINY_FALLBACK_DIR = Path(tempfile.gettempdir()) / "diffusion-lsp-tiny-random"
-
-
-def load_for_cli(args) -> LoadedModel:
-    """The model named on the command line; the bundled one by default.
-
-    With no bundled model and no --model, a tiny random-weight model stands in so that the
-    commands can still be tried: its output is noise, and a warning says so.
-    """
-    if args.model is None and bundled_model_path() is None:
-        from model.tiny import write_tiny_model
-
-        print("warning: no bundled model is installed; using a tiny RANDOM-weight model "
-              "whose output is noise (pass --model PATH for real completions)", file=sys.stderr)
-        if not (TINY_FALLBACK_DIR / "model.safetensors").exists():
-            write_tiny_model(TINY_FALLBACK_DIR)
-        return load_model(TINY_FALLBACK_DIR, device=args.device, dtype=args.dtype)
-    overrides = parse_overrides(getattr(args, "family_override", None))
-    return load_model(args.model, family=args.family, device=args.device, dtype=args.dtype,
-                      overrides=overrides)
-
-
 # ---------------------------------------------------------------------------------------------
 # infill
 #

@@ -55,6 +55,7 @@ VERSION = "0.1.0"
 STATUS = "diffusion/status"
 STATS = "diffusion/stats"
 DOCUMENT = "diffusion/document"
+DOCTOR = "diffusion/doctor"
 MAX_DOCUMENT_CHARS = 20_000_000  # larger documents get no completions
 RECENT_DOCUMENTS = 8  # documents remembered for snippets (a ring, most recent first)
 BELOW_LINES = 8  # lines after the cursor's line the clean-up compares against
@@ -485,7 +486,12 @@ class DiffusionServer(LanguageServer):
 
     def backend_failed(self, error: BackendError) -> None:
         """A completion failed: the user sees it once (log panel, and the status bar until the
-        next completion succeeds); a backend that stopped also pops up and serves no more."""
+        next completion succeeds); a backend that stopped also pops up and serves no more; an
+        engine that restarted itself pops up once (its message never changes)."""
+        if error.kind == "restarted":
+            self.tell_user(str(error), types.MessageType.Warning, popup=True)
+            self.set_state(self.state, f"{error.kind}: {error}")
+            return
         if error.kind == "stopped":
             self.set_state("error", str(error))
             self.tell_user(f"no completions: {error}", types.MessageType.Error, popup=True)
@@ -536,6 +542,7 @@ class DiffusionServer(LanguageServer):
         if engine is not None:
             snapshot["forwardPasses"] = engine.forward_passes
             snapshot["outOfMemory"] = engine.out_of_memory
+            snapshot["engineRestarts"] = engine.restarts
         return snapshot
 
 
@@ -653,6 +660,24 @@ async def on_completion(ls: DiffusionServer, params: types.CompletionParams
 @handles(STATS)
 def on_stats(ls: DiffusionServer, params: Any = None) -> dict:
     return ls.stats_snapshot()
+
+
+@handles(DOCTOR)
+async def on_doctor(ls: DiffusionServer, params: Any = None) -> dict:
+    """`diffusion-lsp doctor --json`'s report for this server's settings and environment (the
+    PATH an editor gave it), with the server's own state and the report in words (`text`):
+    what the editors' status commands show."""
+    from lsp_server.doctor import describe, diagnose
+
+    report = await asyncio.to_thread(diagnose, ls.settings.remote)
+    snapshot = ls.stats_snapshot()
+    report["server"] = {key: snapshot.get(key) for key in (
+        "state", "model", "device", "engineRestarts", "outOfMemory")} | {
+        "backend": ls.settings.backend, "message": ls.status_message}
+    server = report["server"]
+    report["text"] = (f"server      {server['state']} ({ls.settings.backend} backend): "
+                      f"{server['message'] or server['model'] or '-'}\n" + describe(report))
+    return report
 
 
 @handles(DOCUMENT)

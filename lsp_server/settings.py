@@ -36,7 +36,8 @@ Algorithm = Literal["maskgit_plus", "topk_margin", "entropy", "origin", "low_con
 
 class SamplerSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     """The reference samplers' settings (Dream, LLaDA); names and defaults as the sampler's
-    `InfillOptions` (README: "Sampler settings" maps each model card's values onto these)."""
+    `InfillOptions` (docs/models.md, "Sampler settings", maps each model card's values onto
+    these)."""
 
     algorithm: Algorithm | None = None  # None = the threshold sampler
     steps: int | None = None  # a step budget; the hole is then maxTokens long
@@ -215,5 +216,5 @@ def merge(current: Settings, raw: Any) -> tuple[Settings, list[str]]:
 
 
 def describe() -> dict:
-    """Every setting with its default, as the README documents it."""
+    """Every setting with its default, as docs/server.md documents it."""
     return msgspec.to_builtins(Settings())

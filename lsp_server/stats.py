@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter, deque
 
+from model.percentile import percentile
+
 WINDOW = 1000  # latencies kept for the percentiles
 
 
@@ -12,10 +14,8 @@ def percentiles(values: list[float] | deque) -> dict:
     if not ordered:
         return {"count": 0, "p50": None, "p95": None, "p99": None}
 
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
-
-    return {"count": len(ordered), "p50": at(0.5), "p95": at(0.95), "p99": at(0.99)}
+    return {"count": len(ordered), **{f"p{q}": round(percentile(ordered, q), 2)
+                                       for q in (50, 95, 99)}}
 
 
 class Stats:

@@ -4,6 +4,12 @@ Requests arrive from any thread (`submit`) or asyncio task (`infill`). The worke
 of active holes and runs one denoising step for all of them in a single batched forward pass
 (`forward_holes` pads and masks, so batching never changes a result). A cancelled request
 leaves at the next step; a new request joins at the next step.
+
+The worker heals itself: an exception outside a denoising step (a bug) fails the requests in
+flight with `WorkerRestarted`, and the worker's loop starts again after a backoff, on the same
+thread (every torch call stays on one thread, see `Engine.start`), at most
+`restarts_per_minute` times in any minute; past that the engine stops (`EngineStopped`) and
+every waiting and later caller is told so at once.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -40,6 +47,9 @@ _STOP = object()  # queue sentinel
 # one small infill that runs both a full and a hole-only pass
 WARM_UP_HOLE = ("def warm_up():\n    return ", "\n")
 WARM_UP_OPTIONS = InfillOptions(max_tokens=8, initial_tokens=8, tokens_per_step=4)
+RESTARTS_PER_MINUTE = 3  # a worker that dies more often than this stays dead
+RESTART_BACKOFF_S = 0.5  # the first restart's wait; doubled for each restart in the last minute
+RESTART_WINDOW_S = 60.0
 
 
 class Cancelled(Exception):
@@ -47,7 +57,12 @@ class Cancelled(Exception):
 
 
 class EngineStopped(RuntimeError):
-    """The worker thread died (a bug outside a denoising step); the engine serves no more."""
+    """The worker died more often than it may be restarted; the engine serves no more."""
+
+
+class WorkerRestarted(RuntimeError):
+    """The worker died (a bug outside a denoising step) while this request was in flight; it
+    is being restarted, and later requests are served."""
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -89,13 +104,15 @@ class Engine:
 
     def __init__(
         self, model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH, warm_up: bool = False,
-        prompt_cache: PromptCache | None = None,
+        prompt_cache: PromptCache | None = None, restarts_per_minute: int = RESTARTS_PER_MINUTE,
+        backoff_s: float = RESTART_BACKOFF_S,
     ) -> None:
         """Serve `model` from a new worker thread. Prefer `Engine.start` where the model is not
         loaded yet: it loads in the worker itself, which on a CPU is much faster (see there).
         With a `prompt_cache`, requests that name their document reuse its context
-        (`model.prompt_cache`)."""
-        self._setup(max_batch, prompt_cache)
+        (`model.prompt_cache`). A dying worker is restarted after `backoff_s` (doubled for
+        each restart in the last minute), at most `restarts_per_minute` times a minute."""
+        self._setup(max_batch, prompt_cache, restarts_per_minute, backoff_s)
         self.model = model
         self._thread = threading.Thread(target=self._serve, name="diffusion-engine", daemon=True)
         self._thread.start()
@@ -104,7 +121,9 @@ class Engine:
 
     @classmethod
     def start(cls, load: Callable[[], LoadedModel], max_batch: int = DEFAULT_MAX_BATCH,
-              warm_up: bool = True, prompt_cache: PromptCache | None = None) -> Future:
+              warm_up: bool = True, prompt_cache: PromptCache | None = None,
+              restarts_per_minute: int = RESTARTS_PER_MINUTE,
+              backoff_s: float = RESTART_BACKOFF_S) -> Future:
         """A future of an engine whose worker thread loads the model itself (and warms it up)
         before serving; the future holds the load's exception if it fails.
 
@@ -115,7 +134,7 @@ class Engine:
         loaded and run in the same thread in 109 ms.
         """
         engine = cls.__new__(cls)
-        engine._setup(max_batch, prompt_cache)
+        engine._setup(max_batch, prompt_cache, restarts_per_minute, backoff_s)
         ready: Future = Future()
 
         def load_then_serve() -> None:
@@ -134,13 +153,20 @@ class Engine:
         engine._thread.start()
         return ready
 
-    def _setup(self, max_batch: int, prompt_cache: PromptCache | None) -> None:
+    def _setup(self, max_batch: int, prompt_cache: PromptCache | None,
+               restarts_per_minute: int, backoff_s: float) -> None:
         self.max_batch = max_batch
         self.prompt_cache = prompt_cache  # touched by the worker thread only
         self._queue: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
         self._closed = False
-        self.failure: EngineStopped | None = None  # set when the worker died
+        self._closing = threading.Event()  # cuts a restart's backoff short
+        self.restarts_per_minute = restarts_per_minute
+        self.backoff_s = backoff_s
+        self._restart_times: deque[float] = deque()  # monotonic times of recent restarts
+        self.restarts = 0  # times the worker died and was restarted
+        self.last_death: str | None = None  # what killed the worker last, in one line
+        self.failure: EngineStopped | None = None  # set when the worker stays dead
         self.out_of_memory = 0  # steps that ran out of memory (their requests failed)
         self.forward_passes = 0
         self.batched_rows = 0
@@ -184,6 +210,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
@@ -199,25 +226,61 @@ class Engine:
             if item is _STOP:
                 return False
             item.started = time.perf_counter()
+            active.append(item)  # first: should attaching fail, the death fails it too
             if self.prompt_cache is not None:
                 self.prompt_cache.attach(self.model, item.document, item.state)
-            active.append(item)
         return True
 
     def _serve(self) -> None:
-        """The worker's body: `_run`, and if it ever raises, every waiting caller gets
+        """The worker's body: `_run`, restarted when it raises. The requests in flight when it
+        died get `WorkerRestarted`; queued ones wait for the restart (the backoff is bounded).
+        Past `restarts_per_minute` restarts in a minute, every waiting caller gets
         `EngineStopped` (and so does every later `submit`) instead of waiting forever."""
-        active: list[Request] = []
-        try:
-            self._run(active)
-        except BaseException as exc:  # noqa: BLE001 - the thread is dying: tell every caller
-            log.critical("the engine's worker stopped", exc_info=exc)
-            self.failure = EngineStopped(f"the model engine stopped ({type(exc).__name__}: "
-                                         f"{first_line(exc)})")
-            for request in active:
-                if not request.future.done():
-                    request.future.set_exception(self.failure)
-            self._fail_queued(self.failure)
+        while True:
+            active: list[Request] = []
+            try:
+                self._run(active)
+                return
+            except BaseException as exc:  # noqa: BLE001 - the loop died: tell its callers
+                self.last_death = f"{type(exc).__name__}: {first_line(exc)}"
+                delay = self._restart_delay()
+                if delay is None:
+                    log.critical("the engine's worker stopped (%d restarts in the last "
+                                 "minute)", len(self._restart_times), exc_info=exc)
+                    self.failure = EngineStopped(f"the model engine stopped ({self.last_death})")
+                    self._fail(active, self.failure)
+                    self._fail_queued(self.failure)
+                    return
+                log.error("the engine's worker died; restarting it in %.1f s", delay,
+                          exc_info=exc)
+                self._fail(active, WorkerRestarted(
+                    f"the model engine's worker failed ({self.last_death}) and was restarted"))
+                self._forget_contexts()
+                self.restarts += 1
+                self._closing.wait(delay)  # close() cuts it short; `_run` then takes _STOP
+
+    def _restart_delay(self) -> float | None:
+        """Seconds to wait before the next restart, or None when the worker may not be
+        restarted again (`restarts_per_minute` already in the last minute)."""
+        now = time.monotonic()
+        while self._restart_times and now - self._restart_times[0] > RESTART_WINDOW_S:
+            self._restart_times.popleft()
+        if self._closed or len(self._restart_times) >= self.restarts_per_minute:
+            return None
+        delay = self.backoff_s * 2 ** len(self._restart_times)
+        self._restart_times.append(now)
+        return delay
+
+    def _forget_contexts(self) -> None:
+        """Drop every document's cached context: the dying loop may have been writing one."""
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
+
+    @staticmethod
+    def _fail(requests: list[Request], error: Exception) -> None:
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(error)
 
     def _fail_queued(self, error: EngineStopped) -> None:
         while True:

@@ -207,3 +207,7 @@ class PromptCache:
 
     def drop(self, document: str) -> None:
         self._entries.pop(document, None)
+
+    def clear(self) -> None:
+        """Forget every document's context."""
+        self._entries.clear()

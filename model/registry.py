@@ -54,3 +54,32 @@ def find_supported(name: str) -> SupportedModel | None:
         if wanted in (model.name.lower(), model.repo_id.lower()):
             return model
     return None
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One latency this project measured, as `diffusion-lsp doctor` quotes it."""
+
+    model: str  # a short name above, or "bundled"
+    hardware: str  # "cpu" (fp32), "cpu-bf16" (a CPU with native bf16), "gpu"
+    figure: str
+    machine: str  # where it was measured
+    command: str  # how to measure it again (docs/benchmarks.md has the full runs)
+
+
+# The figures docs/benchmarks.md reports, one per model and kind of hardware. No GPU row yet:
+# `doctor` says "not measured yet" for GPUs until one is added here.
+MEASURED: tuple[Measured, ...] = (
+    Measured("bundled", "cpu",
+             "p50 39 ms for a single-line completion over LSP (its completions are not useful "
+             "yet)",
+             "a 2-core Intel Xeon VM, torch 2.13 CPU, fp32",
+             "diffusion-lsp bench lsp --limit 50"),
+    Measured("Open-dCoder-0.5B", "cpu-bf16",
+             "p50 177 ms while typing and 540 ms for the first request on a file, over LSP "
+             "(16-token holes, 2 steps each)",
+             "a 2-core AMD EPYC VM with avx512_bf16, idle, torch 2.13 CPU, bf16, random "
+             "weights of the model's shape",
+             "diffusion-lsp bench typing --shape qwen2.5-0.5b --limit 40 --max-tokens 16 "
+             "--tokens-per-step 8"),
+)

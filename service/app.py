@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from model.families import parse_overrides
+from model.percentile import percentile
 from service import wire
 
 if TYPE_CHECKING:  # Ray, starlette and the model are imported where they are used
@@ -179,11 +180,9 @@ def binding_problem(host: str, token: str | None) -> str | None:
 # -- metrics -------------------------------------------------------------------------------------
 
 
-def percentile(ordered: list[float], q: float) -> float:
-    """The q-quantile of sorted values (nearest rank); 0 for none."""
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile (0 <= q <= 1) of `values` (`model.percentile`); 0 for none."""
+    return percentile(values, q * 100) if values else 0.0
 
 
 @dataclass
@@ -225,9 +224,9 @@ class Metrics:
             "completions": self.completions,
             "completion_tokens": self.completion_tokens,
             "denoising_steps": self.steps,
-            "latency_ms": {f"p{round(q * 100)}": round(percentile(ordered, q), 2)
+            "latency_ms": {f"p{round(q * 100)}": round(quantile(ordered, q), 2)
                            for q in QUANTILES} | {"window": len(ordered)},
-            "model_ms": {f"p{round(q * 100)}": round(percentile(model, q), 2)
+            "model_ms": {f"p{round(q * 100)}": round(quantile(model, q), 2)
                          for q in QUANTILES},
             "by_replica": dict(self.by_replica),
         }
@@ -245,7 +244,7 @@ class Metrics:
                                    ("model_latency_ms", model, "in a replica, queue included")):
             lines += [f"# HELP {prefix}_{name} Completion latency {what}, over the last "
                       f"{LATENCY_WINDOW} completions.", f"# TYPE {prefix}_{name} summary"]
-            lines += [f'{prefix}_{name}{{quantile="{q}"}} {percentile(values, q):.3f}'
+            lines += [f'{prefix}_{name}{{quantile="{q}"}} {quantile(values, q):.3f}'
                       for q in QUANTILES]
             if name == "request_latency_ms":
                 lines += [f"{prefix}_{name}_sum {self.latency_sum_ms:.3f}",
@@ -563,14 +562,9 @@ def _model_path(args: argparse.Namespace) -> str | None:
 
     if bundled_model_path() is not None:
         return None
-    from diffusion_lsp.commands import TINY_FALLBACK_DIR
-    from model.tiny import write_tiny_model
+    from model.load import tiny_fallback
 
-    print("warning: no bundled model is installed; using a tiny RANDOM-weight model whose "
-          "output is noise (pass --model PATH for real completions)", file=sys.stderr)
-    if not (TINY_FALLBACK_DIR / "model.safetensors").exists():
-        write_tiny_model(TINY_FALLBACK_DIR)
-    return str(TINY_FALLBACK_DIR)
+    return str(tiny_fallback())
 
 
 def run_service(args: argparse.Namespace) -> int:

@@ -13,23 +13,10 @@ import pytest
 from model.loader import load_model
 from model.tiny import SAMPLE_CODE
 from model.tokenizer import qwen2_tokenizer_from_bpe_files, train_tokenizer
+from tests.helpers import split_tokenizer_json
 
 SAMPLE = ("def f(x):\n    return x + 12345  # it's ünïcode\n"
           "<|im_start|>user<|mask|><tool_call>\n\tpass\r\n")
-
-
-def split_tokenizer_json(directory: Path) -> dict[str, int]:
-    """Rewrite directory/tokenizer.json as vocab.json + merges.txt + added_tokens.json (the
-    specials) + tokenizer_config.json; returns the added tokens."""
-    data = json.loads((directory / "tokenizer.json").read_text())
-    vocab = data["model"]["vocab"]
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    added = {t["content"]: t["id"] for t in data["added_tokens"]}
-    (directory / "added_tokens.json").write_text(json.dumps(added))
-    (directory / "tokenizer.json").unlink()
-    return added
 
 
 @pytest.fixture

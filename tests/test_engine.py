@@ -130,25 +130,83 @@ def test_start_hands_a_failed_load_to_the_caller():
         Engine.start(load).result(30)
 
 
-def test_a_dying_worker_fails_every_caller_instead_of_hanging(tiny_model, monkeypatch):
+def test_a_dying_worker_is_restarted_and_serves_the_requests_that_waited(
+        tiny_model, monkeypatch):
     """An exception outside a denoising step (here: building a finished hole's result) kills
-    the worker thread; every waiting and later caller gets EngineStopped at once."""
+    the worker's loop: the request in flight is told so, the loop is restarted, and a request
+    queued meanwhile is served, with the same text it gets from a healthy engine."""
     import model.engine as engine_module
-    from model.engine import EngineStopped
+    from model.engine import WorkerRestarted
 
-    def broken_result(*args):
+    real, calls = engine_module.state_result, {"n": 0}
+
+    def broken_once(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("bug while finishing a hole")
+        return real(*args)
+
+    monkeypatch.setattr(engine_module, "state_result", broken_once)
+    engine = Engine(tiny_model, backoff_s=0.01)
+    try:
+        first = engine.submit("a = ", "\n", OPTIONS)
+        with pytest.raises(WorkerRestarted, match="bug while finishing a hole"):
+            first.result(30)
+        second = engine.submit("b = ", "\n", OPTIONS)
+        assert second.result(30).text == infill(tiny_model, "b = ", "\n", OPTIONS).text
+        assert engine.restarts == 1 and engine.failure is None
+        assert "bug while finishing a hole" in engine.last_death
+        assert engine._thread.is_alive()
+    finally:
+        engine.close(timeout=5)
+    assert not engine._thread.is_alive()
+
+
+def test_a_worker_that_keeps_dying_stops_after_the_restarts_a_minute_and_no_caller_hangs(
+        tiny_model, monkeypatch):
+    """Restarts are bounded: past `restarts_per_minute` deaths in a minute the engine stops,
+    every waiting and later caller gets EngineStopped at once, and the backoff grew each time."""
+    import model.engine as engine_module
+    from model.engine import EngineStopped, WorkerRestarted
+
+    def always_broken(*args):
         raise RuntimeError("bug while finishing a hole")
 
-    engine = Engine(tiny_model)
-    monkeypatch.setattr(engine_module, "state_result", broken_result)
-    first = engine.submit("a = ", "\n", OPTIONS)
-    with pytest.raises(EngineStopped, match="bug while finishing a hole"):
-        first.result(30)
+    waits = []
+    monkeypatch.setattr(engine_module, "state_result", always_broken)
+    engine = Engine(tiny_model, restarts_per_minute=2, backoff_s=0.001)
+    real_wait = engine._closing.wait
+    monkeypatch.setattr(engine._closing, "wait", lambda s: waits.append(s) or real_wait(s))
+    outcomes = []
+    for text in ("a = ", "b = ", "c = "):
+        try:
+            engine.submit(text, "\n", OPTIONS).result(30)
+        except (WorkerRestarted, EngineStopped) as error:
+            outcomes.append(type(error))
+    assert outcomes == [WorkerRestarted, WorkerRestarted, EngineStopped]
+    assert engine.restarts == 2 and waits == [0.001, 0.002]  # backoff doubles
     engine._thread.join(5)
     assert not engine._thread.is_alive()
-    with pytest.raises(EngineStopped):
-        engine.submit("b = ", "\n", OPTIONS)
+    with pytest.raises(EngineStopped, match="bug while finishing a hole"):
+        engine.submit("d = ", "\n", OPTIONS)
     engine.close(timeout=1)
+
+
+def test_close_during_a_restart_backoff_does_not_wait_for_it(tiny_model, monkeypatch):
+    """A close() while the worker waits to restart ends the wait: the worker is gone after
+    close() returns, although the backoff was an hour."""
+    import model.engine as engine_module
+    from model.engine import WorkerRestarted
+
+    def broken(*args):
+        raise RuntimeError("bug while finishing a hole")
+
+    monkeypatch.setattr(engine_module, "state_result", broken)
+    engine = Engine(tiny_model, backoff_s=3600)
+    with pytest.raises(WorkerRestarted):
+        engine.submit("a = ", "\n", OPTIONS).result(30)
+    engine.close(timeout=30)
+    assert not engine._thread.is_alive()
 
 
 def test_out_of_memory_fails_the_step_frees_memory_and_serving_goes_on(

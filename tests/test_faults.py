@@ -11,21 +11,19 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 
 import pytest
 from lsprotocol import types
 
 from benchmarks.lsp_client import inline, open_document, running_server, stats, wait_ready
 from tests import fault_injection as faults
-from tests.test_remote import KEY, StandIn
+from tests.remote_standin import KEY, StandIn
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SOURCE = "def add(a, b):\n    return \n\n\nprint(add(1, 2))\n"
 CURSOR = (1, 11)  # after "return "
-ANSWER_S = 60.0  # every answer comes within this (a hang fails the test, not the suite)
-FAILED_ANSWER_S = 2.0  # a completion that fails is answered (with no items) within this
+ANSWER_S = 60.0  # a guard: a hang fails the test instead of the suite (never a measurement)
 # short holes: the tiny model's text is noise, and the 2-core CI machine is shared
 FAST = {"debounceMs": 0, "maxTokens": 8, "maxTokensSingleLine": 8, "tokensPerStep": 4}
 
@@ -47,14 +45,12 @@ def tiny_dir(tmp_path_factory):
 
 async def ask(client, uri: str, text: str, line: int = CURSOR[0], character: int = CURSOR[1]):
     """Open `uri` with `text`, ask for an inline completion and close it again (so that it is
-    not another hole's snippet); returns (items, seconds)."""
+    not another hole's snippet); returns the items."""
     open_document(client, uri, text)
-    began = time.perf_counter()
     result = await asyncio.wait_for(inline(client, uri, line, character), ANSWER_S)
-    seconds = time.perf_counter() - began
     client.text_document_did_close(types.DidCloseTextDocumentParams(
         text_document=types.TextDocumentIdentifier(uri=uri)))
-    return result.items, seconds
+    return result.items
 
 
 def with_marker(marker: str) -> str:
@@ -68,38 +64,52 @@ async def test_engine_faults_give_one_message_and_the_server_keeps_serving(tiny_
     async with running_server(options(tiny_dir), module="tests.fault_injection") as client:
         # a forward pass raising: no items, one log line for the user, later holes fine
         for attempt in range(2):
-            items, seconds = await ask(client, f"untitled:step{attempt}.py",
-                                       with_marker(faults.STEP_ERROR), CURSOR[0] + 1)
-            assert items == () and seconds < FAILED_ANSWER_S
+            items = await ask(client, f"untitled:step{attempt}.py",
+                              with_marker(faults.STEP_ERROR), CURSOR[0] + 1)
+            assert items == ()
         failed = [m for m in texts(client.log_messages) if "injected fault in the forward" in m]
         assert len(failed) == 1, texts(client.log_messages)
         assert "completion failed: the model failed (RuntimeError" in failed[0]
         assert "injected fault" in client.statuses[-1]["message"], list(client.statuses)
-        items, _ = await ask(client, "untitled:fine.py", SOURCE)
+        items = await ask(client, "untitled:fine.py", SOURCE)
         assert items
         assert client.statuses[-1]["message"].startswith("ready")  # the failure is over
 
         # CUDA out of memory from the forward: one line, memory freed, the next hole is served
-        items, seconds = await ask(client, "untitled:oom.py",
-                                   with_marker(faults.OUT_OF_MEMORY), CURSOR[0] + 1)
-        assert items == () and seconds < FAILED_ANSWER_S
+        items = await ask(client, "untitled:oom.py", with_marker(faults.OUT_OF_MEMORY),
+                          CURSOR[0] + 1)
+        assert items == ()
         oom = [m for m in texts(client.log_messages) if "out of memory" in m]
         assert len(oom) == 1 and "\n" not in oom[0], oom
         snapshot = await stats(client)
         assert snapshot["outOfMemory"] == 1 and snapshot["state"] == "ready"
-        items, _ = await ask(client, "untitled:after-oom.py", SOURCE + "x = ")
+        items = await ask(client, "untitled:after-oom.py", SOURCE + "x = ")
         assert items
 
-        # the engine's worker thread dying: every caller is answered, never left waiting
-        items, seconds = await ask(client, "untitled:dies.py", with_marker(faults.WORKER_DIES),
-                                   CURSOR[0] + 1)
-        assert items == () and seconds < ANSWER_S
+        # the engine's worker dying: the hole in flight is answered (no items), the user is
+        # told once however often it happens, the worker restarts and serves the next holes
+        for attempt in range(2):
+            items = await ask(client, f"untitled:dies{attempt}.py",
+                              with_marker(faults.WORKER_DIES), CURSOR[0] + 1)
+            assert items == ()
+            items = await ask(client, f"untitled:healed{attempt}.py", SOURCE + f"y{attempt} = ")
+            assert items, f"no completion after restart {attempt + 1}"
+        restarted = [m for m in texts(client.messages) if "was restarted" in m]
+        assert len(restarted) == 1, texts(client.messages)
         snapshot = await stats(client)
-        assert snapshot["state"] == "error"
+        assert snapshot["engineRestarts"] == 2 and snapshot["state"] == "ready", snapshot
+
+        # past the restarts a minute allows (3), the engine stops: one pop-up that says what to
+        # do, and every later hole is still answered (no items)
+        for attempt in (2, 3):
+            items = await ask(client, f"untitled:dies{attempt}.py",
+                              with_marker(faults.WORKER_DIES), CURSOR[0] + 1)
+            assert items == ()
+        snapshot = await stats(client)
+        assert snapshot["state"] == "error" and snapshot["engineRestarts"] == 3, snapshot
         popups = [m for m in texts(client.messages) if "engine stopped" in m]
-        assert len(popups) == 1, texts(client.messages)
-        items, seconds = await ask(client, "untitled:after-death.py", SOURCE)
-        assert items == () and seconds < FAILED_ANSWER_S
+        assert len(popups) == 1 and "restart the server" in popups[0], texts(client.messages)
+        assert await ask(client, "untitled:after-death.py", SOURCE) == ()
 
         # reloading the model (any model setting) brings completions back
         client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
@@ -109,7 +119,7 @@ async def test_engine_faults_give_one_message_and_the_server_keeps_serving(tiny_
             if (await stats(client))["state"] == "ready":
                 break
             await asyncio.sleep(0.1)
-        items, _ = await ask(client, "untitled:reloaded.py", SOURCE)
+        items = await ask(client, "untitled:reloaded.py", SOURCE)
         assert items
 
 
@@ -159,13 +169,13 @@ async def test_broken_model_files_give_one_message_each_and_no_items(tiny_dir, t
             shown = [m for m in texts(client.messages) if str(model_dir) in m]
             assert len(shown) == 1, (name, texts(client.messages))
             assert phrase in shown[0] and "\n" not in shown[0], (name, shown[0])
-            items, _ = await ask(client, f"untitled:{name}.py", SOURCE)
+            items = await ask(client, f"untitled:{name}.py", SOURCE)
             assert items == ()
         client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
             settings={"diffusionLsp": options(tiny_dir)}))
         await asyncio.sleep(0.2)
         assert (await wait_ready(client, 60))["state"] == "ready"
-        items, _ = await ask(client, "untitled:repaired.py", SOURCE)
+        items = await ask(client, "untitled:repaired.py", SOURCE)
         assert items
 
 
@@ -190,10 +200,11 @@ class GarbageStandIn(StandIn):
 async def test_a_hanging_remote_is_given_up_at_the_deadline():
     async with StandIn(plan=["hang"] * 3) as remote, running_server(
             remote_options(remote.url)) as client:
-        items, seconds = await ask(client, "untitled:hang.py", SOURCE)
-        assert items == () and seconds < 1.5 + FAILED_ANSWER_S  # the deadline, not a hang
+        items = await ask(client, "untitled:hang.py", SOURCE)
+        assert items == ()  # answered at the deadline; a hang would fail `ask`'s guard
         shown = [m for m in texts(client.log_messages) if "no answer from" in m]
         assert len(shown) == 1, texts(client.log_messages)
+        assert len(remote.completions()) == 1  # given up at the deadline: no retry after it
         assert (await stats(client))["state"] == "ready"
 
 
@@ -201,7 +212,7 @@ async def test_a_remote_answering_garbage_gives_one_message():
     async with GarbageStandIn() as remote, running_server(
             remote_options(remote.url)) as client:
         for attempt in range(2):
-            items, _ = await ask(client, f"untitled:garbage{attempt}.py", SOURCE)
+            items = await ask(client, f"untitled:garbage{attempt}.py", SOURCE)
             assert items == ()
         shown = [m for m in texts(client.log_messages) if "unreadable answer" in m]
         assert len(shown) == 1, texts(client.log_messages)
@@ -215,7 +226,7 @@ async def test_a_full_disk_under_the_log_file_is_reported_once(tiny_dir, capfd):
     async with running_server(options(tiny_dir), extra_args=(
             "--log-file", "/dev/full")) as client:
         for index in range(3):
-            items, _ = await ask(client, f"untitled:log{index}.py", SOURCE)
+            items = await ask(client, f"untitled:log{index}.py", SOURCE)
             assert items
         shown = [m for m in texts(client.messages) if "/dev/full" in m]
         assert len(shown) == 1, texts(client.messages)

@@ -20,7 +20,7 @@ from model.loader import BUNDLED_DIR, ModelLoadError
 from model.shapes import random_model_of_shape
 from model.train import gpu_kit
 from model.train.train import LAST_CHECKPOINT, train
-from tests.test_train import tiny_config
+from tests.helpers import tiny_config
 
 SHIPPED_TOKENIZER = BUNDLED_DIR / "tokenizer.json"
 CODE = "".join(f"def f{i}(x):\n    if x > {i}:\n        return x * {i}\n    return None\n\n\n"

@@ -225,7 +225,7 @@ def test_a_repo_the_loader_cannot_read_fails_before_downloading(standin, tmp_pat
 
 def test_a_repo_with_bpe_files_instead_of_tokenizer_json_pulls_and_loads(
         standin, tiny_dream, tmp_path):
-    from tests.test_bpe_files import split_tokenizer_json
+    from tests.helpers import split_tokenizer_json
 
     published = tmp_path / "published"
     shutil.copytree(tiny_dream, published)

@@ -166,10 +166,11 @@ vim.api.nvim_create_autocmd("VimEnter", { callback = function()
       local mode = vim.api.nvim_get_mode().mode
       vim.cmd("stopinsert")
       vim.cmd("write! " .. vim.fn.fnameescape(vim.fn.getcwd() .. "/out.py"))
+      local doctor = plugin.doctor()  -- what :DiffusionLsp status shows, from the server
       vim.cmd("checkhealth diffusion_lsp")
       local health = vim.api.nvim_buf_get_lines(0, 0, -1, false)
       finish({ shown = shown, item = item, lines = after, mode = mode, waited_ms = waited_ms,
-               health = health, status = plugin.last_status })
+               health = health, status = plugin.last_status, doctor = doctor })
     end)
   end)
 end })
@@ -191,6 +192,31 @@ end })
     health = "\n".join(result["health"])
     assert "OK server started" in health and "OK model ready" in health, health
     assert result["status"]["state"] == "ready"
+    # the status command and :checkhealth show the doctor's report, with the server's state
+    assert result["doctor"].startswith("server      ready (local backend)"), result["doctor"]
+    assert "recommended: " in result["doctor"] and "torch " in result["doctor"]
+    assert "recommended: " in health
+
+
+def test_status_runs_the_doctor_when_the_server_is_not_running(nvim, tmp_path):
+    """`:DiffusionLsp status` with no server attached (a filetype it does not serve) runs the
+    configured installation's `doctor` and shows its report."""
+    init = fill(DRIVER + """
+local plugin = require("diffusion_lsp")
+plugin.setup({ cmd = { @python@, "-m", "diffusion_lsp", "serve" }, filetypes = { "python" } })
+vim.api.nvim_create_autocmd("VimEnter", { callback = function()
+  local notified = {}
+  vim.notify = function(message, level) notified[#notified + 1] = message end
+  vim.cmd("DiffusionLsp status")
+  finish({ clients = #plugin.clients(), notified = notified })
+end })
+""", deadline=DEADLINE_MS, python=json.dumps(sys.executable))
+    result = run_nvim(nvim, tmp_path, init, "just text\n", name="notes.txt")
+    assert "error" not in result, result
+    assert result["clients"] == 0
+    shown = "\n".join(result["notified"])
+    assert shown.startswith("diffusion: not running"), shown
+    assert "recommended: " in shown and "bf16 (CPU)" in shown, shown
 
 
 # A fake server inside Neovim (vim.lsp.start accepts a function as cmd): it answers every

@@ -1,15 +1,15 @@
 """The language server with `backend: remote`, end to end: a real server process over stdio
-asks a STAND-IN for a Mercury-shaped FIM API (tests/test_remote.py) for its completions."""
+asks a STAND-IN for a Mercury-shaped FIM API (tests/remote_standin.py) for its completions."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
-import time
 
 import pytest
 
 from benchmarks.lsp_client import inline, open_document, running_server, stats
-from tests.test_remote import KEY, StandIn
+from tests.remote_standin import KEY, StandIn
 
 SOURCE = "def add(a, b):\n    return \n\n\nprint(add(1, 2))\n"
 
@@ -53,9 +53,9 @@ async def test_a_remote_that_is_down_is_reported_and_the_server_keeps_serving(ti
     url = f"http://127.0.0.1:{closed_port()}"
     async with running_server(remote_options(url, timeout_ms=timeout_ms)) as client:
         open_document(client, "untitled:down.py", SOURCE)
-        began = time.perf_counter()
-        assert (await inline(client, "untitled:down.py", 1, 11)).items == ()
-        assert time.perf_counter() - began < timeout_ms / 1000 + 2.0  # no hang past the deadline
+        # answered (a hang would fail the guard), with no items
+        answer = await asyncio.wait_for(inline(client, "untitled:down.py", 1, 11), 60)
+        assert answer.items == ()
         snapshot = await stats(client)
         assert snapshot["errors"] == 1 and snapshot["state"] == "ready"
         assert any("unavailable" in (status.get("message") or "") for status in client.statuses)

@@ -18,7 +18,8 @@ from model.train import corpus as corpus_mod
 from model.train.data import KINDS, ExampleShape, LayoutIds, make_example, tokenize_split
 from model.train.export import export, write_card
 from model.train.tokenizer import SPECIAL_TOKENS, build_tokenizer
-from model.train.train import ModelShape, TrainConfig, build_network, train
+from model.train.train import build_network, train
+from tests.helpers import TINY, tiny_config
 
 
 def source(i: int) -> str:
@@ -170,16 +171,6 @@ def test_make_example_layout(tokenizer_file, data_dir, kind):
 
 # ---------------------------------------------------------------------------------------------
 # Training, resume, export
-
-
-TINY = ModelShape(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256)
-
-
-def tiny_config(max_steps: int) -> TrainConfig:
-    return TrainConfig(model=TINY, shape=ExampleShape(seq_len=64, max_hole=16, max_extra=4),
-                       batch_size=2, warmup_steps=2, max_steps=max_steps, eval_every_s=1e9,
-                       save_every_s=1e9, validation_batches=1)
 
 
 def test_train_resume_and_export(data_dir, tokenizer_file, tmp_path):

@@ -114,13 +114,23 @@ def load_failure(error: Exception, device: str) -> str:
 
 def engine_failure(error: Exception, device: str) -> BackendError:
     """What the user is told when the engine fails a hole: one line, with what to do."""
-    from model.engine import Cancelled, EngineStopped, first_line, is_out_of_memory
+    from model.engine import (
+        Cancelled,
+        EngineStopped,
+        WorkerRestarted,
+        first_line,
+        is_out_of_memory,
+    )
 
     if is_out_of_memory(error):
         return BackendError(
             f"the model ran out of memory on {device} (cached memory was freed; later "
             "completions try again; lower completion.maxTokens or context.prefixTokens if this "
             "repeats)", "failed")
+    if isinstance(error, WorkerRestarted):
+        # the same words every time: the user is told once, however often it happens
+        return BackendError("the model engine's worker failed and was restarted; completions "
+                            "go on (the log has the details)", "restarted")
     if isinstance(error, EngineStopped):
         return BackendError(f"{error}; reload the model (change a model setting or restart "
                             "the server)", "stopped")

@@ -3,6 +3,8 @@
 // inline completion support (registered by default since version 10); the intelligence stays in
 // the server.
 
+import { execFile } from "node:child_process";
+
 import * as vscode from "vscode";
 import {
   DidChangeConfigurationNotification,
@@ -13,11 +15,13 @@ import {
   State,
 } from "vscode-languageclient/node";
 
-import { nodeLookup, resolveServer, SECTION, serverSettings, type Tree } from "./settings";
+import { doctorCommand, nodeLookup, resolveServer, SECTION, serverSettings, type Tree } from "./settings";
 import { clickCommand, type Status, statusView } from "./status";
 
 const STATUS = "diffusion/status";
 const STATS = "diffusion/stats";
+const DOCTOR = "diffusion/doctor";
+const DOCTOR_TIMEOUT_MS = 60_000;
 /** Settings whose change needs a new server process. */
 const RESTART_KEYS = ["serverPath", "pythonPath"];
 
@@ -132,13 +136,55 @@ async function setEnabled(enable: boolean | undefined): Promise<void> {
   await config.update("enable", value, target);
 }
 
-async function showStats(): Promise<void> {
-  if (client === undefined || !client.isRunning()) {
-    void vscode.window.showWarningMessage("diffusion-lsp: the server is not running");
-    return;
+interface DoctorReport {
+  text?: string;
+  recommendation?: { model: string; expect: string };
+}
+
+/** `diffusion-lsp doctor` of the server's installation, run directly (the server is not up). */
+function runDoctor(): Promise<DoctorReport> {
+  const folders = (vscode.workspace.workspaceFolders ?? []).map((folder) => folder.uri.fsPath);
+  const server = resolveServer(section(), nodeLookup(folders));
+  if (typeof server === "string") {
+    return Promise.reject(new Error(server));
   }
-  const stats = await client.sendRequest(STATS);
-  output.info(`stats: ${JSON.stringify(stats, null, 2)}`);
+  const doctor = doctorCommand(server);
+  return new Promise((resolve, reject) => {
+    execFile(doctor.command, doctor.args, { timeout: DOCTOR_TIMEOUT_MS }, (error, stdout, stderr) => {
+      if (error) {
+        reject(new Error(`${doctor.command} ${doctor.args.join(" ")}: ${stderr || error.message}`));
+        return;
+      }
+      try {
+        resolve(JSON.parse(stdout) as DoctorReport);
+      } catch (parseError) {
+        reject(parseError instanceof Error ? parseError : new Error(String(parseError)));
+      }
+    });
+  });
+}
+
+/** The status command: what `diffusion-lsp doctor` says (machine, models, remote, PATH, the
+ * recommendation), then the server's statistics; the doctor alone when the server is down. */
+async function showDoctor(): Promise<void> {
+  const running = client !== undefined && client.isRunning() ? client : undefined;
+  try {
+    const report = running
+      ? await running.sendRequest<DoctorReport>(DOCTOR)
+      : await runDoctor();
+    output.info(`doctor:\n${report.text ?? JSON.stringify(report, null, 2)}`);
+    if (report.recommendation) {
+      item.tooltip = `${item.tooltip ?? ""}\nrecommended here: ${report.recommendation.model}`;
+    }
+  } catch (error) {
+    output.error(`doctor: ${error instanceof Error ? error.message : String(error)}`);
+  }
+  if (running) {
+    const stats = await running.sendRequest(STATS);
+    output.info(`stats: ${JSON.stringify(stats, null, 2)}`);
+  } else {
+    output.warn("the server is not running: no statistics");
+  }
   output.show();
 }
 
@@ -154,7 +200,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   command("diffusionLsp.disable", () => setEnabled(false));
   command("diffusionLsp.restart", restart);
   command("diffusionLsp.showOutput", () => output.show());
-  command("diffusionLsp.showStats", showStats);
+  command("diffusionLsp.showStats", showDoctor);
   context.subscriptions.push(
     output,
     item,

@@ -80,6 +80,13 @@ export interface ServerCommand {
   source: string;
 }
 
+/** The same installation's `doctor` command: `serve` replaced by `doctor --json`. */
+export function doctorCommand(server: ServerCommand): { command: string; args: string[] } {
+  const at = server.args.lastIndexOf("serve");
+  const before = at >= 0 ? server.args.slice(0, at) : server.args;
+  return { command: server.command, args: [...before, "doctor", "--json"] };
+}
+
 export interface Lookup {
   /** Whether a file exists and is executable. */
   executable(file: string): boolean;

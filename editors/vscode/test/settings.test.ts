@@ -6,7 +6,16 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { test } from "node:test";
 
-import { EXTENSION_ONLY, flatten, type Lookup, nest, resolveServer, SECTION, serverSettings } from "../src/settings";
+import {
+  doctorCommand,
+  EXTENSION_ONLY,
+  flatten,
+  type Lookup,
+  nest,
+  resolveServer,
+  SECTION,
+  serverSettings,
+} from "../src/settings";
 import { clickCommand, statusView } from "../src/status";
 
 const root = path.join(__dirname, "..", "..");
@@ -109,5 +118,16 @@ test("the reference sampler settings reach the server under completion.sampler",
   assert.deepEqual(
     { algorithm: sampler.algorithm, steps: sampler.steps, topP: sampler.topP, exact: sampler.exact },
     { algorithm: "entropy", steps: 32, topP: 0.95, exact: false },
+  );
+});
+
+test("the status command runs the same installation's doctor when the server is not running", () => {
+  assert.deepEqual(doctorCommand({ command: "/venv/bin/diffusion-lsp", args: ["serve"], source: "PATH" }), {
+    command: "/venv/bin/diffusion-lsp",
+    args: ["doctor", "--json"],
+  });
+  assert.deepEqual(
+    doctorCommand({ command: "/usr/bin/python3", args: ["-m", "diffusion_lsp", "serve"], source: "pythonPath" }),
+    { command: "/usr/bin/python3", args: ["-m", "diffusion_lsp", "doctor", "--json"] },
   );
 });

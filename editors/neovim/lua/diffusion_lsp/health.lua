@@ -78,6 +78,18 @@ function M.check()
     health.error(("model not ready (%s) %s"):format(tostring(stats.state), message),
       { ":DiffusionLsp log shows the server's log; check settings.model.path" })
   end
+
+  health.start("diffusion-lsp doctor")
+  local text, err = plugin.doctor()
+  if not text then
+    health.warn("doctor: " .. tostring(err))
+    return
+  end
+  for line in vim.gsplit(text, "\n", { plain = true }) do
+    if line ~= "" then
+      health.info(line)
+    end
+  end
 end
 
 return M

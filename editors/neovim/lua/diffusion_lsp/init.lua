@@ -358,12 +358,50 @@ local function show_stats()
   vim.notify(vim.inspect(reply.result))
 end
 
+--- What `diffusion-lsp doctor` says about this machine (Python, torch, GPU, models on disk,
+--- the remote, PATH, the model to run here): from the running server (`diffusion/doctor`, with
+--- its own state), else by running the configured server's `doctor`.
+---@return string|nil text, string|nil err
+function M.doctor()
+  local client = M.clients()[1]
+  if client then
+    local reply = M.call(client, "request_sync", "diffusion/doctor", vim.NIL, 60000, 0)
+    if reply and reply.result and type(reply.result.text) == "string" then
+      return reply.result.text
+    end
+    return nil, "diffusion/doctor failed: " .. vim.inspect(reply and reply.err or "timeout")
+  end
+  local cmd = M.config.cmd
+  if type(cmd) ~= "table" or vim.fn.exepath(cmd[1]) == "" then
+    return nil, "the server is not running and its command is not an executable"
+  end
+  local args = {}
+  for _, arg in ipairs(cmd) do
+    if arg == "serve" then break end
+    args[#args + 1] = arg
+  end
+  args[#args + 1] = "doctor"
+  local done = vim.system(args, { text = true }):wait(60000)
+  if done.code ~= 0 then
+    return nil, ("%s: exit %s: %s"):format(table.concat(args, " "), tostring(done.code),
+      done.stderr or "")
+  end
+  return done.stdout
+end
+
+local function show_status()
+  local line = M.status() ~= "" and M.status() or "diffusion: not running"
+  local text, err = M.doctor()
+  vim.notify(line .. "\n" .. (text or ("doctor: " .. tostring(err))),
+    text and vim.log.levels.INFO or vim.log.levels.WARN)
+end
+
 local commands = {
   enable = function() M.enable(true) end,
   disable = function() M.enable(false) end,
   toggle = function() M.enable(nil) end,
   restart = M.restart,
-  status = function() vim.notify(M.status() ~= "" and M.status() or "diffusion: not running") end,
+  status = show_status,
   stats = show_stats,
   log = function() vim.cmd.edit(vim.lsp.get_log_path()) end,
 }
