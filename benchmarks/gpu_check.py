@@ -34,9 +34,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import load_holes, percentile
+from benchmarks.report import load_holes
 from model import fast_step
 from model.loader import LoadedModel
+from model.percentile import percentile
 from model.prompt_cache import PromptCache
 from model.sampler import (
     InfillOptions,

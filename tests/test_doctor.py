@@ -87,7 +87,7 @@ def test_a_pulled_model_in_the_cache_is_listed_with_its_state(tmp_path, monkeypa
 
 def test_the_recommendation_follows_the_hardware_and_quotes_the_measured_table():
     big = recommend(machine([Gpu("H100", 80.0)]))
-    assert big.model == "DiffuCoder-7B-cpGRPO" and "not measured yet" in big.expect
+    assert big.model == "DiffuCoder-7B-cpGRPO" and "H200" in big.expect + str(big.measured)
     small_gpu = recommend(machine([Gpu("RTX 3050", 8.0)]))
     assert small_gpu.model == "Open-dCoder-0.5B" and f"{GPU_GIB_FOR_7B:.0f} GiB" in small_gpu.why
     cpu = recommend(machine())
@@ -104,7 +104,8 @@ def test_every_measured_row_names_a_known_model_and_how_to_rerun_it():
     known = {m.name for m in SUPPORTED_MODELS} | {"bundled"}
     for row in MEASURED:
         assert row.model in known and row.hardware in ("cpu", "cpu-bf16", "gpu")
-        assert row.command.startswith("diffusion-lsp bench ") and row.machine
+        assert row.command.startswith(("diffusion-lsp bench ", "OUT=results scripts/gpu-check.sh"))
+        assert row.machine
 
 
 async def _check_remote_against_standin(**remote) -> dict:
