@@ -16,6 +16,8 @@ soon as it has it, so a run stopped by its time limit keeps what it got. Section
 - concurrent: 16 holes submitted to the engine at once (batched) against one alone.
 - lsp: the server as its own process over stdio on the same shape; a document is opened, a
   completion asked for, one character typed, and the completion after it timed (p50).
+- profile: the kernels of a hole-only step and of a full pass, by device time
+  (torch.profiler), where the next optimisation should go.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def fill(model: LoadedModel, hole: dict, options: InfillOptions, cache: PromptCa
     context = len(state.prefix_ids) + len(state.suffix_ids)
     return {"total_ms": total, "tokens": tokens, "steps": len(steps), "context_tokens": context,
             "hole_step_ms": [ms for kind, ms in steps if kind == "hole"],
-            "kinds": [kind for kind, _ in steps]}
+            "step_ms": steps, "kinds": [kind for kind, _ in steps]}
 
 
 def hole_options(tokens_per_step: int) -> InfillOptions:
@@ -154,8 +156,14 @@ def bench_hole(model: LoadedModel, holes: list[dict], tokens_per_step: int) -> d
         cold.append(fill(model, hole, options, cache, f"doc-{index}"))
         warm.append(fill(model, hole, options, cache, f"doc-{index}"))
     step_ms = [ms for run in warm for ms in run["hole_step_ms"]]
+
+    def median_of(kind: str) -> float | None:
+        times = [ms for run in warm for k, ms in run["step_ms"] if k == kind]
+        return statistics.median(times) if times else None
+
     return {
         "ms_per_step": statistics.median(step_ms) if step_ms else None,
+        "partial_pass_ms": median_of("reuse"), "full_pass_ms": median_of("full"),
         "tokens_per_s": statistics.median(r["tokens"] / r["total_ms"] * 1e3 for r in warm),
         "cold_tokens_per_s": statistics.median(r["tokens"] / r["total_ms"] * 1e3 for r in cold),
         "hole_ms_p50": statistics.median(r["total_ms"] for r in warm),
@@ -295,6 +303,50 @@ def speed(model: LoadedModel, holes: list[dict], result: dict) -> None:
         f"{result['diffusion_over_ar_at_8']:.2f}x")
 
 
+def kernel_table(run, repeats: int = 5, rows: int = 14) -> list[dict]:
+    """The kernels `run()` launches, by device time (torch.profiler), per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if torch.cuda.is_available() else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(repeats):
+            run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    on_gpu = torch.cuda.is_available()
+    events = sorted(profiler.key_averages(), key=lambda e: -(
+        getattr(e, "device_time_total", 0) if on_gpu else e.cpu_time_total))
+    return [{"name": e.key[:80], "calls": e.count // repeats,
+             "device_us": getattr(e, "device_time_total", 0) / repeats,
+             "cpu_us": e.cpu_time_total / repeats} for e in events[:rows]]
+
+
+def profile_steps(model: LoadedModel, holes: list[dict], result: dict) -> None:
+    """Where a hole-only step and a full pass spend their time (the next optimisations)."""
+    from model.sampler import window
+
+    state = new_state(model, holes[0]["prompt"], holes[0]["suffix"], hole_options(8))
+    forward_holes(model, [state])
+    start, end = window(state, model.family.shifted_logits)
+    steps = fast_step.hole_steps(model)
+    args = (state.context.layers, state.context, state.sequence()[start:end], start)
+    steps.run(*args)
+    sequence = state.sequence()
+    positions = torch.arange(sequence.numel())
+
+    def full() -> None:
+        fast_step.rows_pass(model, sequence, positions)
+
+    result["profile"] = {"hole_step": kernel_table(lambda: steps.run(*args)),
+                         "full_pass": kernel_table(full)}
+    for name, table in result["profile"].items():
+        total = sum(row["device_us"] for row in table)
+        say(f"profile {name}: top kernels {total / 1e3:.2f} ms of device time: " + ", ".join(
+            f"{row['name'][:32]} x{row['calls']} {row['device_us'] / 1e3:.2f} ms"
+            for row in table[:5]))
+
+
 def concurrent(model: LoadedModel, holes: list[dict], result: dict) -> None:
     from model.engine import Engine
 
@@ -388,13 +440,15 @@ def run(args: argparse.Namespace) -> int:
     for section in args.sections.split(","):
         began = time.perf_counter()
         try:
-            if section in ("speed", "concurrent") and model is None:
+            if section in ("speed", "concurrent", "profile") and model is None:
                 model = random_model_of_shape(args.shape, args.device)
                 say(f"built a random {args.shape} in {time.perf_counter() - began:.1f} s")
             if section == "speed":
                 speed(model, holes, result)
             elif section == "concurrent":
                 concurrent(model, holes, result)
+            elif section == "profile":
+                profile_steps(model, holes, result)
             elif section == "lsp":
                 if model is not None:  # the server process loads its own
                     model = None
@@ -403,7 +457,8 @@ def run(args: argparse.Namespace) -> int:
                         torch.cuda.empty_cache()
                 lsp(args.shape, args.device, data, args.holes, result)
             else:
-                raise ValueError(f"unknown section {section!r}; known: speed, concurrent, lsp")
+                raise ValueError(f"unknown section {section!r}; known: speed, concurrent, "
+                                 "profile, lsp")
         except Exception as error:  # noqa: BLE001 - one section's failure keeps the others
             traceback.print_exc()
             result.setdefault("errors", {})[section] = f"{type(error).__name__}: {error}"
@@ -421,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--data", help="HumanEval-infilling folder (default ../shared/eval-data)")
     parser.add_argument("--holes", type=int, default=8, help="holes per measurement")
-    parser.add_argument("--sections", default="speed,concurrent,lsp")
+    parser.add_argument("--sections", default="speed,concurrent,profile,lsp")
     parser.add_argument("--junit", help="the CUDA tests' JUnit XML, counted into `tests`")
     return run(parser.parse_args(argv))
 
