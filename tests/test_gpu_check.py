@@ -40,6 +40,7 @@ def test_the_gpu_check_runs_through_on_the_cpu(tmp_path):
     assert result["ar_twin_tokens_per_s"] > 0
     assert {"p50_ms", "p95_ms", "single_p50_ms"} <= result["concurrent16"].keys()
     assert result["lsp_typing_p50_ms"] > 0 and result["lsp"]["answered"] >= 1
+    assert result["profile"]["hole_step"] and result["profile"]["full_pass"]
     returned = sorted(p.name for p in out.iterdir())
     assert len(returned) <= RETURNED_FILES, returned
     assert "ckpt-last.pt.part00" in returned and "check.log" in returned, log[-3000:]
