@@ -37,7 +37,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the
 from model.loader import LoadedModel
 
 CONTEXT_BUCKET = 256  # context rows are padded up to a multiple of this: few graphs to capture
-MAX_GRAPHS = 8  # captured shapes kept per model (least recently used dropped)
+MAX_GRAPHS = 8  # captured shapes kept per model (least recently used dropped) ...
+MAX_BUFFER_BYTES = 2 << 30  # ... and at most this much in their keys/values buffers
 WARM_UP_RUNS = 2  # eager runs on a side stream before a capture (cuBLAS picks its kernels)
 DISABLE_ENV = "DIFFUSION_LSP_CUDA_GRAPHS"  # "0": every pass runs through transformers
 COMPILE_ENV = "DIFFUSION_LSP_COMPILE"  # "0": the decoder layer is not compiled
@@ -318,6 +319,12 @@ class HoleSteps:
             self.replays += 1
         return shape.hidden[0]
 
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes in the kept shapes' keys and values buffers."""
+        return sum(t.numel() * t.element_size() for shape in self._shapes.values()
+                   for t in (*shape.keys, *shape.values))
+
     def _shape(self, width: int, rows: int) -> _Shape:
         key = (width, rows)
         shape = self._shapes.get(key)
@@ -332,7 +339,8 @@ class HoleSteps:
                 mask=torch.zeros((1, 1, width, rows + width), dtype=self.model.dtype,
                                  device=device))
             self._shapes[key] = shape
-            while len(self._shapes) > MAX_GRAPHS:
+            while len(self._shapes) > 1 and (len(self._shapes) > MAX_GRAPHS
+                                             or self.buffer_bytes > MAX_BUFFER_BYTES):
                 self._shapes.popitem(last=False)
         self._shapes.move_to_end(key)
         return shape

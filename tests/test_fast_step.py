@@ -123,3 +123,19 @@ def test_the_decoder_layer_compiles_as_one_graph(family_models, monkeypatch):
     reference, compiled = hole_pass_both_ways(model, state)
     torch.testing.assert_close(compiled, reference, atol=1e-5, rtol=1e-4)
     assert fast_step._Layers(model.network, torch.device("cpu")).compiled is False  # CPU: no
+
+
+def test_kept_shapes_are_bounded_in_count_and_bytes(family_models, monkeypatch):
+    model = family_models["dream"]
+    steps = fast_step.HoleSteps(model, graphs=False)
+    state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=8, refresh_every=0))
+    forward_holes(model, [state])
+    start, end = window(state, True)
+    monkeypatch.setattr(fast_step, "MAX_GRAPHS", 2)
+    for width in (3, 4, 5):  # three windows: the oldest goes
+        steps.run(state.context.layers, state.context, state.sequence()[start:start + width],
+                  start)
+    assert [key[0] for key in steps._shapes] == [4, 5]
+    monkeypatch.setattr(fast_step, "MAX_BUFFER_BYTES", steps.buffer_bytes // 2)
+    steps.run(state.context.layers, state.context, state.sequence()[start:start + 6], start)
+    assert [key[0] for key in steps._shapes] == [6]  # over the bytes: only the newest is kept
