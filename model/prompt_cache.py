@@ -35,8 +35,9 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half  # RoPE's, as the network's
 
 from model import fast_step
+from model.hole import ContextCache, HoleState
 from model.loader import LoadedModel
-from model.sampler import ContextCache, HoleState, logit_positions, window
+from model.passes import logit_positions, window
 
 DEFAULT_MAX_DOCUMENTS = 20
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB
@@ -197,7 +198,8 @@ class PromptCache:
         if state.context is None:
             return
         start, end = window(state, model.family.shifted_logits)
-        reuses = state.reuse.entry.reuses + 1 if state.reuse is not None else 0
+        reuse = state.reuse
+        reuses = reuse.entry.reuses + 1 if isinstance(reuse, Reuse) else 0
         self._entries[document] = DocumentContext(
             state.prefix_ids[:start], list(state.suffix_ids), end, state.context.layers, reuses)
         self._entries.move_to_end(document)

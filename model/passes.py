@@ -1,0 +1,233 @@
+"""Forward passes over any number of holes: the logits of every masked position.
+
+A hole's first pass runs its whole sequence (or, with the document's cached context, a partial
+pass: `model.prompt_cache`); later ones run only the hole's window against the context's cached
+keys and values (the dual cache of Fast-dLLM), refreshed every `refresh_every` steps. Several
+holes share one batched pass; one hole alone on CUDA runs through `model.fast_step` (its own
+layer loop, the hole step replayed as a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from model import fast_step
+from model.hole import ContextCache, HoleState
+from model.loader import LoadedModel
+from model.options import InfillOptions
+
+# transformers 5.x renames the forward's `past_key_values` to `cache` (removed in 5.40) and warns
+# on every model load; every 5.x takes the old name, which the forward calls below pass
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated",
+                        category=FutureWarning)
+
+
+def logit_positions(state: HoleState, shifted: bool) -> torch.Tensor:
+    """Sequence positions whose logits predict the still-masked hole tokens. (m,)"""
+    positions = state.masked.nonzero().squeeze(-1) + state.hole_start
+    return positions - 1 if shifted else positions
+
+
+def window(state: HoleState, shifted: bool) -> tuple[int, int]:
+    """[start, end) of the positions a hole-only pass must run: the hole, plus the token
+    before it when logits are shifted (its output predicts the hole's first token)."""
+    start = state.hole_start - (1 if shifted else 0)
+    return start, state.hole_start + state.hole.numel()
+
+
+def needs_full_pass(state: HoleState) -> bool:
+    options, context = state.options, state.context
+    if not options.caches_context or context is None:
+        return True
+    if context.hole_len != state.hole.numel():
+        return True
+    return options.refresh_every > 0 and context.age + 1 >= options.refresh_every
+
+
+def _rows_at(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return hidden[positions.to(hidden.device)]
+
+
+@torch.inference_mode()
+def _full_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
+    """Whole sequences, batched: right-padded, padding masked out of attention, so a hole's
+    hidden states do not depend on what it is batched with. Returns (m_i, H) per state and,
+    when asked, keeps each state's context keys/values for hole-only passes."""
+    if len(states) == 1 and fast_step.enabled(model):
+        return [_rows_pass_full(model, states[0])]
+    sequences = [s.sequence() for s in states]
+    lengths = [len(s) for s in sequences]
+    width = max(lengths)
+    input_ids = torch.full((len(states), width), model.ids.pad, dtype=torch.long)
+    attention = torch.zeros((len(states), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = seq
+        attention[row, : len(seq)] = 1
+    padded = any(length != width for length in lengths)
+    keep_cache = any(s.options.caches_context for s in states)
+    cache = DynamicCache() if keep_cache else None
+    hidden = model.network.model(
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention.to(model.device) if padded else None,
+        past_key_values=cache,
+        use_cache=keep_cache,
+    ).last_hidden_state  # (B, L, H)
+    shifted = model.family.shifted_logits
+    rows = []
+    for row, state in enumerate(states):
+        rows.append(_rows_at(hidden[row], logit_positions(state, shifted)))
+        state.full_passes += 1
+        if state.options.caches_context:
+            start, end = window(state, shifted)
+            length = lengths[row]
+            state.context = ContextCache(
+                [
+                    (_outside(layer.keys[row : row + 1], start, end, length),
+                     _outside(layer.values[row : row + 1], start, end, length))
+                    for layer in cache.layers
+                ],
+                hole_len=state.hole.numel(),
+            )
+    return rows
+
+
+def _rows_pass_full(model: LoadedModel, state: HoleState) -> torch.Tensor:
+    """`_full_pass` of one hole through `model.fast_step`'s layer loop. (m, H)"""
+    sequence = state.sequence()
+    length = sequence.numel()
+    hidden, layers = fast_step.rows_pass(model, sequence, torch.arange(length))
+    shifted = model.family.shifted_logits
+    state.full_passes += 1
+    if state.options.caches_context:
+        start, end = window(state, shifted)
+        state.context = ContextCache(
+            [(_outside(k, start, end, length), _outside(v, start, end, length))
+             for k, v in layers], hole_len=state.hole.numel())
+    return _rows_at(hidden, logit_positions(state, shifted))
+
+
+def _outside(tensor: torch.Tensor, start: int, end: int, length: int) -> torch.Tensor:
+    """(1, heads, W, D) -> (1, heads, length - (end - start), D): drop the window and padding."""
+    return torch.cat([tensor[..., :start, :], tensor[..., end:length, :]], dim=-2)
+
+
+@torch.inference_mode()
+def _hole_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
+    """Run only each hole's window against its cached context, batched. Returns (m_i, H).
+
+    Contexts and windows of different lengths are right-padded; a 4D mask hides the padding
+    from every query, so a hole's result does not depend on its batch.
+    """
+    shifted = model.family.shifted_logits
+    if len(states) == 1 and fast_step.enabled(model):
+        return [_fixed_shape_hole_pass(model, states[0])]
+    windows = [window(s, shifted) for s in states]
+    widths = [end - start for start, end in windows]
+    contexts = [s.context.layers[0][0].shape[-2] for s in states]
+    width, context = max(widths), max(contexts)
+    batch = len(states)
+    ids = torch.full((batch, width), model.ids.pad, dtype=torch.long)
+    positions = torch.zeros((batch, width), dtype=torch.long)
+    visible = torch.zeros((batch, context + width), dtype=torch.bool)  # keys each row may see
+    for row, (state, (start, end)) in enumerate(zip(states, windows, strict=True)):
+        ids[row, : end - start] = state.sequence()[start:end]
+        positions[row, : end - start] = torch.arange(start, end)  # real positions, for RoPE
+        visible[row, : contexts[row]] = True
+        visible[row, context : context + end - start] = True
+    layers = []
+    for index in range(len(states[0].context.layers)):
+        keys, values = [], []
+        for row, state in enumerate(states):
+            k, v = state.context.layers[index]
+            pad = context - contexts[row]
+            keys.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
+            values.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
+        layers.append((torch.cat(keys), torch.cat(values)))  # (B, heads, C, D)
+    padded = batch > 1 and (len(set(widths)) > 1 or len(set(contexts)) > 1)
+    mask = visible[:, None, None, :].expand(batch, 1, width, context + width) if padded else None
+    hidden = model.network.model(
+        input_ids=ids.to(model.device),
+        position_ids=positions.to(model.device),
+        past_key_values=DynamicCache(ddp_cache_data=layers),
+        attention_mask=mask.to(model.device) if mask is not None else None,
+        use_cache=True,
+    ).last_hidden_state  # (B, W, H)
+    rows = []
+    for row, (state, (start, _)) in enumerate(zip(states, windows, strict=True)):
+        state.context.age += 1
+        rows.append(_rows_at(hidden[row], logit_positions(state, shifted) - start))
+    return rows
+
+
+def _fixed_shape_hole_pass(model: LoadedModel, state: HoleState) -> torch.Tensor:
+    """`_hole_pass` of one hole through `model.fast_step` (a CUDA graph replay). (m, H)"""
+    shifted = model.family.shifted_logits
+    start, end = window(state, shifted)
+    hidden = fast_step.hole_steps(model).run(state.context.layers, state.context,
+                                             state.sequence()[start:end], start)  # (W, H)
+    state.context.age += 1
+    return _rows_at(hidden, logit_positions(state, shifted) - start)
+
+
+def samples_on_host(options: InfillOptions) -> bool:
+    """Whether a step draws random numbers (from the state's CPU generator): then its logits
+    come to the CPU. Greedy steps are scored where the logits are, and only the (m,) tokens
+    and scores cross over (a 64-token hole's logits over a 152k vocabulary are 39 MB)."""
+    rule = options.rule
+    return options.temperature > 0 or rule.order in ("random", "origin") or options.alg_temp > 0
+
+
+@torch.inference_mode()
+def forward_holes(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
+    """One denoising forward pass for any number of holes: logits at each state's masked
+    positions, as a list of (m_i, V) float tensors.
+
+    States whose context cache is fresh run their hole only; the rest share one batched
+    pass over their whole sequences (which also refreshes their caches).
+    """
+    full = [i for i, s in enumerate(states) if needs_full_pass(s)]
+    guided = [i for i, s in enumerate(states) if s.options.cfg_scale > 0]
+    twins = [unconditioned(model, states[i]) for i in guided]
+    hidden: dict[int, torch.Tensor] = {}
+    for i in full:  # a first pass that reuses its document's context (model.prompt_cache)
+        if states[i].reuse is not None and states[i].context is None:
+            hidden[i] = states[i].reuse.run(model, states[i])
+    full = [i for i in full if i not in hidden]
+    if full:
+        passed = _full_pass(model, [states[i] for i in full] + twins)
+        hidden.update(zip(full, passed[: len(full)], strict=True))
+        hidden.update(zip([-1 - i for i in guided], passed[len(full):], strict=True))
+    cached = [i for i in range(len(states)) if i not in hidden]
+    if cached:
+        hidden.update(zip(cached, _hole_pass(model, [states[i] for i in cached]), strict=True))
+    order = list(range(len(states))) + [-1 - i for i in guided]
+    rows = torch.cat([hidden[i] for i in order])  # (M, H)
+    logits = model.network.lm_head(rows).float()  # (M, V), on the model's device
+    split = dict(zip(order, logits.split([hidden[i].shape[0] for i in order]), strict=True))
+    for i in guided:
+        states[i].guidance_passes += 1
+        split[i] = guide(split[i], split[-1 - i], states[i].options.cfg_scale)
+    return [split[i].cpu() if samples_on_host(states[i].options) else split[i]
+            for i in range(len(states))]
+
+
+def unconditioned(model: LoadedModel, state: HoleState) -> HoleState:
+    """The state with its prompt (every prefix and suffix token) masked, as LLaDA's
+    unsupervised classifier-free guidance runs it; same hole, no cache."""
+    mask = model.ids.mask
+    return HoleState(
+        prefix_ids=[mask] * len(state.prefix_ids),
+        suffix_ids=[mask] * len(state.suffix_ids),
+        hole=state.hole,
+        masked=state.masked,
+        options=state.options,
+    )
+
+
+def guide(conditioned: torch.Tensor, unconditioned: torch.Tensor, scale: float) -> torch.Tensor:
+    """LLaDA's guidance: un + (scale + 1) * (cond - un). (m, V) each."""
+    return unconditioned + (scale + 1) * (conditioned - unconditioned)
