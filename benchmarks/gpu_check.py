@@ -43,7 +43,7 @@ from model.percentile import percentile
 from model.prompt_cache import PromptCache
 from model.sampler import (
     InfillOptions,
-    apply_step,
+    denoise_step,
     final_text,
     forward_holes,
     layout_ids,
@@ -113,7 +113,8 @@ def copy_bandwidth(device: torch.device) -> float | None:
 def fill(model: LoadedModel, hole: dict, options: InfillOptions, cache: PromptCache | None,
          document: str | None) -> dict:
     """The sampler's loop (model.sampler.infill), each step timed: every step ends with its
-    tokens on the CPU, so the host clock times the GPU's work too."""
+    tokens on the CPU, so the host clock times the GPU's work too. (The cache keeps the
+    context after the first step, inside the first step's time, as in the loop.)"""
     sync(model)
     began = time.perf_counter()
     state = new_state(model, hole["prompt"], hole["suffix"], options)
@@ -125,13 +126,10 @@ def fill(model: LoadedModel, hole: dict, options: InfillOptions, cache: PromptCa
                 else "full" if state.context is None or state.context.hole_len
                 != state.hole.numel() else "hole")
         before, full_before = time.perf_counter(), state.full_passes
-        (logits,) = forward_holes(model, [state])
-        apply_step(model, state, logits)
+        denoise_step(model, [state], cache, [document])
         if state.full_passes > full_before:
             kind = "full"
         steps.append((kind, (time.perf_counter() - before) * 1e3))
-        if cache is not None and document is not None and state.steps == 1:
-            cache.store(model, document, state)
     total = (time.perf_counter() - began) * 1e3
     _, tokens = final_text(model, state)
     context = len(state.prefix_ids) + len(state.suffix_ids)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from model.load import load_for_cli
 from model.loader import LoadedModel, ModelLoadError
-from model.sampler import Infill, InfillOptions, apply_step, final_text, forward_holes, new_state
+from model.sampler import Infill, InfillOptions, denoise_step, final_text, new_state
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +247,7 @@ def run_demo(args) -> int:
         show(frame(set(), "step 0: all masks"))
         time.sleep(args.delay)
         while not state.finished:
-            (logits,) = forward_holes(model, [state])
-            apply_step(model, state, logits)
+            denoise_step(model, [state])
             fresh = {position for position, _ in state.trace[-1].committed}
             show(frame(fresh, f"step {state.steps}: committed {len(fresh)} token(s)"))
             time.sleep(args.delay)

@@ -33,8 +33,7 @@ from model.sampler import (
     HoleState,
     Infill,
     InfillOptions,
-    apply_step,
-    forward_holes,
+    denoise_step,
     infill,
     new_state,
 )
@@ -318,10 +317,8 @@ class Engine:
     def _step(self, active: list[Request]) -> None:
         began = time.perf_counter()
         try:
-            logits = forward_holes(self.model, [r.state for r in active])
-            for request, rows in zip(active, logits, strict=True):
-                apply_step(self.model, request.state, rows)
-                self._remember_context(request)
+            denoise_step(self.model, [r.state for r in active], self.prompt_cache,
+                         [r.document for r in active])
         except Exception as exc:  # nothing the model does may take the worker down
             if is_out_of_memory(exc):
                 self._out_of_memory(exc, len(active))
@@ -337,12 +334,6 @@ class Engine:
         self.batched_rows += len(active)
         for request in active:
             request.forward_s += elapsed
-
-    def _remember_context(self, request: Request) -> None:
-        """After a request's first pass, keep its context as its document's."""
-        if (self.prompt_cache is not None and request.document is not None
-                and request.state.steps == 1):
-            self.prompt_cache.store(self.model, request.document, request.state)
 
     def _out_of_memory(self, error: Exception, rows: int) -> None:
         """One log line, then free what the failed step held: its traceback's frames (the

@@ -13,7 +13,7 @@ step function (`apply_step`). The names of the pieces are importable from here t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -80,7 +80,8 @@ __all__ = [
     "ALGORITHMS", "DREAM_EPS", "ENTROPY_EPS", "NEWLINE", "NO_TOP_K", "NO_TOP_P", "SCORES",
     "ContextCache", "HoleState", "Infill", "InfillOptions", "Rule", "StepTrace", "_full_pass",
     "_hole_pass", "advance_schedule", "apply_step", "ban_early_ends", "block_span",
-    "check_finished", "close_hole", "edit_hole", "encode", "filter_logits", "final_text",
+    "check_finished", "close_hole", "denoise_step", "edit_hole", "encode", "filter_logits",
+    "final_text",
     "forward_holes", "guide", "gumbel_tokens", "infill", "is_end", "layout_ids",
     "logit_positions", "needs_full_pass", "new_state", "open_text", "pick", "raw_scores",
     "result", "sample_and_score", "sampleable", "samples_on_host", "score_logits",
@@ -142,6 +143,21 @@ def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> No
     advance_schedule(state)
 
 
+def denoise_step(model: LoadedModel, states: Sequence[HoleState],
+                 cache: PromptCache | None = None,
+                 documents: Sequence[str | None] | None = None) -> None:
+    """One denoising step of any number of holes: one forward pass for all, then each one's
+    commits. After a hole's first step, its context is kept as its document's (`cache`,
+    `documents`: one key or None per state). The step of the single-request loop below, the
+    engine's batched loop and the demo."""
+    for state, logits in zip(states, forward_holes(model, states), strict=True):
+        apply_step(model, state, logits)
+    if cache is not None and documents is not None:
+        for state, document in zip(states, documents, strict=True):
+            if document is not None and state.steps == 1:
+                cache.store(model, document, state)
+
+
 def infill(
     model: LoadedModel,
     prefix: str,
@@ -153,7 +169,8 @@ def infill(
 ) -> Infill:
     """Fill the hole between `prefix` and `suffix`. `should_stop` is polled before each step.
     With a `cache` and a `document` key, the first pass reuses the document's context from its
-    last completion, and this completion's context is kept for the next."""
+    last completion, and this completion's context is kept for the next. Timings: `forward_ms`
+    is the time in denoising steps (forward passes and commits)."""
     options = options or InfillOptions()
     started = time.perf_counter()
     state = new_state(model, prefix, suffix, options)
@@ -165,11 +182,8 @@ def infill(
         if should_stop is not None and should_stop():
             break
         before = time.perf_counter()
-        (logits,) = forward_holes(model, [state])
+        denoise_step(model, [state], cache, [document])
         forward_s += time.perf_counter() - before
-        apply_step(model, state, logits)
-        if cache is not None and document is not None and state.steps == 1:
-            cache.store(model, document, state)
     timings = {
         "tokenize_ms": (tokenized - started) * 1e3,
         "forward_ms": forward_s * 1e3,

@@ -14,6 +14,7 @@ import sys
 import torch
 
 import model.engine as engine_module
+import model.sampler as sampler_module
 from diffusion_lsp.cli import main
 
 STEP_ERROR = "INJECT_STEP_ERROR"  # the forward pass raises a RuntimeError
@@ -33,7 +34,7 @@ def _fault_of(states) -> str | None:
 def install() -> None:
     """Wrap the engine's submit (to mark holes), forward pass and result (to fail them)."""
     submit, forward_holes, state_result = (engine_module.Engine.submit,
-                                           engine_module.forward_holes,
+                                           sampler_module.forward_holes,
                                            engine_module.state_result)
 
     def marking_submit(self, prefix, suffix, options=None, document=None):
@@ -57,7 +58,7 @@ def install() -> None:
         return state_result(model, state, timings)
 
     engine_module.Engine.submit = marking_submit
-    engine_module.forward_holes = failing_forward
+    sampler_module.forward_holes = failing_forward  # the engine's step looks it up there
     engine_module.state_result = failing_result
 
 
