@@ -941,10 +941,12 @@ def infill(
     should_stop: Callable[[], bool] | None = None,
     cache: PromptCache | None = None,
     document: str | None = None,
+    on_step: Callable[[HoleState], None] | None = None,
 ) -> Infill:
     """Fill the hole between `prefix` and `suffix`. `should_stop` is polled before each step.
     With a `cache` and a `document` key, the first pass reuses the document's context from its
-    last completion, and this completion's context is kept for the next."""
+    last completion, and this completion's context is kept for the next. `on_step` sees the
+    state after every step but the last (a live preview: `model.preview`)."""
     options = options or InfillOptions()
     started = time.perf_counter()
     state = new_state(model, prefix, suffix, options)
@@ -961,6 +963,8 @@ def infill(
         apply_step(model, state, logits)
         if cache is not None and document is not None and state.steps == 1:
             cache.store(model, document, state)
+        if on_step is not None and not state.finished:
+            on_step(state)
     timings = {
         "tokenize_ms": (tokenized - started) * 1e3,
         "forward_ms": forward_s * 1e3,
