@@ -9,13 +9,14 @@ leaves at the next step; a new request joins at the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,12 +268,11 @@ class Engine:
                 outcome = exc
             if outcome is None and task.cancelled.is_set():
                 outcome = Cancelled("task cancelled")
-        if task.future.done():
-            return
-        if outcome is not None:
-            task.future.set_exception(outcome)
-        else:
-            task.future.set_result(value)
+        with contextlib.suppress(InvalidStateError):  # the awaiter cancelled it meanwhile
+            if outcome is not None:
+                task.future.set_exception(outcome)
+            else:
+                task.future.set_result(value)
 
     def _serve(self) -> None:
         """The worker's body: `_run`, and if it ever raises, every waiting caller gets

@@ -36,6 +36,8 @@ from lsp_server.backends.base import (
     BackendError,
     CompletionJob,
     CompletionOutcome,
+    HolesJob,
+    HolesOutcome,
     estimate_tokens,
 )
 from lsp_server.settings import RemoteSettings, Settings, wire_sampling
@@ -201,6 +203,26 @@ class RemoteBackend:
                 log.debug("retrying in %.2f s: %s", delay, retry.error)
                 await asyncio.sleep(delay)
                 attempt += 1
+
+    async def fill_holes(self, job: HolesJob) -> HolesOutcome:
+        """One hole after another through `complete` (the APIs take one hole): each sees the
+        holes before it filled and the markers after it as they are."""
+        texts: list[str] = []
+        steps, began = 0, time.perf_counter()
+        for index in range(len(job.markers)):
+            before = job.pieces[0] + "".join(
+                (text or marker) + piece for text, marker, piece in
+                zip(texts, job.markers, job.pieces[1:], strict=False))
+            after = job.pieces[index + 1] + "".join(
+                marker + piece for marker, piece in
+                zip(job.markers[index + 1:], job.pieces[index + 2:], strict=True))
+            outcome = await self.complete(CompletionJob(
+                prefix=before, suffix=after, max_tokens=job.max_tokens, single_line=False,
+                threshold=job.threshold, tokens_per_step=job.tokens_per_step,
+                sampler=job.sampler))
+            texts.append(outcome.text)
+            steps += outcome.steps
+        return HolesOutcome(texts, steps, (time.perf_counter() - began) * 1e3, joint=False)
 
     async def close(self) -> None:
         if self._client is not None:
