@@ -266,6 +266,8 @@ class Engine:
                 else:
                     log.exception("a task on the engine failed")
                 outcome = exc
+            passes = getattr(value, "steps", 0)  # a result that says its forward passes
+            self.forward_passes += passes if isinstance(passes, int) else 0
             if outcome is None and task.cancelled.is_set():
                 outcome = Cancelled("task cancelled")
         with contextlib.suppress(InvalidStateError):  # the awaiter cancelled it meanwhile

@@ -133,8 +133,14 @@ def hole_logits(model: LoadedModel, state: MultiHoleState) -> tuple[torch.Tensor
 def sampleable_rows(model: LoadedModel, state: MultiHoleState, logits: torch.Tensor,
                     where: list) -> torch.Tensor:
     """Special and added tokens made impossible (as `model.sampler.sampleable`); DreamOn's
-    expand too at a hole that reached `max_tokens`, or once the expand budget is spent."""
+    expand too at a hole that reached `max_tokens`, or once the expand budget is spent; and
+    the end tokens at each hole's first `min_tokens` positions."""
     logits.index_fill_(-1, model.never_sample_ids, float("-inf"))
+    least = state.options.min_tokens
+    early = [row for row, (_, _, offset) in enumerate(where) if offset < least]
+    if early:  # min_tokens: the first positions of every hole may not end it
+        ends = torch.tensor(sorted(model.ids.ends), dtype=torch.long)
+        logits[torch.tensor(early)[:, None], ends[None, :]] = float("-inf")
     expand = model.ids.expand
     if expand is not None:
         full = [len(span.tokens) >= state.options.max_tokens or state.expansions_left <= 0
@@ -249,10 +255,10 @@ def infill_holes(
     on_step: Callable[[MultiHoleState], None] | None = None,
 ) -> MultiInfill:
     """Fill the `len(pieces) - 1` holes between consecutive `pieces` jointly. `options`:
-    max_tokens is each hole's budget; threshold / tokens_per_step / score / temperature / seed
-    as for one hole (the reference samplers' step budgets and blocks do not apply here).
-    `should_stop` is polled before each step; `on_step` sees the state after each step but the
-    last (previews)."""
+    max_tokens is each hole's budget, min_tokens its least length; threshold / tokens_per_step
+    / score / temperature / seed as for one hole (the reference samplers' step budgets and
+    blocks do not apply here). `should_stop` is polled before each step; `on_step` sees the
+    state after each step but the last (previews)."""
     options = options or InfillOptions()
     started = time.perf_counter()
     state = new_multi_state(model, pieces, options)

@@ -132,3 +132,13 @@ def test_dreamon_expand_and_delete_edit_one_hole(dreamon):
 def test_fewer_than_two_pieces_is_refused(tiny_model):
     with pytest.raises(ValueError, match="at least two pieces"):
         new_multi_state(tiny_model, ["only text"], InfillOptions())
+
+
+def test_min_tokens_keeps_every_hole_from_ending_at_once(tiny_model):
+    state = new_multi_state(tiny_model, PIECES, InfillOptions(max_tokens=3, min_tokens=1))
+    logits, where = hole_logits(tiny_model, state)
+    end = tiny_model.ids.end_of_hole
+    forced = sharp(tiny_model, [end] * 6)
+    forced[:, word(tiny_model, "return")] = 1.0
+    multi_step(tiny_model, state, forced, where)
+    assert [span.tokens[0] != end for span in state.spans] == [True, True]

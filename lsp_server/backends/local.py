@@ -118,7 +118,7 @@ class LocalBackend:
         try:
             options = InfillOptions(
                 max_tokens=job.max_tokens, initial_tokens=min(16, job.max_tokens),
-                threshold=job.threshold, tokens_per_step=job.tokens_per_step,
+                threshold=job.threshold, tokens_per_step=job.tokens_per_step, min_tokens=1,
                 temperature=sampler.temperature, top_p=sampler.top_p, top_k=sampler.top_k,
                 seed=sampler.seed)
         except ValueError as error:
