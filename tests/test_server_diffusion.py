@@ -109,7 +109,7 @@ async def test_previews_are_off_by_default(tiny_dir):
     settings = {"model": {"path": str(tiny_dir)}, "completion": {"debounceMs": 0}}
     async with running_server(settings) as quiet:
         seen = []
-        quiet.feature("diffusion/preview")(lambda params: seen.append(params))
+        quiet.feature("diffusion/preview")(seen.append)
         uri = "untitled:quiet.py"
         open_document(quiet, uri, SOURCE)
         await inline(quiet, uri, 1, 11)
