@@ -65,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve)
 
     infill = commands.add_parser("infill", help="fill holes from a JSONL file")
-    infill.add_argument("--input", required=True, help='JSONL: {"id", "prefix", "suffix"}')
+    infill.add_argument("--input", required=True,
+                        help='JSONL: {"id", "prefix", "suffix"}, or several holes filled '
+                             'jointly: {"id", "text", "holes": [[start, end], ...]}')
+    infill.add_argument("--previews", action="store_true",
+                        help="add each record's intermediate states (masked tokens as \u2591)")
     infill.add_argument("--output", required=True,
                         help='JSONL: {"id", "completion", "steps", "latency_ms"}')
     infill.add_argument("--max-tokens", type=int, default=64)
