@@ -235,7 +235,8 @@ end })
     assert [f["step"] for f in drawn] == list(range(1, len(drawn) + 1))
     first = drawn[0]
     # drawn where the completion goes, masked places dim, committed text as ghost text
-    assert first["marks"] == 1 and (first["row"], first["col"]) == (HOLE_ROW - 1, len("    return "))
+    assert first["marks"] == 1
+    assert (first["row"], first["col"]) == (HOLE_ROW - 1, len("    return "))
     assert "DiffusionLspMasked" in first["hls"] and "\u2591" in first["text"]
     assert any("DiffusionLspSuggestion" in f["hls"] for f in drawn)
     assert frames[-1]["marks"] == 0 and result["left"] == 0  # the ghost text took its place
