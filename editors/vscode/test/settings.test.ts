@@ -111,3 +111,16 @@ test("the reference sampler settings reach the server under completion.sampler",
     { algorithm: "entropy", steps: 32, topP: 0.95, exact: false },
   );
 });
+
+test("a preview's text becomes runs of committed text and masked places", async () => {
+  const { previewChunks, isPreview, LINE_BREAK } = await import("../src/preview");
+  assert.deepEqual(previewChunks("ab\u2591\u2591c\nd\u2591"), [
+    { text: "ab", masked: false },
+    { text: "\u2591\u2591", masked: true },
+    { text: `c${LINE_BREAK}d`, masked: false },
+    { text: "\u2591", masked: true },
+  ]);
+  assert.ok(isPreview({ textDocument: { uri: "file:///a", version: 1 }, position: { line: 0, character: 1 },
+                        step: 1, steps: 2, text: "", done: false }));
+  assert.ok(!isPreview({ textDocument: { uri: 3 } }));
+});
