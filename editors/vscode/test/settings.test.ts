@@ -7,6 +7,7 @@ import * as path from "node:path";
 import { test } from "node:test";
 
 import { EXTENSION_ONLY, flatten, type Lookup, nest, resolveServer, SECTION, serverSettings } from "../src/settings";
+import { isPreview, LINE_BREAK, previewChunks } from "../src/preview";
 import { clickCommand, statusView } from "../src/status";
 
 const root = path.join(__dirname, "..", "..");
@@ -112,8 +113,7 @@ test("the reference sampler settings reach the server under completion.sampler",
   );
 });
 
-test("a preview's text becomes runs of committed text and masked places", async () => {
-  const { previewChunks, isPreview, LINE_BREAK } = await import("../src/preview");
+test("a preview's text becomes runs of committed text and masked places", () => {
   assert.deepEqual(previewChunks("ab\u2591\u2591c\nd\u2591"), [
     { text: "ab", masked: false },
     { text: "\u2591\u2591", masked: true },
