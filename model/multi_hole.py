@@ -63,6 +63,7 @@ class MultiHoleState:
     committed: int = 0  # tokens committed by steps, all holes together
     expansions_left: int = 0  # DreamOn's expand budget, shared by the holes
     finish_reason: str | None = None
+    blank_ids: torch.Tensor | None = None  # (k,) ids a hole may not start with (code_start)
 
     @property
     def finished(self) -> bool:
@@ -94,9 +95,26 @@ class MultiInfill:
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds
 
 
-def new_multi_state(model: LoadedModel, pieces: Sequence[str],
-                    options: InfillOptions) -> MultiHoleState:
-    """The state for `len(pieces) - 1` holes, each between two consecutive pieces."""
+_BLANK: dict[int, torch.Tensor] = {}  # id(tokenizer) -> its whitespace-only token ids
+
+
+def blank_ids(model: LoadedModel) -> torch.Tensor:
+    """(k,) ids of tokens that decode to whitespace only (once per tokenizer)."""
+    key = id(model.tokenizer)
+    if key not in _BLANK:
+        vocab = model.tokenizer.get_vocab_size()
+        _BLANK[key] = torch.tensor(
+            [i for i in range(vocab)
+             if not model.tokenizer.decode([i], skip_special_tokens=False).strip()
+             and i not in model.ids.ends], dtype=torch.long)
+    return _BLANK[key]
+
+
+def new_multi_state(model: LoadedModel, pieces: Sequence[str], options: InfillOptions,
+                    code_start: bool = False) -> MultiHoleState:
+    """The state for `len(pieces) - 1` holes, each between two consecutive pieces. With
+    `code_start`, no hole starts with blank space (a marker's hole begins after its line's
+    indentation: code goes there)."""
     if len(pieces) < 2:
         raise ValueError("several holes need at least two pieces (the text around one hole)")
     family, ids = model.family, model.ids
@@ -112,7 +130,8 @@ def new_multi_state(model: LoadedModel, pieces: Sequence[str],
     spans = [Span([ids.mask] * length, [True] * length) for _ in pieces[1:]]
     return MultiHoleState(encoded, spans, options,
                           generator=torch.Generator().manual_seed(options.seed),
-                          expansions_left=options.max_tokens * len(spans) if dreamon else 0)
+                          expansions_left=options.max_tokens * len(spans) if dreamon else 0,
+                          blank_ids=blank_ids(model) if code_start else None)
 
 
 @torch.inference_mode()
@@ -141,6 +160,9 @@ def sampleable_rows(model: LoadedModel, state: MultiHoleState, logits: torch.Ten
     if early:  # min_tokens: the first positions of every hole may not end it
         ends = torch.tensor(sorted(model.ids.ends), dtype=torch.long)
         logits[torch.tensor(early)[:, None], ends[None, :]] = float("-inf")
+    first = [row for row, (_, _, offset) in enumerate(where) if offset == 0]
+    if first and state.blank_ids is not None and state.blank_ids.numel():
+        logits[torch.tensor(first)[:, None], state.blank_ids[None, :]] = float("-inf")
     expand = model.ids.expand
     if expand is not None:
         full = [len(span.tokens) >= state.options.max_tokens or state.expansions_left <= 0
@@ -253,15 +275,16 @@ def infill_holes(
     options: InfillOptions | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[MultiHoleState], None] | None = None,
+    code_start: bool = False,
 ) -> MultiInfill:
     """Fill the `len(pieces) - 1` holes between consecutive `pieces` jointly. `options`:
     max_tokens is each hole's budget, min_tokens its least length; threshold / tokens_per_step
     / score / temperature / seed as for one hole (the reference samplers' step budgets and
     blocks do not apply here). `should_stop` is polled before each step; `on_step` sees the
-    state after each step but the last (previews)."""
+    state after each step but the last (previews). `code_start`: see `new_multi_state`."""
     options = options or InfillOptions()
     started = time.perf_counter()
-    state = new_multi_state(model, pieces, options)
+    state = new_multi_state(model, pieces, options, code_start)
     forward_s = 0.0
     while not state.finished:
         if should_stop is not None and should_stop():

@@ -142,3 +142,15 @@ def test_min_tokens_keeps_every_hole_from_ending_at_once(tiny_model):
     forced[:, word(tiny_model, "return")] = 1.0
     multi_step(tiny_model, state, forced, where)
     assert [span.tokens[0] != end for span in state.spans] == [True, True]
+
+
+def test_code_start_keeps_holes_from_starting_with_blank_space(tiny_model):
+    state = new_multi_state(tiny_model, PIECES, InfillOptions(max_tokens=2, tokens_per_step=4),
+                            code_start=True)
+    logits, where = hole_logits(tiny_model, state)
+    space = tiny_model.tokenizer.encode("\n", add_special_tokens=False).ids[0]
+    forced = sharp(tiny_model, [space] * 4)
+    forced[:, word(tiny_model, "return")] = 1.0
+    multi_step(tiny_model, state, forced, where)
+    assert [span.tokens[0] for span in state.spans] == [word(tiny_model, "return")] * 2
+    assert state.spans[0].tokens[1] == space  # later positions may be blank

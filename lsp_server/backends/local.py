@@ -127,7 +127,8 @@ class LocalBackend:
         began = time.perf_counter()
         try:
             result = await self.engine.run(
-                lambda model, should_stop: infill_holes(model, pieces, options, should_stop))
+                lambda model, should_stop: infill_holes(model, pieces, options, should_stop,
+                                                        code_start=True))
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - every engine failure becomes one message
