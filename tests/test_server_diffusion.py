@@ -109,7 +109,11 @@ async def test_previews_are_off_by_default(tiny_dir):
     settings = {"model": {"path": str(tiny_dir)}, "completion": {"debounceMs": 0}}
     async with running_server(settings) as quiet:
         seen = []
-        quiet.feature("diffusion/preview")(seen.append)
+
+        @quiet.feature("diffusion/preview")
+        def on_preview(params) -> None:
+            seen.append(params)
+
         uri = "untitled:quiet.py"
         open_document(quiet, uri, SOURCE)
         await inline(quiet, uri, 1, 11)
