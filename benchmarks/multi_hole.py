@@ -93,7 +93,10 @@ def fill_joint(model, task: dict, options) -> tuple[list[str], int]:
     from model.multi_hole import infill_holes
 
     text, (h1, h2) = task["text"], task["holes"]
-    result = infill_holes(model, [text[:h1[0]], text[h1[1]:h2[0]], text[h2[1]:]], options)
+    # as the server's code action asks: no hole starts with blank space (the one-hole runs
+    # ban an early newline the same way: single-line mode with min_tokens=1)
+    result = infill_holes(model, [text[:h1[0]], text[h1[1]:h2[0]], text[h2[1]:]], options,
+                          code_start=True)
     return [first_line(t) for t in result.texts], result.steps
 
 
