@@ -157,8 +157,9 @@ def position_of(text: str, offset: int, encoding: str) -> tuple[int, int]:
 
 def range_offsets(text: str, where: types.Range, encoding: str) -> tuple[int, int]:
     """[start, end) offsets the markers are looked for in: the range, or for an empty range the
-    function around it. Raises PositionError for a range that does not lie in the document
-    (its end may be the start of the line after the last, as whole-document selections are)."""
+    function around it (the whole document outside any function). Raises PositionError for a
+    range that does not lie in the document (its end may be the start of the line after the
+    last, as whole-document selections are)."""
     lines = count_lines(text)
     for position in (where.start, where.end):
         past_end = position.line == lines and position.character == 0
@@ -173,9 +174,7 @@ def range_offsets(text: str, where: types.Range, encoding: str) -> tuple[int, in
         raise PositionError("the range ends before it starts")
     if start == end:
         around = enclosing_function(text, start)
-        if around is None:
-            raise PositionError("an empty range outside any function")
-        return around
+        return around if around is not None else (0, len(text))
     return start, end
 
 
