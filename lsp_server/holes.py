@@ -53,13 +53,20 @@ def compile_patterns(patterns: Sequence[str]) -> tuple[list[re.Pattern], list[st
     return compiled, problems
 
 
-def _all_markers(text: str, patterns: Sequence[re.Pattern]) -> list[Marker]:
-    found = [Marker(m.start(1), m.end(1), "ellipsis") for m in ELLIPSIS.finditer(text)]
-    found += [Marker(m.start(1), m.end(1), "todo") for m in TODO_COMMENT.finditer(text)]
-    found += [Marker(m.start(), m.end(), "rust") for m in RUST_TODO.finditer(text)]
+def _all_markers(text: str, start: int, end: int, patterns: Sequence[re.Pattern]
+                 ) -> list[Marker]:
+    """Every marker on the lines from `start`'s to `end`'s (only that part of the document is
+    searched: editors ask on every cursor move)."""
+    newline = text.find("\n", end)
+    stop = len(text) if newline < 0 else newline
+    start = max(text.rfind("\n", 0, start), text.rfind("\r", 0, start)) + 1
+    found = [Marker(m.start(1), m.end(1), "ellipsis") for m in ELLIPSIS.finditer(text, start, stop)]
+    found += [Marker(m.start(1), m.end(1), "todo")
+              for m in TODO_COMMENT.finditer(text, start, stop)]
+    found += [Marker(m.start(), m.end(), "rust") for m in RUST_TODO.finditer(text, start, stop)]
     for pattern in patterns:
-        found += [Marker(m.start(), m.end(), "pattern") for m in pattern.finditer(text)
-                  if m.end() > m.start()]
+        found += [Marker(m.start(), m.end(), "pattern")
+                  for m in pattern.finditer(text, start, stop) if m.end() > m.start()]
     return found
 
 
@@ -67,7 +74,8 @@ def find_markers(text: str, start: int, end: int, patterns: Sequence[re.Pattern]
                  ) -> tuple[list[Marker], int]:
     """Markers lying wholly within [start, end), in order, none overlapping another; and how
     many were dropped because they overlapped an earlier (or longer) one."""
-    inside = [m for m in _all_markers(text, patterns) if start <= m.start and m.end <= end]
+    inside = [m for m in _all_markers(text, start, end, patterns)
+              if start <= m.start and m.end <= end]
     inside.sort(key=lambda m: (m.start, -m.end))
     kept: list[Marker] = []
     for marker in inside:

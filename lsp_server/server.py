@@ -517,6 +517,8 @@ class DiffusionServer(LanguageServer):
         if document is None or not wants_rewrite(only):
             return []
         text = document.source
+        if len(text) > MAX_DOCUMENT_CHARS:
+            return []
         encoding = encoding_name(self.workspace.position_encoding)
         try:
             span = holes.range_offsets(text, where, encoding)

@@ -49,6 +49,13 @@ def test_user_patterns_and_overlaps():
     assert texts(text, found) == ["<HOLE>", "# TODO: compute the area"] and dropped == 1
 
 
+def test_a_range_holding_just_the_marker_finds_it():
+    start = PY.index("...")
+    found, _ = holes.find_markers(PY, start, start + 3)
+    assert texts(PY, found) == ["..."]
+    assert holes.find_markers(PY, start + 1, start + 3)[0] == []  # part of it: not a marker
+
+
 def test_only_markers_wholly_inside_the_range():
     start = PY.index("    # TODO")
     found, _ = holes.find_markers(PY, start, len(PY))
