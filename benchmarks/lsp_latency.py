@@ -43,10 +43,14 @@ def hole_document(hole: dict) -> tuple[str, int, int]:
 
 
 async def measure_split(split: str, holes: list[dict], model_path: str | None,
-                        max_tokens: int, tokens_per_step: int | None = None) -> dict:
+                        max_tokens: int, tokens_per_step: int | None = None,
+                        previews: bool = False) -> dict:
+    """One server, one request at a time. With `previews`, each hole is asked twice in a row,
+    with `completion.preview` off and on (alternating which comes first), so that both see the
+    same machine state: the cost of previews, measured in the same run."""
     from lsprotocol import types
 
-    from benchmarks.lsp_client import open_document, running_server, stats
+    from benchmarks.lsp_client import open_document, plain, running_server, stats
 
     settings = {"completion": {"multiline": SPLITS[split], "maxTokens": max_tokens,
                                "maxTokensSingleLine": max_tokens}}
@@ -56,24 +60,38 @@ async def measure_split(split: str, holes: list[dict], model_path: str | None,
         settings["model"] = {"path": model_path}
     rows = []
     async with running_server(settings) as client:
+        received: list[dict] = []
+        client.feature("diffusion/preview")(lambda params: received.append(plain(params)))
         for index, hole in enumerate(holes):
-            text, line, character = hole_document(hole)
-            uri = f"untitled:bench-{split}-{index}.py"
-            open_document(client, uri, text)
-            params = types.InlineCompletionParams(
-                text_document=types.TextDocumentIdentifier(uri=uri),
-                position=types.Position(line=line, character=character),
-                context=types.InlineCompletionContext(
-                    trigger_kind=types.InlineCompletionTriggerKind.Automatic))
-            began = time.perf_counter()
-            result = await client.text_document_inline_completion_async(params)
-            latency = (time.perf_counter() - began) * 1e3
-            text_out = result.items[0].insert_text if result and result.items else ""
-            rows.append({"task_id": hole["task_id"], "latency_ms": latency,
-                         "completion": text_out, "document": text, "line": line,
-                         "character": character})
-            client.text_document_did_close(types.DidCloseTextDocumentParams(
-                text_document=types.TextDocumentIdentifier(uri=uri)))
+            modes = [None]
+            if previews:
+                modes = [False, True] if index % 2 == 0 else [True, False]
+            for mode in modes:
+                if mode is not None:
+                    client.workspace_did_change_configuration(
+                        types.DidChangeConfigurationParams(
+                            settings={"completion": {"preview": mode}}))
+                text, line, character = hole_document(hole)
+                uri = f"untitled:bench-{split}-{index}-{mode}.py"
+                open_document(client, uri, text)
+                params = types.InlineCompletionParams(
+                    text_document=types.TextDocumentIdentifier(uri=uri),
+                    position=types.Position(line=line, character=character),
+                    context=types.InlineCompletionContext(
+                        trigger_kind=types.InlineCompletionTriggerKind.Automatic))
+                before = len(received)
+                began = time.perf_counter()
+                result = await client.text_document_inline_completion_async(params)
+                latency = (time.perf_counter() - began) * 1e3
+                text_out = result.items[0].insert_text if result and result.items else ""
+                row = {"task_id": hole["task_id"], "latency_ms": latency,
+                       "completion": text_out, "document": text, "line": line,
+                       "character": character}
+                if mode is not None:
+                    row.update(preview=mode, previews=len(received) - before)
+                rows.append(row)
+                client.text_document_did_close(types.DidCloseTextDocumentParams(
+                    text_document=types.TextDocumentIdentifier(uri=uri)))
         server_stats = await stats(client)
     return {"split": split, "rows": rows, "server": server_stats}
 
@@ -98,6 +116,18 @@ def summarise(run: dict) -> dict:
     return summary
 
 
+def preview_cost(run: dict) -> dict:
+    """Latency with and without previews, over the same holes in the same server."""
+    off = [r["latency_ms"] for r in run["rows"] if r.get("preview") is False]
+    on = [r for r in run["rows"] if r.get("preview") is True]
+    on_ms = [r["latency_ms"] for r in on]
+    return {"split": run["split"], "pairs": len(on),
+            "off_p50_ms": percentile(off, 50), "on_p50_ms": percentile(on_ms, 50),
+            "off_p95_ms": percentile(off, 95), "on_p95_ms": percentile(on_ms, 95),
+            "overhead_p50": percentile(on_ms, 50) / percentile(off, 50) - 1,
+            "previews_per_request": statistics.mean(r["previews"] for r in on) if on else 0}
+
+
 def run_lsp_bench(args) -> int:
     from lsp_server import context as ctx
     from lsp_server.settings import Settings
@@ -108,7 +138,7 @@ def run_lsp_bench(args) -> int:
     for split in SPLITS:
         holes = load_holes(split, args.limit, data)
         runs.append(asyncio.run(measure_split(split, holes, args.model, args.max_tokens,
-                                              args.tokens_per_step)))
+                                              args.tokens_per_step, args.preview)))
     # forward passes, in this process, after the server has exited (no contention)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,10 +160,17 @@ def run_lsp_bench(args) -> int:
             row["forward_pass_equivalents"] = row["latency_ms"] / row["forward_ms"]
     summaries = [summarise(run) for run in runs]
     name = "lsp-latency" + (f"-tps{args.tokens_per_step}" if args.tokens_per_step else "")
+    costs = [preview_cost(run) for run in runs] if args.preview else []
+    if args.preview:
+        name += "-previews"
     payload = {"machine": machine(), "model": str(model.path),
                "tokens_per_step": args.tokens_per_step or "threshold 0.9",
                "parameters": sum(p.numel() for p in model.network.parameters()),
-               "summaries": summaries, "runs": runs}
+               "summaries": summaries, "preview_cost": costs, "runs": runs}
+    for c in costs:
+        print(f"{c['split']:12} previews off p50 {c['off_p50_ms']:7.1f} ms, on p50 "
+              f"{c['on_p50_ms']:7.1f} ms ({c['overhead_p50']:+.1%}); p95 {c['off_p95_ms']:.1f}"
+              f" / {c['on_p95_ms']:.1f} ms; {c['previews_per_request']:.1f} previews a request")
     for s in summaries:
         share = f"{s['model_share_p50']:.0%}" if s["model_share_p50"] is not None else "-"
         print(f"{s['split']:12} over LSP: p50 {s['latency_p50_ms']:7.1f} ms  "

@@ -66,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve)
 
     infill = commands.add_parser("infill", help="fill holes from a JSONL file")
-    infill.add_argument("--input", required=True, help='JSONL: {"id", "prefix", "suffix"}')
+    infill.add_argument("--input", required=True,
+                        help='JSONL: {"id", "prefix", "suffix"}, or several holes filled '
+                             'jointly: {"id", "text", "holes": [[start, end], ...]}')
+    infill.add_argument("--previews", action="store_true",
+                        help="add each record's intermediate states (masked tokens as \u2591)")
     infill.add_argument("--output", required=True,
                         help='JSONL: {"id", "completion", "steps", "latency_ms"}')
     infill.add_argument("--max-tokens", type=int, default=64)
@@ -98,18 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="speed benchmarks of the model (no LSP)")
     bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp",
-                                        "cache-agreement", "typing", "cpu"],
+                                        "cache-agreement", "typing", "cpu", "multi-hole"],
                        help="lsp: end to end through a real LSP client (needs the test extra); "
                             "cache-agreement: how often the context cache changes completions "
                             "(tiny checkpoints of every family and the bundled model); "
                             "typing: first request vs the one after a typed character, over "
                             "LSP and model only, with the document context cache; cpu: pass "
-                            "times per dtype and a profile of where they go")
+                            "times per dtype and a profile of where they go; multi-hole: two "
+                            "lines of HumanEval solutions filled jointly vs one after another")
     bench.add_argument("--limit", type=int, default=40, help="holes per split")
     bench.add_argument("--max-tokens", type=int, default=32)
     bench.add_argument("--tokens-per-step", type=int, default=None,
                        help="vs-autoregressive: fixed tokens per step (default: threshold)")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.add_argument("--tiny-families", action="store_true",
+                       help="multi-hole: also each family's tiny random checkpoint")
+    bench.add_argument("--preview", action="store_true",
+                       help="lsp: ask every hole twice, live previews off and on, and report "
+                            "what previews cost")
     bench.add_argument("--data", default=None, help="folder with the HumanEval-*.jsonl.gz files")
     bench.add_argument("--shape", default=None,
                        help="instead of --model: random weights of a published shape "
@@ -202,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.typing_latency import run_typing_bench
 
         return run_typing_bench(args)
+    if args.command == "bench" and args.name == "multi-hole":
+        from benchmarks.multi_hole import run_multi_hole_bench
+
+        return run_multi_hole_bench(args)
     if args.command == "bench" and args.name == "cpu":
         from benchmarks.cpu_profile import run_cpu_bench
 

@@ -52,8 +52,8 @@ class Budget:
     suffix_tokens: int
 
 
-def parse_record(raw: bytes, number: int) -> tuple[object, str, str]:
-    """(id, prefix, suffix) of one input line; raises BadRecord."""
+def decode_record(raw: bytes) -> dict:
+    """One input line as a JSON object; raises BadRecord."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -65,10 +65,42 @@ def parse_record(raw: bytes, number: int) -> tuple[object, str, str]:
         raise BadRecord(f"not JSON ({exc})") from None
     if not isinstance(record, dict):
         raise BadRecord("a record must be a JSON object")
+    return record
+
+
+def parse_record(raw: bytes, number: int) -> tuple[object, str, str]:
+    """(id, prefix, suffix) of one input line; raises BadRecord."""
+    return one_hole(decode_record(raw), number)
+
+
+def one_hole(record: dict, number: int) -> tuple[object, str, str]:
     prefix, suffix = record.get("prefix"), record.get("suffix", "")
     if not isinstance(prefix, str) or not isinstance(suffix, str):
         raise BadRecord('"prefix" (and "suffix", if given) must be strings')
     return record.get("id", number), prefix, suffix
+
+
+def several_holes(record: dict, number: int) -> tuple[object, str, list[tuple[int, int]]]:
+    """(id, text, spans) of a record with several holes: `{"id", "text", "holes": [[start,
+    end], ...]}`, each hole the span text[start:end] (code points; empty: an insertion point)
+    that the model's text replaces, in order, none overlapping another."""
+    text, holes = record.get("text"), record.get("holes")
+    if not isinstance(text, str):
+        raise BadRecord('"text" must be a string')
+    if not isinstance(holes, list) or not holes:
+        raise BadRecord('"holes" must be a non-empty list of [start, end] spans')
+    spans, previous = [], 0
+    for hole in holes:
+        if (not isinstance(hole, list) or len(hole) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in hole)):
+            raise BadRecord(f"a hole must be [start, end] (integers), got {hole!r}")
+        start, end = hole
+        if not previous <= start <= end <= len(text):
+            raise BadRecord(f"hole {hole} must lie in the text ({len(text)} characters), "
+                            "after the one before it, start <= end")
+        spans.append((start, end))
+        previous = end
+    return record.get("id", number), text, spans
 
 
 def record_id(raw: bytes, number: int) -> object:
@@ -89,11 +121,10 @@ def to_jsonl(record: dict) -> str:
 
 
 def infill_records(model: LoadedModel, lines: Iterable[bytes], options: InfillOptions,
-                   budget: Budget, progress=None):
-    """Yield one output record per non-blank input line (bytes, as read), in input order."""
-    from lsp_server.context import cut_hole
-    from model.sampler import infill
-
+                   budget: Budget, progress=None, previews: bool = False):
+    """Yield one output record per non-blank input line (bytes, as read), in input order: a
+    `{"prefix", "suffix"}` record fills one hole, a `{"text", "holes"}` record several jointly
+    (`several_holes`); with `previews`, each record lists the states the holes went through."""
     def count_tokens(text: str) -> int:
         return len(model.tokenizer.encode(text, add_special_tokens=False).ids) if text else 0
 
@@ -101,25 +132,81 @@ def infill_records(model: LoadedModel, lines: Iterable[bytes], options: InfillOp
         if not raw.strip():
             continue
         try:
-            key, prefix, suffix = parse_record(raw, number)
+            record = decode_record(raw)
+            several = "holes" in record
+            parsed = several_holes(record, number) if several else one_hole(record, number)
         except BadRecord as exc:
             yield {"id": record_id(raw, number), "error": f"line {number}: {exc}"}
         else:
-            began = time.perf_counter()
-            prefix, suffix = cut_hole(prefix, suffix, count_tokens, budget.prefix_tokens,
-                                      budget.suffix_tokens)
-            result: Infill = infill(model, prefix, suffix, options)
-            yield {
-                "id": key,
-                "completion": result.text,
-                "steps": result.steps,
-                "tokens": result.tokens,
-                "context_tokens": count_tokens(prefix) + count_tokens(suffix),
-                "finish_reason": result.finish_reason,
-                "latency_ms": round((time.perf_counter() - began) * 1e3, 2),
-            }
+            fill = fill_several if several else fill_one
+            yield fill(model, parsed, options, budget, count_tokens, previews)
         if progress is not None:
             progress()
+
+
+def fill_one(model: LoadedModel, parsed, options: InfillOptions, budget: Budget,
+             count_tokens, previews: bool) -> dict:
+    from lsp_server.context import cut_hole
+    from model.preview import state_preview
+    from model.sampler import infill
+
+    key, prefix, suffix = parsed
+    began = time.perf_counter()
+    prefix, suffix = cut_hole(prefix, suffix, count_tokens, budget.prefix_tokens,
+                              budget.suffix_tokens)
+    states: list[dict] = []
+
+    def seen(state) -> None:
+        step, steps, text = state_preview(model, state)
+        states.append({"step": step, "steps": steps, "text": text})
+
+    result: Infill = infill(model, prefix, suffix, options, on_step=seen if previews else None)
+    out = {
+        "id": key,
+        "completion": result.text,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "context_tokens": count_tokens(prefix) + count_tokens(suffix),
+        "finish_reason": result.finish_reason,
+        "latency_ms": round((time.perf_counter() - began) * 1e3, 2),
+    }
+    return out | ({"previews": states} if previews else {})
+
+
+def fill_several(model: LoadedModel, parsed, options: InfillOptions, budget: Budget,
+                 count_tokens, previews: bool) -> dict:
+    """Every hole of a record masked in one sequence and denoised jointly."""
+    from lsp_server.context import cut_hole
+    from model.multi_hole import infill_holes, multi_preview
+
+    key, text, spans = parsed
+    began = time.perf_counter()
+    pieces = [text[:spans[0][0]],
+              *(text[a[1]:b[0]] for a, b in zip(spans, spans[1:], strict=False)),
+              text[spans[-1][1]:]]
+    pieces[0], pieces[-1] = cut_hole(pieces[0], pieces[-1], count_tokens,
+                                     budget.prefix_tokens, budget.suffix_tokens)
+    states: list[dict] = []
+
+    def seen(state) -> None:
+        step, steps, texts = multi_preview(model, state)
+        states.append({"step": step, "steps": steps, "holes": texts})
+
+    result = infill_holes(model, pieces, options, on_step=seen if previews else None)
+    filled, last = [], 0
+    for (start, end), completion in zip(spans, result.texts, strict=True):
+        filled += [text[last:start], completion]
+        last = end
+    out = {
+        "id": key,
+        "completions": result.texts,
+        "text": "".join(filled) + text[last:],
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "finish_reason": result.finish_reason,
+        "latency_ms": round((time.perf_counter() - began) * 1e3, 2),
+    }
+    return out | ({"previews": states} if previews else {})
 
 
 # `infill` flags that are InfillOptions fields of the same name (cli._add_sampler_args)
@@ -187,7 +274,8 @@ def _infill_file(args, interrupt: StopOnInterrupt) -> int:
     with Progress(transient=True, disable=total < 5) as bar, source.open("rb") as lines, \
             open(args.output, "w", encoding="utf-8") as out:
         task = bar.add_task("infilling", total=total)
-        for record in infill_records(model, lines, options, budget, lambda: bar.advance(task)):
+        for record in infill_records(model, lines, options, budget, lambda: bar.advance(task),
+                                     previews=args.previews):
             out.write(to_jsonl(record))
             out.flush()
             if interrupt.requested:

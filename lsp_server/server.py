@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -38,12 +39,13 @@ from pygls.protocol.json_rpc import (
 from pygls.protocol.language_server import lsp_method
 
 from lsp_server import context as ctx
-from lsp_server import transport
-from lsp_server.backends import Backend, BackendError, CompletionJob, make_backend
+from lsp_server import holes, transport
+from lsp_server.backends import Backend, BackendError, CompletionJob, HolesJob, make_backend
 from lsp_server.cache import CompletionCache
 from lsp_server.documents import Workspace, encoding_name
 from lsp_server.logfile import make_handler
 from lsp_server.postprocess import Surroundings, choose_multiline, clean, detect_indent_unit
+from lsp_server.preview import PREVIEW, PreviewSink
 from lsp_server.settings import Settings, merge
 from lsp_server.stats import Stats
 from model.families import parse_overrides
@@ -453,7 +455,26 @@ class DiffusionServer(LanguageServer):
             self.inflight[uri] = task
         if settings.completion.debounce_ms:
             await asyncio.sleep(settings.completion.debounce_ms / 1000)
+        sink = self.preview_sink(uri, document.version, position, task) if (
+            settings.completion.preview) else None
+        try:
+            return await self._fill(uri, document, text, cursor, sink, began)
+        finally:
+            if sink is not None:
+                sink.close()
 
+    def preview_sink(self, uri: str, version: int | None, position: types.Position,
+                     task: asyncio.Task | None) -> PreviewSink:
+        def send(params: dict) -> None:
+            self.protocol.notify(PREVIEW, params)
+
+        return PreviewSink(send, asyncio.get_running_loop(), task, uri, version, position.line,
+                           position.character)
+
+    async def _fill(self, uri: str, document, text: str, cursor: ctx.Cursor,
+                    sink: PreviewSink | None, began: float) -> Answer | None:
+        """The backend fills the hole at `cursor`; the text cleaned, cached, previewed."""
+        settings = self.settings
         backend = self.backend
         multiline = choose_multiline(cursor.line_before, cursor.line_after,
                                      settings.completion.multiline)
@@ -468,7 +489,8 @@ class DiffusionServer(LanguageServer):
             max_tokens=completion.max_tokens if multiline else completion.max_tokens_single_line,
             single_line=not multiline, stop=tuple(completion.stop),
             threshold=completion.threshold, tokens_per_step=completion.tokens_per_step,
-            sampler=completion.sampler, document=uri)
+            sampler=completion.sampler, document=uri,
+            on_step=sink.report if sink is not None else None)
         outcome = await backend.complete(job)
         below_start = text.find("\n", cursor.offset)
         below = text[below_start + 1:below_start + 1 + 4096].split("\n")[:BELOW_LINES] if (
@@ -478,11 +500,89 @@ class DiffusionServer(LanguageServer):
                              detect_indent_unit(lines_near), multiline,
                              completion.max_lines)
         cleaned = clean(outcome.text, where)
+        if sink is not None:
+            sink.finish(outcome.steps, cleaned)
         self.cache.put(uri, text, cursor.offset, cleaned)
         if self.state == "ready":  # a failure shown in the status bar is over
             self.status_message = f"ready: {self.description}"
         self._finish(began, outcome, uri, cleaned, snippets=context.snippets)
         return Answer(cleaned, cursor) if cleaned else None
+
+    # -- several holes: the "Fill N holes" code action ----------------------------------------
+
+    def hole_actions(self, uri: str, where: types.Range,
+                     only: list[str] | None) -> list[types.CodeAction]:
+        """The action over `where` (an empty range: the enclosing function), or none. Cheap:
+        no model runs until the editor resolves the action."""
+        document = self.open_document(uri)
+        if document is None or not wants_rewrite(only):
+            return []
+        text = document.source
+        if len(text) > MAX_DOCUMENT_CHARS:
+            return []
+        encoding = encoding_name(self.workspace.position_encoding)
+        try:
+            span = holes.range_offsets(text, where, encoding)
+        except ctx.PositionError as error:
+            log.info("no hole action: %s", error)
+            return []
+        patterns, _ = compiled_patterns(tuple(self.settings.holes.patterns))
+        markers, dropped = holes.find_markers(text, *span, patterns)
+        if dropped:
+            log.info("%d overlapping hole marker(s) in %s left out", dropped, uri)
+        if not markers or len(markers) > self.settings.holes.max_holes:
+            return []
+        data = holes.ActionData(uri, document.version, [(m.start, m.end) for m in markers],
+                                [text[m.start:m.end] for m in markers])
+        count = len(markers)
+        return [types.CodeAction(title=f"Fill {count} hole{'s' if count != 1 else ''}",
+                                 kind=types.CodeActionKind.RefactorRewrite,
+                                 data=msgspec.to_builtins(data))]
+
+    async def resolve_holes(self, action: types.CodeAction) -> types.CodeAction:
+        """The action with its edit: every hole filled jointly. With no edit when the document
+        changed since the action was listed (or changes while the model runs), when the
+        action's data is not ours, or when the model is not ready."""
+        data = holes.read_action_data(action.data)
+        if data is None:
+            log.warning("codeAction/resolve: not a hole action's data: %.200r", action.data)
+            return action
+        document = self.open_document(data.uri)
+        if document is None or not holes.still_current(document.source, document.version, data):
+            log.info("hole action for %s: the document changed since it was offered", data.uri)
+            return action
+        if self.state != "ready" or self.backend is None:
+            self.tell_user("the model is not ready yet: no holes filled")
+            return action
+        text, backend, settings = document.source, self.backend, self.settings
+        markers = [holes.Marker(start, end, "listed") for start, end in data.markers]
+        job = HolesJob(
+            pieces=tuple(holes.pieces_for(text, markers, backend.count_tokens,
+                                          settings.context.prefix_tokens,
+                                          settings.context.suffix_tokens)),
+            markers=tuple(data.texts), max_tokens=settings.holes.max_tokens,
+            threshold=settings.completion.threshold,
+            tokens_per_step=settings.completion.tokens_per_step,
+            sampler=settings.completion.sampler)
+        try:
+            outcome = await backend.fill_holes(job)
+        except BackendError as error:
+            self.backend_failed(error)
+            return action
+        document = self.open_document(data.uri)
+        if document is None or not holes.still_current(document.source, document.version, data):
+            log.info("hole action for %s: the document changed while the model ran", data.uri)
+            return action
+        encoding = encoding_name(self.workspace.position_encoding)
+        edits = holes.text_edits(text, markers, outcome.texts, encoding)
+        log.info("filled %d of %d holes in %s (%d passes, %.0f ms)", len(edits), len(markers),
+                 data.uri, outcome.steps, outcome.model_ms)
+        action.edit = types.WorkspaceEdit(
+            changes={data.uri: edits},
+            document_changes=[types.TextDocumentEdit(
+                text_document=types.OptionalVersionedTextDocumentIdentifier(
+                    uri=data.uri, version=data.version), edits=list(edits))])
+        return action
 
     def backend_failed(self, error: BackendError) -> None:
         """A completion failed: the user sees it once (log panel, and the status bar until the
@@ -544,6 +644,18 @@ class DiffusionServer(LanguageServer):
             snapshot["outOfMemory"] = engine.out_of_memory
             snapshot["engineRestarts"] = engine.restarts
         return snapshot
+
+
+def wants_rewrite(only: list[str] | None) -> bool:
+    """Whether a codeAction request's `only` admits refactor.rewrite actions (LSP: a kind
+    admits its sub-kinds)."""
+    kind = types.CodeActionKind.RefactorRewrite.value
+    return not only or any(kind == want or kind.startswith(f"{want}.") for want in only)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_patterns(patterns: tuple[str, ...]):
+    return holes.compile_patterns(patterns)
 
 
 HANDLERS: list[tuple[str, Any, Callable]] = []  # (method, options, handler) of every server
@@ -655,6 +767,19 @@ async def on_completion(ls: DiffusionServer, params: types.CompletionParams
         preselect=True,
     )
     return types.CompletionList(is_incomplete=True, items=[item])
+
+
+@handles(types.TEXT_DOCUMENT_CODE_ACTION, types.CodeActionOptions(
+    code_action_kinds=[types.CodeActionKind.RefactorRewrite], resolve_provider=True))
+def on_code_action(ls: DiffusionServer, params: types.CodeActionParams
+                   ) -> list[types.CodeAction]:
+    return ls.hole_actions(params.text_document.uri, params.range, params.context.only)
+
+
+@handles(types.CODE_ACTION_RESOLVE)
+async def on_code_action_resolve(ls: DiffusionServer, params: types.CodeAction
+                                 ) -> types.CodeAction:
+    return await ls.resolve_holes(params)
 
 
 @handles(STATS)

@@ -8,6 +8,7 @@ previous value stays.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -60,7 +61,17 @@ class CompletionSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=T
     multiline: Literal["auto", "always", "never"] = "auto"
     debounce_ms: int = 10  # wait this long for the user to type on before starting
     stop: list[str] = msgspec.field(default_factory=list)
+    # send `diffusion/preview` notifications while a hole denoises (docs/editor-features.md)
+    preview: bool = False
     sampler: SamplerSettings = msgspec.field(default_factory=SamplerSettings)
+
+
+class HolesSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    """The "Fill N holes" code action (lsp_server/holes.py)."""
+
+    patterns: list[str] = msgspec.field(default_factory=list)  # more markers (regexes)
+    max_tokens: int = 32  # each hole's budget of tokens
+    max_holes: int = 8  # a range with more markers offers no action
 
 
 class ContextSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -95,6 +106,7 @@ class Settings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     completion: CompletionSettings = msgspec.field(default_factory=CompletionSettings)
     context: ContextSettings = msgspec.field(default_factory=ContextSettings)
     remote: RemoteSettings = msgspec.field(default_factory=RemoteSettings)
+    holes: HolesSettings = msgspec.field(default_factory=HolesSettings)
     cache_size: int = 256  # completions kept for type-along reuse
     log_level: Literal["error", "warning", "info", "debug"] = "info"
 
@@ -106,6 +118,7 @@ POSITIVE = {
     ("completion", "max_tokens"), ("completion", "max_tokens_single_line"),
     ("completion", "max_lines"), ("context", "max_snippets"), ("context", "snippet_lines"),
     ("context", "prefix_tokens"), ("remote", "timeout_ms"), ("cache_size",),
+    ("holes", "max_tokens"), ("holes", "max_holes"),
 }
 NON_NEGATIVE = {
     ("completion", "debounce_ms"), ("context", "suffix_tokens"), ("context", "snippet_tokens"),
@@ -147,6 +160,12 @@ def _check_ranges(settings: Settings) -> list[str]:
                         f"known: {', '.join(OVERRIDABLE)}")
     if settings.model.threads is not None and settings.model.threads <= 0:
         problems.append("model.threads must be positive")
+    for pattern in settings.holes.patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            problems.append(f"holes.patterns: {pattern!r} is not a regular expression "
+                            f"({error})")
     completion = settings.completion
     if completion.sampler.temperature < 0:
         problems.append("completion.sampler.temperature must not be negative")

@@ -15,6 +15,7 @@ every waiting and later caller is told so at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -22,8 +23,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -89,6 +91,8 @@ class Request:
     forward_s: float = 0.0
     started: float | None = None
     document: str | None = None  # the document's key (its URI): its context is reused
+    # sees the state after every step but the last, on the worker thread (a live preview)
+    on_step: Callable[[HoleState], None] | None = None
 
     def cancel(self) -> None:
         """Ask the worker to drop this request at its next step."""
@@ -96,6 +100,20 @@ class Request:
 
     def result(self, timeout: float | None = None) -> Infill:
         return self.future.result(timeout)
+
+
+@dataclass
+class Task:
+    """Work that needs the model to itself for a while (several holes filled jointly, which do
+    not batch with single holes): run on the worker between two batched steps. `run(model,
+    should_stop)` polls `should_stop` between its own steps."""
+
+    run: Callable[[LoadedModel, Callable[[], bool]], Any]
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
 
 
 class Engine:
@@ -177,15 +195,19 @@ class Engine:
     # -- callers -------------------------------------------------------------------------------
 
     def submit(self, prefix: str, suffix: str, options: InfillOptions | None = None,
-               document: str | None = None) -> Request:
-        """Queue a hole (of `document`, when named); returns at once. Thread-safe."""
+               document: str | None = None,
+               on_step: Callable[[HoleState], None] | None = None) -> Request:
+        """Queue a hole (of `document`, when named); returns at once. Thread-safe. `on_step`
+        is called on the worker thread after each of the hole's steps but the last; it must be
+        quick (hand the state's picture to another thread), and what it raises is logged."""
         if self.failure is not None:
             raise self.failure
         if self._closed:
             raise RuntimeError("engine is closed")
         began = time.perf_counter()
         state = new_state(self.model, prefix, suffix, options or InfillOptions())
-        request = Request(next(self._ids), state, submitted=began, document=document)
+        request = Request(next(self._ids), state, submitted=began, document=document,
+                          on_step=on_step)
         request.tokenize_ms = (time.perf_counter() - began) * 1e3
         self._queue.put(request)
         if self.failure is not None:  # the worker died while this one was being queued
@@ -194,14 +216,35 @@ class Engine:
 
     async def infill(
         self, prefix: str, suffix: str, options: InfillOptions | None = None,
-        document: str | None = None,
+        document: str | None = None, on_step: Callable[[HoleState], None] | None = None,
     ) -> Infill:
         """Fill a hole from asyncio; cancelling the awaiting task cancels the request."""
-        request = self.submit(prefix, suffix, options, document)
+        request = self.submit(prefix, suffix, options, document, on_step)
         try:
             return await asyncio.wrap_future(request.future)
         except asyncio.CancelledError:
             request.cancel()
+            raise
+
+    def call(self, run: Callable[[LoadedModel, Callable[[], bool]], Any]) -> Task:
+        """Queue `run(model, should_stop)` for the worker (see `Task`); returns at once."""
+        if self.failure is not None:
+            raise self.failure
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        task = Task(run)
+        self._queue.put(task)
+        if self.failure is not None:
+            self._fail_queued(self.failure)
+        return task
+
+    async def run(self, run: Callable[[LoadedModel, Callable[[], bool]], Any]) -> Any:
+        """`call` from asyncio; cancelling the awaiting task stops the work at its next step."""
+        task = self.call(run)
+        try:
+            return await asyncio.wrap_future(task.future)
+        except asyncio.CancelledError:
+            task.cancel()
             raise
 
     def close(self, timeout: float = 5.0) -> None:
@@ -224,11 +267,40 @@ class Engine:
                 return True
             if item is _STOP:
                 return False
+            if isinstance(item, Task):
+                self._run_task(item)
+                continue
             item.started = time.perf_counter()
             active.append(item)  # first: should attaching fail, the death fails it too
             if self.prompt_cache is not None:
                 self.prompt_cache.attach(self.model, item.document, item.state)
         return True
+
+    def _run_task(self, task: Task) -> None:
+        """Run a task now; its future gets the value, the error, or `Cancelled` (unless its
+        awaiter already cancelled the future itself)."""
+        outcome: BaseException | None = None
+        value = None
+        if task.cancelled.is_set() or task.future.done():
+            outcome = Cancelled("task cancelled")
+        else:
+            try:
+                value = task.run(self.model, task.cancelled.is_set)
+            except Exception as exc:  # nothing the model does may take the worker down
+                if is_out_of_memory(exc):
+                    self._out_of_memory(exc, 1)
+                else:
+                    log.exception("a task on the engine failed")
+                outcome = exc
+            passes = getattr(value, "steps", 0)  # a result that says its forward passes
+            self.forward_passes += passes if isinstance(passes, int) else 0
+            if outcome is None and task.cancelled.is_set():
+                outcome = Cancelled("task cancelled")
+        with contextlib.suppress(InvalidStateError):  # the awaiter cancelled it meanwhile
+            if outcome is not None:
+                task.future.set_exception(outcome)
+            else:
+                task.future.set_result(value)
 
     def _serve(self) -> None:
         """The worker's body: `_run`, restarted when it raises. The requests in flight when it
@@ -334,6 +406,16 @@ class Engine:
         self.batched_rows += len(active)
         for request in active:
             request.forward_s += elapsed
+            self._report_step(request)
+
+    def _report_step(self, request: Request) -> None:
+        """The request's `on_step` after a step that did not finish it (not after a cancel)."""
+        if request.on_step is None or request.state.finished or request.cancelled.is_set():
+            return
+        try:
+            request.on_step(request.state)
+        except Exception:  # a preview must never cost the completion
+            log.exception("on_step of request %d failed", request.id)
 
     def _out_of_memory(self, error: Exception, rows: int) -> None:
         """One log line, then free what the failed step held: its traceback's frames (the

@@ -166,11 +166,13 @@ def infill(
     should_stop: Callable[[], bool] | None = None,
     cache: PromptCache | None = None,
     document: str | None = None,
+    on_step: Callable[[HoleState], None] | None = None,
 ) -> Infill:
     """Fill the hole between `prefix` and `suffix`. `should_stop` is polled before each step.
     With a `cache` and a `document` key, the first pass reuses the document's context from its
-    last completion, and this completion's context is kept for the next. Timings: `forward_ms`
-    is the time in denoising steps (forward passes and commits)."""
+    last completion, and this completion's context is kept for the next. `on_step` sees the
+    state after every step but the last (a live preview: `model.preview`). Timings:
+    `forward_ms` is the time in denoising steps (forward passes and commits)."""
     options = options or InfillOptions()
     started = time.perf_counter()
     state = new_state(model, prefix, suffix, options)
@@ -184,6 +186,8 @@ def infill(
         before = time.perf_counter()
         denoise_step(model, [state], cache, [document])
         forward_s += time.perf_counter() - before
+        if on_step is not None and not state.finished:
+            on_step(state)
     timings = {
         "tokenize_ms": (tokenized - started) * 1e3,
         "forward_ms": forward_s * 1e3,

@@ -41,6 +41,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,7 @@ GRACEFUL_SHUTDOWN_TIMEOUT_S = 5.0
 GRACEFUL_SHUTDOWN_WAIT_S = 0.5
 SERVE_SHUTDOWN_S = 10.0  # waiting for Serve to drain and stop, at most; then Ray is stopped
 OBJECT_STORE_BYTES = 128 * 1024 * 1024  # the local Ray instance: holes are small
+PROGRESS, FILLED = b"P", b"F"  # what a replica's stream part holds: a step, or the answer
 INITIAL_TOKENS = 16  # first guess of a hole's length, as the local backend
 MIN_TOKENS = 1  # as the local backend: whoever asks for a completion wants some text
 COMPLETION_PATHS = {wire.FIM_PATH: wire.decode_fim, wire.COMPLETIONS_PATH: wire.decode_completions}
@@ -334,6 +336,45 @@ class Infiller:
     async def _fill_one(self, hole: wire.Hole) -> bytes:
         began = time.perf_counter()
         result = await self.engine.infill(hole.prefix, hole.suffix, infill_options(hole))
+        return self._filled(hole, result, began)
+
+    async def fill_stream(self, body: bytes):
+        """A hole's intermediate states, then its answer, as they come (Ray streams what this
+        generator yields): `PROGRESS` + JSON `[step, steps, text]` after each step but the
+        last, then `FILLED` + the `Filled` bytes. Closing the stream cancels the hole."""
+        from model.preview import state_preview
+
+        hole = self._decoder.decode(body)
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+        model = self.engine.model
+
+        def on_step(state) -> None:  # the engine's worker thread
+            loop.call_soon_threadsafe(steps.put_nowait, state_preview(model, state))
+
+        began = time.perf_counter()
+        request = self.engine.submit(hole.prefix, hole.suffix, infill_options(hole),
+                                     on_step=on_step)
+        finished = asyncio.wrap_future(request.future)
+        try:
+            while not finished.done() or not steps.empty():
+                if steps.empty():
+                    waiting = asyncio.ensure_future(steps.get())
+                    await asyncio.wait({waiting, finished},
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if not waiting.done():
+                        waiting.cancel()
+                        continue
+                    step = waiting.result()
+                else:
+                    step = steps.get_nowait()
+                yield PROGRESS + msgspec.json.encode(list(step))
+            result = finished.result()
+        finally:
+            request.cancel()
+        yield FILLED + self._filled(hole, result, began)
+
+    def _filled(self, hole: wire.Hole, result: Any, began: float) -> bytes:
         model_ms = (time.perf_counter() - began) * 1e3
         prompt_tokens = (len(self.tokenizer.encode(hole.prefix, add_special_tokens=False).ids)
                          + len(self.tokenizer.encode(hole.suffix, add_special_tokens=False).ids))
@@ -467,6 +508,8 @@ class Gateway:
             return _json(wire.error_body(str(error)), 400)
         if hole.model and hole.model != self.config.model_name:
             log.debug("request for model %r served by %r", hole.model, self.config.model_name)
+        if hole.stream:
+            return self.stream(hole, began)
         self.metrics.inflight += 1
         try:
             answer = await self.infiller.fill.remote(msgspec.json.encode(hole))
@@ -481,6 +524,43 @@ class Gateway:
                                             filled.prompt_tokens, filled.completion_tokens,
                                             filled.stats)
         return _json(msgspec.json.encode(response))
+
+    def stream(self, hole: wire.Hole, began: float) -> Any:
+        """`stream: true`: server-sent events (`wire.StreamChunk`), one per denoising step,
+        then the answer and `data: [DONE]`; a failure mid-stream is one error event."""
+        from starlette.responses import StreamingResponse
+
+        parts = self.infiller.options(stream=True).fill_stream.remote(msgspec.json.encode(hole))
+        request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        model_name = self.config.model_name
+
+        async def events():
+            self.metrics.inflight += 1
+            try:
+                async for part in parts:
+                    if part.startswith(PROGRESS):
+                        step, steps, text = msgspec.json.decode(part[len(PROGRESS):])
+                        yield wire.step_chunk(request_id, model_name, step, steps, text)
+                        continue
+                    filled = msgspec.json.decode(part[len(FILLED):], type=Filled)
+                    self.metrics.record_completion((time.perf_counter() - began) * 1e3,
+                                                   filled.stats, filled.completion_tokens)
+                    response = wire.completion_response(
+                        model_name, filled.text, filled.prompt_tokens,
+                        filled.completion_tokens, filled.stats)
+                    response.id = request_id
+                    yield wire.final_chunk(response)
+                yield wire.SSE_DONE
+            except Exception as error:  # noqa: BLE001 - the status is sent: say it in the stream
+                log.warning("streamed completion failed: %s", error)
+                yield wire.sse(wire.error_body(f"the model failed: {type(error).__name__}",
+                                               "server_error"))
+            finally:
+                self.metrics.inflight -= 1
+                parts.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     def _failure(self, error: Exception) -> Any:
         name = type(error).__name__

@@ -121,7 +121,10 @@ class FimRequest(SamplerExtensions):
     max_tokens: int = 64
     stop: str | list[str] | None | UnsetType = UNSET
     temperature: float = 0.0
-    stream: bool | UnsetType = UNSET  # true is refused: completions come back whole
+    # true: server-sent events, one per denoising step with the hole as it stands, then the
+    # answer (our service; see `StreamChunk`)
+    stream: bool | UnsetType = UNSET
+    diffusing: bool | UnsetType = UNSET  # Mercury's name for full-state streaming: accepted
 
 
 class CompletionsRequest(SamplerExtensions):
@@ -151,6 +154,7 @@ class Hole(msgspec.Struct, frozen=True):
     tokens_per_step: int | None
     sampling: Sampling = Sampling()
     seed: int | None = None  # None: a fresh one per request when temperature > 0
+    stream: bool = False  # server-sent events of the intermediate states (FIM only)
 
     @property
     def single_line(self) -> bool:
@@ -171,10 +175,10 @@ def stop_words(stop: str | list[str] | None | UnsetType) -> tuple[str, ...]:
     return tuple(word for word in words if word)
 
 
-def _checked(hole: Hole, stream: bool) -> Hole:
-    if stream:
-        raise WireError("stream: streaming is not supported; send stream=false "
-                        "(a diffusion completion arrives whole)")
+def _checked(hole: Hole, stream: bool, can_stream: bool = False) -> Hole:
+    if stream and not can_stream:
+        raise WireError(f"stream: streaming is supported on {FIM_PATH} only; send "
+                        "stream=false here")
     if not 1 <= hole.max_tokens <= MAX_TOKENS_LIMIT:
         raise WireError(f"max_tokens must lie in [1, {MAX_TOKENS_LIMIT}]")
     if not 0.0 <= hole.temperature <= 2.0:
@@ -202,11 +206,12 @@ def decode_fim(body: bytes) -> Hole:
         request = msgspec.json.decode(body, type=FimRequest)
     except msgspec.DecodeError as error:
         raise WireError(f"bad request body: {error}") from error
+    stream = bool(_given(request.stream, False))
     return _checked(Hole(request.model, request.prompt, request.suffix, request.max_tokens,
                          stop_words(request.stop), request.temperature,
                          _given(request.threshold), _given(request.tokens_per_step),
-                         sampling_of(request), _given(request.seed)),
-                    _given(request.stream, False))
+                         sampling_of(request), _given(request.seed), stream),
+                    stream, can_stream=True)
 
 
 def decode_completions(body: bytes) -> Hole:
@@ -276,6 +281,73 @@ class CompletionResponse(msgspec.Struct):
     choices: list[Choice] = msgspec.field(default_factory=list)
     usage: Usage = msgspec.field(default_factory=Usage)
     diffusion: DiffusionStats | UnsetType = UNSET  # our service's extension
+
+
+class StepInfo(msgspec.Struct, omit_defaults=True):
+    """A stream event's place in the denoising: step `step` of about `steps`; the last event
+    adds `DiffusionStats`' fields (its step is the number of forward passes)."""
+
+    step: int
+    steps: int
+    full_passes: int | UnsetType = UNSET
+    finish_reason: str | UnsetType = UNSET
+    model_ms: float | UnsetType = UNSET
+    replica: str | UnsetType = UNSET
+
+
+class StreamChunk(msgspec.Struct):
+    """One server-sent event of a streamed FIM completion (`stream: true`). In the spirit of
+    Mercury's `diffusing` stream, each intermediate event carries the WHOLE hole as it stands
+    (`choices[0].text`, every still-masked token drawn as U+2591), not a delta; its
+    `finish_reason` is null and `diffusion` says the step. The last event carries the
+    completion's text, a finish_reason, usage and the full `DiffusionStats`; then
+    `data: [DONE]`. An error mid-stream is one event `{"error": {...}}`."""
+
+    id: str = ""
+    object: str = "text_completion"
+    created: int = 0
+    model: str = ""
+    choices: list[Choice] = msgspec.field(default_factory=list)
+    usage: Usage | UnsetType = UNSET
+    diffusion: StepInfo | UnsetType = UNSET
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: bytes) -> bytes:
+    """One server-sent event holding a JSON payload."""
+    return b"data: " + payload + b"\n\n"
+
+
+def step_chunk(request_id: str, model: str, step: int, steps: int, text: str) -> bytes:
+    return sse(msgspec.json.encode(StreamChunk(
+        id=request_id, model=model, created=int(time.time()),
+        choices=[Choice(index=0, text=text, finish_reason=None)],
+        diffusion=StepInfo(step, steps))))
+
+
+def final_chunk(response: CompletionResponse) -> bytes:
+    stats = response.diffusion
+    info = StepInfo(stats.steps, stats.steps, stats.full_passes, stats.finish_reason,
+                    stats.model_ms, stats.replica) if isinstance(stats, DiffusionStats) else UNSET
+    return sse(msgspec.json.encode(StreamChunk(
+        id=response.id, model=response.model, created=response.created,
+        choices=response.choices, usage=response.usage, diffusion=info)))
+
+
+def decode_chunk(data: str) -> StreamChunk | ErrorResponse | None:
+    """The payload of one `data:` line: a chunk, an error, or None for `[DONE]`. Raises
+    msgspec errors for anything else."""
+    if data.strip() == "[DONE]":
+        return None
+    raw = data.encode()
+    if raw.lstrip().startswith(b'{"error"'):
+        return msgspec.json.decode(raw, type=ErrorResponse)
+    chunk = msgspec.json.decode(raw, type=StreamChunk)
+    if not chunk.choices:
+        raise msgspec.ValidationError("a stream event has no choices")
+    return chunk
 
 
 class ErrorBody(msgspec.Struct):

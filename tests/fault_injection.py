@@ -37,8 +37,8 @@ def install() -> None:
                                            sampler_module.forward_holes,
                                            engine_module.state_result)
 
-    def marking_submit(self, prefix, suffix, options=None, document=None):
-        request = submit(self, prefix, suffix, options, document)
+    def marking_submit(self, prefix, suffix, *args, **kwargs):
+        request = submit(self, prefix, suffix, *args, **kwargs)
         for marker in (STEP_ERROR, OUT_OF_MEMORY, WORKER_DIES):
             if marker in prefix:
                 _faults[id(request.state)] = marker

@@ -33,6 +33,32 @@ def test_infill_round_trip_with_a_malformed_line(tiny_dirs, tmp_path):
         assert 1 <= record["steps"] <= 8
 
 
+def test_infill_several_holes_jointly_with_previews(tiny_dirs, tmp_path):
+    text = "def add(a, b):\n    ...\n\ndef sub(a, b):\n    ...\n"
+    first, second = text.index("..."), text.rindex("...")
+    records = [
+        json.dumps({"id": "two", "text": text,
+                    "holes": [[first, first + 3], [second, second + 3]]}),
+        json.dumps({"id": "backwards", "text": text, "holes": [[second, second + 3],
+                                                              [first, first + 3]]}),
+        json.dumps({"id": "none", "text": text, "holes": []}),
+    ]
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("\n".join(records) + "\n")
+    done = run_cli("infill", "--input", str(source), "--output", str(target), "--previews",
+                   "--model", str(tiny_dirs["default"]), "--max-tokens", "6", "--device", "cpu",
+                   "--tokens-per-step", "1")
+    assert done.returncode == 0, done.stderr
+    two, backwards, none = (json.loads(line) for line in target.read_text().splitlines())
+    assert "error" in backwards and "error" in none
+    assert len(two["completions"]) == 2 and two["steps"] >= 1
+    a, b = two["completions"]
+    assert two["text"] == text[:first] + a + text[first + 3:second] + b + text[second + 3:]
+    assert [p["step"] for p in two["previews"]] == list(range(1, two["steps"]))
+    assert all(len(p["holes"]) == 2 for p in two["previews"])
+    assert "\u2591" in "".join(two["previews"][0]["holes"])  # one token a step: masks remain
+
+
 def test_infill_missing_model_is_one_clear_error(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text('{"id": 1, "prefix": "x", "suffix": ""}\n')

@@ -232,3 +232,41 @@ def test_out_of_memory_fails_the_step_frees_memory_and_serving_goes_on(
         engine.submit("a", "b", OPTIONS).result(10)
     assert freed == [tiny_model.device] and engine.out_of_memory == 1
     assert engine.submit("a", "b", OPTIONS).result(10).steps >= 1
+
+
+def test_on_step_sees_each_step_but_the_last_on_the_worker(engine):
+    seen = []
+    options = InfillOptions(max_tokens=8, initial_tokens=8, threshold=1.0)
+    result = engine.submit("x = ", "\n", options,
+                           on_step=lambda state: seen.append(
+                               (state.steps, threading.current_thread().name))).result(30)
+    assert [step for step, _ in seen] == list(range(1, result.steps))
+    assert {name for _, name in seen} == {"diffusion-engine"}
+
+
+def test_a_failing_on_step_costs_nothing(engine):
+    def broken(state):
+        raise RuntimeError("preview broke")
+
+    result = engine.submit("x = ", "\n", OPTIONS, on_step=broken).result(30)
+    assert result.finish_reason != "cancelled"
+
+
+def test_task_runs_on_the_worker_and_can_be_cancelled(tiny_model, engine):
+    from model.multi_hole import infill_holes
+
+    pieces = ["def f(x):\n    ", "\n    ", "\n"]
+    done = engine.call(lambda model, stop: infill_holes(model, pieces, OPTIONS, stop)).future
+    assert done.result(30).texts == infill_holes(tiny_model, pieces, OPTIONS).texts
+
+    async def cancel_soon():
+        slow = InfillOptions(max_tokens=64, threshold=1.0)
+        task = asyncio.ensure_future(engine.run(
+            lambda model, stop: infill_holes(model, pieces, slow, stop)))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_soon())
+    assert engine.submit("x = ", "\n", OPTIONS).result(30).text is not None  # still serving

@@ -219,6 +219,55 @@ end })
     assert "recommended: " in shown and "bf16 (CPU)" in shown, shown
 
 
+@pytest.mark.slow
+def test_the_hole_is_drawn_as_it_denoises_then_the_ghost_text(nvim, tiny_dir, tmp_path):
+    init = fill(DRIVER + """
+local plugin = require("diffusion_lsp")
+local preview = require("diffusion_lsp.preview")
+plugin.setup({
+  cmd = { @python@, "-m", "diffusion_lsp", "serve" },
+  -- one token a step: several steps to watch; `preview` is left to the plugin's default (on)
+  settings = { model = { path = @model@ }, completion = { debounceMs = 5, tokensPerStep = 1 } },
+})
+seen.frames = {}
+vim.api.nvim_create_autocmd("User", { pattern = "DiffusionLspPreview", callback = function(args)
+  local marks = vim.api.nvim_buf_get_extmarks(0, preview.ns, 0, -1, { details = true })
+  local m = marks[1]
+  seen.frames[#seen.frames + 1] = {
+    step = args.data.step, steps = args.data.steps, text = args.data.text, done = args.data.done,
+    marks = #marks, row = m and m[2], col = m and m[3],
+    hls = m and vim.tbl_map(function(c) return c[2] end, m[4].virt_text or {}) or {},
+  }
+end })
+vim.api.nvim_create_autocmd("VimEnter", { callback = function()
+  vim.api.nvim_win_set_cursor(0, { @row@, 0 })
+  vim.api.nvim_feedkeys("A", "n", false)
+  poll(plugin.suggestion, function(shown)
+    seen.shown = shown
+    seen.left = #vim.api.nvim_buf_get_extmarks(0, preview.ns, 0, -1, {})
+    seen.settings = plugin.config.settings.completion
+    finish(seen)
+  end)
+end })
+""", deadline=DEADLINE_MS, python=json.dumps(sys.executable),
+                model=json.dumps(str(tiny_dir)), row=HOLE_ROW)
+    result = run_nvim(nvim, tmp_path, init, HOLE)
+    assert "error" not in result, result
+    assert result["settings"]["preview"] is True
+    frames = result["frames"]
+    assert frames and frames[-1]["done"] and frames[-1]["text"] == result["shown"]
+    drawn = [f for f in frames if not f["done"]]
+    assert drawn, "no intermediate preview"
+    assert [f["step"] for f in drawn] == list(range(1, len(drawn) + 1))
+    first = drawn[0]
+    # drawn where the completion goes, masked places dim, committed text as ghost text
+    assert first["marks"] == 1
+    assert (first["row"], first["col"]) == (HOLE_ROW - 1, len("    return "))
+    assert "DiffusionLspMasked" in first["hls"] and "\u2591" in first["text"]
+    assert any("DiffusionLspSuggestion" in f["hls"] for f in drawn)
+    assert frames[-1]["marks"] == 0 and result["left"] == 0  # the ghost text took its place
+
+
 # A fake server inside Neovim (vim.lsp.start accepts a function as cmd): it answers every
 # inlineCompletion with `x, y)` + a second line, replacing the `)` after the cursor, to check how
 # the client draws items, applies ranges, accepts part of an item and follows typing, without a

@@ -314,8 +314,8 @@ def test_cut_at_stop():
 
 
 def test_wire_rejects_streaming_and_bad_fields():
-    with pytest.raises(wire.WireError, match="stream"):
-        wire.decode_fim(b'{"model": "m", "prompt": "p", "stream": true}')
+    with pytest.raises(wire.WireError, match="stream"):  # FIM streams; legacy completions not
+        wire.decode_completions(b'{"model": "m", "prompt": "p", "stream": true}')
     with pytest.raises(wire.WireError, match="max_tokens"):
         wire.decode_fim(b'{"model": "m", "prompt": "p", "max_tokens": 0}')
     with pytest.raises(wire.WireError, match="bad request body"):

@@ -286,7 +286,7 @@ def test_openai_completions_api_answers(service):
 
 @pytest.mark.slow
 def test_bad_requests_are_400_with_a_reason(service):
-    answer = httpx.post(service["url"] + "/v1/fim/completions", json=FIM | {"stream": True},
+    answer = httpx.post(service["url"] + "/v1/completions", json=FIM | {"stream": True},
                         headers=AUTH, timeout=30)
     assert answer.status_code == 400 and "stream" in answer.json()["error"]["message"]
 
@@ -474,6 +474,40 @@ async def test_remote_backend_end_to_end(service, monkeypatch, api):
     await backend.close()
     assert isinstance(outcome.text, str) and "\n" not in outcome.text
     assert outcome.steps >= 1 and outcome.extra["replica"]  # our service says how it filled
+
+
+@pytest.mark.slow
+def test_fim_stream_sends_each_step_then_the_answer(service):
+    request = FIM | {"stream": True, "tokens_per_step": 1, "max_tokens": 6}
+    with httpx.stream("POST", service["url"] + "/v1/fim/completions", json=request,
+                      headers=AUTH, timeout=60) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        data = [line[len("data: "):] for line in answer.iter_lines() if line.startswith("data:")]
+    assert data[-1] == "[DONE]"
+    chunks = [wire.decode_chunk(item) for item in data[:-1]]
+    *steps, final = chunks
+    assert all(c.choices[0].finish_reason is None for c in steps)
+    assert [c.diffusion.step for c in steps] == list(range(1, len(steps) + 1))
+    assert final.choices[0].finish_reason in ("stop", "length")
+    assert final.diffusion.step == len(steps) + 1 and final.usage.total_tokens > 0
+    if steps:
+        assert "\u2591" in steps[0].choices[0].text  # one token a step: masks remain
+
+
+@pytest.mark.slow
+async def test_remote_backend_turns_the_stream_into_previews(service, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    backend = RemoteBackend()
+    await backend.start(_remote_settings(service["url"], timeout_ms=30_000), lambda m: None)
+    previews = []
+    job = CompletionJob(prefix=FIM["prompt"], suffix=FIM["suffix"], max_tokens=6,
+                        single_line=False, tokens_per_step=1,
+                        on_step=lambda *step: previews.append(step))
+    outcome = await backend.complete(job)
+    await backend.close()
+    assert outcome.extra["streamed"] and outcome.steps >= 1
+    assert [step for step, _, _ in previews] == list(range(1, outcome.steps))
 
 
 @pytest.mark.slow

@@ -40,7 +40,10 @@ def test_ghost_text_from_the_server_in_real_vscode(tmp_path):
                            timeout=SETUP_TIMEOUT_S, check=False)
     assert setup.returncode == 0, setup.stdout[-2000:] + setup.stderr[-2000:]
     shot = tmp_path / "vscode.png"
-    env = {**os.environ, "SHOT": str(shot), "MODEL": "tiny"}
+    # one token a step: the hole denoises over several steps, drawn as live previews
+    settings = {"diffusionLsp.completion.tokensPerStep": 1,
+                "diffusionLsp.completion.maxTokensSingleLine": 16}
+    env = {**os.environ, "SHOT": str(shot), "MODEL": "tiny", "SETTINGS": json.dumps(settings)}
     run = subprocess.run(["bash", str(E2E / "run.sh")], capture_output=True, text=True,
                          timeout=RUN_TIMEOUT_S, env=env, check=False)
     output = run.stdout + run.stderr
@@ -49,6 +52,8 @@ def test_ghost_text_from_the_server_in_real_vscode(tmp_path):
     result = json.loads(line.removeprefix("RESULT "))
     assert result["ghost"].strip()  # ghost text was shown ...
     assert result["accepted"]  # ... and Tab put it in the document
+    # before it, the hole was drawn as it denoised: masked places (U+2591) after the cursor
+    assert result["previews"], "no live preview was drawn"
     assert "Diffusion" in result["status"] and "ms" in result["status"]  # status bar latency
     # A click on the status bar item disables completions in the server, a second enables them.
     assert result["toggledOff"] and result["toggledOn"]

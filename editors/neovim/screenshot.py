@@ -5,6 +5,9 @@ hole, and once the ghost text is drawn the terminal screen (as the `pyte` emulat
 painted with Pillow. Needs `pip install pyte pillow` and a monospace TrueType font.
 
     .venv/bin/python editors/neovim/screenshot.py docs/screenshots/neovim.png [--model DIR|tiny]
+
+With `--denoising GIF`, also a recording of the hole denoising (live previews, one token a
+step): a frame each time the screen changed while the hole was drawn, then the ghost text.
 """
 
 from __future__ import annotations
@@ -62,6 +65,12 @@ vim.api.nvim_create_autocmd("User", { pattern = "DiffusionLspSuggestion", callba
     file:close()
   end, 300)  -- let the status line catch up
 end })
+if %(hold_ms)d > 0 then  -- a recording: show each preview for a moment before the next
+  vim.api.nvim_create_autocmd("User", { pattern = "DiffusionLspPreview", callback = function()
+    vim.cmd("redraw")
+    vim.wait(%(hold_ms)d)
+  end })
+end
 vim.api.nvim_create_autocmd("VimEnter", { callback = function()
   vim.api.nvim_win_set_cursor(0, { %(row)d, %(col)d })
   vim.api.nvim_feedkeys("a", "n", false)
@@ -88,8 +97,10 @@ def find_nvim() -> str:
         return "nvim"
 
 
-def run_in_pty(argv: list[str], env: dict, marker: Path, timeout: float) -> bytes:
-    """Run argv in a pty until `marker` exists; returns everything it wrote."""
+def run_in_pty(argv: list[str], env: dict, marker: Path, timeout: float,
+               chunks: list[bytes] | None = None) -> bytes:
+    """Run argv in a pty until `marker` exists; returns everything it wrote (and, with
+    `chunks`, appends each read to it: the screen's history, for a recording)."""
     pid, fd = pty.fork()
     if pid == 0:
         os.execvpe(argv[0], argv, env)
@@ -106,9 +117,12 @@ def run_in_pty(argv: list[str], env: dict, marker: Path, timeout: float) -> byte
             ready, _, _ = select.select([fd], [], [], 0.05)
             if ready:
                 try:
-                    output += os.read(fd, 65536)
+                    read = os.read(fd, 65536)
                 except OSError:
                     break
+                output += read
+                if chunks is not None:
+                    chunks.append(read)
             if settle is None and marker.exists():
                 settle = time.monotonic() + 0.5
             if settle is not None and time.monotonic() > settle:
@@ -135,11 +149,39 @@ def colour(value: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
 
 def render(data: bytes, out: Path) -> None:
     import pyte
-    from PIL import Image, ImageDraw, ImageFont
 
     screen = pyte.Screen(COLUMNS, ROWS)
     stream = pyte.ByteStream(screen)
     stream.feed(data)
+    paint(screen).save(out)
+
+
+def record(chunks: list[bytes], out: Path, frame_ms: int = 350) -> int:
+    """A GIF of the screen each time it changed while a preview (U+2591 on screen) was drawn,
+    ending on the ghost text. Returns how many frames it holds."""
+    import pyte
+
+    screen = pyte.Screen(COLUMNS, ROWS)
+    stream = pyte.ByteStream(screen)
+    frames, last, seen_preview = [], None, False
+    for chunk in chunks:
+        stream.feed(chunk)
+        text = "\n".join(screen.display)
+        if "\u2591" in text:
+            seen_preview = True
+        if seen_preview and text != last:
+            frames.append(paint(screen))
+            last = text
+    if not frames:
+        raise RuntimeError("no preview was drawn")
+    frames[0].save(out, save_all=True, append_images=frames[1:], duration=frame_ms,
+                   loop=0, disposal=1)
+    return len(frames)
+
+
+def paint(screen):
+    from PIL import Image, ImageDraw, ImageFont
+
     font_path = next(path for path in FONTS if Path(path).exists())
     font = ImageFont.truetype(font_path, FONT_SIZE)
     italic_path = font_path.replace(".ttf", "-Oblique.ttf")
@@ -165,8 +207,7 @@ def render(data: bytes, out: Path) -> None:
     cx, cy = screen.cursor.x, screen.cursor.y  # insert-mode cursor: a bar
     x0, y0 = pad + cx * cell_w, pad + cy * cell_h
     draw.rectangle([x0, y0 + 2, x0 + 1, y0 + cell_h - 2], fill=FOREGROUND)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    return image
 
 
 def main() -> int:
@@ -176,8 +217,13 @@ def main() -> int:
                         help="model directory, or `tiny` (a random-weight one); default: bundled")
     parser.add_argument("--tiny-seed", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=90)
+    parser.add_argument("--denoising", type=Path, default=None,
+                        help="also write a GIF of the hole denoising (previews) here")
+    parser.add_argument("--denoising-tokens", type=int, default=16,
+                        help="the recorded hole's budget of tokens")
     args = parser.parse_args()
     args.output = args.output.resolve()
+    args.denoising = args.denoising.resolve() if args.denoising else None
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -188,20 +234,29 @@ def main() -> int:
             model = str(work / "tiny")
         settings = {"model": {"path": model},
                     "completion": {"maxTokensSingleLine": 12, "debounceMs": 5}}
+        if args.denoising:  # one token a step: every step shows
+            settings["completion"].update(tokensPerStep=1, preview=True,
+                                          maxTokensSingleLine=args.denoising_tokens)
         marker = work / "shown.json"
         (work / "init.lua").write_text(INIT % {
             "plugin": json.dumps(str(PLUGIN)), "marker": json.dumps(str(marker)),
             "cmd": lua([sys.executable, "-m", "diffusion_lsp", "serve"]),
-            "settings": lua(settings), "row": HOLE[0], "col": HOLE[1] - 1})
+            "settings": lua(settings), "row": HOLE[0], "col": HOLE[1] - 1,
+            "hold_ms": 120 if args.denoising else 0})
         (work / "settings.py").write_text(SOURCE)
         env = {**os.environ, "TERM": "xterm-256color", "COLORTERM": "truecolor",
                "PYTHONPATH": str(ROOT), "XDG_STATE_HOME": str(work / "state"),
                "XDG_DATA_HOME": str(work / "data"), "XDG_CONFIG_HOME": str(work / "config")}
         os.chdir(work)
+        chunks: list[bytes] = []
         data = run_in_pty([find_nvim(), "--clean", "-u", "init.lua", "settings.py"], env,
-                          marker, args.timeout)
+                          marker, args.timeout, chunks)
         shown = json.loads(marker.read_text())["suggestion"]
+        args.output.parent.mkdir(parents=True, exist_ok=True)
         render(data, args.output)
+        if args.denoising:
+            count = record(chunks, args.denoising)
+            print(f"{args.denoising}: {count} frames")
     print(f"{args.output}: suggestion {shown!r}")
     return 0
 

@@ -11,13 +11,16 @@ from lsp_server.backends.base import (
     BackendError,
     CompletionJob,
     CompletionOutcome,
+    HolesJob,
+    HolesOutcome,
     estimate_tokens,
 )
 from lsp_server.backends.local import LocalBackend
 from lsp_server.backends.remote import RemoteBackend
 from lsp_server.settings import Settings
 
-__all__ = ["Backend", "BackendError", "CompletionJob", "CompletionOutcome", "LocalBackend",
+__all__ = ["Backend", "BackendError", "CompletionJob", "CompletionOutcome", "HolesJob",
+           "HolesOutcome", "LocalBackend",
            "RemoteBackend", "estimate_tokens", "make_backend"]
 
 

@@ -39,6 +39,31 @@ class CompletionJob:
     tokens_per_step: int | None = None
     sampler: SamplerSettings = field(default_factory=SamplerSettings)  # reference samplers
     document: str | None = None  # the document's URI: a local engine reuses its context
+    # called with (step, expected steps, the hole as it stands) after each step but the last,
+    # from any thread; None: no previews (`model.preview` draws the hole)
+    on_step: Callable[[int, int, str], None] | None = None
+
+
+@dataclass(frozen=True)
+class HolesJob:
+    """Several holes of one document, filled jointly: `pieces` is the text around them (one
+    more piece than holes, context already cut); `markers` what stands in each hole now (a
+    backend filling them one after another leaves the others' markers in place)."""
+
+    pieces: tuple[str, ...]
+    markers: tuple[str, ...]
+    max_tokens: int  # per hole
+    threshold: float = 0.9
+    tokens_per_step: int | None = None
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+
+
+@dataclass
+class HolesOutcome:
+    texts: list[str]  # one per hole; "" where the model left it empty
+    steps: int = 0
+    model_ms: float = 0.0
+    joint: bool = True  # False: filled one after another (a backend without joint filling)
 
 
 @dataclass
@@ -60,6 +85,9 @@ class Backend(Protocol):
 
     async def complete(self, job: CompletionJob) -> CompletionOutcome:
         """Fill the hole. Raises BackendError; cancellation propagates."""
+
+    async def fill_holes(self, job: HolesJob) -> HolesOutcome:
+        """Fill several holes (jointly where the backend can). As `complete`."""
 
     def count_tokens(self, text: str) -> int:
         """Tokens `text` costs (estimated where the backend has no tokenizer)."""

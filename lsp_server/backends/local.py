@@ -13,6 +13,8 @@ from lsp_server.backends.base import (
     BackendError,
     CompletionJob,
     CompletionOutcome,
+    HolesJob,
+    HolesOutcome,
     estimate_tokens,
 )
 from lsp_server.settings import Settings
@@ -81,7 +83,7 @@ class LocalBackend:
         began = time.perf_counter()
         try:
             result = await self.engine.infill(job.prefix, job.suffix, options,
-                                                  job.document)
+                                              job.document, self._previews(job))
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - every engine failure becomes one message
@@ -90,6 +92,48 @@ class LocalBackend:
             text=result.text, steps=result.steps, tokens=result.tokens,
             model_ms=(time.perf_counter() - began) * 1e3, finish_reason=result.finish_reason,
             extra={"full_passes": result.full_passes, "reused_tokens": result.reused_tokens})
+
+    def _previews(self, job: CompletionJob):
+        """The engine's per-step callback drawing the hole for `job.on_step` (None: none)."""
+        if job.on_step is None:
+            return None
+        from model.preview import state_preview
+
+        model, report = self.engine.model, job.on_step
+
+        def on_step(state) -> None:
+            report(*state_preview(model, state))
+
+        return on_step
+
+    async def fill_holes(self, job: HolesJob) -> HolesOutcome:
+        """The holes masked in one sequence and denoised jointly (`model.multi_hole`), on the
+        engine's worker between two batched steps."""
+        if self.engine is None:
+            raise BackendError("the model is not loaded", "unavailable")
+        from model.multi_hole import infill_holes
+        from model.sampler import InfillOptions
+
+        sampler = job.sampler
+        try:
+            options = InfillOptions(
+                max_tokens=job.max_tokens, initial_tokens=min(16, job.max_tokens),
+                threshold=job.threshold, tokens_per_step=job.tokens_per_step, min_tokens=1,
+                temperature=sampler.temperature, top_p=sampler.top_p, top_k=sampler.top_k,
+                seed=sampler.seed)
+        except ValueError as error:
+            raise BackendError(f"sampler settings: {error}") from error
+        pieces = list(job.pieces)
+        began = time.perf_counter()
+        try:
+            result = await self.engine.run(
+                lambda model, should_stop: infill_holes(model, pieces, options, should_stop,
+                                                        code_start=True))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every engine failure becomes one message
+            raise engine_failure(error, self.engine.model.device.type) from error
+        return HolesOutcome(result.texts, result.steps, (time.perf_counter() - began) * 1e3)
 
     async def close(self) -> None:
         if self.engine is not None:

@@ -27,6 +27,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import httpx
@@ -36,6 +37,8 @@ from lsp_server.backends.base import (
     BackendError,
     CompletionJob,
     CompletionOutcome,
+    HolesJob,
+    HolesOutcome,
     estimate_tokens,
 )
 from lsp_server.settings import RemoteSettings, Settings, wire_sampling
@@ -183,7 +186,11 @@ class RemoteBackend:
         if self._client is None or self._endpoints is None:
             raise BackendError("the remote backend is not started", "unavailable")
         path = wire.FIM_PATH if self._remote.api == "fim" else wire.COMPLETIONS_PATH
-        body = msgspec.json.encode(self._request(job))
+        request = self._request(job)
+        streaming = self.streams(job)
+        if streaming:
+            request.stream = True
+        body = msgspec.json.encode(request)
         timeout_s = self._remote.timeout_ms / 1e3
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -191,6 +198,8 @@ class RemoteBackend:
         while True:
             began = time.perf_counter()
             try:
+                if streaming:
+                    return await self._stream(job, path, body, deadline, began)
                 return self._outcome(job, await self._post(path, body, deadline), began)
             except _Retry as retry:
                 if attempt >= self._remote.retries:
@@ -201,6 +210,99 @@ class RemoteBackend:
                 log.debug("retrying in %.2f s: %s", delay, retry.error)
                 await asyncio.sleep(delay)
                 attempt += 1
+
+    def streams(self, job: CompletionJob) -> bool:
+        """Whether `job` is streamed: it wants previews, and the remote is our service's FIM
+        API (which streams each denoising step as a server-sent event)."""
+        return job.on_step is not None and self._ours and self._remote.api == "fim"
+
+    async def _stream(self, job: CompletionJob, path: str, body: bytes, deadline: float,
+                      began: float) -> CompletionOutcome:
+        """One streamed attempt: each step's event goes to `job.on_step`, the last event is
+        the answer. Errors as `_post`'s, before the first event; a broken stream after it
+        fails the completion (its steps were already shown)."""
+        assert self._client is not None and self._endpoints is not None
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise self._timed_out()
+        try:
+            return await asyncio.wait_for(
+                self._read_stream(job, path, body, remaining, began), remaining)
+        except (httpx.TimeoutException, asyncio.TimeoutError):
+            raise self._timed_out() from None
+        except httpx.TransportError as error:
+            raise _Retry(BackendError(f"cannot reach {self._endpoints.root}: "
+                                      f"{_connection_problem(error)}", "unavailable")) from None
+
+    async def _read_stream(self, job: CompletionJob, path: str, body: bytes, timeout: float,
+                           began: float) -> CompletionOutcome:
+        assert self._client is not None and self._endpoints is not None and job.on_step
+        where = self._endpoints.root
+        async with self._client.stream(
+                "POST", self._endpoints.url(path), content=body, timeout=timeout,
+                headers={"Content-Type": "application/json",
+                         "Accept": "text/event-stream"}) as response:
+            if response.status_code != 200:
+                await response.aread()
+                self._refuse(response)
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                try:
+                    chunk = wire.decode_chunk(line[len("data:"):])
+                except (msgspec.DecodeError, msgspec.ValidationError) as error:
+                    raise BackendError(f"unreadable stream event from {where}: {error}",
+                                       "failed") from None
+                if chunk is None:
+                    break
+                if isinstance(chunk, wire.ErrorResponse):
+                    raise BackendError(f"{where} failed mid-stream: {chunk.error.message}",
+                                       "failed")
+                choice = chunk.choices[0]
+                if choice.finish_reason is None:
+                    info = chunk.diffusion
+                    if isinstance(info, wire.StepInfo):
+                        job.on_step(info.step, info.steps, choice.content)
+                    continue
+                return self._stream_outcome(job, chunk, began)
+        raise BackendError(f"{where} ended the stream without an answer", "failed")
+
+    def _stream_outcome(self, job: CompletionJob, chunk: wire.StreamChunk,
+                        began: float) -> CompletionOutcome:
+        choice = chunk.choices[0]
+        text, was_cut = cut_at_stop(choice.content, job.stop + (("\n",) if job.single_line
+                                                                else ()))
+        info = chunk.diffusion if isinstance(chunk.diffusion, wire.StepInfo) else None
+        finish = (info.finish_reason if info is not None and isinstance(info.finish_reason, str)
+                  else FINISH_FROM_API.get(choice.finish_reason or "stop", "end"))
+        model_ms = info.model_ms if info is not None and isinstance(info.model_ms, float) else (
+            time.perf_counter() - began) * 1e3
+        tokens = chunk.usage.completion_tokens if isinstance(chunk.usage, wire.Usage) else 0
+        return CompletionOutcome(
+            text=text, steps=info.step if info is not None else 0, tokens=tokens,
+            model_ms=model_ms, finish_reason="stop" if was_cut else finish,
+            extra={"remote": self._endpoints.root if self._endpoints else "", "streamed": True,
+                   "http_ms": (time.perf_counter() - began) * 1e3})
+
+    async def fill_holes(self, job: HolesJob) -> HolesOutcome:
+        """One hole after another through `complete` (the APIs take one hole): each sees the
+        holes before it filled and the markers after it as they are."""
+        texts: list[str] = []
+        steps, began = 0, time.perf_counter()
+        for index in range(len(job.markers)):
+            before = job.pieces[0] + "".join(
+                (text or marker) + piece for text, marker, piece in
+                zip(texts, job.markers, job.pieces[1:], strict=False))
+            after = job.pieces[index + 1] + "".join(
+                marker + piece for marker, piece in
+                zip(job.markers[index + 1:], job.pieces[index + 2:], strict=True))
+            outcome = await self.complete(CompletionJob(
+                prefix=before, suffix=after, max_tokens=job.max_tokens, single_line=False,
+                threshold=job.threshold, tokens_per_step=job.tokens_per_step,
+                sampler=job.sampler))
+            texts.append(outcome.text)
+            steps += outcome.steps
+        return HolesOutcome(texts, steps, (time.perf_counter() - began) * 1e3, joint=False)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -247,9 +349,14 @@ class RemoteBackend:
         except httpx.TransportError as error:
             raise _Retry(BackendError(f"cannot reach {where}: {_connection_problem(error)}",
                                       "unavailable")) from None
-        status = response.status_code
-        if status == 200:
+        if response.status_code == 200:
             return response
+        self._refuse(response)
+
+    def _refuse(self, response: httpx.Response) -> NoReturn:
+        """A non-200 answer as _Retry (429, 5xx) or BackendError (401/403, other 4xx)."""
+        assert self._endpoints is not None
+        where, status = self._endpoints.root, response.status_code
         message = wire.error_message(response.content)
         if status in UNAUTHORIZED:
             raise BackendError(

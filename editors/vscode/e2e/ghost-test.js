@@ -33,6 +33,19 @@ const plain = (text) => text.replace(/\u00a0/g, " ");
     await lines.waitFor({ timeout: 20000 });
     log("editor open");
     await lines.click();
+    // Live previews are drawn as decorations after the cursor (CSS ::after content): watch for
+    // any holding a masked place (U+2591) while the completion is computed.
+    await page.evaluate(() => {
+      window.__previews = [];
+      setInterval(() => {
+        for (const el of document.querySelectorAll(".view-lines .view-line span")) {
+          const content = getComputedStyle(el, "::after").content;
+          if (content && content.includes("\u2591") && !window.__previews.includes(content)) {
+            window.__previews.push(content);
+          }
+        }
+      }, 15);
+    });
     await page.keyboard.press("Control+End");
     await page.keyboard.type(TYPED, { delay: 30 });
 
@@ -50,7 +63,8 @@ const plain = (text) => text.replace(/\u00a0/g, " ");
       }
     }
     result.ghost = shown;
-    log("ghost text:", JSON.stringify(shown));
+    result.previews = await page.evaluate(() => window.__previews);
+    log("ghost text:", JSON.stringify(shown), "previews seen:", result.previews.length);
     if (!shown.trim()) {
       throw new Error("no ghost text");
     }

@@ -16,6 +16,7 @@ import {
   SECTION,
   serverSettings,
 } from "../src/settings";
+import { isPreview, LINE_BREAK, previewChunks } from "../src/preview";
 import { clickCommand, statusView } from "../src/status";
 
 const root = path.join(__dirname, "..", "..");
@@ -130,4 +131,16 @@ test("the status command runs the same installation's doctor when the server is 
     doctorCommand({ command: "/usr/bin/python3", args: ["-m", "diffusion_lsp", "serve"], source: "pythonPath" }),
     { command: "/usr/bin/python3", args: ["-m", "diffusion_lsp", "doctor", "--json"] },
   );
+});
+
+test("a preview's text becomes runs of committed text and masked places", () => {
+  assert.deepEqual(previewChunks("ab\u2591\u2591c\nd\u2591"), [
+    { text: "ab", masked: false },
+    { text: "\u2591\u2591", masked: true },
+    { text: `c${LINE_BREAK}d`, masked: false },
+    { text: "\u2591", masked: true },
+  ]);
+  assert.ok(isPreview({ textDocument: { uri: "file:///a", version: 1 }, position: { line: 0, character: 1 },
+                        step: 1, steps: 2, text: "", done: false }));
+  assert.ok(!isPreview({ textDocument: { uri: 3 } }));
 });

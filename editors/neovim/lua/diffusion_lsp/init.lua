@@ -192,7 +192,10 @@ local function server_config(bufnr)
     cmd = M.config.cmd,
     root_dir = root or vim.fn.getcwd(),
     init_options = M.json_tree(M.config.settings),
-    handlers = { ["diffusion/status"] = on_status },
+    handlers = {
+      ["diffusion/status"] = on_status,
+      ["diffusion/preview"] = function(...) return require("diffusion_lsp.preview").on_preview(...) end,
+    },
   }
 end
 
@@ -427,6 +430,10 @@ function M.setup(opts)
     end
   end
   vim.api.nvim_set_hl(0, "DiffusionLspSuggestion", { link = "Comment", default = true })
+  if M.config.settings.completion == nil or M.config.settings.completion.preview == nil then
+    -- watch the hole denoise (the server's default is off; an editor client turns it on)
+    M.config.settings.completion = vim.tbl_extend("force", M.config.settings.completion or {}, { preview = true })
+  end
 
   local group = vim.api.nvim_create_augroup("diffusion_lsp", { clear = true })
   vim.api.nvim_create_autocmd("FileType", {
@@ -436,6 +443,7 @@ function M.setup(opts)
   vim.api.nvim_create_autocmd("LspAttach", { group = group, callback = on_lsp_attach })
   vim.api.nvim_create_autocmd("LspDetach", { group = group, callback = on_lsp_detach })
   require("diffusion_lsp.ghost").setup(group)
+  require("diffusion_lsp.preview").setup(group)
 
   map_keys()
   vim.api.nvim_create_user_command("DiffusionLsp", command, {

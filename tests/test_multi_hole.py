@@ -1,0 +1,156 @@
+"""Several holes denoised jointly (model/multi_hole.py); preview pictures (model/preview.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.multi_hole import (
+    hole_logits,
+    hole_texts,
+    infill_holes,
+    multi_preview,
+    multi_step,
+    new_multi_state,
+)
+from model.preview import PLACEHOLDER, expected_steps, hole_preview, state_preview
+from model.sampler import InfillOptions, infill
+
+from .conftest import FAMILY_NAMES
+from .fixtures_families import write_checkpoint
+
+PIECES = ["def add(a, b):\n    ", "\n\n\ndef sub(a, b):\n    ", "\n\nprint(add(1, 2))\n"]
+
+
+def sharp(model, tokens: list[int], confidence: float = 30.0) -> torch.Tensor:
+    logits = torch.zeros(len(tokens), model.vocab_size)
+    logits[torch.arange(len(tokens)), torch.tensor(tokens)] = confidence
+    return logits
+
+
+def word(model, text: str) -> int:
+    return model.tokenizer.encode(text, add_special_tokens=False).ids[0]
+
+
+@pytest.fixture(scope="module")
+def dreamon(tmp_path_factory):
+    from model.loader import load_model
+
+    return load_model(write_checkpoint(tmp_path_factory.mktemp("dreamon") / "m", "dreamon"),
+                      device="cpu")
+
+
+def test_preview_draws_masks_as_placeholders_and_stops_at_the_end(tiny_model):
+    a, b = word(tiny_model, "return"), word(tiny_model, "print")
+    mask, end = tiny_model.ids.mask, tiny_model.ids.end_of_hole
+    text = hole_preview(tiny_model, [a, mask, mask, b, end, b], [False, True, True, False,
+                                                                  False, False])
+    decoded_a = tiny_model.tokenizer.decode([a])
+    decoded_b = tiny_model.tokenizer.decode([b])
+    assert text == decoded_a + PLACEHOLDER * 2 + decoded_b
+
+
+def test_expected_steps():
+    assert expected_steps(2, 8, 8) == 4  # 4 a step so far, 8 left: 2 more
+    assert expected_steps(3, 3, 0) == 3  # nothing left: done
+    assert expected_steps(1, 1, 5, tokens_per_step=2) == 4
+    assert expected_steps(2, 5, 9, budget=6) == 6
+
+
+def test_single_hole_on_step_sees_every_step_but_the_last(tiny_model):
+    seen = []
+    result = infill(tiny_model, "x = ", "\n", InfillOptions(max_tokens=8, initial_tokens=8,
+                                                             threshold=1.0),
+                    on_step=lambda state: seen.append(state_preview(tiny_model, state)))
+    assert [step for step, _, _ in seen] == list(range(1, result.steps))
+    assert all(steps >= step for step, steps, _ in seen)
+    assert PLACEHOLDER in seen[0][2]
+
+
+def test_one_step_commits_across_holes_and_an_end_closes_only_its_hole(tiny_model):
+    options = InfillOptions(max_tokens=3, threshold=0.9)
+    state = new_multi_state(tiny_model, PIECES, options)
+    a, end = word(tiny_model, "return"), tiny_model.ids.end_of_hole
+    logits, where = hole_logits(tiny_model, state)
+    assert logits.shape == (6, tiny_model.vocab_size) and [w[1] for w in where] == [0] * 3 + [1] * 3
+    forced = sharp(tiny_model, [a, end, a, a, a, a])
+    forced[[2, 4, 5]] = 0.0  # hole 0's last and hole 1's last two stay masked this step
+    multi_step(tiny_model, state, forced, where)
+    first, second = state.spans
+    assert first.tokens == [a, end, end] and first.masked == [False] * 3 and first.closed
+    assert second.masked == [False, True, True] and not second.closed
+    assert not state.finished and state.steps == 1
+    step, steps, texts = multi_preview(tiny_model, state)
+    assert step == 1 and steps >= 2
+    assert texts[1].endswith(PLACEHOLDER * 2) and PLACEHOLDER not in texts[0]
+
+
+def test_holes_finish_when_no_mask_is_left(tiny_model):
+    state = new_multi_state(tiny_model, PIECES, InfillOptions(max_tokens=2))
+    a, end = word(tiny_model, "return"), tiny_model.ids.end_of_hole
+    _, where = hole_logits(tiny_model, state)
+    multi_step(tiny_model, state, sharp(tiny_model, [a, a, end, end]), where)
+    assert state.finish_reason == "max_tokens"  # hole 0 used its whole budget
+    texts, counts = hole_texts(tiny_model, state)
+    assert texts == [tiny_model.tokenizer.decode([a, a]), ""] and counts == [2, 0]
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_every_family_fills_several_holes(tiny_models, name):
+    model = tiny_models[name]
+    seen = []
+    result = infill_holes(model, PIECES, InfillOptions(max_tokens=6, threshold=0.5),
+                          on_step=lambda state: seen.append(multi_preview(model, state)))
+    assert len(result.texts) == 2 and result.finish_reason in ("end", "max_tokens")
+    assert 1 <= result.steps <= 12 and len(seen) == result.steps - 1
+    for text in result.texts:
+        assert PLACEHOLDER not in text and "<|" not in text
+
+
+def test_should_stop_cancels_between_steps(tiny_model):
+    result = infill_holes(tiny_model, PIECES, InfillOptions(max_tokens=8, threshold=1.0),
+                          should_stop=lambda: True)
+    assert result.finish_reason == "cancelled" and result.steps == 0
+
+
+def test_dreamon_expand_and_delete_edit_one_hole(dreamon):
+    expand, delete = (dreamon.tokenizer.token_to_id(t) for t in ("<|expand|>", "<|delete|>"))
+    state = new_multi_state(dreamon, PIECES, InfillOptions(max_tokens=6, initial_tokens=2))
+    assert [len(span.tokens) for span in state.spans] == [2, 2]
+    _, where = hole_logits(dreamon, state)
+    a = word(dreamon, "return")
+    forced = sharp(dreamon, [expand, a, delete, a])
+    forced[[1, 3]] = 0.0  # only the expand and the delete are committed
+    multi_step(dreamon, state, forced, where)
+    first, second = state.spans
+    assert first.tokens == [dreamon.ids.mask] * 3 and all(first.masked)  # expand: two masks
+    assert second.tokens == [] and second.closed  # delete, and the mask after it: gone
+    result = infill_holes(dreamon, PIECES, InfillOptions(max_tokens=6, initial_tokens=2))
+    assert len(result.texts) == 2
+
+
+def test_fewer_than_two_pieces_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="at least two pieces"):
+        new_multi_state(tiny_model, ["only text"], InfillOptions())
+
+
+def test_min_tokens_keeps_every_hole_from_ending_at_once(tiny_model):
+    state = new_multi_state(tiny_model, PIECES, InfillOptions(max_tokens=3, min_tokens=1))
+    logits, where = hole_logits(tiny_model, state)
+    end = tiny_model.ids.end_of_hole
+    forced = sharp(tiny_model, [end] * 6)
+    forced[:, word(tiny_model, "return")] = 1.0
+    multi_step(tiny_model, state, forced, where)
+    assert [span.tokens[0] != end for span in state.spans] == [True, True]
+
+
+def test_code_start_keeps_holes_from_starting_with_blank_space(tiny_model):
+    state = new_multi_state(tiny_model, PIECES, InfillOptions(max_tokens=2, tokens_per_step=4),
+                            code_start=True)
+    logits, where = hole_logits(tiny_model, state)
+    space = tiny_model.tokenizer.encode("\n", add_special_tokens=False).ids[0]
+    forced = sharp(tiny_model, [space] * 4)
+    forced[:, word(tiny_model, "return")] = 1.0
+    multi_step(tiny_model, state, forced, where)
+    assert [span.tokens[0] for span in state.spans] == [word(tiny_model, "return")] * 2
+    assert state.spans[0].tokens[1] == space  # later positions may be blank
