@@ -291,3 +291,125 @@ def suggestion(text: str, region: Region, rewritten: str, latest: Entry | None) 
     if undoes(latest, text, changes):
         return []
     return changes
+
+
+class Memory:
+    """What the server keeps for next edits: each open document's history and where the user
+    was. Bounded: documents over MAX_DOCUMENT_CHARS keep no history, closing forgets."""
+
+    def __init__(self) -> None:
+        self.histories: dict[str, History] = {}
+        self.viewed = Viewed()
+
+    def opened(self, uri: str, path: str, text: str) -> None:
+        if len(text) <= MAX_DOCUMENT_CHARS:
+            self.histories[uri] = History(path, text)
+        self.viewed.saw(uri, 0)
+
+    def changed(self, uri: str, text: str, path: str) -> None:
+        history = self.histories.get(uri)
+        if len(text) > MAX_DOCUMENT_CHARS:
+            self.histories.pop(uri, None)
+            return
+        if history is None:  # grew back under the limit: start again from here
+            self.histories[uri] = History(path, text)
+            return
+        history.observe(text)
+        latest = history.latest()
+        if latest is not None:
+            self.viewed.saw(uri, latest.last)
+
+    def closed(self, uri: str) -> None:
+        self.histories.pop(uri, None)
+        self.viewed.forget(uri)
+
+
+FEEDBACK_KINDS = ("nextEdit", "completion")
+PENDING_SHOWN = 256  # suggestions shown and not yet accepted or rejected, at most
+
+
+class Feedback:
+    """Shown / accepted / rejected suggestions per kind. A suggestion carries an id (in its
+    `command`); it is shown once the client says so, accepted when the client runs its command,
+    rejected when the client dismisses it or when another suggestion for the same document is
+    shown (or the document closes) while it is pending."""
+
+    def __init__(self) -> None:
+        self.counts = {kind: {"shown": 0, "accepted": 0, "rejected": 0, "partial": 0}
+                       for kind in FEEDBACK_KINDS}
+        self.offered: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (kind, uri)
+        self.pending: OrderedDict[str, tuple[str, str]] = OrderedDict()  # shown, undecided
+
+    def offer(self, item_id: str, kind: str, uri: str) -> None:
+        self.offered[item_id] = (kind, uri)
+        while len(self.offered) > PENDING_SHOWN:
+            self.offered.popitem(last=False)
+
+    def shown(self, item_id: str | None) -> bool:
+        where = self.offered.get(item_id) if item_id else None
+        if where is None or item_id in self.pending:
+            return False
+        kind, uri = where
+        for other, (other_kind, other_uri) in list(self.pending.items()):
+            if other_kind == kind and other_uri == uri:
+                self._decide(other, "rejected")
+        self.counts[kind]["shown"] += 1
+        self.pending[item_id] = where
+        while len(self.pending) > PENDING_SHOWN:
+            self.pending.popitem(last=False)
+        return True
+
+    def accepted(self, item_id: str | None, partial: bool = False) -> bool:
+        if item_id not in self.pending and item_id in self.offered:
+            self.shown(item_id)  # a client that never said it showed it
+        if item_id not in self.pending:
+            return False
+        if partial:
+            kind, _ = self.pending[item_id]
+            self.counts[kind]["partial"] += 1
+        self._decide(item_id, "accepted")
+        return True
+
+    def rejected(self, item_id: str | None) -> bool:
+        if item_id not in self.pending:
+            return False
+        self._decide(item_id, "rejected")
+        return True
+
+    def closed(self, uri: str) -> None:
+        for item_id, (_, other_uri) in list(self.pending.items()):
+            if other_uri == uri:
+                self._decide(item_id, "rejected")
+
+    def _decide(self, item_id: str, outcome: str) -> None:
+        kind, _ = self.pending.pop(item_id)
+        self.counts[kind][outcome] += 1
+        self.offered.pop(item_id, None)
+
+    def snapshot(self) -> dict:
+        out = {}
+        for kind, counts in self.counts.items():
+            decided = counts["accepted"] + counts["rejected"]
+            out[kind] = {**counts, "acceptanceRate": round(counts["accepted"] / decided, 3)
+                         if decided else None}
+        return out
+
+
+def item_id(item: object) -> str | None:
+    """The suggestion id in a client's `{item: {command: {arguments: [id]}}}` (or a bare
+    `{command}`), as pygls decodes it; None when there is none."""
+    for name in ("item", None):
+        holder = getattr(item, name, None) if name else item
+        command = getattr(holder, "command", None)
+        arguments = getattr(command, "arguments", None)
+        if arguments and isinstance(arguments[0], str):
+            return arguments[0]
+    return None
+
+
+def position_of(text: str, offset: int, units: Callable[[str], int]) -> tuple[int, int]:
+    """(line, character) of `offset` in a "\\n"-ended text; `units` measures a line's prefix in
+    the negotiated encoding."""
+    line = text.count("\n", 0, offset)
+    start = text.rfind("\n", 0, offset) + 1
+    return line, units(text[start:offset])

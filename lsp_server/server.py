@@ -38,8 +38,9 @@ from pygls.protocol.json_rpc import (
 from pygls.protocol.language_server import lsp_method
 
 from lsp_server import context as ctx
+from lsp_server import next_edit as nes
 from lsp_server import transport
-from lsp_server.backends import Backend, BackendError, CompletionJob, make_backend
+from lsp_server.backends import Backend, BackendError, CompletionJob, NextEditJob, make_backend
 from lsp_server.cache import CompletionCache
 from lsp_server.documents import Workspace, encoding_name
 from lsp_server.logfile import make_handler
@@ -47,6 +48,7 @@ from lsp_server.postprocess import Surroundings, choose_multiline, clean, detect
 from lsp_server.settings import Settings, merge
 from lsp_server.stats import Stats
 from model.families import parse_overrides
+from service.edit_wire import EditPrompt
 
 log = logging.getLogger("diffusion_lsp")
 
@@ -59,6 +61,38 @@ MAX_DOCUMENT_CHARS = 20_000_000  # larger documents get no completions
 RECENT_DOCUMENTS = 8  # documents remembered for snippets (a ring, most recent first)
 BELOW_LINES = 8  # lines after the cursor's line the clean-up compares against
 RELOAD_KEYS = ("backend", "model", "remote")  # settings whose change restarts the backend
+# next edits, wire-compatible with copilot-language-server (docs/next-edits.md)
+INLINE_EDIT = "textDocument/copilotInlineEdit"
+DID_SHOW_INLINE_EDIT = "textDocument/didShowInlineEdit"
+DID_SHOW_COMPLETION = "textDocument/didShowCompletion"
+DID_PARTIALLY_ACCEPT = "textDocument/didPartiallyAcceptCompletion"
+DID_FOCUS = "textDocument/didFocus"
+DID_DISMISS = "diffusion/didDismiss"  # ours: a suggestion the user dismissed
+ACCEPT_NEXT_EDIT = "diffusion-lsp.didAcceptNextEdit"
+ACCEPT_COMPLETION = "diffusion-lsp.didAcceptCompletion"
+COMMENT_PREFIX = {"python": "#", "ruby": "#", "shellscript": "#", "r": "#", "lua": "--",
+                  "sql": "--", "haskell": "--"}  # others: "//"
+
+
+class TextDocumentRef(msgspec.Struct):
+    uri: str
+    version: int | None = None
+
+
+class Place(msgspec.Struct):
+    line: int
+    character: int
+
+
+class InlineEditParams(msgspec.Struct):
+    """`textDocument/copilotInlineEdit`'s params (other fields, e.g. sidekick's `context`, are
+    ignored)."""
+
+    textDocument: TextDocumentRef  # noqa: N815 - the wire's name
+    position: Place
+
+
+CHECKED_PARAMS: dict[str, type] = {INLINE_EDIT: InlineEditParams}  # our methods' param types
 
 
 def envelope_problem(value: Any) -> str | None:
@@ -169,6 +203,12 @@ class Protocol(LanguageServerProtocol):
             kind = self.get_message_type(data["method"]) or JsonRPCNotification
         if kind in (JsonRPCRequestMessage, JsonRPCNotification):
             data = {"params": None, **data}
+            checked = CHECKED_PARAMS.get(data.get("method", ""))
+            if checked is not None:
+                try:
+                    msgspec.convert(data["params"], checked)
+                except msgspec.ValidationError as error:
+                    raise InvalidParams(str(error)) from None
         try:
             return self._converter.structure(data, kind)
         except Exception as error:  # noqa: BLE001 - whatever cattrs raises, one line
@@ -181,6 +221,15 @@ class Protocol(LanguageServerProtocol):
             log.debug("cancel for %s, already answered", msg_id)
         elif future.cancel():
             log.debug("cancelled request %s", msg_id)
+
+    @lsp_method(types.INITIALIZE)
+    def lsp_initialize(self, params: types.InitializeParams):
+        """pygls' initialize, plus next edits under `capabilities.experimental`."""
+        result = yield from super().lsp_initialize(params)
+        result.capabilities.experimental = {
+            "inlineEdit": {"method": INLINE_EDIT, "acceptCommand": ACCEPT_NEXT_EDIT},
+            "diffusionLsp": {"nextEdits": True}}
+        return result
 
     @lsp_method(types.EXIT)
     def lsp_exit(self, *args) -> None:
@@ -226,6 +275,9 @@ class DiffusionServer(LanguageServer):
         self.stats = Stats()
         self.cache = CompletionCache(self.settings.cache_size)
         self.inflight: dict[str, asyncio.Task] = {}
+        self.inflight_edits: dict[str, asyncio.Task] = {}  # next-edit requests, per document
+        self.memory = nes.Memory()  # edit histories and viewed places (next edits)
+        self.feedback = nes.Feedback()  # shown / accepted / rejected suggestions
         self.recent: list[str] = []  # uris, most recent first
         self.reported: set[str] = set()  # problems already shown to the user
         self.last_latency_ms: float | None = None
@@ -483,6 +535,118 @@ class DiffusionServer(LanguageServer):
         self._finish(began, outcome, uri, cleaned, snippets=context.snippets)
         return Answer(cleaned, cursor) if cleaned else None
 
+    # -- next edits ------------------------------------------------------------------------------
+
+    async def next_edit(self, uri: str, version: int | None, position: Place) -> list[dict]:
+        """The suggested edits for `textDocument/copilotInlineEdit` ([] for none: not open, a
+        stale version, nothing predicted, or an edit that would undo the user's). A newer
+        request for the document supersedes this one; cancellation propagates."""
+        began = time.perf_counter()
+        self.stats.count("nextEditRequests")
+        task = asyncio.current_task()
+        try:
+            return await self._next_edit(uri, version, position, task)
+        except asyncio.CancelledError:
+            self.stats.count("cancelled")
+            raise
+        except BackendError as error:
+            self.stats.count("errors")
+            self.backend_failed(error)
+            return []
+        except Exception:
+            self.stats.count("errors")
+            log.exception("next edit at %s %s failed", uri, position)
+            return []
+        finally:
+            if self.inflight_edits.get(uri) is task:
+                del self.inflight_edits[uri]
+            self.stats.next_edit_ms.append((time.perf_counter() - began) * 1e3)
+
+    async def _next_edit(self, uri: str, version: int | None, position: Place,
+                         task: asyncio.Task | None) -> list[dict]:
+        document = self.open_document(uri)
+        settings = self.settings
+        if (document is None or not settings.next_edit.enable
+                or not settings.enabled_for(document.language_id)):
+            return []
+        if version is not None and document.version != version:
+            self.stats.count("nextEditStale")
+            return []
+        if self.state != "ready" or self.backend is None:
+            self.stats.count("notReady")
+            return []
+        raw = document.source
+        if len(raw) > nes.MAX_DOCUMENT_CHARS:
+            return []
+        text = ctx.normalize_line_ends(raw)
+        encoding = encoding_name(self.workspace.position_encoding)
+        try:
+            cursor = ctx.locate(text, position.line, position.character, encoding)
+        except ctx.PositionError as error:
+            log.info("no next edit: %s", error)
+            return []
+        older = self.inflight_edits.get(uri)
+        if older is not None and older is not task and not older.done():
+            older.cancel()
+            self.stats.count("superseded")
+        if task is not None:
+            self.inflight_edits[uri] = task
+        self.memory.viewed.saw(uri, cursor.line)
+        backend, options = self.backend, settings.next_edit
+        region = nes.editable_region(text, cursor.line, backend.count_tokens, options.lines_above,
+                                     options.lines_below, options.region_tokens)
+        history = self.memory.histories.get(uri)
+        if history is not None and history.text != text:
+            history.observe(text)  # a change the server saw before its handler ran
+        path = self.document_path(uri)
+        prompt = EditPrompt(
+            path, text[:region.start], text[region.start:region.end],
+            min(max(cursor.offset - region.start, 0), region.end - region.start),
+            text[region.end:],
+            history.diffs(options.history_edits) if history is not None else (),
+            self.memory.viewed.snippets(uri, self._latest_text, self.document_path,
+                                        options.max_snippets, options.snippet_lines))
+        job = NextEditJob(prompt, max_tokens=min(4096, 2 * backend.count_tokens(prompt.region)
+                                                 + 32),
+                          threshold=options.threshold, strategy=options.strategy,
+                          comment=COMMENT_PREFIX.get(document.language_id or "", "//"))
+        outcome = await backend.next_edit(job)
+        current = self.open_document(uri)
+        if current is None or current.version != document.version or outcome.region is None:
+            return []
+        changes = nes.suggestion(text, region, outcome.region,
+                                 history.latest() if history is not None else None)
+        self.stats.count("nextEdits" if changes else "nextEditsEmpty")
+        log.debug("next edit %s: %d change(s) (model %.0f ms, %d passes)",
+                  uri.rsplit("/", 1)[-1], len(changes), outcome.model_ms, outcome.steps)
+        line_end = "\r\n" if "\r\n" in raw else "\n"
+        edits = []
+        for change in changes:
+            item = uuid.uuid4().hex
+            self.feedback.offer(item, "nextEdit", uri)
+            start = nes.position_of(text, change.start, lambda s: ctx.units_of(s, encoding))
+            end = nes.position_of(text, change.end, lambda s: ctx.units_of(s, encoding))
+            edits.append({
+                "range": {"start": {"line": start[0], "character": start[1]},
+                          "end": {"line": end[0], "character": end[1]}},
+                "text": change.text.replace("\n", line_end),
+                "textDocument": {"uri": uri, "version": document.version},
+                "command": {"title": "Accept next edit", "command": ACCEPT_NEXT_EDIT,
+                            "arguments": [item]}})
+        return edits
+
+    def document_path(self, uri: str) -> str:
+        """A readable path for prompts: the workspace-relative path, else the file's path."""
+        path = unquote(uri.split("://", 1)[-1]) if "://" in uri else uri.split(":", 1)[-1]
+        root = self.workspace.root_path
+        if root and path.startswith(root.rstrip("/") + "/"):
+            return path[len(root.rstrip("/")) + 1:]
+        return path
+
+    def _latest_text(self, uri: str) -> str | None:
+        document = self.open_document(uri)
+        return ctx.normalize_line_ends(document.source) if document is not None else None
+
     def backend_failed(self, error: BackendError) -> None:
         """A completion failed: the user sees it once (log panel, and the status bar until the
         next completion succeeds); a backend that stopped also pops up and serves no more."""
@@ -529,6 +693,7 @@ class DiffusionServer(LanguageServer):
 
     def stats_snapshot(self) -> dict:
         snapshot = self.stats.snapshot()
+        snapshot["feedback"] = self.feedback.snapshot()
         snapshot.update(state=self.state, modelReady=self.state == "ready",
                         model=self.description, device=self._device(),
                         cacheEntries=len(self.cache), inflight=len(self.inflight))
@@ -560,6 +725,8 @@ def make_server(model_override: dict | None = None) -> DiffusionServer:
     server = DiffusionServer()
     for method, options, handler in HANDLERS:
         server.feature(method, options)(handler)
+    for command in COMMANDS:
+        server.command(command)(on_accept)
     server.model_override = model_override or {}
     server.apply_settings(None)
     server.pending_reports.extend(UNREPORTED)
@@ -600,16 +767,30 @@ def on_configuration(ls: DiffusionServer, params: types.DidChangeConfigurationPa
 
 @handles(types.TEXT_DOCUMENT_DID_OPEN)
 def on_open(ls: DiffusionServer, params: types.DidOpenTextDocumentParams) -> None:
-    ls.touch(params.text_document.uri)
+    uri = params.text_document.uri
+    ls.touch(uri)
+    ls.memory.opened(uri, ls.document_path(uri),
+                     ctx.normalize_line_ends(params.text_document.text))
+
+
+@handles(types.TEXT_DOCUMENT_DID_CHANGE)
+def on_change(ls: DiffusionServer, params: types.DidChangeTextDocumentParams) -> None:
+    uri = params.text_document.uri
+    document = ls.open_document(uri)
+    if document is not None:
+        ls.memory.changed(uri, ctx.normalize_line_ends(document.source), ls.document_path(uri))
 
 
 @handles(types.TEXT_DOCUMENT_DID_CLOSE)
 def on_close(ls: DiffusionServer, params: types.DidCloseTextDocumentParams) -> None:
     uri = params.text_document.uri
-    task = ls.inflight.pop(uri, None)
-    if task is not None:
-        task.cancel()
+    for inflight in (ls.inflight, ls.inflight_edits):
+        task = inflight.pop(uri, None)
+        if task is not None:
+            task.cancel()
     ls.cache.forget(uri)
+    ls.memory.closed(uri)
+    ls.feedback.closed(uri)
     if uri in ls.recent:
         ls.recent.remove(uri)
 
@@ -621,9 +802,68 @@ async def on_inline_completion(ls: DiffusionServer, params: types.InlineCompleti
     if answer is None:
         return types.InlineCompletionList(items=[])
     position = params.position
-    item = types.InlineCompletionItem(insert_text=answer.text,
-                                      range=types.Range(start=position, end=position))
+    item_id = uuid.uuid4().hex
+    ls.feedback.offer(item_id, "completion", params.text_document.uri)
+    item = types.InlineCompletionItem(
+        insert_text=answer.text, range=types.Range(start=position, end=position),
+        command=types.Command("Accept completion", ACCEPT_COMPLETION, [item_id]))
     return types.InlineCompletionList(items=[item])
+
+
+@handles(INLINE_EDIT)
+async def on_inline_edit(ls: DiffusionServer, params: Any) -> dict:
+    """Copilot's next edit suggestions: `{textDocument: {uri, version}, position}` in,
+    `{edits: [{range, text, textDocument: {uri, version}, command}]}` out (params were
+    checked against InlineEditParams when the message was read)."""
+    request = msgspec.convert(plain(params), InlineEditParams)
+    edits = await ls.next_edit(request.textDocument.uri, request.textDocument.version,
+                               request.position)
+    return {"edits": edits}
+
+
+@handles(DID_SHOW_INLINE_EDIT)
+def on_show_inline_edit(ls: DiffusionServer, params: Any = None) -> None:
+    ls.feedback.shown(nes.item_id(params))
+
+
+@handles(DID_SHOW_COMPLETION)
+def on_show_completion(ls: DiffusionServer, params: Any = None) -> None:
+    ls.feedback.shown(nes.item_id(params))
+
+
+@handles(DID_PARTIALLY_ACCEPT)
+def on_partial_accept(ls: DiffusionServer, params: Any = None) -> None:
+    ls.feedback.accepted(nes.item_id(params), partial=True)
+
+
+@handles(DID_DISMISS)
+def on_dismiss(ls: DiffusionServer, params: Any = None) -> None:
+    ls.feedback.rejected(nes.item_id(params))
+
+
+@handles(DID_FOCUS)
+def on_focus(ls: DiffusionServer, params: Any = None) -> None:
+    """Copilot clients say which document has the focus (it is a viewed document)."""
+    uri = getattr(getattr(params, "textDocument", None), "uri", None)
+    if isinstance(uri, str) and ls.open_document(uri) is not None:
+        ls.touch(uri)
+
+
+def on_accept(ls: DiffusionServer, *arguments: Any) -> None:
+    """A suggestion's command: the client applied it."""
+    ls.feedback.accepted(arguments[0] if arguments and isinstance(arguments[0], str) else None)
+
+
+COMMANDS = [ACCEPT_NEXT_EDIT, ACCEPT_COMPLETION]
+
+
+def plain(value: Any) -> Any:
+    """pygls' named tuples for untyped JSON, back into dicts and lists."""
+    if hasattr(value, "_asdict"):
+        return {key: plain(item) for key, item in value._asdict().items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    return value
 
 
 @handles(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(

@@ -46,8 +46,10 @@ from service.wire import MAX_TOKENS_LIMIT, Usage, WireError
 EDIT_PATH = "/v1/edit/completions"
 MERCURY_EDIT_MODEL = "mercury-edit-2"
 
-SNIPPETS_OPEN, SNIPPETS_CLOSE = "<|recently_viewed_code_snippets|>", "<|/recently_viewed_code_snippets|>"
-SNIPPET_OPEN, SNIPPET_CLOSE = "<|recently_viewed_code_snippet|>", "<|/recently_viewed_code_snippet|>"
+SNIPPETS_OPEN = "<|recently_viewed_code_snippets|>"
+SNIPPETS_CLOSE = "<|/recently_viewed_code_snippets|>"
+SNIPPET_OPEN = "<|recently_viewed_code_snippet|>"
+SNIPPET_CLOSE = "<|/recently_viewed_code_snippet|>"
 FILE_OPEN, FILE_CLOSE = "<|current_file_content|>", "<|/current_file_content|>"
 REGION_OPEN, REGION_CLOSE = "<|code_to_edit|>", "<|/code_to_edit|>"
 HISTORY_OPEN, HISTORY_CLOSE = "<|edit_diff_history|>", "<|/edit_diff_history|>"

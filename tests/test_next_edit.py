@@ -186,7 +186,7 @@ def test_the_editable_region_shrinks_to_its_token_cap_keeping_the_cursor_line():
 def test_viewed_snippets_use_the_latest_text_and_are_bounded():
     texts = {f"file:///{i}.py": "\n".join(f"{i}:{n}" for n in range(100)) for i in range(8)}
     viewed = Viewed()
-    for index, uri in enumerate(texts):
+    for uri in texts:
         viewed.saw(uri, 50)
     texts["file:///7.py"] = "changed\n" * 30
     snippets = viewed.snippets("file:///0.py", texts.get, lambda uri: uri.rsplit("/", 1)[-1],
@@ -228,7 +228,7 @@ def test_edits_applied_give_the_rewrite_for_random_texts():
         changes = region_edits(old, new, offset=6)
         assert apply_changes(document, changes) == "above\n" + new + "\nbelow", (old, new)
         spans = sorted((c.start, c.end) for c in changes)
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no overlap
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # no overlap
 
 
 def test_a_suggestion_never_takes_back_the_latest_edit():

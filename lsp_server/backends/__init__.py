@@ -11,6 +11,8 @@ from lsp_server.backends.base import (
     BackendError,
     CompletionJob,
     CompletionOutcome,
+    NextEditJob,
+    NextEditOutcome,
     estimate_tokens,
 )
 from lsp_server.backends.local import LocalBackend
@@ -18,7 +20,7 @@ from lsp_server.backends.remote import RemoteBackend
 from lsp_server.settings import Settings
 
 __all__ = ["Backend", "BackendError", "CompletionJob", "CompletionOutcome", "LocalBackend",
-           "RemoteBackend", "estimate_tokens", "make_backend"]
+           "NextEditJob", "NextEditOutcome", "RemoteBackend", "estimate_tokens", "make_backend"]
 
 
 def make_backend(settings: Settings) -> Backend:

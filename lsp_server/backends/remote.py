@@ -27,6 +27,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -36,10 +37,12 @@ from lsp_server.backends.base import (
     BackendError,
     CompletionJob,
     CompletionOutcome,
+    NextEditJob,
+    NextEditOutcome,
     estimate_tokens,
 )
 from lsp_server.settings import RemoteSettings, Settings, wire_sampling
-from service import wire
+from service import edit_wire, wire
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ PROBE_TIMEOUT_S = 3.0  # start(): how long /health and /v1/models may take, at m
 UNAUTHORIZED = (401, 403)
 RATE_LIMITED = 429
 FINISH_FROM_API = {"length": "max_tokens", "stop": "end"}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,7 @@ class RemoteBackend:
         self._remote = RemoteSettings()
         self._model = OUR_DEFAULT_MODEL
         self._ours = False  # the remote is our service: it also takes the sampler's settings
+        self._mercury = False  # Inception's API contract (its host, or remote.api "mercury")
 
     # -- Backend ---------------------------------------------------------------------------------
 
@@ -156,7 +161,8 @@ class RemoteBackend:
         remote = settings.remote
         endpoints = Endpoints.parse(remote.url)
         key = api_key(remote)
-        if endpoints.mercury and not key:
+        mercury = endpoints.mercury or remote.api == "mercury"
+        if mercury and not key:
             raise BackendError(
                 f"Mercury's API needs a key: set the environment variable "
                 f"{remote.api_key_env or 'DIFFUSION_LSP_TOKEN'} (or remote.apiKey)",
@@ -165,7 +171,8 @@ class RemoteBackend:
             report(f"warning: the API key travels unencrypted to {endpoints.root}; "
                    "use https:// (or an SSH tunnel) beyond this machine")
         self._remote, self._endpoints, self._ours = remote, endpoints, False
-        self._model = (MERCURY_DEFAULT_MODEL if endpoints.mercury and
+        self._mercury = mercury
+        self._model = (MERCURY_DEFAULT_MODEL if mercury and
                        remote.model == OUR_DEFAULT_MODEL else remote.model)
         headers = {"Accept": "application/json", "User-Agent": "diffusion-lsp"}
         if key:
@@ -182,8 +189,34 @@ class RemoteBackend:
     async def complete(self, job: CompletionJob) -> CompletionOutcome:
         if self._client is None or self._endpoints is None:
             raise BackendError("the remote backend is not started", "unavailable")
-        path = wire.FIM_PATH if self._remote.api == "fim" else wire.COMPLETIONS_PATH
+        path = wire.COMPLETIONS_PATH if self._remote.api == "completions" else wire.FIM_PATH
         body = msgspec.json.encode(self._request(job))
+        return await self._exchange(path, body, lambda response, began: self._outcome(
+            job, response, began))
+
+    async def next_edit(self, job: NextEditJob) -> NextEditOutcome:
+        """The region rewritten by `POST /v1/edit/completions` (Inception's next-edit contract,
+        which our service speaks too): the prompt's sections in one user message."""
+        if self._client is None or self._endpoints is None:
+            raise BackendError("the remote backend is not started", "unavailable")
+        body = msgspec.json.encode(edit_wire.edit_request(self._model, job.prompt,
+                                                          job.max_tokens))
+        return await self._exchange(edit_wire.EDIT_PATH, body, self._edit_outcome)
+
+    def _edit_outcome(self, response: httpx.Response, began: float) -> NextEditOutcome:
+        try:
+            region = edit_wire.decode_edit_response(response.content)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise BackendError(f"unreadable answer from {response.url}: {error}",
+                               "failed") from None
+        elapsed = (time.perf_counter() - began) * 1e3
+        return NextEditOutcome(region, 0, elapsed, {"remote": self._endpoints.root
+                                                    if self._endpoints else ""})
+
+    async def _exchange(self, path: str, body: bytes, read: Callable[[httpx.Response, float], T]
+                        ) -> T:
+        """POST `body` to `path` under the policy of the module's docstring; `read` turns the
+        200 answer into the result."""
         timeout_s = self._remote.timeout_ms / 1e3
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -191,7 +224,7 @@ class RemoteBackend:
         while True:
             began = time.perf_counter()
             try:
-                return self._outcome(job, await self._post(path, body, deadline), began)
+                return read(await self._post(path, body, deadline), began)
             except _Retry as retry:
                 if attempt >= self._remote.retries:
                     raise retry.error from None
@@ -299,7 +332,7 @@ class RemoteBackend:
         timeout = min(PROBE_TIMEOUT_S, self._remote.timeout_ms / 1e3)
         what = f"{self._model} at {endpoints.root}"
         try:
-            if not endpoints.mercury:
+            if not self._mercury:
                 health = await self._client.get(endpoints.url(wire.HEALTH_PATH), timeout=timeout)
                 what = self._describe_health(health) or what
             models = await self._client.get(endpoints.url(wire.MODELS_PATH), timeout=timeout)
