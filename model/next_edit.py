@@ -32,6 +32,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 STRATEGIES = ("doubt", "region")
+DEFAULT_STRATEGY = "doubt"
+CHARS_PER_TOKEN = 3.5  # token estimate where no tokenizer is at hand (the service's gateway)
+COMMENT_BY_SUFFIX = {".py": "#", ".rb": "#", ".sh": "#", ".r": "#", ".lua": "--", ".sql": "--",
+                     ".hs": "--"}  # the history's comment prefix; other files: "//"
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\S")
 REGION_SLACK = 1.25  # a rewritten region may be this much longer than the old one ...
@@ -70,6 +74,16 @@ class Hole:
     end: int
     max_tokens: int
     may_be_empty: bool = False
+
+
+def comment_for(path: str) -> str:
+    """The line comment of the language `path`'s suffix says ("//" when unknown)."""
+    dot = path.rfind(".")
+    return COMMENT_BY_SUFFIX.get(path[dot:].lower(), "//") if dot >= 0 else "//"
+
+
+def estimate_tokens(text: str) -> int:
+    return int(len(text) / CHARS_PER_TOKEN) + 1 if text else 0
 
 
 def diff_pairs(diff: str) -> list[tuple[str, str]]:

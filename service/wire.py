@@ -151,6 +151,7 @@ class Hole(msgspec.Struct, frozen=True):
     tokens_per_step: int | None
     sampling: Sampling = Sampling()
     seed: int | None = None  # None: a fresh one per request when temperature > 0
+    min_tokens: int | None = None  # None: the service's (a next edit's hole may stay empty)
 
     @property
     def single_line(self) -> bool:
