@@ -230,9 +230,13 @@ def region_edits(old: str, new: str, offset: int = 0, at_end: bool = False) -> l
     starts = line_starts(old_n)
     matcher = difflib.SequenceMatcher(None, old.split("\n"), new_lines, autojunk=False)
     changes = []
+    blocks = []
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
-        if tag == "equal":
-            continue
+        if tag == "replace" and i2 - i1 == j2 - j1:  # line for line: one change per line
+            blocks.extend((i1 + k, i1 + k + 1, j1 + k, j1 + k + 1) for k in range(i2 - i1))
+        elif tag != "equal":
+            blocks.append((i1, i2, j1, j2))
+    for i1, i2, j1, j2 in blocks:
         start, end = starts[i1], starts[i2] if i2 < len(starts) else len(old_n)
         removed = old_n[start:end]
         added = "".join(line + "\n" for line in new_lines[j1:j2])

@@ -806,7 +806,8 @@ async def on_inline_completion(ls: DiffusionServer, params: types.InlineCompleti
     ls.feedback.offer(item_id, "completion", params.text_document.uri)
     item = types.InlineCompletionItem(
         insert_text=answer.text, range=types.Range(start=position, end=position),
-        command=types.Command("Accept completion", ACCEPT_COMPLETION, [item_id]))
+        command=types.Command(title="Accept completion", command=ACCEPT_COMPLETION,
+                              arguments=[item_id]))
     return types.InlineCompletionList(items=[item])
 
 

@@ -14,7 +14,7 @@ import pytest
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 
-from benchmarks.lsp_client import edit, open_document, plain, running_server, stats
+from benchmarks.lsp_client import edit, inline, open_document, plain, running_server, stats
 from service import edit_wire
 from tests.test_remote import KEY, Seen, StandIn
 
@@ -220,3 +220,27 @@ async def test_our_service_shape_and_the_bundled_model_answer_edits():
         assert applied(text, edits).startswith("def area(w,")
         snapshot = await stats(client)
         assert snapshot["nextEdit"]["requests"] == 1 and snapshot["errors"] == 0
+
+
+async def test_inline_completions_carry_a_command_and_their_feedback_is_counted():
+    async with EditStandIn(text="a + b") as remote, running_server(
+            mercury_options(remote.url)) as client:
+        open_document(client, URI, "def add(a, b):\n    return \n\n\nprint(add(1, 2))\n")
+        result = await inline(client, URI, 1, 11)
+        (item,) = result.items
+        assert item.insert_text == "a + b"
+        command = item.command
+        assert command.command == "diffusion-lsp.didAcceptCompletion"
+        client.protocol.notify("textDocument/didShowCompletion",
+                               {"item": {"insertText": item.insert_text,
+                                         "command": {"title": command.title,
+                                                     "command": command.command,
+                                                     "arguments": command.arguments}}})
+        client.protocol.notify("textDocument/didPartiallyAcceptCompletion",
+                               {"item": {"command": {"command": command.command,
+                                                     "arguments": command.arguments}},
+                                "acceptedLength": 5})
+        feedback = (await stats(client))["feedback"]["completion"]
+        assert feedback == {"shown": 1, "accepted": 1, "rejected": 0, "partial": 1,
+                            "acceptanceRate": 1.0}
+        assert remote.completions()[-1].path == "/v1/fim/completions"  # FIM keeps its path
