@@ -609,7 +609,8 @@ class DiffusionServer(LanguageServer):
         job = NextEditJob(prompt, max_tokens=min(4096, 2 * backend.count_tokens(prompt.region)
                                                  + 32),
                           threshold=options.threshold, strategy=options.strategy,
-                          comment=COMMENT_PREFIX.get(document.language_id or "", "//"))
+                          comment=COMMENT_PREFIX.get(document.language_id or "", "//"),
+                          document=f"{uri}#next-edit")
         outcome = await backend.next_edit(job)
         current = self.open_document(uri)
         if current is None or current.version != document.version or outcome.region is None:

@@ -42,6 +42,7 @@ REGION_SLACK = 1.25  # a rewritten region may be this much longer than the old o
 REGION_SLACK_TOKENS = 8  # ... plus this many tokens
 WORD_SLACK_TOKENS = 3  # a remasked name may grow by this many tokens
 ARGUMENT_TOKENS = 8  # an argument added at a call site, at most
+MAX_HOLES = 6  # doubted places re-denoised per request, the nearest to the cursor
 HISTORY_LINES = 24  # history comment lines, at most (the latest kept)
 KEYWORDS = frozenset({  # never taken for a renamed identifier
     "def", "class", "return", "if", "else", "elif", "for", "while", "in", "is", "not", "and",
@@ -161,7 +162,8 @@ def doubted_holes(site: Site, count_tokens: CountTokens) -> list[Hole]:
     for hole in holes:  # no overlapping holes
         if not kept or hole.start >= kept[-1].end and hole.start != kept[-1].start:
             kept.append(hole)
-    return kept
+    nearest = sorted(kept, key=lambda hole: abs(hole.start - site.cursor))[:MAX_HOLES]
+    return sorted(nearest, key=lambda hole: hole.start)
 
 
 def matching_paren(text: str, open_at: int) -> int | None:

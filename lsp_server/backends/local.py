@@ -107,7 +107,7 @@ class LocalBackend:
                                     initial_tokens=min(16, hole.max_tokens),
                                     threshold=job.threshold,
                                     min_tokens=0 if hole.may_be_empty else 1)
-            result = await engine.infill(prefix, suffix, options)
+            result = await engine.infill(prefix, suffix, options, job.document)
             return result.text, result.steps
 
         prompt = job.prompt
