@@ -39,6 +39,14 @@ def standin_in_a_thread() -> Iterator[EditStandIn]:
         loop.run_until_complete(standin.__aenter__())
         ready.set()
         loop.run_forever()
+        loop.close()
+
+    async def stop() -> None:
+        await standin.__aexit__(None, None, None)
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in others:  # connections still open
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -46,7 +54,7 @@ def standin_in_a_thread() -> Iterator[EditStandIn]:
     try:
         yield standin
     finally:
-        asyncio.run_coroutine_threadsafe(standin.__aexit__(None, None, None), loop).result(10)
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
 

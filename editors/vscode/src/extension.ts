@@ -13,6 +13,7 @@ import {
   State,
 } from "vscode-languageclient/node";
 
+import { NextEdits } from "./nextEdit";
 import { nodeLookup, resolveServer, SECTION, serverSettings, type Tree } from "./settings";
 import { clickCommand, type Status, statusView } from "./status";
 
@@ -155,6 +156,13 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   command("diffusionLsp.restart", restart);
   command("diffusionLsp.showOutput", () => output.show());
   command("diffusionLsp.showStats", showStats);
+  const nextEdits = new NextEdits(
+    () => client,
+    () => section().enable !== false && (section().nextEdit as Tree | undefined)?.enable !== false,
+  );
+  context.subscriptions.push(nextEdits);
+  command("diffusionLsp.nextEdit.jumpOrAccept", () => nextEdits.jumpOrAccept());
+  command("diffusionLsp.nextEdit.dismiss", () => nextEdits.dismiss());
   context.subscriptions.push(
     output,
     item,
