@@ -80,14 +80,15 @@ class NextEditSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=Tru
     max_snippets: int = 4  # recently viewed snippets sent (Inception: 3-5)
     snippet_lines: int = 20
     history_edits: int = 5  # diffs sent, the latest
-    strategy: Literal["doubt", "region"] = "doubt"  # the local rewrite (model/next_edit.py)
+    # the local rewrite (model/next_edit.py); "region" by measurement (docs/next-edits.md)
+    strategy: Literal["doubt", "region"] = "region"
     threshold: float = 0.9
 
 
 class RemoteSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     url: str = "http://127.0.0.1:8000"  # base URL; the API path is added
-    # /v1/fim/completions, /v1/completions, or Inception's contract on any URL ("mercury": a
-    # key is required, no /health; FIM at /v1/fim/completions). Next edits always go to
+    # /v1/fim/completions, /v1/completions, or Inception's contract on any URL ("mercury": no
+    # /health probe, model mercury-edit-2 by default; FIM at /v1/fim/completions). Next edits always go to
     # /v1/edit/completions, which Mercury and our service both answer.
     api: Literal["fim", "completions", "mercury"] = "fim"
     model: str = "diffusion-lsp"

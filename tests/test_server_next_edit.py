@@ -207,11 +207,12 @@ async def test_shown_accepted_and_rejected_are_counted_per_kind():
         assert (await stats(client))["state"] == "ready"
 
 
-async def test_our_service_shape_and_the_bundled_model_answer_edits():
+@pytest.mark.parametrize("strategy", ["region", "doubt"])
+async def test_the_bundled_model_answers_edits(strategy):
     """With the bundled model (local backend): the answer has the wire's shape, every edit lies
     in the editable region of the current version, and applying it never undoes the rename."""
     async with running_server({"completion": {"debounceMs": 0},
-                               "nextEdit": {"strategy": "doubt"}}) as client:
+                               "nextEdit": {"strategy": strategy}}) as client:
         text = await renamed(client)
         edits = await inline_edit(client, URI, 2, 0, 10)
         for item in edits:
