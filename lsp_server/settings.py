@@ -88,8 +88,8 @@ class NextEditSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=Tru
 class RemoteSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     url: str = "http://127.0.0.1:8000"  # base URL; the API path is added
     # /v1/fim/completions, /v1/completions, or Inception's contract on any URL ("mercury": no
-    # /health probe, model mercury-edit-2 by default; FIM at /v1/fim/completions). Next edits always go to
-    # /v1/edit/completions, which Mercury and our service both answer.
+    # /health probe, model mercury-edit-2 by default; FIM at /v1/fim/completions). Next edits
+    # always go to /v1/edit/completions, which Mercury and our service both answer.
     api: Literal["fim", "completions", "mercury"] = "fim"
     model: str = "diffusion-lsp"
     api_key_env: str = "DIFFUSION_LSP_TOKEN"  # environment variable holding the key

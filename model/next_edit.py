@@ -4,9 +4,9 @@ The region is rewritten as one or more holes, each filled by the ordinary infill
 `infill(prefix, suffix, options)`), with everything else of the file on both sides of it. Two
 ways to choose the holes (`STRATEGIES`):
 
-- `region` (the default): the whole region is one hole whose length starts from the region's own (± slack,
-  the sampler's variable length adds or ends tokens as needed). The model writes the region
-  again, seeing the file above and below it.
+- `region` (the default): the whole region is one hole whose length starts from the region's
+  own (± slack, the sampler's variable length adds or ends tokens as needed). The model writes
+  the region again, seeing the file above and below it.
 - `doubt`: only the tokens the edit history puts in doubt are remasked, in the
   spirit of edit-style denoising (Seed Diffusion, arXiv:2508.02193, trains a model to remask
   and correct the tokens it doubts): where the latest edit replaced an identifier, each later
