@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 STRATEGIES = ("doubt", "region")
-DEFAULT_STRATEGY = "region"  # equal exact match, a fifth of the latency (docs/next-edits.md)
+DEFAULT_STRATEGY = "region"  # equal exact match, a quarter of the latency (docs/next-edits.md)
 CHARS_PER_TOKEN = 3.5  # token estimate where no tokenizer is at hand (the service's gateway)
 COMMENT_BY_SUFFIX = {".py": "#", ".rb": "#", ".sh": "#", ".r": "#", ".lua": "--", ".sql": "--",
                      ".hs": "--"}  # the history's comment prefix; other files: "//"
