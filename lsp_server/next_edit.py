@@ -17,6 +17,7 @@ in code points, which do not depend on the line ends.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -334,20 +335,35 @@ PENDING_SHOWN = 256  # suggestions shown and not yet accepted or rejected, at mo
 
 class Feedback:
     """Shown / accepted / rejected suggestions per kind. A suggestion carries an id (in its
-    `command`); it is shown once the client says so, accepted when the client runs its command,
-    rejected when the client dismisses it or when another suggestion for the same document is
-    shown (or the document closes) while it is pending."""
+    `command`); it is shown once the client says so, accepted when the client runs its command
+    or when the document becomes what applying it gives (copilot-lsp applies an edit without
+    running its command), rejected when the client dismisses it or when another suggestion for
+    the same document is shown (or the document closes) while it is pending."""
 
     def __init__(self) -> None:
         self.counts = {kind: {"shown": 0, "accepted": 0, "rejected": 0, "partial": 0}
                        for kind in FEEDBACK_KINDS}
         self.offered: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (kind, uri)
         self.pending: OrderedDict[str, tuple[str, str]] = OrderedDict()  # shown, undecided
+        self.results: dict[str, str] = {}  # id -> digest of the document once it is applied
 
-    def offer(self, item_id: str, kind: str, uri: str) -> None:
+    def offer(self, item_id: str, kind: str, uri: str, result: str | None = None) -> None:
         self.offered[item_id] = (kind, uri)
+        if result is not None:
+            self.results[item_id] = digest(result)
         while len(self.offered) > PENDING_SHOWN:
-            self.offered.popitem(last=False)
+            gone, _ = self.offered.popitem(last=False)
+            self.results.pop(gone, None)
+
+    def document_changed(self, uri: str, text: str) -> None:
+        """Accept a shown suggestion for `uri` whose result the document now is."""
+        mine = [i for i, (_, other) in self.pending.items() if other == uri and i in self.results]
+        if not mine:
+            return
+        now = digest(text)
+        for item_id in mine:
+            if self.results.get(item_id) == now:
+                self.accepted(item_id)
 
     def shown(self, item_id: str | None) -> bool:
         where = self.offered.get(item_id) if item_id else None
@@ -389,6 +405,7 @@ class Feedback:
         kind, _ = self.pending.pop(item_id)
         self.counts[kind][outcome] += 1
         self.offered.pop(item_id, None)
+        self.results.pop(item_id, None)
 
     def snapshot(self) -> dict:
         out = {}
@@ -397,6 +414,10 @@ class Feedback:
             out[kind] = {**counts, "acceptanceRate": round(counts["accepted"] / decided, 3)
                          if decided else None}
         return out
+
+
+def digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def item_id(item: object) -> str | None:

@@ -624,7 +624,7 @@ class DiffusionServer(LanguageServer):
         edits = []
         for change in changes:
             item = uuid.uuid4().hex
-            self.feedback.offer(item, "nextEdit", uri)
+            self.feedback.offer(item, "nextEdit", uri, nes.apply_changes(text, [change]))
             start = nes.position_of(text, change.start, lambda s: ctx.units_of(s, encoding))
             end = nes.position_of(text, change.end, lambda s: ctx.units_of(s, encoding))
             edits.append({
@@ -779,7 +779,9 @@ def on_change(ls: DiffusionServer, params: types.DidChangeTextDocumentParams) ->
     uri = params.text_document.uri
     document = ls.open_document(uri)
     if document is not None:
-        ls.memory.changed(uri, ctx.normalize_line_ends(document.source), ls.document_path(uri))
+        text = ctx.normalize_line_ends(document.source)
+        ls.memory.changed(uri, text, ls.document_path(uri))
+        ls.feedback.document_changed(uri, text)
 
 
 @handles(types.TEXT_DOCUMENT_DID_CLOSE)

@@ -251,3 +251,25 @@ def test_a_suggestion_never_takes_back_the_latest_edit():
                   region_edits(typed_text[start:start + 7], "", start))
     assert not undoes(history.latest(), typed_text,
                       region_edits("", ", depth", typed_text.index("(2, 3") + 5))
+
+
+def test_feedback_counts_per_kind_and_sees_an_edit_applied_without_its_command():
+    from lsp_server.next_edit import Feedback
+
+    feedback = Feedback()
+    feedback.offer("a", "nextEdit", "u", result="after")
+    feedback.offer("b", "nextEdit", "u", result="other")
+    feedback.offer("c", "completion", "u")
+    assert not feedback.shown("unknown") and feedback.shown("a")
+    feedback.document_changed("u", "typed something else")
+    assert feedback.counts["nextEdit"]["accepted"] == 0
+    feedback.document_changed("u", "after")  # the client applied it (copilot-lsp's way)
+    assert feedback.shown("b")
+    assert feedback.shown("c") and feedback.accepted("c", partial=True)
+    feedback.closed("u")  # "b" was pending
+    assert feedback.snapshot() == {
+        "nextEdit": {"shown": 2, "accepted": 1, "rejected": 1, "partial": 0,
+                     "acceptanceRate": 0.5},
+        "completion": {"shown": 1, "accepted": 1, "rejected": 0, "partial": 1,
+                       "acceptanceRate": 1.0}}
+    assert not feedback.accepted("a")  # decided once
