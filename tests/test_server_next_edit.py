@@ -35,6 +35,7 @@ class EditStandIn(StandIn):
     `rewrite(prompt) -> region | None` (None: the answer `None`, no edit)."""
 
     rewrite: Callable[[edit_wire.EditPrompt], str | None] = lambda prompt: prompt.region
+    hang_edits: int = 0  # the next this many edit requests get no answer until cancelled
 
     def edits(self) -> list[Seen]:
         return [s for s in self.seen if s.path == edit_wire.EDIT_PATH]
@@ -45,6 +46,9 @@ class EditStandIn(StandIn):
         self.seen.append(seen)
         if seen.headers.get("authorization") != f"Bearer {self.key}":
             return 401, {"error": {"message": "Incorrect API key provided"}}, {}
+        if self.hang_edits > 0:
+            self.hang_edits -= 1
+            return "hang", None, {}
         body = seen.body
         problem = None
         if not isinstance(body, dict) or set(body) - EDIT_FIELDS:
@@ -245,3 +249,37 @@ async def test_inline_completions_carry_a_command_and_their_feedback_is_counted(
         assert feedback == {"shown": 1, "accepted": 1, "rejected": 0, "partial": 1,
                             "acceptanceRate": 1.0}
         assert remote.completions()[-1].path == "/v1/fim/completions"  # FIM keeps its path
+
+
+CANCELLED = -32800  # JSON-RPC RequestCancelled
+
+
+async def test_cancelling_a_next_edit_aborts_the_remote_request():
+    async with EditStandIn(rewrite=rename_uses, hang_edits=1) as remote, running_server(
+            mercury_options(remote.url)) as client:
+        await renamed(client)
+        params = {"textDocument": {"uri": URI, "version": 2},
+                  "position": {"line": 0, "character": 10}}
+        future = asyncio.ensure_future(client.protocol.send_request_async(
+            "textDocument/copilotInlineEdit", params, msg_id="edit-1"))
+        await asyncio.wait_for(remote.hung.wait(), 5)
+        client.protocol.notify("$/cancelRequest", types.CancelParams(id="edit-1"))
+        with pytest.raises(JsonRpcException) as error:
+            await asyncio.wait_for(future, 5)
+        assert error.value.code == CANCELLED
+        await asyncio.wait_for(remote.dropped.wait(), 5)  # the HTTP request was aborted
+        assert await inline_edit(client, URI, 2, 0, 10)  # and the server keeps serving
+
+
+async def test_a_newer_next_edit_request_supersedes_an_older_one():
+    async with EditStandIn(rewrite=rename_uses, hang_edits=1) as remote, running_server(
+            mercury_options(remote.url)) as client:
+        await renamed(client)
+        old = asyncio.ensure_future(inline_edit(client, URI, 2, 0, 10))
+        await asyncio.wait_for(remote.hung.wait(), 5)
+        new = await inline_edit(client, URI, 2, 0, 10)
+        with pytest.raises(JsonRpcException) as error:
+            await old
+        assert error.value.code == CANCELLED
+        assert new  # the newer one is answered
+        assert (await stats(client))["superseded"] == 1
