@@ -40,7 +40,7 @@ from pygls.protocol.language_server import lsp_method
 from lsp_server import context as ctx
 from lsp_server import next_edit as nes
 from lsp_server import transport
-from lsp_server.backends import Backend, BackendError, CompletionJob, NextEditJob, make_backend
+from lsp_server.backends import Backend, BackendError, CompletionJob, make_backend
 from lsp_server.cache import CompletionCache
 from lsp_server.documents import Workspace, encoding_name
 from lsp_server.logfile import make_handler
@@ -48,7 +48,6 @@ from lsp_server.postprocess import Surroundings, choose_multiline, clean, detect
 from lsp_server.settings import Settings, merge
 from lsp_server.stats import Stats
 from model.families import parse_overrides
-from service.edit_wire import EditPrompt
 
 log = logging.getLogger("diffusion_lsp")
 
@@ -61,38 +60,12 @@ MAX_DOCUMENT_CHARS = 20_000_000  # larger documents get no completions
 RECENT_DOCUMENTS = 8  # documents remembered for snippets (a ring, most recent first)
 BELOW_LINES = 8  # lines after the cursor's line the clean-up compares against
 RELOAD_KEYS = ("backend", "model", "remote")  # settings whose change restarts the backend
-# next edits, wire-compatible with copilot-language-server (docs/next-edits.md)
-INLINE_EDIT = "textDocument/copilotInlineEdit"
-DID_SHOW_INLINE_EDIT = "textDocument/didShowInlineEdit"
-DID_SHOW_COMPLETION = "textDocument/didShowCompletion"
-DID_PARTIALLY_ACCEPT = "textDocument/didPartiallyAcceptCompletion"
-DID_FOCUS = "textDocument/didFocus"
-DID_DISMISS = "diffusion/didDismiss"  # ours: a suggestion the user dismissed
-ACCEPT_NEXT_EDIT = "diffusion-lsp.didAcceptNextEdit"
-ACCEPT_COMPLETION = "diffusion-lsp.didAcceptCompletion"
-COMMENT_PREFIX = {"python": "#", "ruby": "#", "shellscript": "#", "r": "#", "lua": "--",
-                  "sql": "--", "haskell": "--"}  # others: "//"
-
-
-class TextDocumentRef(msgspec.Struct):
-    uri: str
-    version: int | None = None
-
-
-class Place(msgspec.Struct):
-    line: int
-    character: int
-
-
-class InlineEditParams(msgspec.Struct):
-    """`textDocument/copilotInlineEdit`'s params (other fields, e.g. sidekick's `context`, are
-    ignored)."""
-
-    textDocument: TextDocumentRef  # noqa: N815 - the wire's name
-    position: Place
-
-
-CHECKED_PARAMS: dict[str, type] = {INLINE_EDIT: InlineEditParams}  # our methods' param types
+ACCEPT_COMPLETION = "diffusion-lsp.didAcceptCompletion"  # an inline completion's command
+# filled by the modules that handle more methods (lsp_server/inline_edit.py): the params a
+# method's message must decode into, `capabilities.experimental`, commands and their handlers
+CHECKED_PARAMS: dict[str, type] = {}
+EXPERIMENTAL: dict[str, Any] = {}
+COMMANDS: list[tuple[str, Callable]] = []
 
 
 def envelope_problem(value: Any) -> str | None:
@@ -224,11 +197,9 @@ class Protocol(LanguageServerProtocol):
 
     @lsp_method(types.INITIALIZE)
     def lsp_initialize(self, params: types.InitializeParams):
-        """pygls' initialize, plus next edits under `capabilities.experimental`."""
+        """pygls' initialize, plus EXPERIMENTAL under `capabilities.experimental`."""
         result = yield from super().lsp_initialize(params)
-        result.capabilities.experimental = {
-            "inlineEdit": {"method": INLINE_EDIT, "acceptCommand": ACCEPT_NEXT_EDIT},
-            "diffusionLsp": {"nextEdits": True}}
+        result.capabilities.experimental = dict(EXPERIMENTAL) or None
         return result
 
     @lsp_method(types.EXIT)
@@ -535,107 +506,6 @@ class DiffusionServer(LanguageServer):
         self._finish(began, outcome, uri, cleaned, snippets=context.snippets)
         return Answer(cleaned, cursor) if cleaned else None
 
-    # -- next edits ------------------------------------------------------------------------------
-
-    async def next_edit(self, uri: str, version: int | None, position: Place) -> list[dict]:
-        """The suggested edits for `textDocument/copilotInlineEdit` ([] for none: not open, a
-        stale version, nothing predicted, or an edit that would undo the user's). A newer
-        request for the document supersedes this one; cancellation propagates."""
-        began = time.perf_counter()
-        self.stats.count("nextEditRequests")
-        task = asyncio.current_task()
-        try:
-            return await self._next_edit(uri, version, position, task)
-        except asyncio.CancelledError:
-            self.stats.count("cancelled")
-            raise
-        except BackendError as error:
-            self.stats.count("errors")
-            self.backend_failed(error)
-            return []
-        except Exception:
-            self.stats.count("errors")
-            log.exception("next edit at %s %s failed", uri, position)
-            return []
-        finally:
-            if self.inflight_edits.get(uri) is task:
-                del self.inflight_edits[uri]
-            self.stats.next_edit_ms.append((time.perf_counter() - began) * 1e3)
-
-    async def _next_edit(self, uri: str, version: int | None, position: Place,
-                         task: asyncio.Task | None) -> list[dict]:
-        document = self.open_document(uri)
-        settings = self.settings
-        if (document is None or not settings.next_edit.enable
-                or not settings.enabled_for(document.language_id)):
-            return []
-        if version is not None and document.version != version:
-            self.stats.count("nextEditStale")
-            return []
-        if self.state != "ready" or self.backend is None:
-            self.stats.count("notReady")
-            return []
-        raw = document.source
-        if len(raw) > nes.MAX_DOCUMENT_CHARS:
-            return []
-        text = ctx.normalize_line_ends(raw)
-        encoding = encoding_name(self.workspace.position_encoding)
-        try:
-            cursor = ctx.locate(text, position.line, position.character, encoding)
-        except ctx.PositionError as error:
-            log.info("no next edit: %s", error)
-            return []
-        older = self.inflight_edits.get(uri)
-        if older is not None and older is not task and not older.done():
-            older.cancel()
-            self.stats.count("superseded")
-        if task is not None:
-            self.inflight_edits[uri] = task
-        self.memory.viewed.saw(uri, cursor.line)
-        backend, options = self.backend, settings.next_edit
-        region = nes.editable_region(text, cursor.line, backend.count_tokens, options.lines_above,
-                                     options.lines_below, options.region_tokens)
-        history = self.memory.histories.get(uri)
-        if history is not None and history.text != text:
-            history.observe(text)  # a change the server saw before its handler ran
-        path = self.document_path(uri)
-        prompt = EditPrompt(
-            path, text[:region.start], text[region.start:region.end],
-            min(max(cursor.offset - region.start, 0), region.end - region.start),
-            text[region.end:],
-            history.diffs(options.history_edits) if history is not None else (),
-            self.memory.viewed.snippets(uri, self._latest_text, self.document_path,
-                                        options.max_snippets, options.snippet_lines))
-        job = NextEditJob(prompt, max_tokens=min(4096, 2 * backend.count_tokens(prompt.region)
-                                                 + 32),
-                          threshold=options.threshold, strategy=options.strategy,
-                          comment=COMMENT_PREFIX.get(document.language_id or "", "//"),
-                          document=f"{uri}#next-edit")
-        outcome = await backend.next_edit(job)
-        current = self.open_document(uri)
-        if current is None or current.version != document.version or outcome.region is None:
-            return []
-        changes = nes.suggestion(text, region, outcome.region,
-                                 history.latest() if history is not None else None)
-        self.stats.count("nextEdits" if changes else "nextEditsEmpty")
-        log.debug("next edit %s: %d change(s) (model %.0f ms, %d passes)",
-                  uri.rsplit("/", 1)[-1], len(changes), outcome.model_ms, outcome.steps)
-        line_end = "\r\n" if "\r\n" in raw else "\n"
-        edits = []
-        for change in changes:
-            item = uuid.uuid4().hex
-            self.feedback.offer(item, "nextEdit", uri, nes.apply_changes(text, [change]))
-            start = nes.position_of(text, change.start, lambda s: ctx.units_of(s, encoding))
-            end = nes.position_of(text, change.end, lambda s: ctx.units_of(s, encoding))
-            edits.append({
-                "range": {"start": {"line": start[0], "character": start[1]},
-                          "end": {"line": end[0], "character": end[1]}},
-                "text": change.text.replace("\n", line_end),
-                "textDocument": {"uri": uri, "version": document.version},
-                "command": {"title": "Accept next edit", "command": ACCEPT_NEXT_EDIT,
-                            "arguments": [item]}})
-        return edits
-
     def document_path(self, uri: str) -> str:
         """A readable path for prompts: the workspace-relative path, else the file's path."""
         path = unquote(uri.split("://", 1)[-1]) if "://" in uri else uri.split(":", 1)[-1]
@@ -644,7 +514,8 @@ class DiffusionServer(LanguageServer):
             return path[len(root.rstrip("/")) + 1:]
         return path
 
-    def _latest_text(self, uri: str) -> str | None:
+    def latest_text(self, uri: str) -> str | None:
+        """The open document's text with "\\n" line ends, or None."""
         document = self.open_document(uri)
         return ctx.normalize_line_ends(document.source) if document is not None else None
 
@@ -726,8 +597,8 @@ def make_server(model_override: dict | None = None) -> DiffusionServer:
     server = DiffusionServer()
     for method, options, handler in HANDLERS:
         server.feature(method, options)(handler)
-    for command in COMMANDS:
-        server.command(command)(on_accept)
+    for command, handler in COMMANDS:
+        server.command(command)(handler)
     server.model_override = model_override or {}
     server.apply_settings(None)
     server.pending_reports.extend(UNREPORTED)
@@ -814,86 +685,6 @@ async def on_inline_completion(ls: DiffusionServer, params: types.InlineCompleti
     return types.InlineCompletionList(items=[item])
 
 
-@handles(INLINE_EDIT)
-async def on_inline_edit(ls: DiffusionServer, params: Any) -> dict:
-    """Copilot's next edit suggestions: `{textDocument: {uri, version}, position}` in,
-    `{edits: [{range, text, textDocument: {uri, version}, command}]}` out (params were
-    checked against InlineEditParams when the message was read)."""
-    request = msgspec.convert(plain(params), InlineEditParams)
-    edits = await ls.next_edit(request.textDocument.uri, request.textDocument.version,
-                               request.position)
-    return {"edits": edits}
-
-
-@handles(DID_SHOW_INLINE_EDIT)
-def on_show_inline_edit(ls: DiffusionServer, params: Any = None) -> None:
-    ls.feedback.shown(nes.item_id(params))
-
-
-@handles(DID_SHOW_COMPLETION)
-def on_show_completion(ls: DiffusionServer, params: Any = None) -> None:
-    ls.feedback.shown(nes.item_id(params))
-
-
-@handles(DID_PARTIALLY_ACCEPT)
-def on_partial_accept(ls: DiffusionServer, params: Any = None) -> None:
-    ls.feedback.accepted(nes.item_id(params), partial=True)
-
-
-@handles(DID_DISMISS)
-def on_dismiss(ls: DiffusionServer, params: Any = None) -> None:
-    ls.feedback.rejected(nes.item_id(params))
-
-
-@handles(DID_FOCUS)
-def on_focus(ls: DiffusionServer, params: Any = None) -> None:
-    """Copilot clients say which document has the focus (it is a viewed document)."""
-    uri = getattr(getattr(params, "textDocument", None), "uri", None)
-    if isinstance(uri, str) and ls.open_document(uri) is not None:
-        ls.touch(uri)
-
-
-def on_accept(ls: DiffusionServer, *arguments: Any) -> None:
-    """A suggestion's command: the client applied it."""
-    ls.feedback.accepted(arguments[0] if arguments and isinstance(arguments[0], str) else None)
-
-
-COMMANDS = [ACCEPT_NEXT_EDIT, ACCEPT_COMPLETION]
-
-
-def plain(value: Any) -> Any:
-    """pygls' named tuples for untyped JSON, back into dicts and lists."""
-    if hasattr(value, "_asdict"):
-        return {key: plain(item) for key, item in value._asdict().items()}
-    if isinstance(value, list | tuple):
-        return [plain(item) for item in value]
-    return value
-
-
-@handles(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(
-    trigger_characters=[".", "(", " ", "\n"]))
-async def on_completion(ls: DiffusionServer, params: types.CompletionParams
-                        ) -> types.CompletionList:
-    answer = await ls.answer(params.text_document.uri, params.position)
-    if answer is None:
-        return types.CompletionList(is_incomplete=True, items=[])
-    position = params.position
-    first_line = answer.text.strip().split("\n", 1)[0]
-    item = types.CompletionItem(
-        label=first_line[:80] or answer.text[:80],
-        kind=types.CompletionItemKind.Text,
-        detail="diffusion-lsp",
-        documentation=types.MarkupContent(kind=types.MarkupKind.Markdown,
-                                          value=f"```\n{answer.text}\n```"),
-        text_edit=types.TextEdit(range=types.Range(start=position, end=position),
-                                 new_text=answer.text),
-        filter_text=answer.cursor.line_before.lstrip() + answer.text,
-        sort_text="0",
-        preselect=True,
-    )
-    return types.CompletionList(is_incomplete=True, items=[item])
-
-
 @handles(STATS)
 def on_stats(ls: DiffusionServer, params: Any = None) -> dict:
     return ls.stats_snapshot()
@@ -918,6 +709,9 @@ def on_shutdown(ls: DiffusionServer, params: Any = None) -> None:
     if engine is not None:
         engine.close(timeout=2.0)
 
+
+# next edits register their handlers here (they use `handles`, above)
+from lsp_server import inline_edit  # noqa: E402, F401
 
 # ---------------------------------------------------------------------------------------------
 # Entry point
