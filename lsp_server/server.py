@@ -685,6 +685,30 @@ async def on_inline_completion(ls: DiffusionServer, params: types.InlineCompleti
     return types.InlineCompletionList(items=[item])
 
 
+@handles(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(
+    trigger_characters=[".", "(", " ", "\n"]))
+async def on_completion(ls: DiffusionServer, params: types.CompletionParams
+                        ) -> types.CompletionList:
+    answer = await ls.answer(params.text_document.uri, params.position)
+    if answer is None:
+        return types.CompletionList(is_incomplete=True, items=[])
+    position = params.position
+    first_line = answer.text.strip().split("\n", 1)[0]
+    item = types.CompletionItem(
+        label=first_line[:80] or answer.text[:80],
+        kind=types.CompletionItemKind.Text,
+        detail="diffusion-lsp",
+        documentation=types.MarkupContent(kind=types.MarkupKind.Markdown,
+                                          value=f"```\n{answer.text}\n```"),
+        text_edit=types.TextEdit(range=types.Range(start=position, end=position),
+                                 new_text=answer.text),
+        filter_text=answer.cursor.line_before.lstrip() + answer.text,
+        sort_text="0",
+        preselect=True,
+    )
+    return types.CompletionList(is_incomplete=True, items=[item])
+
+
 @handles(STATS)
 def on_stats(ls: DiffusionServer, params: Any = None) -> dict:
     return ls.stats_snapshot()
