@@ -102,14 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="speed benchmarks of the model (no LSP)")
     bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp",
-                                        "cache-agreement", "typing", "cpu", "multi-hole"],
+                                        "cache-agreement", "typing", "cpu", "multi-hole",
+                                        "next-edit"],
                        help="lsp: end to end through a real LSP client (needs the test extra); "
                             "cache-agreement: how often the context cache changes completions "
                             "(tiny checkpoints of every family and the bundled model); "
                             "typing: first request vs the one after a typed character, over "
                             "LSP and model only, with the document context cache; cpu: pass "
                             "times per dtype and a profile of where they go; multi-hole: two "
-                            "lines of HumanEval solutions filled jointly vs one after another")
+                            "lines of HumanEval solutions filled jointly vs one after another; "
+                            "next-edit: exact match and latency of next edits "
+                            "(docs/next-edits.md)")
     bench.add_argument("--limit", type=int, default=40, help="holes per split")
     bench.add_argument("--max-tokens", type=int, default=32)
     bench.add_argument("--tokens-per-step", type=int, default=None,
@@ -125,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead of --model: random weights of a published shape "
                             "(qwen2.5-7b = Dream-Coder-7B, GPU only; qwen2.5-0.5b = "
                             "Open-dCoder-0.5B and tiny-qwen2 run on a CPU)")
+    bench.add_argument("--strategy", default=None, choices=["doubt", "region"],
+                       help="next-edit: the local rewrite to measure (default: both)")
+    bench.add_argument("--remote-url", default=None,
+                       help="next-edit: a real edit endpoint (key in DIFFUSION_LSP_TOKEN) "
+                            "instead of the stand-in")
+    bench.add_argument("--remote-only", action="store_true",
+                       help="next-edit: measure the remote only")
     _add_model_args(bench)
 
     service = commands.add_parser(
@@ -216,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.multi_hole import run_multi_hole_bench
 
         return run_multi_hole_bench(args)
+    if args.command == "bench" and args.name == "next-edit":
+        from benchmarks.next_edit import run_next_edit_bench
+
+        return run_next_edit_bench(args)
     if args.command == "bench" and args.name == "cpu":
         from benchmarks.cpu_profile import run_cpu_bench
 

@@ -40,6 +40,7 @@ from pygls.protocol.language_server import lsp_method
 
 from lsp_server import context as ctx
 from lsp_server import holes, transport
+from lsp_server import next_edit as nes
 from lsp_server.backends import Backend, BackendError, CompletionJob, HolesJob, make_backend
 from lsp_server.cache import CompletionCache
 from lsp_server.documents import Workspace, encoding_name
@@ -62,6 +63,12 @@ MAX_DOCUMENT_CHARS = 20_000_000  # larger documents get no completions
 RECENT_DOCUMENTS = 8  # documents remembered for snippets (a ring, most recent first)
 BELOW_LINES = 8  # lines after the cursor's line the clean-up compares against
 RELOAD_KEYS = ("backend", "model", "remote")  # settings whose change restarts the backend
+ACCEPT_COMPLETION = "diffusion-lsp.didAcceptCompletion"  # an inline completion's command
+# filled by the modules that handle more methods (lsp_server/inline_edit.py): the params a
+# method's message must decode into, `capabilities.experimental`, commands and their handlers
+CHECKED_PARAMS: dict[str, type] = {}
+EXPERIMENTAL: dict[str, Any] = {}
+COMMANDS: list[tuple[str, Callable]] = []
 
 
 def envelope_problem(value: Any) -> str | None:
@@ -172,6 +179,12 @@ class Protocol(LanguageServerProtocol):
             kind = self.get_message_type(data["method"]) or JsonRPCNotification
         if kind in (JsonRPCRequestMessage, JsonRPCNotification):
             data = {"params": None, **data}
+            checked = CHECKED_PARAMS.get(data.get("method", ""))
+            if checked is not None:
+                try:
+                    msgspec.convert(data["params"], checked)
+                except msgspec.ValidationError as error:
+                    raise InvalidParams(str(error)) from None
         try:
             return self._converter.structure(data, kind)
         except Exception as error:  # noqa: BLE001 - whatever cattrs raises, one line
@@ -184,6 +197,13 @@ class Protocol(LanguageServerProtocol):
             log.debug("cancel for %s, already answered", msg_id)
         elif future.cancel():
             log.debug("cancelled request %s", msg_id)
+
+    @lsp_method(types.INITIALIZE)
+    def lsp_initialize(self, params: types.InitializeParams):
+        """pygls' initialize, plus EXPERIMENTAL under `capabilities.experimental`."""
+        result = yield from super().lsp_initialize(params)
+        result.capabilities.experimental = dict(EXPERIMENTAL) or None
+        return result
 
     @lsp_method(types.EXIT)
     def lsp_exit(self, *args) -> None:
@@ -229,6 +249,9 @@ class DiffusionServer(LanguageServer):
         self.stats = Stats()
         self.cache = CompletionCache(self.settings.cache_size)
         self.inflight: dict[str, asyncio.Task] = {}
+        self.inflight_edits: dict[str, asyncio.Task] = {}  # next-edit requests, per document
+        self.memory = nes.Memory()  # edit histories and viewed places (next edits)
+        self.feedback = nes.Feedback()  # shown / accepted / rejected suggestions
         self.recent: list[str] = []  # uris, most recent first
         self.reported: set[str] = set()  # problems already shown to the user
         self.last_latency_ms: float | None = None
@@ -584,6 +607,19 @@ class DiffusionServer(LanguageServer):
                     uri=data.uri, version=data.version), edits=list(edits))])
         return action
 
+    def document_path(self, uri: str) -> str:
+        """A readable path for prompts: the workspace-relative path, else the file's path."""
+        path = unquote(uri.split("://", 1)[-1]) if "://" in uri else uri.split(":", 1)[-1]
+        root = self.workspace.root_path
+        if root and path.startswith(root.rstrip("/") + "/"):
+            return path[len(root.rstrip("/")) + 1:]
+        return path
+
+    def latest_text(self, uri: str) -> str | None:
+        """The open document's text with "\\n" line ends, or None."""
+        document = self.open_document(uri)
+        return ctx.normalize_line_ends(document.source) if document is not None else None
+
     def backend_failed(self, error: BackendError) -> None:
         """A completion failed: the user sees it once (log panel, and the status bar until the
         next completion succeeds); a backend that stopped also pops up and serves no more; an
@@ -635,6 +671,7 @@ class DiffusionServer(LanguageServer):
 
     def stats_snapshot(self) -> dict:
         snapshot = self.stats.snapshot()
+        snapshot["feedback"] = self.feedback.snapshot()
         snapshot.update(state=self.state, modelReady=self.state == "ready",
                         model=self.description, device=self._device(),
                         cacheEntries=len(self.cache), inflight=len(self.inflight))
@@ -679,6 +716,8 @@ def make_server(model_override: dict | None = None) -> DiffusionServer:
     server = DiffusionServer()
     for method, options, handler in HANDLERS:
         server.feature(method, options)(handler)
+    for command, handler in COMMANDS:
+        server.command(command)(handler)
     server.model_override = model_override or {}
     server.apply_settings(None)
     server.pending_reports.extend(UNREPORTED)
@@ -719,16 +758,32 @@ def on_configuration(ls: DiffusionServer, params: types.DidChangeConfigurationPa
 
 @handles(types.TEXT_DOCUMENT_DID_OPEN)
 def on_open(ls: DiffusionServer, params: types.DidOpenTextDocumentParams) -> None:
-    ls.touch(params.text_document.uri)
+    uri = params.text_document.uri
+    ls.touch(uri)
+    ls.memory.opened(uri, ls.document_path(uri),
+                     ctx.normalize_line_ends(params.text_document.text))
+
+
+@handles(types.TEXT_DOCUMENT_DID_CHANGE)
+def on_change(ls: DiffusionServer, params: types.DidChangeTextDocumentParams) -> None:
+    uri = params.text_document.uri
+    document = ls.open_document(uri)
+    if document is not None:
+        text = ctx.normalize_line_ends(document.source)
+        ls.memory.changed(uri, text, ls.document_path(uri))
+        ls.feedback.document_changed(uri, text)
 
 
 @handles(types.TEXT_DOCUMENT_DID_CLOSE)
 def on_close(ls: DiffusionServer, params: types.DidCloseTextDocumentParams) -> None:
     uri = params.text_document.uri
-    task = ls.inflight.pop(uri, None)
-    if task is not None:
-        task.cancel()
+    for inflight in (ls.inflight, ls.inflight_edits):
+        task = inflight.pop(uri, None)
+        if task is not None:
+            task.cancel()
     ls.cache.forget(uri)
+    ls.memory.closed(uri)
+    ls.feedback.closed(uri)
     if uri in ls.recent:
         ls.recent.remove(uri)
 
@@ -740,8 +795,12 @@ async def on_inline_completion(ls: DiffusionServer, params: types.InlineCompleti
     if answer is None:
         return types.InlineCompletionList(items=[])
     position = params.position
-    item = types.InlineCompletionItem(insert_text=answer.text,
-                                      range=types.Range(start=position, end=position))
+    item_id = uuid.uuid4().hex
+    ls.feedback.offer(item_id, "completion", params.text_document.uri)
+    item = types.InlineCompletionItem(
+        insert_text=answer.text, range=types.Range(start=position, end=position),
+        command=types.Command(title="Accept completion", command=ACCEPT_COMPLETION,
+                              arguments=[item_id]))
     return types.InlineCompletionList(items=[item])
 
 
@@ -824,6 +883,9 @@ def on_shutdown(ls: DiffusionServer, params: Any = None) -> None:
     if engine is not None:
         engine.close(timeout=2.0)
 
+
+# next edits register their handlers here (they use `handles`, above)
+from lsp_server import inline_edit  # noqa: E402, F401
 
 # ---------------------------------------------------------------------------------------------
 # Entry point

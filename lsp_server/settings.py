@@ -82,9 +82,27 @@ class ContextSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True
     snippet_lines: int = 16  # lines per snippet
 
 
+class NextEditSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    """`textDocument/copilotInlineEdit` (docs/next-edits.md)."""
+
+    enable: bool = True
+    lines_above: int = 4  # the editable region: lines above the cursor's line ...
+    lines_below: int = 8  # ... and below it
+    region_tokens: int = 200  # the region shrinks to this many tokens
+    max_snippets: int = 4  # recently viewed snippets sent (Inception: 3-5)
+    snippet_lines: int = 20
+    history_edits: int = 5  # diffs sent, the latest
+    # the local rewrite (model/next_edit.py); "region" by measurement (docs/next-edits.md)
+    strategy: Literal["doubt", "region"] = "region"
+    threshold: float = 0.9
+
+
 class RemoteSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     url: str = "http://127.0.0.1:8000"  # base URL; the API path is added
-    api: Literal["fim", "completions"] = "fim"  # /v1/fim/completions or /v1/completions
+    # /v1/fim/completions, /v1/completions, or Inception's contract on any URL ("mercury": no
+    # /health probe, model mercury-edit-2 by default; FIM at /v1/fim/completions). Next edits
+    # always go to /v1/edit/completions, which Mercury and our service both answer.
+    api: Literal["fim", "completions", "mercury"] = "fim"
     model: str = "diffusion-lsp"
     api_key_env: str = "DIFFUSION_LSP_TOKEN"  # environment variable holding the key
     api_key: str | None = None  # or the key itself (never logged)
@@ -107,6 +125,7 @@ class Settings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     context: ContextSettings = msgspec.field(default_factory=ContextSettings)
     remote: RemoteSettings = msgspec.field(default_factory=RemoteSettings)
     holes: HolesSettings = msgspec.field(default_factory=HolesSettings)
+    next_edit: NextEditSettings = msgspec.field(default_factory=NextEditSettings)
     cache_size: int = 256  # completions kept for type-along reuse
     log_level: Literal["error", "warning", "info", "debug"] = "info"
 
@@ -119,10 +138,13 @@ POSITIVE = {
     ("completion", "max_lines"), ("context", "max_snippets"), ("context", "snippet_lines"),
     ("context", "prefix_tokens"), ("remote", "timeout_ms"), ("cache_size",),
     ("holes", "max_tokens"), ("holes", "max_holes"),
+    ("next_edit", "region_tokens"), ("next_edit", "snippet_lines"),
 }
 NON_NEGATIVE = {
     ("completion", "debounce_ms"), ("context", "suffix_tokens"), ("context", "snippet_tokens"),
     ("remote", "retries"), ("model", "context_cache_documents"),
+    ("next_edit", "lines_above"), ("next_edit", "lines_below"), ("next_edit", "max_snippets"),
+    ("next_edit", "history_edits"),
 }
 
 
@@ -151,6 +173,8 @@ def _check_ranges(settings: Settings) -> list[str]:
             problems.append(f"{_camel(path)} must not be negative")
     if not 0.0 <= settings.completion.threshold <= 1.0:
         problems.append("completion.threshold must lie in [0, 1]")
+    if not 0.0 <= settings.next_edit.threshold <= 1.0:
+        problems.append("nextEdit.threshold must lie in [0, 1]")
     per_step = settings.completion.tokens_per_step
     if per_step is not None and per_step <= 0:
         problems.append("completion.tokensPerStep must be positive")

@@ -24,6 +24,7 @@ class Stats:
         self.latency_ms: deque[float] = deque(maxlen=WINDOW)
         self.model_ms: deque[float] = deque(maxlen=WINDOW)
         self.steps: deque[int] = deque(maxlen=WINDOW)
+        self.next_edit_ms: deque[float] = deque(maxlen=WINDOW)
 
     def count(self, name: str, by: int = 1) -> None:
         self.counts[name] += by
@@ -42,6 +43,12 @@ class Stats:
         snapshot = {name: self.counts.get(name, 0) for name in names}
         snapshot["latencyMs"] = percentiles(self.latency_ms)
         snapshot["modelMs"] = percentiles(self.model_ms)
+        snapshot["nextEdit"] = {
+            "requests": self.counts.get("nextEditRequests", 0),
+            "suggested": self.counts.get("nextEdits", 0),
+            "empty": self.counts.get("nextEditsEmpty", 0),
+            "stale": self.counts.get("nextEditStale", 0),
+            "latencyMs": percentiles(self.next_edit_ms)}
         snapshot["meanSteps"] = (round(sum(self.steps) / len(self.steps), 2)
                                  if self.steps else None)
         return snapshot

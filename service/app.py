@@ -48,9 +48,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from model import next_edit
 from model.families import parse_overrides
 from model.percentile import percentile
-from service import wire
+from service import edit_wire, wire
 
 if TYPE_CHECKING:  # Ray, starlette and the model are imported where they are used
     from ray.serve import Application
@@ -281,7 +282,8 @@ def infill_options(hole: wire.Hole) -> InfillOptions:
     return InfillOptions(
         max_tokens=hole.max_tokens, initial_tokens=min(INITIAL_TOKENS, hole.max_tokens),
         tokens_per_step=hole.tokens_per_step, temperature=hole.temperature, seed=seed,
-        single_line=hole.single_line, stop=hole.stop, min_tokens=MIN_TOKENS, **kwargs)
+        single_line=hole.single_line, stop=hole.stop,
+        min_tokens=MIN_TOKENS if hole.min_tokens is None else hole.min_tokens, **kwargs)
 
 
 class Infiller:
@@ -466,8 +468,8 @@ class Gateway:
 
     async def __call__(self, request: Any) -> Any:
         path, method = request.url.path.rstrip("/") or "/", request.method
-        endpoint = path if path in (*COMPLETION_PATHS, wire.MODELS_PATH, wire.HEALTH_PATH,
-                                    wire.METRICS_PATH) else "other"
+        endpoint = path if path in (*COMPLETION_PATHS, edit_wire.EDIT_PATH, wire.MODELS_PATH,
+                                    wire.HEALTH_PATH, wire.METRICS_PATH) else "other"
         response = await self._route(request, path, method)
         self.metrics.record(endpoint, response.status_code)
         return response
@@ -479,7 +481,7 @@ class Gateway:
             return _json(wire.error_body("missing or wrong bearer token", "authentication_error",
                                          "invalid_api_key"), 401,
                          {"WWW-Authenticate": 'Bearer realm="diffusion-lsp"'})
-        if path in COMPLETION_PATHS:
+        if path in COMPLETION_PATHS or path == edit_wire.EDIT_PATH:
             if method != "POST":
                 return _json(wire.error_body(f"{path} takes POST"), 405, {"Allow": "POST"})
             try:
@@ -487,6 +489,8 @@ class Gateway:
             except Refused as refused:
                 return _json(wire.error_body(str(refused)), refused.status,
                              {"Connection": "close"})
+            if path == edit_wire.EDIT_PATH:
+                return await self.edit(body)
             return await self.complete(COMPLETION_PATHS[path], body)
         if path == wire.MODELS_PATH:
             return _json(msgspec.json.encode({"object": "list", "data": [
@@ -561,6 +565,41 @@ class Gateway:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    async def edit(self, body: bytes) -> Any:
+        """`POST /v1/edit/completions` (Inception's next-edit contract): the editable region
+        re-denoised hole by hole (model/next_edit.py), each hole filled by a replica."""
+        began = time.perf_counter()
+        try:
+            request, prompt = edit_wire.decode_edit(body)
+        except wire.WireError as error:
+            return _json(wire.error_body(str(error)), 400)
+        site = next_edit.Site(prompt.above, prompt.region, prompt.cursor, prompt.below,
+                              prompt.history, next_edit.comment_for(prompt.path))
+        usage = [0, 0]
+
+        async def fill(prefix: str, suffix: str, hole: next_edit.Hole) -> tuple[str, int]:
+            encoded = msgspec.json.encode(wire.Hole(
+                request.model, prefix, suffix, hole.max_tokens, (), 0.0, None, None,
+                min_tokens=0 if hole.may_be_empty else None))
+            filled = msgspec.json.decode(await self.infiller.fill.remote(encoded), type=Filled)
+            usage[0] += filled.prompt_tokens
+            usage[1] += filled.completion_tokens
+            return filled.text, filled.stats.steps
+
+        self.metrics.inflight += 1
+        try:
+            region, _ = await next_edit.rewrite(site, next_edit.DEFAULT_STRATEGY,
+                                                next_edit.estimate_tokens, fill)
+        except Exception as error:  # noqa: BLE001 - every replica failure becomes a 5xx
+            return self._failure(error)
+        finally:
+            self.metrics.inflight -= 1
+        log.debug("edit: %.0f ms", (time.perf_counter() - began) * 1e3)
+        response = edit_wire.edit_response(self.config.model_name,
+                                           prompt.region if region is None else region,
+                                           usage[0], usage[1])
+        return _json(msgspec.json.encode(response))
 
     def _failure(self, error: Exception) -> Any:
         name = type(error).__name__

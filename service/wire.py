@@ -155,6 +155,7 @@ class Hole(msgspec.Struct, frozen=True):
     sampling: Sampling = Sampling()
     seed: int | None = None  # None: a fresh one per request when temperature > 0
     stream: bool = False  # server-sent events of the intermediate states (FIM only)
+    min_tokens: int | None = None  # None: the service's (a next edit's hole may stay empty)
 
     @property
     def single_line(self) -> bool:

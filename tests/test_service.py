@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 
-from lsp_server.backends import BackendError, CompletionJob
+from lsp_server.backends import BackendError, CompletionJob, NextEditJob
 from lsp_server.backends.remote import RemoteBackend
 from lsp_server.settings import RemoteSettings, Settings
 from model.loader import bundled_model_path
-from service import wire
+from service import edit_wire, wire
 from service.app import (
     Metrics,
     ServiceConfig,
@@ -284,6 +285,44 @@ def test_openai_completions_api_answers(service):
     assert "\n" not in answer.json()["choices"][0]["text"]
 
 
+EDIT_PROMPT = edit_wire.EditPrompt(
+    "shapes.py", "", "def area(w, height):\n    return width * height", 10,
+    "\n\nprint(area(2, 3))\n",
+    ("--- shapes.py\n+++ shapes.py\n@@ -1,2 +1,2 @@\n-def area(width, height):\n"
+     "+def area(w, height):\n     return width * height\n",))
+
+
+@pytest.mark.slow
+def test_the_edit_api_answers_in_inceptions_shape(service):
+    body = msgspec.to_builtins(edit_wire.edit_request("diffusion-lsp", EDIT_PROMPT, 64))
+    answer = httpx.post(service["url"] + "/v1/edit/completions", json=body, headers=AUTH,
+                        timeout=60)
+    assert answer.status_code == 200, answer.text
+    reply = answer.json()
+    assert reply["object"] == "chat.completion" and reply["model"] == "diffusion-lsp"
+    content = reply["choices"][0]["message"]["content"]
+    assert content.startswith("```\n") and content.endswith("\n```")
+    region = edit_wire.region_of_answer(content)
+    assert region is not None and region.strip()  # the region, re-denoised by the model
+    assert reply["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body, status, reason", [
+    ({"model": "m", "messages": []}, 400, "exactly one message"),
+    ({"model": "m", "messages": [{"role": "user", "content": "no sections"}]}, 400,
+     "current_file_content"),
+    ({"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}, 400,
+     "stream"),
+])
+def test_bad_edit_requests_are_400_with_a_reason(service, body, status, reason):
+    answer = httpx.post(service["url"] + "/v1/edit/completions", json=body, headers=AUTH,
+                        timeout=30)
+    assert answer.status_code == status and reason in answer.json()["error"]["message"]
+    assert httpx.post(service["url"] + "/v1/edit/completions", json=body,
+                      timeout=30).status_code == 401
+
+
 @pytest.mark.slow
 def test_bad_requests_are_400_with_a_reason(service):
     answer = httpx.post(service["url"] + "/v1/completions", json=FIM | {"stream": True},
@@ -508,6 +547,16 @@ async def test_remote_backend_turns_the_stream_into_previews(service, monkeypatc
     await backend.close()
     assert outcome.extra["streamed"] and outcome.steps >= 1
     assert [step for step, _, _ in previews] == list(range(1, outcome.steps))
+
+
+@pytest.mark.slow
+async def test_remote_backend_next_edits_from_our_service(service, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    backend = RemoteBackend()
+    await backend.start(_remote_settings(service["url"], timeout_ms=30_000), lambda m: None)
+    outcome = await backend.next_edit(NextEditJob(EDIT_PROMPT, max_tokens=64))
+    await backend.close()
+    assert outcome.region is not None and outcome.region.strip()
 
 
 @pytest.mark.slow

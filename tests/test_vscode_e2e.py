@@ -58,3 +58,38 @@ def test_ghost_text_from_the_server_in_real_vscode(tmp_path):
     # A click on the status bar item disables completions in the server, a second enables them.
     assert result["toggledOff"] and result["toggledOn"]
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_next_edits_in_real_vscode(tmp_path):
+    """A rename in real VS Code: the server's suggestion (from an Inception-shaped stand-in,
+    tests/test_server_next_edit.py) is decorated, Tab jumps to it, Tab applies it, Escape
+    dismisses the next one."""
+    from tests.test_neovim_next_edit import standin_in_a_thread
+    from tests.test_remote import KEY
+
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are needed")
+    setup = subprocess.run(["bash", str(E2E / "setup.sh")], capture_output=True, text=True,
+                           timeout=SETUP_TIMEOUT_S, check=False)
+    assert setup.returncode == 0, setup.stdout[-2000:] + setup.stderr[-2000:]
+    shot = tmp_path / "vscode-nes.png"
+    with standin_in_a_thread() as remote:
+        settings = {"diffusionLsp.backend": "remote", "diffusionLsp.remote.url": remote.url,
+                    "diffusionLsp.remote.api": "mercury", "diffusionLsp.remote.apiKey": KEY,
+                    "diffusionLsp.completion.debounceMs": 0,
+                    "editor.inlineSuggest.enabled": False}  # ghost text would take the Tab
+        env = {**os.environ, "SHOT": str(shot), "MODEL": "tiny", "SCRIPT": "nes-test.js",
+               "FILE": "shapes.py", "SETTINGS": json.dumps(settings)}
+        run = subprocess.run(["bash", str(E2E / "run.sh")], capture_output=True, text=True,
+                             timeout=RUN_TIMEOUT_S, env=env, check=False)
+        requests = remote.edits()
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-4000:]
+    line = next(row for row in run.stdout.splitlines() if row.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["first"]["struck"] and any("Tab" in c for c in result["first"]["after"])
+    assert "The area of a w by height rectangle." in result["applied"]
+    assert result["dismissed"] and "return width * height" in result["final"]
+    assert requests and "+def area(w, height):" in requests[0].body["messages"][0]["content"]
+    assert shot.stat().st_size > 10_000

@@ -13,6 +13,8 @@ from lsp_server.backends.base import (
     CompletionOutcome,
     HolesJob,
     HolesOutcome,
+    NextEditJob,
+    NextEditOutcome,
     estimate_tokens,
 )
 from lsp_server.backends.local import LocalBackend
@@ -20,8 +22,8 @@ from lsp_server.backends.remote import RemoteBackend
 from lsp_server.settings import Settings
 
 __all__ = ["Backend", "BackendError", "CompletionJob", "CompletionOutcome", "HolesJob",
-           "HolesOutcome", "LocalBackend",
-           "RemoteBackend", "estimate_tokens", "make_backend"]
+           "HolesOutcome", "LocalBackend", "NextEditJob", "NextEditOutcome", "RemoteBackend",
+           "estimate_tokens", "make_backend"]
 
 
 def make_backend(settings: Settings) -> Backend:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from lsp_server.settings import SamplerSettings, Settings
+from service.edit_wire import EditPrompt
 
 CHARS_PER_TOKEN = 3.5  # token estimate for backends without a local tokenizer
 
@@ -76,6 +77,26 @@ class CompletionOutcome:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class NextEditJob:
+    """One editable region to rewrite, with what the editor did (the prompt's pieces)."""
+
+    prompt: EditPrompt
+    max_tokens: int  # the rewritten region, at most
+    threshold: float = 0.9
+    strategy: str = "region"  # the local rewrite's (model.next_edit.STRATEGIES)
+    comment: str = "#"  # the language's line comment (the local rewrite lays history out so)
+    document: str | None = None  # a local engine reuses this key's context between holes
+
+
+@dataclass
+class NextEditOutcome:
+    region: str | None  # the region rewritten; None: the backend predicts no edit
+    steps: int = 0
+    model_ms: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
 class Backend(Protocol):
     name: str
 
@@ -88,6 +109,9 @@ class Backend(Protocol):
 
     async def fill_holes(self, job: HolesJob) -> HolesOutcome:
         """Fill several holes (jointly where the backend can). As `complete`."""
+
+    async def next_edit(self, job: NextEditJob) -> NextEditOutcome:
+        """Rewrite the editable region. Raises BackendError; cancellation propagates."""
 
     def count_tokens(self, text: str) -> int:
         """Tokens `text` costs (estimated where the backend has no tokenizer)."""

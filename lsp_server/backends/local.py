@@ -15,6 +15,8 @@ from lsp_server.backends.base import (
     CompletionOutcome,
     HolesJob,
     HolesOutcome,
+    NextEditJob,
+    NextEditOutcome,
     estimate_tokens,
 )
 from lsp_server.settings import Settings
@@ -134,6 +136,36 @@ class LocalBackend:
         except Exception as error:  # noqa: BLE001 - every engine failure becomes one message
             raise engine_failure(error, self.engine.model.device.type) from error
         return HolesOutcome(result.texts, result.steps, (time.perf_counter() - began) * 1e3)
+    async def next_edit(self, job: NextEditJob) -> NextEditOutcome:
+        """The region re-denoised by the engine, hole by hole (model.next_edit)."""
+        if self.engine is None:
+            raise BackendError("the model is not loaded", "unavailable")
+        from model.next_edit import Hole, Site, rewrite
+        from model.sampler import InfillOptions
+
+        engine = self.engine
+
+        async def fill(prefix: str, suffix: str, hole: Hole) -> tuple[str, int]:
+            options = InfillOptions(max_tokens=hole.max_tokens,
+                                    initial_tokens=min(16, hole.max_tokens),
+                                    threshold=job.threshold,
+                                    min_tokens=0 if hole.may_be_empty else 1)
+            result = await engine.infill(prefix, suffix, options, job.document)
+            return result.text, result.steps
+
+        prompt = job.prompt
+        site = Site(prompt.above, prompt.region, prompt.cursor, prompt.below, prompt.history,
+                    job.comment)
+        began = time.perf_counter()
+        try:
+            region, steps = await rewrite(site, job.strategy, self.count_tokens, fill)
+        except asyncio.CancelledError:
+            raise
+        except ValueError as error:  # an unknown strategy
+            raise BackendError(str(error)) from error
+        except Exception as error:  # noqa: BLE001 - every engine failure becomes one message
+            raise engine_failure(error, engine.model.device.type) from error
+        return NextEditOutcome(region, steps, (time.perf_counter() - began) * 1e3)
 
     async def close(self) -> None:
         if self.engine is not None:

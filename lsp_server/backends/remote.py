@@ -25,9 +25,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -39,10 +39,12 @@ from lsp_server.backends.base import (
     CompletionOutcome,
     HolesJob,
     HolesOutcome,
+    NextEditJob,
+    NextEditOutcome,
     estimate_tokens,
 )
 from lsp_server.settings import RemoteSettings, Settings, wire_sampling
-from service import wire
+from service import edit_wire, wire
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ PROBE_TIMEOUT_S = 3.0  # start(): how long /health and /v1/models may take, at m
 UNAUTHORIZED = (401, 403)
 RATE_LIMITED = 429
 FINISH_FROM_API = {"length": "max_tokens", "stop": "end"}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class RemoteBackend:
         self._remote = RemoteSettings()
         self._model = OUR_DEFAULT_MODEL
         self._ours = False  # the remote is our service: it also takes the sampler's settings
+        self._mercury = False  # Inception's API contract (its host, or remote.api "mercury")
 
     # -- Backend ---------------------------------------------------------------------------------
 
@@ -159,7 +163,8 @@ class RemoteBackend:
         remote = settings.remote
         endpoints = Endpoints.parse(remote.url)
         key = api_key(remote)
-        if endpoints.mercury and not key:
+        mercury = endpoints.mercury or remote.api == "mercury"
+        if endpoints.mercury and not key:  # a gateway or stand-in may take none
             raise BackendError(
                 f"Mercury's API needs a key: set the environment variable "
                 f"{remote.api_key_env or 'DIFFUSION_LSP_TOKEN'} (or remote.apiKey)",
@@ -168,7 +173,8 @@ class RemoteBackend:
             report(f"warning: the API key travels unencrypted to {endpoints.root}; "
                    "use https:// (or an SSH tunnel) beyond this machine")
         self._remote, self._endpoints, self._ours = remote, endpoints, False
-        self._model = (MERCURY_DEFAULT_MODEL if endpoints.mercury and
+        self._mercury = mercury
+        self._model = (MERCURY_DEFAULT_MODEL if mercury and
                        remote.model == OUR_DEFAULT_MODEL else remote.model)
         headers = {"Accept": "application/json", "User-Agent": "diffusion-lsp"}
         if key:
@@ -185,31 +191,64 @@ class RemoteBackend:
     async def complete(self, job: CompletionJob) -> CompletionOutcome:
         if self._client is None or self._endpoints is None:
             raise BackendError("the remote backend is not started", "unavailable")
-        path = wire.FIM_PATH if self._remote.api == "fim" else wire.COMPLETIONS_PATH
+        path = wire.COMPLETIONS_PATH if self._remote.api == "completions" else wire.FIM_PATH
         request = self._request(job)
         streaming = self.streams(job)
         if streaming:
             request.stream = True
         body = msgspec.json.encode(request)
+
+        async def attempt(deadline: float, began: float) -> CompletionOutcome:
+            if streaming:
+                return await self._stream(job, path, body, deadline, began)
+            return self._outcome(job, await self._post(path, body, deadline), began)
+
+        return await self._exchange(attempt)
+
+    async def next_edit(self, job: NextEditJob) -> NextEditOutcome:
+        """The region rewritten by `POST /v1/edit/completions` (Inception's next-edit contract,
+        which our service speaks too): the prompt's sections in one user message."""
+        if self._client is None or self._endpoints is None:
+            raise BackendError("the remote backend is not started", "unavailable")
+        body = msgspec.json.encode(edit_wire.edit_request(self._model, job.prompt,
+                                                          job.max_tokens))
+
+        async def attempt(deadline: float, began: float) -> NextEditOutcome:
+            return self._edit_outcome(await self._post(edit_wire.EDIT_PATH, body, deadline),
+                                      began)
+
+        return await self._exchange(attempt)
+
+    def _edit_outcome(self, response: httpx.Response, began: float) -> NextEditOutcome:
+        try:
+            region = edit_wire.decode_edit_response(response.content)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise BackendError(f"unreadable answer from {response.url}: {error}",
+                               "failed") from None
+        elapsed = (time.perf_counter() - began) * 1e3
+        return NextEditOutcome(region, 0, elapsed, {"remote": self._endpoints.root
+                                                    if self._endpoints else ""})
+
+    async def _exchange(self, attempt: Callable[[float, float], Awaitable[T]]) -> T:
+        """Run `attempt(deadline, began)` (one POST, its 200 answer read) under the policy of
+        the module's docstring: retries with backoff within the deadline."""
         timeout_s = self._remote.timeout_ms / 1e3
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        attempt = 0
+        tries = 0
         while True:
             began = time.perf_counter()
             try:
-                if streaming:
-                    return await self._stream(job, path, body, deadline, began)
-                return self._outcome(job, await self._post(path, body, deadline), began)
+                return await attempt(deadline, began)
             except _Retry as retry:
-                if attempt >= self._remote.retries:
+                if tries >= self._remote.retries:
                     raise retry.error from None
-                delay = backoff_s(attempt, retry.retry_after)
+                delay = backoff_s(tries, retry.retry_after)
                 if delay > RETRY_AFTER_MAX_S or loop.time() + delay >= deadline:
                     raise retry.error from None
                 log.debug("retrying in %.2f s: %s", delay, retry.error)
                 await asyncio.sleep(delay)
-                attempt += 1
+                tries += 1
 
     def streams(self, job: CompletionJob) -> bool:
         """Whether `job` is streamed: it wants previews, and the remote is our service's FIM
@@ -317,7 +356,7 @@ class RemoteBackend:
             stop.append("\n")
         stop_field = stop[: wire.MAX_STOP_WORDS] if stop else msgspec.UNSET
         request: wire.FimRequest | wire.CompletionsRequest
-        if self._remote.api == "fim":
+        if self._remote.api != "completions":  # fim, or Inception's (FIM) contract
             request = wire.FimRequest(model=self._model, prompt=job.prefix, suffix=job.suffix,
                                       max_tokens=job.max_tokens, stop=stop_field,
                                       temperature=0.0)
@@ -406,7 +445,7 @@ class RemoteBackend:
         timeout = min(PROBE_TIMEOUT_S, self._remote.timeout_ms / 1e3)
         what = f"{self._model} at {endpoints.root}"
         try:
-            if not endpoints.mercury:
+            if not self._mercury:
                 health = await self._client.get(endpoints.url(wire.HEALTH_PATH), timeout=timeout)
                 what = self._describe_health(health) or what
             models = await self._client.get(endpoints.url(wire.MODELS_PATH), timeout=timeout)

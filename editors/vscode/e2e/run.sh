@@ -8,6 +8,7 @@
 # MODEL=tiny (default: a tiny random-weight model, fast, its text is noise) | bundled | DIR
 # SHOT=path.png (default: $RUN/vscode.png)  PORT=18081  DIFFUSION_LSP_E2E_DIR=install dir
 # SETTINGS='{"diffusionLsp.completion.maxTokensSingleLine": 8}': more user settings
+# SCRIPT=nes-test.js FILE=shapes.py: next edits instead of ghost text
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 EXT=$(cd "$HERE/.." && pwd)
@@ -51,6 +52,14 @@ def fibonacci(n: int) -> int:
     if n < 2:
         return n
 PY
+cat > "$RUN/ws/shapes.py" <<'PY'
+def area(width, height):
+    """The area of a width by height rectangle."""
+    return width * height
+
+
+print(area(2, 3))
+PY
 printf 'bind-addr: 127.0.0.1:%s\nauth: none\ncert: false\n' "$PORT" > "$RUN/config.yaml"
 export XDG_DATA_HOME=$RUN/xdg-data XDG_CONFIG_HOME=$RUN/xdg-config XDG_CACHE_HOME=$RUN/xdg-cache
 COMMON=(--config "$RUN/config.yaml" --user-data-dir "$RUN/ud" --extensions-dir "$RUN/ext")
@@ -62,8 +71,9 @@ CSPID=$!
 trap 'kill $CSPID 2>/dev/null || true' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.2; done
 status=0
-NODE_PATH=$DIR/node_modules PORT=$PORT WS=$RUN/ws FILE=fibonacci.py SHOT=$SHOT \
-  node "$HERE/ghost-test.js" || status=$?
+SCRIPT=${SCRIPT:-ghost-test.js}  # nes-test.js: next edits (FILE=shapes.py)
+NODE_PATH=$DIR/node_modules PORT=$PORT WS=$RUN/ws FILE=${FILE:-fibonacci.py} SHOT=$SHOT \
+  node "$HERE/$SCRIPT" || status=$?
 echo "screenshot: $SHOT"
 [ $status -eq 0 ] || { echo "--- code-server log"; tail -30 "$RUN/code-server.log"; }
 exit $status

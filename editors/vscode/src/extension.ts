@@ -15,6 +15,7 @@ import {
   State,
 } from "vscode-languageclient/node";
 
+import { NextEdits } from "./nextEdit";
 import { isPreview, PREVIEW, type Preview, previewChunks } from "./preview";
 import { doctorCommand, nodeLookup, resolveServer, SECTION, serverSettings, type Tree } from "./settings";
 import { clickCommand, type Status, statusView } from "./status";
@@ -244,6 +245,13 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   command("diffusionLsp.showOutput", () => output.show());
   command("diffusionLsp.showStats", showDoctor);
   command("diffusionLsp.previewsShown", () => previewsShown);
+  const nextEdits = new NextEdits(
+    () => client,
+    () => section().enable !== false && (section().nextEdit as Tree | undefined)?.enable !== false,
+  );
+  context.subscriptions.push(nextEdits);
+  command("diffusionLsp.nextEdit.jumpOrAccept", () => nextEdits.jumpOrAccept());
+  command("diffusionLsp.nextEdit.dismiss", () => nextEdits.dismiss());
   context.subscriptions.push(
     output,
     item,

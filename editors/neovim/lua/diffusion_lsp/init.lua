@@ -24,6 +24,7 @@ local SECTION = "diffusionLsp" -- the server's settings section
 ---@field builtin boolean|"auto"     use vim.lsp.inline_completion (auto: when Neovim has it)
 ---@field keys diffusion_lsp.Keys    insert-mode keys; false leaves a key unmapped
 ---@field root_markers string[]      how the workspace root is found
+---@field nes {enabled: boolean, debounce_ms: integer, keys: {jump_or_apply: string|false, dismiss: string|false}}  next edit suggestions (lua/diffusion_lsp/nes.lua)
 M.defaults = {
   cmd = { "diffusion-lsp", "serve" },
   settings = {},
@@ -37,6 +38,11 @@ M.defaults = {
     dismiss = "<C-]>",
   },
   root_markers = { ".git", "pyproject.toml", "package.json", "go.mod", "Cargo.toml" },
+  nes = {
+    enabled = true,
+    debounce_ms = 75,
+    keys = { jump_or_apply = "<Tab>", dismiss = "<Esc>" },
+  },
 }
 
 ---@type diffusion_lsp.Options
@@ -247,12 +253,18 @@ local function on_lsp_attach(args)
   else
     require("diffusion_lsp.ghost").attach(args.buf, client.id)
   end
+  if M.config.nes.enabled then
+    require("diffusion_lsp.nes").attach(args.buf)
+  end
 end
 
 local function on_lsp_detach(args)
   local client = vim.lsp.get_client_by_id(args.data.client_id)
   if client and client.name == NAME and not M.uses_builtin() then
     require("diffusion_lsp.ghost").detach(args.buf)
+  end
+  if client and client.name == NAME then
+    require("diffusion_lsp.nes").detach(args.buf)
   end
 end
 
@@ -444,6 +456,9 @@ function M.setup(opts)
   vim.api.nvim_create_autocmd("LspDetach", { group = group, callback = on_lsp_detach })
   require("diffusion_lsp.ghost").setup(group)
   require("diffusion_lsp.preview").setup(group)
+  if M.config.nes.enabled then
+    require("diffusion_lsp.nes").setup(group)
+  end
 
   map_keys()
   vim.api.nvim_create_user_command("DiffusionLsp", command, {
