@@ -7,6 +7,7 @@ names, defaults and validation from here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 SCORES = ("confidence", "margin", "entropy")
 
@@ -143,3 +144,23 @@ class InfillOptions:
         """Whether hole-only passes against cached context keys/values may run (the dual cache
         is an approximation; exact mode and classifier-free guidance run full passes)."""
         return self.reuse_context and not self.exact and self.cfg_scale == 0
+
+
+INITIAL_TOKENS = 16  # a hole's first guessed length, as editors and the service ask
+MIN_TOKENS = 1  # whoever asks for a completion wants some text
+
+
+def hole_options(max_tokens: int, *, threshold: float | None = None,
+                 tokens_per_step: int | None = None, single_line: bool = False,
+                 stop: tuple[str, ...] = (), min_tokens: int = MIN_TOKENS,
+                 **sampler: Any) -> InfillOptions:
+    """The options a hole is filled with when an editor (the language server's local backend,
+    its next edits) or a client of the service asks: the sampler's defaults but for these, a
+    first guess of INITIAL_TOKENS, at least `min_tokens` real tokens; `sampler`: the
+    reference samplers' settings (algorithm, steps, temperature, ...). None leaves the
+    sampler's default. Raises ValueError for settings the sampler refuses."""
+    if threshold is not None:
+        sampler["threshold"] = threshold
+    return InfillOptions(max_tokens=max_tokens, initial_tokens=min(INITIAL_TOKENS, max_tokens),
+                         tokens_per_step=tokens_per_step, single_line=single_line,
+                         stop=tuple(stop), min_tokens=min_tokens, **sampler)

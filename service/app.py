@@ -81,8 +81,6 @@ GRACEFUL_SHUTDOWN_WAIT_S = 0.5
 SERVE_SHUTDOWN_S = 10.0  # waiting for Serve to drain and stop, at most; then Ray is stopped
 OBJECT_STORE_BYTES = 128 * 1024 * 1024  # the local Ray instance: holes are small
 PROGRESS, FILLED = b"P", b"F"  # what a replica's stream part holds: a step, or the answer
-INITIAL_TOKENS = 16  # first guess of a hole's length, as the local backend
-MIN_TOKENS = 1  # as the local backend: whoever asks for a completion wants some text
 COMPLETION_PATHS = {wire.FIM_PATH: wire.decode_fim, wire.COMPLETIONS_PATH: wire.decode_completions}
 
 
@@ -271,19 +269,16 @@ class Metrics:
 def infill_options(hole: wire.Hole) -> InfillOptions:
     """The sampler's options for a hole that came over the wire (the sampler's defaults for
     what the request leaves out)."""
-    from model.sampler import InfillOptions
+    from model.options import MIN_TOKENS, hole_options
 
-    kwargs: dict[str, Any] = msgspec.structs.asdict(hole.sampling)
-    if hole.threshold is not None:
-        kwargs["threshold"] = hole.threshold
     seed = hole.seed
     if seed is None:
         seed = random.getrandbits(31) if hole.temperature > 0 else 0
-    return InfillOptions(
-        max_tokens=hole.max_tokens, initial_tokens=min(INITIAL_TOKENS, hole.max_tokens),
-        tokens_per_step=hole.tokens_per_step, temperature=hole.temperature, seed=seed,
-        single_line=hole.single_line, stop=hole.stop,
-        min_tokens=MIN_TOKENS if hole.min_tokens is None else hole.min_tokens, **kwargs)
+    return hole_options(
+        hole.max_tokens, threshold=hole.threshold, tokens_per_step=hole.tokens_per_step,
+        single_line=hole.single_line, stop=hole.stop, temperature=hole.temperature, seed=seed,
+        min_tokens=MIN_TOKENS if hole.min_tokens is None else hole.min_tokens,
+        **msgspec.structs.asdict(hole.sampling))
 
 
 class Infiller:

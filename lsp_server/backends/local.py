@@ -72,13 +72,12 @@ class LocalBackend:
     async def complete(self, job: CompletionJob) -> CompletionOutcome:
         if self.engine is None:
             raise BackendError("the model is not loaded", "unavailable")
-        from model.sampler import InfillOptions
+        from model.options import hole_options
 
         try:
-            options = InfillOptions(
-                max_tokens=job.max_tokens, initial_tokens=min(16, job.max_tokens),
-                threshold=job.threshold, tokens_per_step=job.tokens_per_step,
-                single_line=job.single_line, stop=job.stop, min_tokens=1,
+            options = hole_options(
+                job.max_tokens, threshold=job.threshold, tokens_per_step=job.tokens_per_step,
+                single_line=job.single_line, stop=job.stop,
                 **msgspec.structs.asdict(job.sampler))
         except ValueError as error:  # settings the sampler refuses: no completion, say why
             raise BackendError(f"sampler settings: {error}") from error
@@ -114,13 +113,12 @@ class LocalBackend:
         if self.engine is None:
             raise BackendError("the model is not loaded", "unavailable")
         from model.multi_hole import infill_holes
-        from model.sampler import InfillOptions
+        from model.options import hole_options
 
         sampler = job.sampler
-        try:
-            options = InfillOptions(
-                max_tokens=job.max_tokens, initial_tokens=min(16, job.max_tokens),
-                threshold=job.threshold, tokens_per_step=job.tokens_per_step, min_tokens=1,
+        try:  # joint filling samples as the threshold sampler does: no reference algorithms
+            options = hole_options(
+                job.max_tokens, threshold=job.threshold, tokens_per_step=job.tokens_per_step,
                 temperature=sampler.temperature, top_p=sampler.top_p, top_k=sampler.top_k,
                 seed=sampler.seed)
         except ValueError as error:
@@ -141,15 +139,13 @@ class LocalBackend:
         if self.engine is None:
             raise BackendError("the model is not loaded", "unavailable")
         from model.next_edit import Hole, Site, rewrite
-        from model.sampler import InfillOptions
+        from model.options import hole_options
 
         engine = self.engine
 
         async def fill(prefix: str, suffix: str, hole: Hole) -> tuple[str, int]:
-            options = InfillOptions(max_tokens=hole.max_tokens,
-                                    initial_tokens=min(16, hole.max_tokens),
-                                    threshold=job.threshold,
-                                    min_tokens=0 if hole.may_be_empty else 1)
+            options = hole_options(hole.max_tokens, threshold=job.threshold,
+                                   min_tokens=0 if hole.may_be_empty else 1)
             result = await engine.infill(prefix, suffix, options, job.document)
             return result.text, result.steps
 
