@@ -15,6 +15,14 @@ import msgspec
 from service import edit_wire
 from tests.remote_standin import Seen, StandIn
 
+# the document the next-edit tests rename a parameter in
+SOURCE = ("def area(width, height):\n"
+          "    \"\"\"The area of a width by height rectangle.\"\"\"\n"
+          "    return width * height\n"
+          "\n"
+          "\n"
+          "print(area(2, 3))\n")
+
 EDIT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature",
                "top_p", "presence_penalty", "stop", "stream"}
 

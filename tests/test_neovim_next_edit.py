@@ -12,19 +12,9 @@ import sys
 
 import pytest
 
-from tests.edit_standin import standin_in_a_thread
+from tests.edit_standin import SOURCE, standin_in_a_thread
 from tests.neovim_helpers import DRIVER, fill, run_nvim
 from tests.remote_standin import KEY
-
-SOURCE = ("def area(width, height):\n"
-          "    \"\"\"The area of a width by height rectangle.\"\"\"\n"
-          "    return width * height\n"
-          "\n"
-          "\n"
-          "print(area(2, 3))\n")
-
-
-
 
 SCENARIO = """
 local plugin = require("diffusion_lsp")

@@ -13,18 +13,10 @@ from pygls.exceptions import JsonRpcException
 
 from benchmarks.lsp_client import edit, inline, open_document, plain, running_server, stats
 from service import edit_wire
-from tests.edit_standin import EditStandIn, rename_uses
+from tests.edit_standin import SOURCE, EditStandIn, rename_uses
 from tests.remote_standin import KEY
 
-SOURCE = ("def area(width, height):\n"
-          "    \"\"\"The area of a width by height rectangle.\"\"\"\n"
-          "    return width * height\n"
-          "\n"
-          "\n"
-          "print(area(2, 3))\n")
 URI = "untitled:shapes.py"
-
-
 
 
 def mercury_options(url: str) -> dict:
@@ -55,8 +47,6 @@ def applied(text: str, edits: list[dict]) -> str:
         start, end = at(item["range"]["start"]), at(item["range"]["end"])
         text = text[:start] + item["text"] + text[end:]
     return text
-
-
 
 
 async def renamed(client) -> str:
