@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.model_speed import card_bandwidth
 from benchmarks.report import load_holes
 from model import fast_step
 from model.loader import LoadedModel
@@ -51,7 +52,6 @@ from model.sampler import (
 )
 from model.shapes import random_model_of_shape
 
-HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # SXM memory bandwidth, vendor datasheets
 HOLE_TOKENS = 64
 TOKENS_PER_STEP = (1, 2, 4, 8)
 CONCURRENT = 16
@@ -79,13 +79,6 @@ def bytes_per_hole_step(model: LoadedModel, context_rows: int, window: int) -> i
     kv = (2 * config.num_hidden_layers * config.num_key_value_heads * dim
           * (context_rows + window) * torch.tensor([], dtype=model.dtype).element_size())
     return weights + kv
-
-
-def card_bandwidth(model: LoadedModel) -> float | None:
-    if model.device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(model.device)
-    return next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
 
 
 def copy_bandwidth(device: torch.device) -> float | None:
@@ -122,13 +115,10 @@ def fill(model: LoadedModel, hole: dict, options: InfillOptions, cache: PromptCa
         cache.attach(model, document, state)
     steps = []
     while not state.finished:
-        kind = ("reuse" if state.reuse is not None and state.context is None
-                else "full" if state.context is None or state.context.hole_len
-                != state.hole.numel() else "hole")
+        reused = state.reuse is not None and state.context is None  # the partial pass
         before, full_before = time.perf_counter(), state.full_passes
         denoise_step(model, [state], cache, [document])
-        if state.full_passes > full_before:
-            kind = "full"
+        kind = "reuse" if reused else "full" if state.full_passes > full_before else "hole"
         steps.append((kind, (time.perf_counter() - before) * 1e3))
     total = (time.perf_counter() - began) * 1e3
     _, tokens = final_text(model, state)

@@ -217,15 +217,20 @@ def bench_vs_autoregressive(model: LoadedModel, holes: list[dict], max_tokens: i
 # ---------------------------------------------------------------------------------------------
 # random-weight models of a published shape: model.shapes
 
-HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # SXM memory bandwidth
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # SXM memory bandwidth, vendor datasheets
+
+
+def card_bandwidth(model: LoadedModel) -> float | None:
+    """The datasheet memory bandwidth of the model's GPU (bytes/s); None off CUDA or unknown."""
+    if model.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(model.device)
+    return next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
 
 
 def bandwidth_bound_ms(model: LoadedModel) -> float | None:
     """Time to read every weight once from GPU memory: the floor for one forward pass."""
-    if model.device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(0)
-    bandwidth = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
+    bandwidth = card_bandwidth(model)
     if bandwidth is None:
         return None
     weight_bytes = sum(p.numel() * p.element_size() for p in model.network.parameters())

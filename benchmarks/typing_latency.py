@@ -44,11 +44,11 @@ from benchmarks.report import (
 )
 from model.cpu import describe
 from model.families import DREAM
-from model.loader import TOKENIZER_FILE, LoadedModel, load_model, pick_dtype
+from model.loader import TOKENIZER_FILE, LoadedModel, load_model
 from model.percentile import percentile
 from model.prompt_cache import PromptCache
 from model.sampler import InfillOptions, infill, layout_ids
-from model.shapes import SHAPES, random_weights, shape_tokenizer
+from model.shapes import SHAPES, random_model_of_shape
 
 DOCUMENTS_FOR_MEMORY = 20  # the issue's "20 open documents"
 SINGLE_LINE_TOKENS = 32  # the server's completion.maxTokensSingleLine default
@@ -77,23 +77,18 @@ def server_options(max_tokens: int = SINGLE_LINE_TOKENS,
 
 
 def write_shape_checkpoint(shape: str, directory: Path) -> Path:
-    """A dream-family checkpoint of `shape` with random weights in `directory` (see module)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    fields = {"tie_word_embeddings": False, **SHAPES[shape]}
-    config = Qwen2Config(**fields)
-    with torch.device("meta"):
-        network = Qwen2ForCausalLM(config)
-    dtype = pick_dtype("auto", torch.device("cpu"), sum(p.numel() for p in network.parameters()))
-    network = random_weights(network, config, torch.device("cpu"), dtype)
-    state = {k: v.contiguous() for k, v in network.state_dict().items()
-             if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    """A dream-family checkpoint of `shape` with random weights in `directory` (see module):
+    `model.shapes`' model of that shape, saved as the loader reads it."""
+    model = random_model_of_shape(shape, "cpu")
+    tied = model.network.config.tie_word_embeddings
+    state = {k: v.contiguous() for k, v in model.network.state_dict().items()
+             if not (tied and k == "lm_head.weight")}
     directory.mkdir(parents=True, exist_ok=True)
     save_file(state, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(
-        {**fields, "model_type": "Dream", "diffusion_lsp_family": DREAM.name,
-         "shape": shape}, indent=2))
-    shape_tokenizer(shape).save(str(directory / TOKENIZER_FILE))
+        {"tie_word_embeddings": False, **SHAPES[shape], "model_type": "Dream",
+         "diffusion_lsp_family": DREAM.name, "shape": shape}, indent=2))
+    model.tokenizer.save(str(directory / TOKENIZER_FILE))
     return directory
 
 

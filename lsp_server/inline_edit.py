@@ -17,7 +17,7 @@ import msgspec
 
 from lsp_server import context as ctx
 from lsp_server import next_edit as nes
-from lsp_server.backends import BackendError, NextEditJob
+from lsp_server.backends import NextEditJob
 from lsp_server.documents import encoding_name
 from lsp_server.server import (
     ACCEPT_COMPLETION,
@@ -75,18 +75,8 @@ async def suggest(ls: DiffusionServer, uri: str, version: int | None,
     ls.stats.count("nextEditRequests")
     task = asyncio.current_task()
     try:
-        return await _suggest(ls, uri, version, position, task)
-    except asyncio.CancelledError:
-        ls.stats.count("cancelled")
-        raise
-    except BackendError as error:
-        ls.stats.count("errors")
-        ls.backend_failed(error)
-        return []
-    except Exception:
-        ls.stats.count("errors")
-        log.exception("next edit at %s %s failed", uri, position)
-        return []
+        return await ls.under_policy(_suggest(ls, uri, version, position, task), [],
+                                     f"next edit at {uri} {position}")
     finally:
         if ls.inflight_edits.get(uri) is task:
             del ls.inflight_edits[uri]

@@ -17,9 +17,9 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import cattrs
@@ -52,6 +52,7 @@ from lsp_server.stats import Stats
 from model.families import parse_overrides
 
 log = logging.getLogger("diffusion_lsp")
+T = TypeVar("T")
 
 NAME = "diffusion-lsp"
 VERSION = "0.1.0"
@@ -417,21 +418,29 @@ class DiffusionServer(LanguageServer):
         self.stats.count("requests")
         task = asyncio.current_task()
         try:
-            return await self._answer(uri, position, began, task)
+            return await self.under_policy(self._answer(uri, position, began, task), None,
+                                           f"completion at {uri} {position}")
+        finally:
+            if self.inflight.get(uri) is task:
+                del self.inflight[uri]
+
+    async def under_policy(self, work: Awaitable[T], miss: T, what: str) -> T:
+        """`work`'s answer under the error policy (STYLE 4): a cancellation is counted and
+        propagates; a backend failure is reported (`backend_failed`), anything else logged;
+        both are counted as errors and answered with `miss`."""
+        try:
+            return await work
         except asyncio.CancelledError:
             self.stats.count("cancelled")
             raise
         except BackendError as error:
             self.stats.count("errors")
             self.backend_failed(error)
-            return None
+            return miss
         except Exception:
             self.stats.count("errors")
-            log.exception("completion at %s %s failed", uri, position)
-            return None
-        finally:
-            if self.inflight.get(uri) is task:
-                del self.inflight[uri]
+            log.exception("%s failed", what)
+            return miss
 
     async def _answer(self, uri: str, position: types.Position, began: float,
                       task: asyncio.Task | None) -> Answer | None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 
@@ -20,6 +21,8 @@ from lsp_server.backends.base import (
     estimate_tokens,
 )
 from lsp_server.settings import Settings
+
+T = TypeVar("T")
 
 
 class LocalBackend:
@@ -82,17 +85,22 @@ class LocalBackend:
         except ValueError as error:  # settings the sampler refuses: no completion, say why
             raise BackendError(f"sampler settings: {error}") from error
         began = time.perf_counter()
-        try:
-            result = await self.engine.infill(job.prefix, job.suffix, options,
-                                              job.document, self._previews(job))
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # noqa: BLE001 - every engine failure becomes one message
-            raise engine_failure(error, self.engine.model.device.type) from error
+        result = await self._on_engine(self.engine.infill(job.prefix, job.suffix, options,
+                                                          job.document, self._previews(job)))
         return CompletionOutcome(
             text=result.text, steps=result.steps, tokens=result.tokens,
             model_ms=(time.perf_counter() - began) * 1e3, finish_reason=result.finish_reason,
             extra={"full_passes": result.full_passes, "reused_tokens": result.reused_tokens})
+
+    async def _on_engine(self, work: Awaitable[T]) -> T:
+        """`work`'s result; every engine failure becomes one BackendError (`engine_failure`),
+        a cancellation propagates."""
+        try:
+            return await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every engine failure becomes one message
+            raise engine_failure(error, self.engine.model.device.type) from error
 
     def _previews(self, job: CompletionJob):
         """The engine's per-step callback drawing the hole for `job.on_step` (None: none)."""
@@ -125,15 +133,11 @@ class LocalBackend:
             raise BackendError(f"sampler settings: {error}") from error
         pieces = list(job.pieces)
         began = time.perf_counter()
-        try:
-            result = await self.engine.run(
-                lambda model, should_stop: infill_holes(model, pieces, options, should_stop,
-                                                        code_start=True))
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # noqa: BLE001 - every engine failure becomes one message
-            raise engine_failure(error, self.engine.model.device.type) from error
+        result = await self._on_engine(self.engine.run(
+            lambda model, should_stop: infill_holes(model, pieces, options, should_stop,
+                                                    code_start=True)))
         return HolesOutcome(result.texts, result.steps, (time.perf_counter() - began) * 1e3)
+
     async def next_edit(self, job: NextEditJob) -> NextEditOutcome:
         """The region re-denoised by the engine, hole by hole (model.next_edit)."""
         if self.engine is None:

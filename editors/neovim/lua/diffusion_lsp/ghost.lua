@@ -47,11 +47,12 @@ end
 
 -- Positions ------------------------------------------------------------------------------------
 
---- Byte column of LSP position `character` in `line`, in the client's position encoding.
+--- Byte column of LSP position `character` in `line`, in the client's position encoding
+--- (next edits use it too).
 ---@param line string
 ---@param character integer
 ---@param encoding string
-local function byte_col(line, character, encoding)
+function M.byte_col(line, character, encoding)
   if encoding == "utf-8" then
     return math.min(character, #line)
   end
@@ -69,7 +70,7 @@ end
 ---@param encoding string
 local function to_byte_position(bufnr, position, encoding)
   local line = api.nvim_buf_get_lines(bufnr, position.line, position.line + 1, false)[1] or ""
-  return position.line, byte_col(line, position.character, encoding)
+  return position.line, M.byte_col(line, position.character, encoding)
 end
 
 -- Drawing --------------------------------------------------------------------------------------

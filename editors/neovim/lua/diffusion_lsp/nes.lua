@@ -38,19 +38,7 @@ local function state(bufnr)
   return buffers[bufnr]
 end
 
---- Byte column of LSP `character` in `line` (the client's encoding).
-local function byte_col(line, character, encoding)
-  if encoding == "utf-8" then
-    return math.min(character, #line)
-  end
-  local ok, col
-  if vim.fn.has("nvim-0.11") == 1 then
-    ok, col = pcall(vim.str_byteindex, line, encoding, character, false)
-  else
-    ok, col = pcall(vim.str_byteindex, line, character, encoding == "utf-16")
-  end
-  return ok and col or #line
-end
+local byte_col = require("diffusion_lsp.ghost").byte_col  -- LSP character -> byte column
 
 local function clear(bufnr)
   if api.nvim_buf_is_valid(bufnr) then
