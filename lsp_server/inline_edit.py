@@ -106,12 +106,7 @@ async def _suggest(ls: DiffusionServer, uri: str, version: int | None, position:
     except ctx.PositionError as error:
         log.info("no next edit: %s", error)
         return []
-    older = ls.inflight_edits.get(uri)
-    if older is not None and older is not task and not older.done():
-        older.cancel()
-        ls.stats.count("superseded")
-    if task is not None:
-        ls.inflight_edits[uri] = task
+    ls.supersede(ls.inflight_edits, uri, task)
     ls.memory.viewed.saw(uri, cursor.line)
     backend, options = ls.backend, settings.next_edit
     region = nes.editable_region(text, cursor.line, backend.count_tokens, options.lines_above,

@@ -424,6 +424,17 @@ class DiffusionServer(LanguageServer):
             if self.inflight.get(uri) is task:
                 del self.inflight[uri]
 
+    def supersede(self, inflight: dict[str, asyncio.Task], uri: str,
+                  task: asyncio.Task | None) -> None:
+        """A newer request for `uri` cancels the one of its kind in flight (counted as
+        superseded) and takes its place in `inflight`."""
+        older = inflight.get(uri)
+        if older is not None and older is not task and not older.done():
+            older.cancel()
+            self.stats.count("superseded")
+        if task is not None:
+            inflight[uri] = task
+
     async def under_policy(self, work: Awaitable[T], miss: T, what: str) -> T:
         """`work`'s answer under the error policy (STYLE 4): a cancellation is counted and
         propagates; a backend failure is reported (`backend_failed`), anything else logged;
@@ -479,12 +490,7 @@ class DiffusionServer(LanguageServer):
             self._finish(began, None, uri, cached, cache_hit=True)
             return Answer(cached, cursor)
 
-        older = self.inflight.get(uri)
-        if older is not None and older is not task and not older.done():
-            older.cancel()
-            self.stats.count("superseded")
-        if task is not None:
-            self.inflight[uri] = task
+        self.supersede(self.inflight, uri, task)
         if settings.completion.debounce_ms:
             await asyncio.sleep(settings.completion.debounce_ms / 1000)
         sink = self.preview_sink(uri, document.version, position, task) if (
