@@ -3,17 +3,10 @@
 // through, "Tab" after it), screenshot, Tab jumps to it, Tab applies it; the next suggestion is
 // dismissed with Escape (then Tab is a plain Tab again).
 // Usage: PORT=18081 WS=/path/to/folder FILE=shapes.py SHOT=out.png node nes-test.js
-const { chromium } = require("playwright-core");
+const { DEADLINE_MS, log, openFile, plain, run, t0 } = require("./common");
 
-const PORT = process.env.PORT || 18081;
-const WS = process.env.WS;
 const FILE = process.env.FILE || "shapes.py";
 const SHOT = process.env.SHOT || "vscode-nes.png";
-const DEADLINE_MS = Number(process.env.DEADLINE_MS || 90000);
-
-const t0 = Date.now();
-const log = (...args) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s]`, ...args);
-const plain = (text) => text.replace(/\u00a0/g, " ");
 
 // What the page shows of a next edit: struck-through text, and the text of `after` decorations
 // (VS Code renders them as CSS ::after content).
@@ -32,15 +25,7 @@ const decorations = () => {
   return { struck, after };
 };
 
-(async () => {
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run"],
-  });
-  const page = await browser.newPage({ viewport: { width: 1100, height: 560 } });
-  const result = { ok: false };
+run(SHOT, "next edit shown, jumped to, applied, dismissed", async (page, result) => {
   const text = async () => plain(await page.locator(".view-line").allInnerTexts().then((all) => all.join("\n")));
   const waitFor = async (check, ms) => {
     const until = Date.now() + ms;
@@ -51,64 +36,48 @@ const decorations = () => {
     }
     return null;
   };
-  try {
-    await page.goto(`http://127.0.0.1:${PORT}/?folder=${encodeURIComponent(WS)}`,
-                    { waitUntil: "domcontentloaded" });
-    await page.waitForSelector(".explorer-folders-view .monaco-list-row", { timeout: 60000 });
-    await page.locator(".explorer-folders-view .monaco-list-row", { hasText: FILE }).first().click();
-    const lines = page.locator(".editor-instance .monaco-editor .view-lines");
-    await lines.waitFor({ timeout: 20000 });
-    log("editor open");
-    await lines.click();
-    // Wait for the server (the status bar item says "ready" once it answers).
-    const status = page.locator(".statusbar-item", { hasText: "Diffusion" });
-    await waitFor(async () => /sparkle/.test(await status.first().innerHTML().catch(() => "")), 60000);
-    await page.keyboard.press("Control+Home");
-    for (let i = 0; i < 9; i++) await page.keyboard.press("ArrowRight");
-    await page.keyboard.press("Shift+Control+ArrowRight"); // select `width`
-    await page.keyboard.type("w");
-    log("renamed:", JSON.stringify((await text()).split("\n")[0]));
+  const lines = await openFile(page, FILE);
+  await lines.click();
+  // Wait for the server (the status bar item says "ready" once it answers).
+  const status = page.locator(".statusbar-item", { hasText: "Diffusion" });
+  await waitFor(async () => /sparkle/.test(await status.first().innerHTML().catch(() => "")), 60000);
+  await page.keyboard.press("Control+Home");
+  for (let i = 0; i < 9; i++) await page.keyboard.press("ArrowRight");
+  await page.keyboard.press("Shift+Control+ArrowRight"); // select `width`
+  await page.keyboard.type("w");
+  log("renamed:", JSON.stringify((await text()).split("\n")[0]));
 
-    const first = await waitFor(async () => {
-      const seen = await page.evaluate(decorations);
-      return seen.struck.length && seen.after.some((c) => c.includes("Tab")) ? seen : null;
-    }, DEADLINE_MS - (Date.now() - t0));
-    result.first = first;
-    log("first suggestion:", JSON.stringify(first));
-    await page.screenshot({ path: SHOT });
-    if (!first) throw new Error("no next edit shown");
+  const first = await waitFor(async () => {
+    const seen = await page.evaluate(decorations);
+    return seen.struck.length && seen.after.some((c) => c.includes("Tab")) ? seen : null;
+  }, DEADLINE_MS - (Date.now() - t0));
+  result.first = first;
+  log("first suggestion:", JSON.stringify(first));
+  await page.screenshot({ path: SHOT });
+  if (!first) throw new Error("no next edit shown");
 
-    await page.keyboard.press("Tab"); // jump
-    await page.waitForTimeout(300);
-    result.jumped = plain(await page.locator(".statusbar-item", { hasText: /Ln \d+/ }).first().innerText());
-    log("after the first Tab:", result.jumped);
-    await page.keyboard.press("Tab"); // apply
-    result.applied = await waitFor(async () => {
-      const now = await text();
-      return now.includes("The area of a w by height") ? now : null;
-    }, 5000);
-    log("after the second Tab:", JSON.stringify(result.applied));
+  await page.keyboard.press("Tab"); // jump
+  await page.waitForTimeout(300);
+  result.jumped = plain(await page.locator(".statusbar-item", { hasText: /Ln \d+/ }).first().innerText());
+  log("after the first Tab:", result.jumped);
+  await page.keyboard.press("Tab"); // apply
+  result.applied = await waitFor(async () => {
+    const now = await text();
+    return now.includes("The area of a w by height") ? now : null;
+  }, 5000);
+  log("after the second Tab:", JSON.stringify(result.applied));
 
-    const second = await waitFor(async () => {
-      const seen = await page.evaluate(decorations);
-      return seen.struck.length ? seen : null;
-    }, 20000);
-    result.second = second;
-    await page.keyboard.press("Escape"); // dismiss
-    result.dismissed = await waitFor(async () => {
-      const seen = await page.evaluate(decorations);
-      return seen.struck.length === 0 ? true : null;
-    }, 5000);
-    result.final = await text();
-    result.ok = Boolean(first && /Ln 2/.test(result.jumped) && result.applied && second
-      && result.dismissed && result.final.includes("return width * height"));
-  } catch (error) {
-    result.error = String(error);
-    await page.screenshot({ path: SHOT }).catch(() => {});
-  } finally {
-    await browser.close();
-  }
-  console.log("RESULT " + JSON.stringify(result));
-  log(result.ok ? "PASS next edit shown, jumped to, applied, dismissed" : "FAIL");
-  process.exit(result.ok ? 0 : 1);
-})().catch((error) => { console.error(error); process.exit(2); });
+  const second = await waitFor(async () => {
+    const seen = await page.evaluate(decorations);
+    return seen.struck.length ? seen : null;
+  }, 20000);
+  result.second = second;
+  await page.keyboard.press("Escape"); // dismiss
+  result.dismissed = await waitFor(async () => {
+    const seen = await page.evaluate(decorations);
+    return seen.struck.length === 0 ? true : null;
+  }, 5000);
+  result.final = await text();
+  result.ok = Boolean(first && /Ln 2/.test(result.jumped) && result.applied && second
+    && result.dismissed && result.final.includes("return width * height"));
+}).catch((error) => { console.error(error); process.exit(2); });

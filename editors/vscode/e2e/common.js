@@ -1,0 +1,55 @@
+// What the code-server scripts (ghost-test.js, nes-test.js) share: the clock and log, Chromium
+// launched as this machine allows, the workspace's FILE opened from the Explorer, and the
+// ending (a screenshot on failure, the RESULT line, the exit code).
+const { chromium } = require("playwright-core");
+
+const PORT = process.env.PORT || 18081;
+const WS = process.env.WS;
+const DEADLINE_MS = Number(process.env.DEADLINE_MS || 90000);
+
+const t0 = Date.now();
+const log = (...args) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s]`, ...args);
+const plain = (text) => text.replace(/\u00a0/g, " ");
+
+async function launch() {
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run"],
+  });
+  const page = await browser.newPage({ viewport: { width: 1100, height: 560 } });
+  return { browser, page };
+}
+
+// Open `file` from the Explorer; returns the editor's lines once they are there.
+async function openFile(page, file) {
+  await page.goto(`http://127.0.0.1:${PORT}/?folder=${encodeURIComponent(WS)}`,
+                  { waitUntil: "domcontentloaded" });
+  await page.waitForSelector(".explorer-folders-view .monaco-list-row", { timeout: 60000 });
+  await page.locator(".explorer-folders-view .monaco-list-row", { hasText: file }).first().click();
+  const lines = page.locator(".editor-instance .monaco-editor .view-lines");
+  await lines.waitFor({ timeout: 20000 });
+  log("editor open");
+  return lines;
+}
+
+// Run `scenario(page, result)`; on an error keep it and a screenshot in `shot`; print the
+// RESULT line and exit 0 when `result.ok`.
+async function run(shot, passed, scenario) {
+  const { browser, page } = await launch();
+  const result = { ok: false };
+  try {
+    await scenario(page, result);
+  } catch (error) {
+    result.error = String(error);
+    await page.screenshot({ path: shot }).catch(() => {});
+  } finally {
+    await browser.close();
+  }
+  console.log("RESULT " + JSON.stringify(result));
+  log(result.ok ? `PASS ${passed}` : "FAIL");
+  process.exit(result.ok ? 0 : 1);
+}
+
+module.exports = { DEADLINE_MS, log, openFile, plain, run, t0 };
