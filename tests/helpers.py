@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from model.train.data import ExampleShape
 from model.train.train import ModelShape, TrainConfig
 
@@ -35,3 +37,15 @@ def split_tokenizer_json(directory: Path) -> dict[str, int]:
     (directory / "added_tokens.json").write_text(json.dumps(added))
     (directory / "tokenizer.json").unlink()
     return added
+
+
+def sharp_logits(model, tokens: list[int], confidence: float = 20.0) -> torch.Tensor:
+    """(m, V) logits that put all mass on `tokens` (one row per masked position)."""
+    logits = torch.zeros(len(tokens), model.vocab_size)
+    logits[torch.arange(len(tokens)), torch.tensor(tokens)] = confidence
+    return logits
+
+
+def word_token(model, word: str) -> int:
+    """The first token id of `word` in the model's tokenizer."""
+    return model.tokenizer.encode(word, add_special_tokens=False).ids[0]

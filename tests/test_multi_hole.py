@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from model.multi_hole import (
     hole_logits,
@@ -15,21 +14,12 @@ from model.multi_hole import (
 )
 from model.preview import PLACEHOLDER, expected_steps, hole_preview, state_preview
 from model.sampler import InfillOptions, infill
+from tests.helpers import sharp_logits, word_token
 
 from .conftest import FAMILY_NAMES
 from .fixtures_families import write_checkpoint
 
 PIECES = ["def add(a, b):\n    ", "\n\n\ndef sub(a, b):\n    ", "\n\nprint(add(1, 2))\n"]
-
-
-def sharp(model, tokens: list[int], confidence: float = 30.0) -> torch.Tensor:
-    logits = torch.zeros(len(tokens), model.vocab_size)
-    logits[torch.arange(len(tokens)), torch.tensor(tokens)] = confidence
-    return logits
-
-
-def word(model, text: str) -> int:
-    return model.tokenizer.encode(text, add_special_tokens=False).ids[0]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +31,7 @@ def dreamon(tmp_path_factory):
 
 
 def test_preview_draws_masks_as_placeholders_and_stops_at_the_end(tiny_model):
-    a, b = word(tiny_model, "return"), word(tiny_model, "print")
+    a, b = word_token(tiny_model, "return"), word_token(tiny_model, "print")
     mask, end = tiny_model.ids.mask, tiny_model.ids.end_of_hole
     text = hole_preview(tiny_model, [a, mask, mask, b, end, b], [False, True, True, False,
                                                                   False, False])
@@ -70,10 +60,10 @@ def test_single_hole_on_step_sees_every_step_but_the_last(tiny_model):
 def test_one_step_commits_across_holes_and_an_end_closes_only_its_hole(tiny_model):
     options = InfillOptions(max_tokens=3, threshold=0.9)
     state = new_multi_state(tiny_model, PIECES, options)
-    a, end = word(tiny_model, "return"), tiny_model.ids.end_of_hole
+    a, end = word_token(tiny_model, "return"), tiny_model.ids.end_of_hole
     logits, where = hole_logits(tiny_model, state)
     assert logits.shape == (6, tiny_model.vocab_size) and [w[1] for w in where] == [0] * 3 + [1] * 3
-    forced = sharp(tiny_model, [a, end, a, a, a, a])
+    forced = sharp_logits(tiny_model, [a, end, a, a, a, a], 30.0)
     forced[[2, 4, 5]] = 0.0  # hole 0's last and hole 1's last two stay masked this step
     multi_step(tiny_model, state, forced, where)
     first, second = state.spans
@@ -87,9 +77,9 @@ def test_one_step_commits_across_holes_and_an_end_closes_only_its_hole(tiny_mode
 
 def test_holes_finish_when_no_mask_is_left(tiny_model):
     state = new_multi_state(tiny_model, PIECES, InfillOptions(max_tokens=2))
-    a, end = word(tiny_model, "return"), tiny_model.ids.end_of_hole
+    a, end = word_token(tiny_model, "return"), tiny_model.ids.end_of_hole
     _, where = hole_logits(tiny_model, state)
-    multi_step(tiny_model, state, sharp(tiny_model, [a, a, end, end]), where)
+    multi_step(tiny_model, state, sharp_logits(tiny_model, [a, a, end, end], 30.0), where)
     assert state.finish_reason == "max_tokens"  # hole 0 used its whole budget
     texts, counts = hole_texts(tiny_model, state)
     assert texts == [tiny_model.tokenizer.decode([a, a]), ""] and counts == [2, 0]
@@ -118,8 +108,8 @@ def test_dreamon_expand_and_delete_edit_one_hole(dreamon):
     state = new_multi_state(dreamon, PIECES, InfillOptions(max_tokens=6, initial_tokens=2))
     assert [len(span.tokens) for span in state.spans] == [2, 2]
     _, where = hole_logits(dreamon, state)
-    a = word(dreamon, "return")
-    forced = sharp(dreamon, [expand, a, delete, a])
+    a = word_token(dreamon, "return")
+    forced = sharp_logits(dreamon, [expand, a, delete, a], 30.0)
     forced[[1, 3]] = 0.0  # only the expand and the delete are committed
     multi_step(dreamon, state, forced, where)
     first, second = state.spans
@@ -138,8 +128,8 @@ def test_min_tokens_keeps_every_hole_from_ending_at_once(tiny_model):
     state = new_multi_state(tiny_model, PIECES, InfillOptions(max_tokens=3, min_tokens=1))
     logits, where = hole_logits(tiny_model, state)
     end = tiny_model.ids.end_of_hole
-    forced = sharp(tiny_model, [end] * 6)
-    forced[:, word(tiny_model, "return")] = 1.0
+    forced = sharp_logits(tiny_model, [end] * 6, 30.0)
+    forced[:, word_token(tiny_model, "return")] = 1.0
     multi_step(tiny_model, state, forced, where)
     assert [span.tokens[0] != end for span in state.spans] == [True, True]
 
@@ -149,8 +139,8 @@ def test_code_start_keeps_holes_from_starting_with_blank_space(tiny_model):
                             code_start=True)
     logits, where = hole_logits(tiny_model, state)
     space = tiny_model.tokenizer.encode("\n", add_special_tokens=False).ids[0]
-    forced = sharp(tiny_model, [space] * 4)
-    forced[:, word(tiny_model, "return")] = 1.0
+    forced = sharp_logits(tiny_model, [space] * 4, 30.0)
+    forced[:, word_token(tiny_model, "return")] = 1.0
     multi_step(tiny_model, state, forced, where)
-    assert [span.tokens[0] for span in state.spans] == [word(tiny_model, "return")] * 2
+    assert [span.tokens[0] for span in state.spans] == [word_token(tiny_model, "return")] * 2
     assert state.spans[0].tokens[1] == space  # later positions may be blank

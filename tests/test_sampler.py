@@ -20,22 +20,12 @@ from model.sampler import (
     transfer_fraction,
     uniform_counts,
 )
+from tests.helpers import sharp_logits, word_token
 
 from .conftest import FAMILY_NAMES
 
 PREFIX = "def add(a, b):\n    return "
 SUFFIX = "\n\nprint(add(1, 2))\n"
-
-
-def sharp_logits(model, tokens: list[int], confidence: float = 20.0) -> torch.Tensor:
-    """(m, V) logits that put all mass on `tokens` (one row per masked position)."""
-    logits = torch.zeros(len(tokens), model.vocab_size)
-    logits[torch.arange(len(tokens)), torch.tensor(tokens)] = confidence
-    return logits
-
-
-def word_token(model, word: str) -> int:
-    return model.tokenizer.encode(word, add_special_tokens=False).ids[0]
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

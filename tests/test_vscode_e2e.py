@@ -32,13 +32,18 @@ pytestmark = pytest.mark.skipif(
            "and Chromium once, ~450 MB)")
 
 
-@pytest.mark.slow
-def test_ghost_text_from_the_server_in_real_vscode(tmp_path):
+@pytest.fixture(scope="module")
+def code_server() -> None:
+    """code-server, Chromium and the packaged extension, set up once (setup.sh)."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("node and npm are needed")
     setup = subprocess.run(["bash", str(E2E / "setup.sh")], capture_output=True, text=True,
                            timeout=SETUP_TIMEOUT_S, check=False)
     assert setup.returncode == 0, setup.stdout[-2000:] + setup.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_ghost_text_from_the_server_in_real_vscode(code_server, tmp_path):
     shot = tmp_path / "vscode.png"
     # one token a step: the hole denoises over several steps, drawn as live previews
     settings = {"diffusionLsp.completion.tokensPerStep": 1,
@@ -61,18 +66,13 @@ def test_ghost_text_from_the_server_in_real_vscode(tmp_path):
 
 
 @pytest.mark.slow
-def test_next_edits_in_real_vscode(tmp_path):
+def test_next_edits_in_real_vscode(code_server, tmp_path):
     """A rename in real VS Code: the server's suggestion (from an Inception-shaped stand-in,
     tests/test_server_next_edit.py) is decorated, Tab jumps to it, Tab applies it, Escape
     dismisses the next one."""
     from tests.edit_standin import standin_in_a_thread
     from tests.remote_standin import KEY
 
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are needed")
-    setup = subprocess.run(["bash", str(E2E / "setup.sh")], capture_output=True, text=True,
-                           timeout=SETUP_TIMEOUT_S, check=False)
-    assert setup.returncode == 0, setup.stdout[-2000:] + setup.stderr[-2000:]
     shot = tmp_path / "vscode-nes.png"
     with standin_in_a_thread() as remote:
         settings = {"diffusionLsp.backend": "remote", "diffusionLsp.remote.url": remote.url,
