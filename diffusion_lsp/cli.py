@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import get_args
 
 from lsp_server.settings import ContextSettings
+from model.options import COMMIT_SETTINGS, SAMPLER_SETTINGS
 
 CONTEXT = ContextSettings()  # the server's context budgets, the default for `infill` too
 
@@ -29,25 +31,21 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampler_args(parser: argparse.ArgumentParser) -> None:
-    """The reference samplers' settings (docs/models.md, "Sampler settings"); unset = the
-    sampler's."""
-    group = parser.add_argument_group("reference samplers (Dream, LLaDA)")
-    group.add_argument("--algorithm", default=None,
-                       help="maskgit_plus | topk_margin | entropy | origin (Dream's alg), "
-                            "low_confidence | random (LLaDA's remasking)")
-    group.add_argument("--steps", type=int, default=None,
-                       help="step budget; the hole is then --max-tokens long")
-    group.add_argument("--block-length", type=int, default=None,
-                       help="LLaDA's semi-autoregressive blocks")
-    group.add_argument("--tokens-per-step", type=int, default=None)
-    group.add_argument("--temperature", type=float, default=None)
-    group.add_argument("--top-p", type=float, default=None)
-    group.add_argument("--top-k", type=int, default=None)
-    group.add_argument("--alg-temp", type=float, default=None)
-    group.add_argument("--cfg-scale", type=float, default=None)
-    group.add_argument("--seed", type=int, default=None)
-    group.add_argument("--exact", action="store_true", default=None,
-                       help="the published algorithm verbatim: no context cache, no shortcuts")
+    """The sampler's settings (model/options.py; docs/models.md, "Sampler settings"), one flag
+    each; unset = the sampler's default."""
+    group = parser.add_argument_group("sampler (how a step commits; the reference samplers "
+                                      "Dream, LLaDA)")
+    for setting in (*COMMIT_SETTINGS, *SAMPLER_SETTINGS):
+        default = "none" if setting.default is None else setting.default
+        help = f"{setting.help} (default: {default})"
+        if setting.choices:
+            group.add_argument(setting.flag, choices=setting.choices, default=None, help=help)
+        elif setting.default is False:
+            group.add_argument(setting.flag, action="store_true", default=None, help=help)
+        else:
+            kind = next(kind for kind in (int, float) if kind in (setting.type,
+                                                                   *get_args(setting.type)))
+            group.add_argument(setting.flag, type=kind, default=None, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     infill.add_argument("--output", required=True,
                         help='JSONL: {"id", "completion", "steps", "latency_ms"}')
     infill.add_argument("--max-tokens", type=int, default=64)
-    infill.add_argument("--threshold", type=float, default=None)
     infill.add_argument("--single-line", action="store_true")
     _add_sampler_args(infill)
     infill.add_argument("--prefix-tokens", type=int, default=CONTEXT.prefix_tokens,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from model.load import load_for_cli
 from model.loader import LoadedModel, ModelLoadError
+from model.options import COMMIT_SETTINGS, SAMPLER_SETTINGS
 from model.sampler import Infill, InfillOptions, denoise_step, final_text, new_state
 
 log = logging.getLogger(__name__)
@@ -209,11 +210,6 @@ def fill_several(model: LoadedModel, parsed, options: InfillOptions, budget: Bud
     return out | ({"previews": states} if previews else {})
 
 
-# `infill` flags that are InfillOptions fields of the same name (cli._add_sampler_args)
-SAMPLER_FLAGS = ("algorithm", "steps", "block_length", "tokens_per_step", "temperature", "top_p",
-                 "top_k", "alg_temp", "cfg_scale", "seed", "exact")
-
-
 class StopOnInterrupt:
     """While active, the first SIGINT asks the loop to stop after the current record; a
     second one interrupts at once (KeyboardInterrupt)."""
@@ -256,8 +252,9 @@ def _infill_file(args, interrupt: StopOnInterrupt) -> int:
     from rich.progress import Progress
 
     overrides = {"max_tokens": args.max_tokens, "single_line": args.single_line,
-                 **{name: getattr(args, name) for name in ("threshold", *SAMPLER_FLAGS)
-                    if getattr(args, name) is not None}}
+                 **{setting.name: getattr(args, setting.name)
+                    for setting in (*COMMIT_SETTINGS, *SAMPLER_SETTINGS)
+                    if getattr(args, setting.name) is not None}}
     try:
         options = InfillOptions(**overrides)
     except ValueError as exc:

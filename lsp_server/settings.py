@@ -14,7 +14,12 @@ from typing import Any, Literal
 import msgspec
 
 from model.families import OVERRIDABLE
-from service.wire import Sampling, sampling_problem
+from model.options import (
+    COMMIT_SETTINGS,
+    SAMPLER_SETTINGS,
+    settings_problem,
+    settings_struct,
+)
 
 SECTION = "diffusionLsp"
 
@@ -31,33 +36,21 @@ class ModelSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     context_cache_documents: int = 20
 
 
-# Dream's `alg` and LLaDA's `remasking` names (service.wire.ALGORITHM_NAMES; a test keeps them so)
-Algorithm = Literal["maskgit_plus", "topk_margin", "entropy", "origin", "low_confidence", "random"]
+# The sampler's settings as InfillOptions declares them (model/options.py), camelCase here:
+# how many positions a step commits, and the reference samplers' (Dream, LLaDA; docs/models.md,
+# "Sampler settings", maps each model card's values onto these).
+CommitSettings = settings_struct("CommitSettings", COMMIT_SETTINGS, rename="camel",
+                                 forbid_unknown_fields=True, module=__name__)
+SamplerSettings = settings_struct("SamplerSettings", SAMPLER_SETTINGS, rename="camel",
+                                  forbid_unknown_fields=True, module=__name__)
 
 
-class SamplerSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
-    """The reference samplers' settings (Dream, LLaDA); names and defaults as the sampler's
-    `InfillOptions` (docs/models.md, "Sampler settings", maps each model card's values onto
-    these)."""
+class CompletionSettings(CommitSettings, rename="camel", forbid_unknown_fields=True):
+    """threshold and tokensPerStep (CommitSettings), then these."""
 
-    algorithm: Algorithm | None = None  # None = the threshold sampler
-    steps: int | None = None  # a step budget; the hole is then maxTokens long
-    block_length: int | None = None  # LLaDA's semi-autoregressive blocks
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    alg_temp: float = 0.0
-    cfg_scale: float = 0.0
-    seed: int = 0
-    exact: bool = False  # full passes, no shortcuts: the reference trajectory
-
-
-class CompletionSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     max_tokens: int = 64  # tokens in a multi-line completion, at most
     max_tokens_single_line: int = 32
     max_lines: int = 12  # lines in a multi-line completion, at most
-    threshold: float = 0.9  # commit every masked token more confident than this, each step
-    tokens_per_step: int | None = None  # instead of the threshold: this many tokens per step
     multiline: Literal["auto", "always", "never"] = "auto"
     debounce_ms: int = 10  # wait this long for the user to type on before starting
     stop: list[str] = msgspec.field(default_factory=list)
@@ -171,13 +164,8 @@ def _check_ranges(settings: Settings) -> list[str]:
     for path in NON_NEGATIVE:
         if value(path) < 0:
             problems.append(f"{_camel(path)} must not be negative")
-    if not 0.0 <= settings.completion.threshold <= 1.0:
-        problems.append("completion.threshold must lie in [0, 1]")
     if not 0.0 <= settings.next_edit.threshold <= 1.0:
         problems.append("nextEdit.threshold must lie in [0, 1]")
-    per_step = settings.completion.tokens_per_step
-    if per_step is not None and per_step <= 0:
-        problems.append("completion.tokensPerStep must be positive")
     unknown = sorted(set(settings.model.family_overrides) - set(OVERRIDABLE))
     if unknown:
         problems.append(f"model.familyOverrides: unknown {', '.join(unknown)}; "
@@ -190,20 +178,24 @@ def _check_ranges(settings: Settings) -> list[str]:
         except re.error as error:
             problems.append(f"holes.patterns: {pattern!r} is not a regular expression "
                             f"({error})")
-    completion = settings.completion
-    if completion.sampler.temperature < 0:
-        problems.append("completion.sampler.temperature must not be negative")
-    for max_tokens in (completion.max_tokens, completion.max_tokens_single_line):
-        problem = sampling_problem(wire_sampling(completion.sampler), max_tokens, per_step)
-        if problem is not None:
-            problems.append(f"completion.sampler: {problem} (maxTokens {max_tokens})")
-            break
+    problems.extend(_sampler_problems(settings.completion))
     return problems
 
 
-def wire_sampling(sampler: SamplerSettings) -> Sampling:
-    """The sampler settings as the service API carries them (temperature and seed apart)."""
-    return Sampling(**{name: getattr(sampler, name) for name in Sampling.__struct_fields__})
+def _sampler_problems(completion: CompletionSettings) -> list[str]:
+    """What the sampler refuses in the completion settings, checked by the sampler itself
+    (model.options.settings_problem), with the settings' camelCase names."""
+    given = {**msgspec.structs.asdict(completion.sampler),
+             "threshold": completion.threshold, "tokens_per_step": completion.tokens_per_step}
+    for max_tokens in (completion.max_tokens, completion.max_tokens_single_line):
+        problem = settings_problem(max_tokens, **given) if max_tokens > 0 else None
+        if problem is not None:  # the names as the settings spell them (not in a quote)
+            said, quote = problem.partition(" (")[::2]
+            for name in ("max_tokens", *given):
+                said = re.sub(rf"\b{name}\b", _camel((name,)), said)
+            return [f"completion: {said}{' (' + quote if quote else ''} "
+                    f"(maxTokens {max_tokens})"]
+    return []
 
 
 def unwrap(raw: Any) -> Any:

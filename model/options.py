@@ -6,7 +6,8 @@ names, defaults and validation from here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 SCORES = ("confidence", "margin", "entropy")
@@ -52,34 +53,59 @@ ALGORITHMS: dict[str, Rule] = {
 }
 
 
+COMMIT = "commit"  # how many positions a step commits: set by editors and the service too
+REFERENCE = "reference"  # a reference sampler's setting (Dream, LLaDA; docs/models.md)
+
+
+def _setting(group: str, help: str, choices: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"setting": (group, help, choices)}
+
+
 @dataclass(frozen=True)
 class InfillOptions:
-    """How to fill one hole. Defaults: deterministic, a few tokens per step."""
+    """How to fill one hole. Defaults: deterministic, a few tokens per step.
+
+    The fields with a `setting` are the ones an editor, a service client and the command line
+    may give: `SAMPLER_SETTINGS` and `COMMIT_SETTINGS` read their names, types, defaults and
+    help from here, and `settings_problem` validates them by building InfillOptions."""
 
     max_tokens: int = 64  # the hole never grows past this many tokens
     initial_tokens: int = 16  # first guess of the hole's length
     extend_by: int = 8  # masks appended when the hole fills with real tokens unfinished
-    threshold: float = 0.9  # commit every masked position scoring above this (>= 1: one a step)
-    tokens_per_step: int | None = None  # commit exactly this many per step instead
+    threshold: float = field(default=0.9, metadata=_setting(
+        COMMIT, "commit every masked position scoring above this, each step, in [0, 1] "
+                "(1: one a step)"))
+    tokens_per_step: int | None = field(default=None, metadata=_setting(
+        COMMIT, "commit exactly this many positions a step instead of the threshold"))
     score: str = "confidence"  # confidence | margin | entropy (all in [0, 1])
-    temperature: float = 0.0  # 0: argmax (deterministic)
-    seed: int = 0  # for temperature > 0
     single_line: bool = False  # stop at the end of the line
     stop: tuple[str, ...] = ()  # stop words: the text ends before the first one
     reuse_context: bool = True  # cache prefix/suffix keys and values; later steps run the hole only
     refresh_every: int = 4  # with reuse_context: full pass every this many steps (0: never)
     min_tokens: int = 0  # the first this many hole positions may not end the hole (or line)
     end_runs: bool = True  # a committed end also commits the run of predicted ends before it
-    # -- reference samplers (Dream, LLaDA); see `Rule` and the README's settings table --------
-    algorithm: str | None = None  # a reference name (ALGORITHMS); None: `score` + threshold
-    steps: int | None = None  # a step budget: the hole is max_tokens long, filled on a schedule
-    block_length: int | None = None  # LLaDA's semi-autoregressive blocks, left to right
-    top_p: float = NO_TOP_P  # nucleus filter before sampling (1: off)
-    top_k: int = NO_TOP_K  # keep the k likeliest tokens before sampling (0: off)
-    alg_temp: float = 0.0  # Dream: > 0 draws positions from softmax(score / alg_temp)
-    cfg_scale: float = 0.0  # LLaDA: > 0 adds a pass with prefix and suffix masked (guidance)
-    exact: bool = False  # the published algorithm verbatim: full passes, fixed-length hole,
-    # no end closing, end runs or min_tokens
+    # -- reference samplers (Dream, LLaDA); see `Rule` and docs/models.md's settings table ----
+    algorithm: str | None = field(default=None, metadata=_setting(
+        REFERENCE, "a reference sampler (ALGORITHMS: Dream's alg, LLaDA's remasking); none: "
+                   "the threshold sampler", tuple(ALGORITHMS)))
+    steps: int | None = field(default=None, metadata=_setting(
+        REFERENCE, "a step budget: the hole is then max_tokens long, filled on a schedule"))
+    block_length: int | None = field(default=None, metadata=_setting(
+        REFERENCE, "LLaDA's semi-autoregressive blocks, left to right"))
+    temperature: float = field(default=0.0, metadata=_setting(
+        REFERENCE, "0: the likeliest token (deterministic)"))
+    top_p: float = field(default=NO_TOP_P, metadata=_setting(
+        REFERENCE, "nucleus filter before sampling, in (0, 1] (1: off)"))
+    top_k: int = field(default=NO_TOP_K, metadata=_setting(
+        REFERENCE, "keep the k likeliest tokens before sampling (0: off)"))
+    alg_temp: float = field(default=0.0, metadata=_setting(
+        REFERENCE, "Dream: above 0 draws positions from softmax(score / alg_temp)"))
+    cfg_scale: float = field(default=0.0, metadata=_setting(
+        REFERENCE, "LLaDA: above 0 adds a pass with prefix and suffix masked (guidance)"))
+    seed: int = field(default=0, metadata=_setting(REFERENCE, "for temperature above 0"))
+    exact: bool = field(default=False, metadata=_setting(
+        REFERENCE, "the published algorithm verbatim: full passes, a fixed-length hole, no "
+                   "end closing, end runs or min_tokens"))
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -92,6 +118,8 @@ class InfillOptions:
             raise ValueError("max_tokens and initial_tokens must be at least 1")
         if self.tokens_per_step is not None and self.tokens_per_step < 1:
             raise ValueError("tokens_per_step must be at least 1")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError("threshold must lie in [0, 1]")
         if self.refresh_every < 0:
             raise ValueError("refresh_every must be 0 (never) or positive")
 
@@ -164,3 +192,66 @@ def hole_options(max_tokens: int, *, threshold: float | None = None,
     return InfillOptions(max_tokens=max_tokens, initial_tokens=min(INITIAL_TOKENS, max_tokens),
                          tokens_per_step=tokens_per_step, single_line=single_line,
                          stop=tuple(stop), min_tokens=min_tokens, **sampler)
+
+
+# -- the settings editors, service clients and the command line give ---------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One InfillOptions field that editors, the service's clients and the command line may
+    set: the language server's settings, the wire's fields and the `infill` flags are built
+    from these."""
+
+    name: str
+    type: Any  # the field's type (a name out of `choices` is checked by InfillOptions, which
+    # says the known ones)
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def optional(self) -> bool:
+        return type(None) in typing.get_args(self.type)
+
+
+def _settings(group: str) -> tuple[Setting, ...]:
+    hints = typing.get_type_hints(InfillOptions)
+    found = []
+    for option in fields(InfillOptions):
+        if "setting" not in option.metadata or option.metadata["setting"][0] != group:
+            continue
+        _, help, choices = option.metadata["setting"]
+        found.append(Setting(option.name, hints[option.name], option.default, help, choices))
+    return tuple(found)
+
+
+COMMIT_SETTINGS = _settings(COMMIT)  # threshold, tokens_per_step
+SAMPLER_SETTINGS = _settings(REFERENCE)  # algorithm, steps, ..., seed, exact
+
+
+def settings_problem(max_tokens: int, **given: Any) -> str | None:
+    """What the sampler refuses in `given` (settings by name) for a hole of at most
+    `max_tokens`, in one line; None when it takes them."""
+    try:
+        hole_options(max_tokens, **given)
+    except (TypeError, ValueError) as error:
+        return str(error)
+    return None
+
+
+def settings_struct(name: str, settings: tuple[Setting, ...], *, unset: bool = False,
+                    **struct_options: Any) -> type:
+    """A msgspec Struct type with one field per setting, its default the sampler's; `unset`:
+    every field may be left out (UNSET) or null, meaning the sampler's default."""
+    import msgspec
+
+    if unset:
+        spec = [(s.name, s.type | None | msgspec.UnsetType, msgspec.UNSET) for s in settings]
+    else:
+        spec = [(s.name, s.type, s.default) for s in settings]
+    return msgspec.defstruct(name, spec, **struct_options)

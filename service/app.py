@@ -271,14 +271,13 @@ def infill_options(hole: wire.Hole) -> InfillOptions:
     what the request leaves out)."""
     from model.options import MIN_TOKENS, hole_options
 
-    seed = hole.seed
-    if seed is None:
-        seed = random.getrandbits(31) if hole.temperature > 0 else 0
+    sampler = dict(hole.sampler)
+    if "seed" not in sampler:
+        sampler["seed"] = random.getrandbits(31) if hole.temperature > 0 else 0
     return hole_options(
-        hole.max_tokens, threshold=hole.threshold, tokens_per_step=hole.tokens_per_step,
-        single_line=hole.single_line, stop=hole.stop, temperature=hole.temperature, seed=seed,
-        min_tokens=MIN_TOKENS if hole.min_tokens is None else hole.min_tokens,
-        **msgspec.structs.asdict(hole.sampling))
+        hole.max_tokens, single_line=hole.single_line, stop=hole.stop,
+        temperature=hole.temperature,
+        min_tokens=MIN_TOKENS if hole.min_tokens is None else hole.min_tokens, **sampler)
 
 
 class Infiller:
@@ -575,7 +574,7 @@ class Gateway:
 
         async def fill(prefix: str, suffix: str, hole: next_edit.Hole) -> tuple[str, int]:
             encoded = msgspec.json.encode(wire.Hole(
-                request.model, prefix, suffix, hole.max_tokens, (), 0.0, None, None,
+                request.model, prefix, suffix, hole.max_tokens, (), 0.0,
                 min_tokens=0 if hole.may_be_empty else None))
             filled = msgspec.json.decode(await self.infiller.fill.remote(encoded), type=Filled)
             usage[0] += filled.prompt_tokens

@@ -12,7 +12,7 @@ total_tokens}}`. Errors are `{"error": {"message", "type", "code"}}`.
 
 Our service adds optional request fields (how the diffusion sampler commits tokens:
 `threshold`, `tokens_per_step`, and the reference samplers' settings `algorithm`, `steps`,
-`block_length`, `top_p`, `top_k`, `alg_temp`, `cfg_scale`, `exact`, `seed`; see `Sampling`)
+`block_length`, `top_p`, `top_k`, `alg_temp`, `cfg_scale`, `exact`, `seed`; see `EXTENSIONS`)
 and one optional response field (`diffusion`: steps and timings). The client sends the request
 fields only to a server whose `GET /health` says it is ours; other servers never see them.
 """
@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
+
+from model.options import COMMIT_SETTINGS, SAMPLER_SETTINGS, settings_problem, settings_struct
 
 FIM_PATH = "/v1/fim/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -40,75 +42,21 @@ API_FINISH = {"end": "stop", "newline": "stop", "stop": "stop", "max_tokens": "l
               "cancelled": "stop"}
 
 
-# the reference algorithm names the sampler knows (model.sampler.ALGORITHMS; a test keeps them
-# equal): Dream's `alg` and LLaDA's `remasking`
-ALGORITHM_NAMES = ("maskgit_plus", "topk_margin", "entropy", "origin", "low_confidence", "random")
-
-
 class WireError(ValueError):
     """A request the API rejects (400), with the message the client gets."""
-
-
-class Sampling(msgspec.Struct, frozen=True):
-    """The reference samplers' settings (Dream, LLaDA), named as `model.sampler.InfillOptions`
-    names them; the defaults are the sampler's."""
-
-    algorithm: str | None = None
-    steps: int | None = None
-    block_length: int | None = None
-    top_p: float = 1.0
-    top_k: int = 0
-    alg_temp: float = 0.0
-    cfg_scale: float = 0.0
-    exact: bool = False
-
-
-def sampling_problem(sampling: Sampling, max_tokens: int,
-                     tokens_per_step: int | None) -> str | None:
-    """What is wrong with these settings for a hole of `max_tokens`, if anything (the checks
-    `InfillOptions` makes, without importing the model)."""
-    s = sampling
-    if s.algorithm is not None and s.algorithm not in ALGORITHM_NAMES:
-        return f"algorithm must be one of {', '.join(ALGORITHM_NAMES)}"
-    if s.steps is not None and s.steps < 1:
-        return "steps must be positive"
-    if s.steps is not None and tokens_per_step is not None:
-        return "set steps or tokens_per_step, not both"
-    if s.block_length is not None and s.block_length < 1:
-        return "block_length must be positive"
-    if s.block_length is not None and s.steps is not None:
-        if max_tokens % s.block_length:
-            return "with steps, max_tokens must be a multiple of block_length"
-        if s.steps % (max_tokens // s.block_length):
-            return "with block_length, steps must be a multiple of the number of blocks"
-    if not 0.0 < s.top_p <= 1.0:
-        return "top_p must lie in (0, 1]"
-    if s.top_k < 0 or s.alg_temp < 0 or s.cfg_scale < 0:
-        return "top_k, alg_temp and cfg_scale must not be negative"
-    if s.algorithm == "origin" and s.steps is None:
-        return "algorithm origin needs steps"
-    if (s.algorithm == "random" or s.alg_temp > 0) and s.steps is None and tokens_per_step is None:
-        return "algorithm random and alg_temp need steps or tokens_per_step"
-    return None
 
 
 # -- requests ------------------------------------------------------------------------------------
 
 
-class SamplerExtensions(msgspec.Struct, kw_only=True):
-    """Our extensions to both request kinds (sent only to our service; UNSET: the default)."""
-
-    threshold: float | None | UnsetType = UNSET
-    tokens_per_step: int | None | UnsetType = UNSET
-    algorithm: str | None | UnsetType = UNSET
-    steps: int | None | UnsetType = UNSET
-    block_length: int | None | UnsetType = UNSET
-    top_p: float | UnsetType = UNSET
-    top_k: int | UnsetType = UNSET
-    alg_temp: float | UnsetType = UNSET
-    cfg_scale: float | UnsetType = UNSET
-    exact: bool | UnsetType = UNSET
-    seed: int | None | UnsetType = UNSET
+# Our extensions to both request kinds, sent only to our service: how many positions a step
+# commits and the reference samplers' settings, as model/options.py declares them (temperature
+# is the API's own field). Left out or null: the sampler's default (seed: a fresh one per
+# request when temperature > 0).
+EXTENSIONS = tuple(setting for setting in (*COMMIT_SETTINGS, *SAMPLER_SETTINGS)
+                   if setting.name != "temperature")
+SamplerExtensions = settings_struct("SamplerExtensions", EXTENSIONS, unset=True, kw_only=True,
+                                    module=__name__)
 
 
 class FimRequest(SamplerExtensions):
@@ -150,10 +98,8 @@ class Hole(msgspec.Struct, frozen=True):
     max_tokens: int
     stop: tuple[str, ...]
     temperature: float
-    threshold: float | None
-    tokens_per_step: int | None
-    sampling: Sampling = Sampling()
-    seed: int | None = None  # None: a fresh one per request when temperature > 0
+    # the extensions the request gave (EXTENSIONS, by name); the rest are the sampler's defaults
+    sampler: dict[str, Any] = {}
     stream: bool = False  # server-sent events of the intermediate states (FIM only)
     min_tokens: int | None = None  # None: the service's (a next edit's hole may stay empty)
 
@@ -184,21 +130,17 @@ def _checked(hole: Hole, stream: bool, can_stream: bool = False) -> Hole:
         raise WireError(f"max_tokens must lie in [1, {MAX_TOKENS_LIMIT}]")
     if not 0.0 <= hole.temperature <= 2.0:
         raise WireError("temperature must lie in [0, 2]")
-    if hole.threshold is not None and not 0.0 <= hole.threshold <= 1.0:
-        raise WireError("threshold must lie in [0, 1]")
-    if hole.tokens_per_step is not None and hole.tokens_per_step < 1:
-        raise WireError("tokens_per_step must be positive")
-    problem = sampling_problem(hole.sampling, hole.max_tokens, hole.tokens_per_step)
+    problem = settings_problem(hole.max_tokens, temperature=hole.temperature, **hole.sampler)
     if problem is not None:
         raise WireError(problem)
     return hole
 
 
-def sampling_of(request: FimRequest | CompletionsRequest) -> Sampling:
-    """The request's reference-sampler fields, the sampler's defaults where left out."""
-    given = {name: getattr(request, name) for name in Sampling.__struct_fields__
-             if getattr(request, name) is not UNSET}
-    return Sampling(**given)
+def sampler_of(request: FimRequest | CompletionsRequest) -> dict[str, Any]:
+    """The extensions the request gives (neither left out nor null), by name."""
+    given = {setting.name: getattr(request, setting.name) for setting in EXTENSIONS}
+    return {name: value for name, value in given.items()
+            if value is not UNSET and value is not None}
 
 
 def decode_fim(body: bytes) -> Hole:
@@ -209,9 +151,8 @@ def decode_fim(body: bytes) -> Hole:
         raise WireError(f"bad request body: {error}") from error
     stream = bool(_given(request.stream, False))
     return _checked(Hole(request.model, request.prompt, request.suffix, request.max_tokens,
-                         stop_words(request.stop), request.temperature,
-                         _given(request.threshold), _given(request.tokens_per_step),
-                         sampling_of(request), _given(request.seed), stream),
+                         stop_words(request.stop), request.temperature, sampler_of(request),
+                         stream),
                     stream, can_stream=True)
 
 
@@ -231,9 +172,7 @@ def decode_completions(body: bytes) -> Hole:
     if _given(request.echo, False):
         raise WireError("echo is not supported")
     return _checked(Hole(request.model, prompt, request.suffix or "", request.max_tokens,
-                         stop_words(request.stop), request.temperature,
-                         _given(request.threshold), _given(request.tokens_per_step),
-                         sampling_of(request), _given(request.seed)),
+                         stop_words(request.stop), request.temperature, sampler_of(request)),
                     _given(request.stream, False))
 
 

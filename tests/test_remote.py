@@ -108,12 +108,16 @@ async def test_our_service_gets_the_sampler_settings_the_server_was_given():
         await backend.close()
     (seen,) = standin.completions()
     hole = wire.decode_fim(json.dumps(seen.body).encode())
-    assert hole.sampling == wire.Sampling(algorithm="entropy", steps=8, top_p=0.95)
-    assert (hole.temperature, hole.seed) == (0.2, 5)
+    assert hole.sampler == {"algorithm": "entropy", "steps": 8, "threshold": 0.9, "top_p": 0.95,
+                            "top_k": 0, "alg_temp": 0.0, "cfg_scale": 0.0, "exact": False,
+                            "seed": 5}
+    assert hole.temperature == 0.2
 
 
 def test_wire_checks_the_sampler_settings():
     for fields, problem in ((b'"algorithm": "greedy"', "maskgit_plus"),
+                            (b'"threshold": 1.5', r"threshold must lie in \[0, 1\]"),
+                            (b'"tokens_per_step": 0', "tokens_per_step must be at least 1"),
                             (b'"steps": 8, "block_length": 5', "multiple of block_length"),
                             (b'"algorithm": "origin"', "needs steps"),
                             (b'"top_p": 0', "top_p")):
@@ -121,13 +125,30 @@ def test_wire_checks_the_sampler_settings():
             wire.decode_fim(b'{"model": "m", "prompt": "p", "max_tokens": 16, ' + fields + b"}")
 
 
-def test_the_algorithm_names_agree_everywhere():
-    import typing
+def test_the_sampler_settings_are_the_samplers_everywhere():
+    """The language server's settings, the wire's extensions and the `infill` flags are the
+    InfillOptions fields model/options.py marks, with the sampler's defaults and names."""
+    from diffusion_lsp.cli import build_parser
+    from lsp_server.settings import CompletionSettings, SamplerSettings
+    from model.options import ALGORITHMS, COMMIT_SETTINGS, SAMPLER_SETTINGS, InfillOptions
 
-    from lsp_server.settings import Algorithm
-    from model.sampler import ALGORITHMS
-
-    assert tuple(ALGORITHMS) == wire.ALGORITHM_NAMES == typing.get_args(Algorithm)
+    defaults = InfillOptions()
+    for setting in (*COMMIT_SETTINGS, *SAMPLER_SETTINGS):
+        assert getattr(defaults, setting.name) == setting.default
+    assert [s.name for s in SAMPLER_SETTINGS] == list(SamplerSettings.__struct_fields__)
+    assert msgspec.structs.asdict(SamplerSettings()) == {
+        s.name: s.default for s in SAMPLER_SETTINGS}
+    completion = CompletionSettings()
+    assert (completion.threshold, completion.tokens_per_step) == (0.9, None)
+    wire_names = {s.name for s in wire.EXTENSIONS} | {"temperature"}
+    assert wire_names == {s.name for s in (*COMMIT_SETTINGS, *SAMPLER_SETTINGS)}
+    assert wire_names - {"temperature"} <= set(wire.FimRequest.__struct_fields__)
+    infill = next(action for action in build_parser()._subparsers._group_actions[0]
+                  .choices["infill"]._actions if action.dest == "algorithm")
+    assert tuple(infill.choices) == tuple(ALGORITHMS)
+    for refused in (msgspec.convert({"algorithm": "greedy"}, SamplerSettings),
+                    wire.FimRequest(model="m", prompt="p", algorithm="greedy")):
+        assert refused.algorithm == "greedy"  # decoded; InfillOptions refuses it, naming all
 
 
 # -- failures, retries, deadline -----------------------------------------------------------------

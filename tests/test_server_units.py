@@ -270,8 +270,8 @@ def test_sampler_settings_decode_and_bad_ones_are_reported():
     assert (sampler.algorithm, sampler.steps, sampler.top_p, sampler.temperature) == (
         "entropy", 16, 0.95, 0.2)
     for bad, word in (({"algorithm": "greedy"}, "algorithm"),
-                      ({"blockLength": 5, "steps": 10}, "block_length"),
-                      ({"topP": 1.5}, "top_p")):
+                      ({"blockLength": 5, "steps": 10}, "multiple of blockLength"),
+                      ({"topP": 1.5}, "topP must be in")):
         kept, problems = merge(settings, {"completion": {"sampler": bad}})
         assert word in "\n".join(problems)
     assert merge(settings, {"completion": {"sampler": {"algorithm": "greedy"}}})[0] == settings

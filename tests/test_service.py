@@ -459,8 +459,9 @@ def _replica_pids(service) -> set[int]:
 
 @pytest.mark.slow
 def test_a_thousand_concurrent_connections_kill_no_replica(service):
-    """1,000 connections at once, each with a completion: every one is answered (200, or 503
-    with Retry-After when the queue is full), and the same replica processes serve after."""
+    """1,000 connections at once, each with a completion: every one is answered (200, 503 with
+    Retry-After when the queue is full, or 408 when a loaded machine's gateway gets to a body
+    later than BODY_READ_TIMEOUT_S), and the same replica processes serve after."""
     before = _replica_pids(service)
     assert len(before) >= 2, before  # the gateway and the model replicas
 
@@ -479,7 +480,7 @@ def test_a_thousand_concurrent_connections_kill_no_replica(service):
 
     outcomes = asyncio.run(flood())
     statuses = [outcome[0] if isinstance(outcome, tuple) else outcome for outcome in outcomes]
-    assert set(statuses) <= {200, 503}, {s: statuses.count(s) for s in set(statuses)}
+    assert set(statuses) <= {200, 503, 408}, {s: statuses.count(s) for s in set(statuses)}
     assert statuses.count(200) >= 100
     assert all(retry == "1" for status, retry in outcomes if status == 503)
     assert _replica_pids(service) == before  # none died (Ray would restart it as another)

@@ -43,7 +43,7 @@ from lsp_server.backends.base import (
     NextEditOutcome,
     estimate_tokens,
 )
-from lsp_server.settings import RemoteSettings, Settings, wire_sampling
+from lsp_server.settings import RemoteSettings, Settings
 from service import edit_wire, wire
 
 log = logging.getLogger(__name__)
@@ -366,10 +366,10 @@ class RemoteBackend:
                                               stop=stop_field, temperature=0.0)
         request.temperature = job.sampler.temperature
         if self._ours:  # only our service takes the sampler's settings
-            request.threshold, request.tokens_per_step = job.threshold, job.tokens_per_step
-            for name, value in msgspec.structs.asdict(wire_sampling(job.sampler)).items():
-                setattr(request, name, value)
-            request.seed = job.sampler.seed
+            given = {**msgspec.structs.asdict(job.sampler), "threshold": job.threshold,
+                     "tokens_per_step": job.tokens_per_step}
+            for setting in wire.EXTENSIONS:
+                setattr(request, setting.name, given[setting.name])
         return request
 
     async def _post(self, path: str, body: bytes, deadline: float) -> httpx.Response:
