@@ -151,7 +151,7 @@ def evaluate(model, tasks: list[dict], name: str) -> dict:
 
 
 def models_to_run(args) -> list[tuple[str, object]]:
-    from diffusion_lsp.commands import load_for_cli
+    from model.load import load_for_cli
     from model.loader import load_model
     from model.tiny import write_tiny_model
 

@@ -298,8 +298,8 @@ async def bench(args) -> dict:
                     "remote": {"url": args.remote_url, "api": "mercury", "timeoutMs": 10000}}
         results.append(await run_cases(cases, settings, f"remote {args.remote_url}"))
     else:
-        from tests.test_remote import KEY
-        from tests.test_server_next_edit import EditStandIn
+        from tests.edit_standin import EditStandIn  # the test suite's Mercury stand-in
+        from tests.remote_standin import KEY
 
         async with EditStandIn(rewrite=oracle(cases)) as standin:
             settings = {"backend": "remote", "completion": {"debounceMs": 0},

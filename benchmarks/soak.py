@@ -70,7 +70,8 @@ def rss_mb(pid: int) -> float:
 
 def source_documents(count: int) -> list[tuple[str, str]]:
     """(uri, text) of `count` Python files of this repository, cut to MAX_DOCUMENT_LINES."""
-    files = sorted(path for folder in ("lsp_server", "model", "benchmarks", "service", "tests")
+    folders = ("lsp_server", "model", "benchmarks", "diffusion_lsp", "tests")
+    files = sorted(path for folder in folders
                    for path in (REPO / folder).rglob("*.py") if path.stat().st_size > 2000)
     chosen = files[:count]
     return [(f"untitled:soak/{path.relative_to(REPO)}",

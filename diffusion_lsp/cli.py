@@ -200,7 +200,7 @@ def run_doctor(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        from lsp_server.server import serve
+        from lsp_server.main import serve
 
         return serve(args) or 0
     if args.command == "infill":
@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_bench(args)
     if args.command == "service":
-        from service.app import run_service
+        from diffusion_lsp.service import run_service
 
         return run_service(args)
     if args.command == "eval":

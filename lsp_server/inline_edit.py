@@ -1,8 +1,8 @@
 """Next edit suggestions over LSP, wire-compatible with copilot-language-server
 (docs/next-edits.md): `textDocument/copilotInlineEdit` and the notifications Copilot's clients
 send. Thin handlers over lsp_server/next_edit.py (history, region, rewrite -> edits) and the
-backend's `next_edit`; they register with the server's `handles` when lsp_server.server is
-imported.
+backend's `next_edit`; they register with the server's `handles` when lsp_server/main.py
+(the program) imports this module.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from lsp_server.server import (
     DiffusionServer,
     handles,
 )
-from service.edit_wire import EditPrompt
+from model.edit_wire import EditPrompt
 
 log = logging.getLogger("diffusion_lsp")
 

@@ -9,11 +9,9 @@ a malformed message), is logged, and leaves the server serving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
-import os
 import sys
 import time
 import uuid
@@ -44,12 +42,10 @@ from lsp_server import next_edit as nes
 from lsp_server.backends import Backend, BackendError, CompletionJob, HolesJob, make_backend
 from lsp_server.cache import CompletionCache
 from lsp_server.documents import Workspace, encoding_name
-from lsp_server.logfile import make_handler
 from lsp_server.postprocess import Surroundings, choose_multiline, clean, detect_indent_unit
 from lsp_server.preview import PREVIEW, PreviewSink
 from lsp_server.settings import Settings, merge
 from lsp_server.stats import Stats
-from model.families import parse_overrides
 
 log = logging.getLogger("diffusion_lsp")
 T = TypeVar("T")
@@ -725,22 +721,6 @@ SERVING: list[DiffusionServer] = []  # the server of the client served now (one 
 UNREPORTED: list[str] = []  # process-wide problems found while no server was serving
 
 
-def make_server(model_override: dict | None = None) -> DiffusionServer:
-    """A fresh server state (settings, documents, backend, stats) with every handler; it is
-    the one told of process-wide problems (`report_to_user`) from now on."""
-    server = DiffusionServer()
-    for method, options, handler in HANDLERS:
-        server.feature(method, options)(handler)
-    for command, handler in COMMANDS:
-        server.command(command)(handler)
-    server.model_override = model_override or {}
-    server.apply_settings(None)
-    server.pending_reports.extend(UNREPORTED)
-    UNREPORTED.clear()
-    SERVING[:] = [server]
-    return server
-
-
 def report_to_user(message: str) -> None:
     """Tell the user of the client served now (from any thread), e.g. that the log file was
     lost; held for the next server when none is serving yet."""
@@ -897,52 +877,3 @@ def on_shutdown(ls: DiffusionServer, params: Any = None) -> None:
     engine = getattr(ls.backend, "engine", None)
     if engine is not None:
         engine.close(timeout=2.0)
-
-
-# next edits register their handlers here (they use `handles`, above)
-from lsp_server import inline_edit  # noqa: E402, F401
-
-# ---------------------------------------------------------------------------------------------
-# Entry point
-
-
-def configure_logging(level: str, log_file: str | None) -> None:
-    handler = make_handler(log_file, on_failure=report_to_user)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("pygls").setLevel(max(root.level, logging.WARNING))
-
-
-def serve(args) -> int:
-    configure_logging(args.log_level, args.log_file)
-    try:
-        parse_overrides(args.family_override)
-    except ValueError as error:
-        print(f"diffusion-lsp serve: {error}", file=sys.stderr)
-        return 2
-    override = {"model": {key: value for key, value in (
-        ("path", args.model), ("family", args.family),
-        ("familyOverrides", parse_overrides(args.family_override) or None),
-        ("device", None if args.device == "auto" else args.device),
-        ("dtype", None if args.dtype == "auto" else args.dtype)) if value is not None}}
-    model_override = override if override["model"] else {}
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:  # uvloop does not exist on Windows
-        pass
-    code = 0
-    if args.tcp:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(transport.serve_tcp(args.host, args.port,
-                                            lambda: make_server(model_override)))
-    else:
-        code = make_server(model_override).start_io()
-    # leave at once: a daemon thread still inside torch (a model loading, a step) aborts the
-    # interpreter's teardown ("terminate called without an active exception", exit -6)
-    logging.shutdown()
-    with contextlib.suppress(OSError, ValueError):  # stdout may be closed already
-        sys.stdout.flush()
-    os._exit(code)

@@ -17,8 +17,8 @@ from lsp_server.next_edit import (
     suggestion,
     undoes,
 )
-from service import edit_wire
-from service.wire import WireError
+from model import edit_wire
+from model.wire import WireError
 
 FILE = "import os\n\ndef area(width, height):\n    return width * height\n\nprint(area(2, 3))\n"
 

@@ -24,7 +24,7 @@ def test_no_values_or_a_q_out_of_range_is_refused():
 
 
 def test_the_server_and_the_service_report_the_same_percentiles():
-    from service.app import quantile
+    from diffusion_lsp.service import quantile
 
     values = [float(v) for v in (5, 1, 9, 3, 7, 2, 8, 4, 6, 10, 30, 20)]
     server = percentiles(values)

@@ -20,7 +20,7 @@ import pytest
 from lsp_server.backends import BackendError, CompletionJob, make_backend
 from lsp_server.backends.remote import Endpoints, RemoteBackend, backoff_s, cut_at_stop
 from lsp_server.settings import RemoteSettings, SamplerSettings, Settings
-from service import wire
+from model import wire
 from tests.remote_standin import KEY, KEY_ENV, StandIn
 
 

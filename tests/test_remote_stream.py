@@ -13,7 +13,7 @@ import pytest
 from lsp_server.backends import BackendError, CompletionJob
 from lsp_server.backends.remote import RemoteBackend
 from lsp_server.settings import Settings
-from service import wire
+from model import wire
 
 STATS = wire.DiffusionStats(steps=3, full_passes=1, finish_reason="end", model_ms=4.0,
                             replica="r0")

@@ -306,7 +306,7 @@ def test_notifications_leave_no_futures_behind():
     """pygls kept one future per didOpen/didChange/didClose forever (the soak's RSS growth)."""
     from pygls.workspace import Workspace
 
-    from lsp_server.server import make_server
+    from lsp_server.main import make_server
 
     protocol = make_server().protocol
     protocol._workspace = Workspace(None)

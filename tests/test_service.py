@@ -19,12 +19,7 @@ import httpx
 import msgspec
 import pytest
 
-from lsp_server.backends import BackendError, CompletionJob, NextEditJob
-from lsp_server.backends.remote import RemoteBackend
-from lsp_server.settings import RemoteSettings, Settings
-from model.loader import bundled_model_path
-from service import edit_wire, wire
-from service.app import (
+from diffusion_lsp.service import (
     Metrics,
     ServiceConfig,
     authorized,
@@ -33,6 +28,11 @@ from service.app import (
     infiller_options,
     token_digest,
 )
+from lsp_server.backends import BackendError, CompletionJob, NextEditJob
+from lsp_server.backends.remote import RemoteBackend
+from lsp_server.settings import RemoteSettings, Settings
+from model import edit_wire, wire
+from model.loader import bundled_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "service-test-token"
@@ -94,7 +94,7 @@ def test_replicas_and_resources():
 
 def test_the_serve_run_builder_takes_string_args_and_refuses_typos():
     pytest.importorskip("ray.serve")
-    from service.app import app
+    from diffusion_lsp.service import app
 
     assert type(app({"replicas": "2", "device": "cpu", "max_batch": "8"})).__name__ == \
         "Application"
@@ -137,7 +137,7 @@ def _request(chunks: list[bytes], headers: dict[str, str], delay_s: float = 0.0)
 
 
 def test_an_oversized_body_is_refused_before_it_is_read():
-    from service.app import MAX_BODY_BYTES, Refused, read_body
+    from diffusion_lsp.service import MAX_BODY_BYTES, Refused, read_body
 
     request, received = _request([b"x"], {"content-length": str(MAX_BODY_BYTES + 1)})
     with pytest.raises(Refused) as refused:
@@ -150,7 +150,7 @@ def test_an_oversized_body_is_refused_before_it_is_read():
 
 
 def test_a_chunked_body_is_cut_off_at_the_limit():
-    from service.app import Refused, read_body
+    from diffusion_lsp.service import Refused, read_body
 
     request, received = _request([b"x" * 1000] * 100, {"transfer-encoding": "chunked"})
     with pytest.raises(Refused) as refused:
@@ -161,7 +161,7 @@ def test_a_chunked_body_is_cut_off_at_the_limit():
 
 
 def test_a_trickling_body_times_out():
-    from service.app import Refused, read_body
+    from diffusion_lsp.service import Refused, read_body
 
     request, received = _request([b"x"] * 50, {"content-length": "50"}, delay_s=0.05)
     with pytest.raises(Refused) as refused:
@@ -425,7 +425,7 @@ def test_malformed_json_is_400_with_the_reason(service):
 
 @pytest.mark.slow
 def test_a_slowloris_body_is_cut_off_and_others_are_served_meanwhile(service):
-    from service.app import BODY_READ_TIMEOUT_S
+    from diffusion_lsp.service import BODY_READ_TIMEOUT_S
 
     slow = {}
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from lsp_server.settings import SamplerSettings, Settings
-from service.edit_wire import EditPrompt
+from model.edit_wire import EditPrompt
 
 CHARS_PER_TOKEN = 3.5  # token estimate for backends without a local tokenizer
 

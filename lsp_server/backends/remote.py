@@ -44,7 +44,7 @@ from lsp_server.backends.base import (
     estimate_tokens,
 )
 from lsp_server.settings import RemoteSettings, Settings
-from service import edit_wire, wire
+from model import edit_wire, wire
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Two deployments, one application:
 
     HTTP ─▶ Ray Serve proxy ─▶ Gateway (1 replica, no CPU reserved)
-                                 auth, routing, JSON (wire.py), metrics
+                                 auth, routing, JSON (model/wire.py), metrics
                                    │ DeploymentHandle: the least-loaded of two random replicas
                                    ▼
                                Infiller (N replicas: one per GPU, or CPU replicas)
@@ -48,10 +48,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from model import next_edit
+from model import edit_wire, next_edit, wire
 from model.families import parse_overrides
 from model.percentile import percentile
-from service import edit_wire, wire
 
 if TYPE_CHECKING:  # Ray, starlette and the model are imported where they are used
     from ray.serve import Application
@@ -648,7 +647,7 @@ def build_app(config: ServiceConfig) -> Application:
 
 def app(args: dict[str, Any]) -> Application:
     """Application builder for `serve run` / `serve deploy` (import path
-    `service.app:app`); `args` are ServiceConfig's fields. The token's SHA-256 comes
+    `diffusion_lsp.service:app`); `args` are ServiceConfig's fields. The token's SHA-256 comes
     from `args["token_sha256"]`, else from DIFFUSION_LSP_TOKEN where the app is built."""
     known = set(ServiceConfig.__annotations__)
     if unknown := sorted(set(args) - known):
