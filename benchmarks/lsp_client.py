@@ -23,9 +23,9 @@ READY_TIMEOUT_S = 120.0
 STATUS = "diffusion/status"  # the server's status notifications (lsp_server/server.py)
 CONVERTER = get_converter()
 
-# What an editor offers, as it says so in `initialize` (LSP's JSON). The server reads the
-# work-done progress and the position encodings; the rest is what both editors send for the
-# features this client uses.
+# What an editor offers in `initialize` (LSP's JSON). The server reads the work-done progress
+# and the position encodings (pygls picks the first it supports; without any, UTF-16); the
+# rest declares the features this client uses.
 _EDITOR = {
     "window": {"workDoneProgress": True, "showDocument": {"support": True},
                "showMessage": {"messageActionItem": {"additionalPropertiesSupport": True}}},
