@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.model_speed import card_bandwidth
-from benchmarks.report import load_holes
+from benchmarks.report import RESULTS, load_holes
 from model import fast_step
 from model.loader import LoadedModel
 from model.percentile import percentile
@@ -459,7 +459,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results/gpu.json")
+    parser.add_argument("--out", default=str(RESULTS / "gpu.json"))
     parser.add_argument("--shape", default="qwen2.5-7b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--data", help="HumanEval-infilling folder (default ../shared/eval-data)")

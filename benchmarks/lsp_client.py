@@ -1,21 +1,61 @@
-"""Drive the real server process over stdio with pytest-lsp's client (tests and the
-end-to-end latency benchmark; needs the `test` extra)."""
+"""Drive the real server process over stdio with pygls' language client (the tests, and the
+end-to-end benchmarks: `bench lsp`, `bench typing`, `bench next-edit`, the soak). Runtime
+dependencies only: pygls and lsprotocol."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from lsprotocol import types
-from pytest_lsp import LanguageClient, client_capabilities
-from pytest_lsp.client import make_test_lsp_client
+from lsprotocol.converters import get_converter
+from pygls.exceptions import FeatureNotificationError, FeatureRequestError, JsonRpcMethodNotFound
+from pygls.lsp.client import LanguageClient as PyglsClient
 
 READY_TIMEOUT_S = 120.0
+STATUS = "diffusion/status"  # the server's status notifications (lsp_server/server.py)
+CONVERTER = get_converter()
+
+# What an editor offers in `initialize` (LSP's JSON). The server reads the work-done progress
+# and the position encodings (pygls picks the first it supports; without any, UTF-16); the
+# rest declares the features this client uses.
+_EDITOR = {
+    "window": {"workDoneProgress": True, "showDocument": {"support": True},
+               "showMessage": {"messageActionItem": {"additionalPropertiesSupport": True}}},
+    "workspace": {"applyEdit": True, "configuration": True, "workspaceFolders": True,
+                  "didChangeConfiguration": {"dynamicRegistration": True}},
+    "textDocument": {
+        "synchronization": {"dynamicRegistration": True, "didSave": True},
+        "completion": {"completionItem": {"snippetSupport": True}},
+        "inlineCompletion": {},
+        "codeAction": {"dataSupport": True, "isPreferredSupport": True,
+                       "resolveSupport": {"properties": ["edit"]},
+                       "codeActionLiteralSupport": {"codeActionKind": {"valueSet": [
+                           "", "quickfix", "refactor", "refactor.rewrite", "source"]}}},
+    },
+}
+CLIENTS = {
+    "visual-studio-code": _EDITOR,  # positions in UTF-16, LSP's default
+    "neovim": {**_EDITOR, "general": {"positionEncodings": ["utf-8", "utf-16", "utf-32"]}},
+}
+PROGRESS_KINDS = {"begin": types.WorkDoneProgressBegin, "report": types.WorkDoneProgressReport,
+                  "end": types.WorkDoneProgressEnd}
+# A handler of ours that failed, or a method this client does not handle: not the server's fault.
+HANDLER_ERRORS = (FeatureNotificationError, FeatureRequestError, JsonRpcMethodNotFound)
+
+
+def client_capabilities(client_name: str) -> types.ClientCapabilities:
+    """The capabilities `client_name` (a key of CLIENTS) offers in `initialize`."""
+    if client_name not in CLIENTS:
+        raise ValueError(f"unknown client {client_name!r}; known: {', '.join(CLIENTS)}")
+    return CONVERTER.structure(CLIENTS[client_name], types.ClientCapabilities)
 
 
 def plain(value):
@@ -25,6 +65,104 @@ def plain(value):
     if isinstance(value, list | tuple):
         return [plain(item) for item in value]
     return value
+
+
+# What the client keeps of each message the server sends it (pygls passes the client as `ls`).
+
+
+def _show_message(ls: LanguageClient, params: types.ShowMessageParams) -> None:
+    ls.messages.append(params)
+
+
+def _log_message(ls: LanguageClient, params: types.LogMessageParams) -> None:
+    ls.log_messages.append(params)
+
+
+def _progress_created(ls: LanguageClient, params: types.WorkDoneProgressCreateParams) -> None:
+    ls.progress_reports.setdefault(params.token, [])
+
+
+def _progress(ls: LanguageClient, params: types.ProgressParams) -> None:
+    value = plain(params.value)
+    kind = PROGRESS_KINDS[value["kind"]]
+    ls.progress_reports.setdefault(params.token, []).append(CONVERTER.structure(value, kind))
+
+
+def _status(ls: LanguageClient, params) -> None:
+    ls.statuses.append(plain(params))
+
+
+HANDLERS = {types.WINDOW_SHOW_MESSAGE: _show_message, types.WINDOW_LOG_MESSAGE: _log_message,
+            types.WINDOW_WORK_DONE_PROGRESS_CREATE: _progress_created,
+            types.PROGRESS: _progress, STATUS: _status}
+
+
+class LanguageClient(PyglsClient):
+    """pygls' client, keeping what the server told it: its window messages and log messages,
+    its work-done progress by token, its status notifications (newest last); the capabilities
+    it was offered; the server's stderr goes to ours."""
+
+    def __init__(self) -> None:
+        super().__init__("diffusion-lsp-client", "1")
+        self.capabilities: types.ClientCapabilities | None = None
+        self.initialize_result: types.InitializeResult | None = None
+        self.messages: list[types.ShowMessageParams] = []
+        self.log_messages: list[types.LogMessageParams] = []
+        self.progress_reports: dict[types.ProgressToken, list[Any]] = {}
+        self.statuses: collections.deque[dict] = collections.deque(maxlen=100)
+        self.error: Exception | None = None  # the server broke the protocol
+        self._stderr: asyncio.Task | None = None
+        for method, handler in HANDLERS.items():
+            self.feature(method)(handler)
+
+    async def start_io(self, cmd: str, *args, **kwargs) -> None:
+        await super().start_io(cmd, *args, **kwargs)
+        self._stderr = asyncio.create_task(forward_stderr(self._server))
+
+    async def stop(self) -> None:
+        if self._stderr is not None:
+            self._stderr.cancel()
+        await super().stop()
+
+    def report_server_error(self, error: Exception, source) -> None:
+        """pygls' hook for what went wrong reading the server: unless only a handler of ours
+        failed, fail every request still waiting and end the server."""
+        if source in HANDLER_ERRORS:
+            return
+        self.error = error
+        for future in self.protocol._request_futures.values():
+            if not future.done():
+                future.set_exception(RuntimeError(f"{source.__name__}: {error}"))
+        if self._server is not None and self._server.returncode is None:
+            self._server.terminate()
+
+    async def initialize_session(self, params: types.InitializeParams) -> types.InitializeResult:
+        """`initialize` (with this process' id), then `initialized`."""
+        self.capabilities = params.capabilities
+        if params.process_id is None:
+            params.process_id = os.getpid()
+        self.initialize_result = await self.initialize_async(params)
+        self.initialized(types.InitializedParams())
+        return self.initialize_result
+
+    async def shutdown_session(self) -> None:
+        """`shutdown`, `exit`, and wait for the process; nothing when the session is broken."""
+        if self.error is not None or self.capabilities is None:
+            return
+        await self.shutdown_async(None)
+        self.exit(None)
+        if self._server is not None:
+            await self._server.wait()
+
+
+async def forward_stderr(server: asyncio.subprocess.Process | None) -> None:
+    """Copy the server's stderr to ours, line by line, until it closes (a pipe nobody reads
+    would block the server once full)."""
+    if server is None or server.stderr is None:
+        return
+    while line := await server.stderr.readline():
+        sys.stderr.buffer.write(line)
+        sys.stderr.flush()
 
 
 async def stats(client: LanguageClient) -> dict:
@@ -50,17 +188,10 @@ async def running_server(init_options: dict | None, client_name: str = "visual-s
                          module: str = "diffusion_lsp") -> AsyncIterator[LanguageClient]:
     """A started, initialised server process (`python -m MODULE serve EXTRA_ARGS`); waits until
     the model is ready unless `wait` is false."""
-    client = make_test_lsp_client()
-    client.statuses = collections.deque(maxlen=100)
-
-    @client.feature("diffusion/status")
-    def on_status(params) -> None:  # the server's status notifications, newest last
-        client.statuses.append(plain(params))
-
-    await client.start_io(sys.executable, "-m", module, "serve", *extra_args,
-                          env=env)
+    client = LanguageClient()
+    await client.start_io(sys.executable, "-m", module, "serve", *extra_args, env=env)
     try:
-        client.initialize_result = await client.initialize_session(types.InitializeParams(
+        await client.initialize_session(types.InitializeParams(
             capabilities=client_capabilities(client_name),
             initialization_options=init_options))
         if wait:

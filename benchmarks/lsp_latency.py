@@ -1,7 +1,7 @@
 """`diffusion-lsp bench lsp`: end-to-end latency through a real LSP client.
 
 The server runs as its own process over stdio, exactly as an editor starts it; the client
-(pytest-lsp's, so this needs the `test` extra) opens one document per HumanEval-infilling hole
+(`benchmarks/lsp_client.py`, on pygls) opens one document per HumanEval-infilling hole
 and asks for an inline completion at the hole, one request at a time, timing each from send to
 answer. Afterwards, in this process and the same run, one bidirectional forward pass over each
 request's context is timed, giving forward-pass equivalents (latency / one pass), a ratio that

@@ -5,12 +5,36 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import get_args
 
 from lsp_server.settings import ContextSettings
 from model.options import COMMIT_SETTINGS, SAMPLER_SETTINGS
 
 CONTEXT = ContextSettings()  # the server's context budgets, the default for `infill` too
+PACKAGE = Path(__file__).resolve().parent
+NEEDS_BENCHMARKS = ("bench", "eval")  # commands whose code lives in the checkout's benchmarks/
+NO_CHECKOUT = ("diffusion-lsp {command}: benchmarks/ ships with the source checkout, not the "
+               "installed package: git clone the repository and run `pip install -e .` in it")
+
+
+def source_checkout(package: Path = PACKAGE) -> Path | None:
+    """The source checkout `diffusion_lsp` runs from: the folder above the package when it
+    holds pyproject.toml and benchmarks/ (an editable install, or a plain checkout); None for
+    an installed wheel (site-packages, even one holding another project's `benchmarks`)."""
+    root = package.parent
+    markers = (root / "pyproject.toml", root / "benchmarks" / "__init__.py")
+    return root if all(marker.is_file() for marker in markers) else None
+
+
+def use_benchmarks() -> bool:
+    """Make the checkout's `benchmarks` importable (it is not installed); False without one."""
+    root = source_checkout()
+    if root is None:
+        return False
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return True
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp",
                                         "cache-agreement", "typing", "cpu", "multi-hole",
                                         "next-edit"],
-                       help="lsp: end to end through a real LSP client (needs the test extra); "
+                       help="lsp: end to end through a real LSP client (the server over stdio); "
                             "cache-agreement: how often the context cache changes completions "
                             "(tiny checkpoints of every family and the bundled model); "
                             "typing: first request vs the one after a typed character, over "
@@ -211,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from diffusion_lsp.commands import run_demo
 
         return run_demo(args)
+    if args.command in NEEDS_BENCHMARKS and not use_benchmarks():
+        print(NO_CHECKOUT.format(command=args.command), file=sys.stderr)
+        return 2
     if args.command == "bench" and args.name == "lsp":
         from benchmarks.lsp_latency import run_lsp_bench
 

@@ -1,8 +1,8 @@
 """The real server process driven with raw JSON-RPC bytes (tests and the fuzz suite).
 
-pytest-lsp's client refuses to send what a hostile or broken client would send (bad
-versions, object ids, invalid UTF-8, wrong Content-Length); this one writes bytes as given and
-reads every frame the server sends back, on a thread of its own.
+pygls' client (`benchmarks/lsp_client.py`) refuses to send what a hostile or broken client
+would send (bad versions, object ids, invalid UTF-8, wrong Content-Length); this one writes
+bytes as given and reads every frame the server sends back, on a thread of its own.
 """
 
 from __future__ import annotations

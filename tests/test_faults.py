@@ -1,4 +1,4 @@
-"""Broken parts, each through the real server process (pytest-lsp) on the tiny model: the user
+"""Broken parts, each through the real server process (pygls' client) on the tiny model: the user
 gets one clear message, the server keeps answering (no items), it never crashes or hangs.
 
 Engine faults are injected by `tests/fault_injection.py` (the real server, with one forward

@@ -1,4 +1,5 @@
-"""The real server process over stdio, driven by pytest-lsp's client, on the tiny model.
+"""The real server process over stdio, driven by pygls' client (benchmarks/lsp_client.py), on
+the tiny model.
 
 The tiny model's completions are noise; these tests check the protocol behaviour around them.
 """

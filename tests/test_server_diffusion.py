@@ -1,4 +1,4 @@
-"""What only diffusion can do, over LSP with the real server process (pytest-lsp, tiny model):
+"""What only diffusion can do, over LSP with the real server process (pygls' client, tiny model):
 live previews of a hole denoising, and several holes filled at once by a code action."""
 
 from __future__ import annotations
