@@ -8,7 +8,8 @@
 #      built on the CPU cores meanwhile), resuming runs/gpu when it was carried in.
 # OUT receives gpu.json, check.log and the training kit (8 files at most, 16 MiB each).
 #
-#   OUT=/some/dir scripts/gpu-check.sh      (carry .whl, runs/eval-data and, if any, runs/gpu)
+#   OUT=/some/dir scripts/gpu-check.sh      (carry .whl, runs/eval-data and, if any, runs/gpu;
+#                                             scripts/gpu-prepare.sh makes the first two)
 #   DRY_RUN=1 OUT=/tmp/x scripts/gpu-check.sh     the same steps on the CPU, tiny, in seconds
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,8 @@ install_wheels() {  # packages the GPU machine's image lacks (docs/gpu.md lists 
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/diffusion-lsp-site .whl/*.whl || return 1
         export PYTHONPATH=/tmp/diffusion-lsp-site${PYTHONPATH:+:$PYTHONPATH}
+    elif [ "$DRY_RUN" != 1 ]; then
+        echo "gpu-check: no .whl/ carried (scripts/gpu-prepare.sh makes it); the LSP parts need it"
     fi
 }
 
