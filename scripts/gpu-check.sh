@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared command for a borrowed GPU (docs/gpu.md): in at most BUDGET_S seconds,
+# The one prepared command for a borrowed GPU (docs/training.md, "The GPU check"): in at most BUDGET_S seconds,
 #   1. correct on CUDA: the suite's CUDA tests (pytest -m cuda, tests/test_cuda.py);
 #   2. speed: benchmarks/gpu_check.py on a random-weight Qwen2.5-7B (Dream-Coder-7B's shape):
 #      one 64-token hole at 1, 2, 4, 8 tokens a step, the HBM bound, the autoregressive twin,
@@ -38,7 +38,7 @@ began=$SECONDS
 left() { echo $((BUDGET_S - (SECONDS - began))); }
 mkdir -p "$OUT" "$WORK"
 
-install_wheels() {  # packages the GPU machine's image lacks (docs/gpu.md lists them)
+install_wheels() {  # packages the GPU machine's image lacks (scripts/gpu-prepare.sh makes them)
     if [ "$DRY_RUN" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/diffusion-lsp-site .whl/*.whl || return 1
