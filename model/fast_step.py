@@ -152,22 +152,24 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class LayerWeights(NamedTuple):
-    """One decoder layer's tensors, as its modules hold them (biases may be None)."""
+    """One decoder layer's tensors, as its modules hold them (biases may be None). The fused
+    set (`_Layers.fuse`) has qkv, qkv_bias and gate_up instead of q, k, v, their biases, gate
+    and up (None there: a compiled layer gets no two arguments sharing memory)."""
 
     input_norm: torch.Tensor
-    q: torch.Tensor
+    q: torch.Tensor | None
     q_bias: torch.Tensor | None
-    k: torch.Tensor
+    k: torch.Tensor | None
     k_bias: torch.Tensor | None
-    v: torch.Tensor
+    v: torch.Tensor | None
     v_bias: torch.Tensor | None
     o: torch.Tensor
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
-    gate: torch.Tensor
-    up: torch.Tensor
+    gate: torch.Tensor | None
+    up: torch.Tensor | None
     down: torch.Tensor
-    qkv: torch.Tensor | None = None  # q, k, v stacked (`fuse_projections`); they are its views
+    qkv: torch.Tensor | None = None  # q, k, v stacked (`fuse_projections`)
     qkv_bias: torch.Tensor | None = None
     gate_up: torch.Tensor | None = None  # gate, up stacked
 
@@ -327,7 +329,8 @@ class _Layers:
         fused = fuse_projections(self.network)
         self.weights = [layer_weights(layer) for layer in self.network.model.layers]
         self.fused_weights = [
-            weights._replace(qkv=qkv, qkv_bias=qkv_bias, gate_up=gate_up)
+            weights._replace(q=None, q_bias=None, k=None, k_bias=None, v=None, v_bias=None,
+                             gate=None, up=None, qkv=qkv, qkv_bias=qkv_bias, gate_up=gate_up)
             for weights, (qkv, qkv_bias, gate_up) in zip(self.weights, fused, strict=True)]
         self.generation += 1
 
