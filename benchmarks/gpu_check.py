@@ -77,6 +77,7 @@ SWITCH_RUNS = {  # run name -> the switches on in it (the rest off)
     "all": tuple(fast_step.SWITCH_ENVS),
 }
 COMPARED_GRAPHS = 64  # graphs kept while runs are compared: no run recaptures another's
+COMPARED_BUFFER_BYTES = 8 << 30  # ... and their keys/values buffers
 BUNDLED_HOLES_PER_HOLE = 4  # the bundled model's refresh comparison: 4x --holes of each split
 SECTIONS = ("speed", "switches", "refresh", "concurrent", "profile", "lsp")  # in this order
 MODEL_SECTIONS = ("speed", "switches", "refresh", "concurrent", "profile")  # on the random model
@@ -212,14 +213,16 @@ def switched(on: Iterable[str]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def kept_graphs(count: int) -> Iterator[None]:
-    """At least `count` captured shapes kept while runs are compared (fast_step.MAX_GRAPHS
-    bounds one configuration's; several side by side would evict each other's)."""
-    saved = fast_step.MAX_GRAPHS
-    fast_step.MAX_GRAPHS = max(saved, count)
+    """At least `count` captured shapes (and COMPARED_BUFFER_BYTES of their buffers) kept while
+    runs are compared: fast_step's bounds fit one configuration's; several side by side would
+    evict each other's and time recaptures."""
+    saved = fast_step.MAX_GRAPHS, fast_step.MAX_BUFFER_BYTES
+    fast_step.MAX_GRAPHS = max(saved[0], count)
+    fast_step.MAX_BUFFER_BYTES = max(saved[1], COMPARED_BUFFER_BYTES)
     try:
         yield
     finally:
-        fast_step.MAX_GRAPHS = saved
+        fast_step.MAX_GRAPHS, fast_step.MAX_BUFFER_BYTES = saved
 
 
 def compare(model: LoadedModel, holes: list[dict],
