@@ -73,8 +73,8 @@ def _full_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Te
     keep_cache = any(s.options.caches_context for s in states)
     cache = DynamicCache() if keep_cache else None
     hidden = model.network.model(
-        input_ids=input_ids.to(model.device),
-        attention_mask=attention.to(model.device) if padded else None,
+        input_ids=to_device(input_ids, model.device),
+        attention_mask=to_device(attention, model.device) if padded else None,
         past_key_values=cache,
         use_cache=keep_cache,
     ).last_hidden_state  # (B, L, H)
@@ -152,10 +152,10 @@ def _hole_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Te
     padded = batch > 1 and (len(set(widths)) > 1 or len(set(contexts)) > 1)
     mask = visible[:, None, None, :].expand(batch, 1, width, context + width) if padded else None
     hidden = model.network.model(
-        input_ids=ids.to(model.device),
-        position_ids=positions.to(model.device),
+        input_ids=to_device(ids, model.device),
+        position_ids=to_device(positions, model.device),
         past_key_values=DynamicCache(ddp_cache_data=layers),
-        attention_mask=mask.to(model.device) if mask is not None else None,
+        attention_mask=to_device(mask, model.device) if mask is not None else None,
         use_cache=True,
     ).last_hidden_state  # (B, W, H)
     rows = []
