@@ -12,7 +12,14 @@ soon as it has it, so a run stopped by its time limit keeps what it got. Section
   the HBM bound of a step (bytes of weights and keys/values read once / the card's
   bandwidth, and the same over the bandwidth a device-to-device copy reaches here); the same
   network as an autoregressive model (causal, its KV cache, greedy, CUDA graph a token) on the
-  same 64 tokens after the same prefix.
+  same 64 tokens after the same prefix. `fast_path` says which of the fast step's switches
+  were on (model.fast_step.Switches).
+- switches: the same hole at 8 tokens a step with each of the fast step's switches on alone,
+  all off and all on, side by side in one run (`compare`: the runs' order rotated from hole
+  to hole, one untimed round first so that every run's graphs are captured).
+- refresh: the same at 8 tokens a step with the context refresh off (refresh_every 0) against
+  the default, all switches off and all on; and how many of the bundled model's completions
+  change with the refresh off (server defaults and 8 tokens a step), on HumanEval holes.
 - concurrent: 16 holes submitted to the engine at once (batched) against one alone.
 - lsp: the server as its own process over stdio on the same shape; a document is opened, a
   completion asked for, one character typed, and the completion after it timed (p50).
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -32,6 +40,8 @@ import statistics
 import time
 import traceback
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,7 +49,8 @@ import torch
 from benchmarks.model_speed import card_bandwidth
 from benchmarks.report import RESULTS, load_holes
 from model import fast_step
-from model.loader import LoadedModel
+from model.loader import LoadedModel, load_model
+from model.options import hole_options as server_hole_options
 from model.percentile import percentile
 from model.prompt_cache import PromptCache
 from model.sampler import (
@@ -47,8 +58,10 @@ from model.sampler import (
     denoise_step,
     final_text,
     forward_holes,
+    infill,
     layout_ids,
     new_state,
+    window,
 )
 from model.shapes import random_model_of_shape
 
@@ -56,6 +69,18 @@ HOLE_TOKENS = 64
 TOKENS_PER_STEP = (1, 2, 4, 8)
 CONCURRENT = 16
 COPY_BYTES = 2 << 30  # the device-to-device copy that measures usable bandwidth
+SWITCH_RUNS = {  # run name -> the switches on in it (the rest off)
+    "off": (),
+    "graph_head": ("graph_head",),
+    "fused_projections": ("fused_projections",),
+    "graph_passes": ("graph_passes",),
+    "all": tuple(fast_step.SWITCH_ENVS),
+}
+COMPARED_GRAPHS = 64  # graphs kept while runs are compared: no run recaptures another's
+COMPARED_BUFFER_BYTES = 8 << 30  # ... and their keys/values buffers
+BUNDLED_HOLES_PER_HOLE = 4  # the bundled model's refresh comparison: 4x --holes of each split
+SECTIONS = ("speed", "switches", "refresh", "concurrent", "profile", "lsp")  # in this order
+MODEL_SECTIONS = ("speed", "switches", "refresh", "concurrent", "profile")  # on the random model
 
 
 def sync(model: LoadedModel) -> None:
@@ -133,16 +158,9 @@ def hole_options(tokens_per_step: int) -> InfillOptions:
                          tokens_per_step=tokens_per_step, min_tokens=HOLE_TOKENS)
 
 
-def bench_hole(model: LoadedModel, holes: list[dict], tokens_per_step: int) -> dict:
-    """Each hole twice in one document: cold (nothing cached), then warm (typing: the
-    document's context cached)."""
-    options = hole_options(tokens_per_step)
-    cache = PromptCache()
-    fill(model, holes[0], options, cache, "warm-up")
-    cold, warm = [], []
-    for index, hole in enumerate(holes):
-        cold.append(fill(model, hole, options, cache, f"doc-{index}"))
-        warm.append(fill(model, hole, options, cache, f"doc-{index}"))
+def summary(cold: list[dict], warm: list[dict]) -> dict:
+    """One configuration's figures from its holes' fills: cold (nothing cached), then warm
+    (typing: the document's context cached)."""
     step_ms = [ms for run in warm for ms in run["hole_step_ms"]]
 
     def median_of(kind: str) -> float | None:
@@ -160,6 +178,80 @@ def bench_hole(model: LoadedModel, holes: list[dict], tokens_per_step: int) -> d
         "tokens": statistics.median(r["tokens"] for r in warm),
         "context_tokens_p50": statistics.median(r["context_tokens"] for r in warm),
     }
+
+
+def bench_hole(model: LoadedModel, holes: list[dict], tokens_per_step: int) -> dict:
+    """Each hole twice in one document: cold (nothing cached), then warm (typing: the
+    document's context cached)."""
+    options = hole_options(tokens_per_step)
+    cache = PromptCache()
+    fill(model, holes[0], options, cache, "warm-up")
+    cold, warm = [], []
+    for index, hole in enumerate(holes):
+        cold.append(fill(model, hole, options, cache, f"doc-{index}"))
+        warm.append(fill(model, hole, options, cache, f"doc-{index}"))
+    return summary(cold, warm)
+
+
+@contextlib.contextmanager
+def switched(on: Iterable[str]) -> Iterator[None]:
+    """The fast step's switches (`fast_step.SWITCH_ENVS`) set: those named in `on` on, the
+    rest off; the environment as it was after."""
+    on = set(on)
+    saved = {env: os.environ.get(env) for env in fast_step.SWITCH_ENVS.values()}
+    try:
+        for name, env in fast_step.SWITCH_ENVS.items():
+            os.environ[env] = "1" if name in on else "0"
+        yield
+    finally:
+        for env, value in saved.items():
+            if value is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = value
+
+
+@contextlib.contextmanager
+def kept_graphs(count: int) -> Iterator[None]:
+    """At least `count` captured shapes (and COMPARED_BUFFER_BYTES of their buffers) kept while
+    runs are compared: fast_step's bounds fit one configuration's; several side by side would
+    evict each other's and time recaptures."""
+    saved = fast_step.MAX_GRAPHS, fast_step.MAX_BUFFER_BYTES
+    fast_step.MAX_GRAPHS = max(saved[0], count)
+    fast_step.MAX_BUFFER_BYTES = max(saved[1], COMPARED_BUFFER_BYTES)
+    try:
+        yield
+    finally:
+        fast_step.MAX_GRAPHS, fast_step.MAX_BUFFER_BYTES = saved
+
+
+def compare(model: LoadedModel, holes: list[dict],
+            runs: dict[str, tuple[tuple[str, ...], InfillOptions]]) -> dict:
+    """Runs (name -> the switches on, the options) side by side: each hole filled cold then
+    warm by every run in turn, the runs' order rotated from hole to hole, so that drift on the
+    machine spreads over all; one untimed round first captures every run's graphs. Each run
+    keeps its own document cache. Returns each run's `summary` and the switches in force."""
+    names = list(runs)
+    if fast_step.enabled(model) and any("fused_projections" in on for on, _ in runs.values()):
+        fast_step.layers_of(model.network).fuse()  # now: fusing later drops every graph
+    caches = {name: PromptCache() for name in names}
+    timed: dict[str, tuple[list[dict], list[dict]]] = {name: ([], []) for name in names}
+    active: dict[str, dict] = {}
+    with kept_graphs(COMPARED_GRAPHS):
+        for timing in (False, True):
+            for index, hole in enumerate(holes):
+                turn = index % len(names)
+                for name in names[turn:] + names[:turn]:
+                    on, options = runs[name]
+                    document = f"{'timed' if timing else 'untimed'}-{index}"
+                    with switched(on):
+                        active[name] = fast_step.switches(model)._asdict()
+                        cold = fill(model, hole, options, caches[name], document)
+                        warm = fill(model, hole, options, caches[name], document)
+                    if timing:
+                        timed[name][0].append(cold)
+                        timed[name][1].append(warm)
+    return {name: {**summary(*timed[name]), "switches": active[name]} for name in names}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,12 +354,14 @@ def speed(model: LoadedModel, holes: list[dict], result: dict) -> None:
     layers = fast_step.layers_of(model.network)
     entry["compiled"] = layers.compiled
     if layers.compiled:  # the same with the layer loop uncompiled (CUDA graphs still)
-        compiled_function, layers.function = layers.function, fast_step.decoder_layer
+        compiled = layers.function, layers.fused_function
+        layers.function, layers.fused_function = (fast_step.decoder_layer,
+                                                  fast_step.fused_decoder_layer)
         graphs, model.hole_steps = model.hole_steps, None
         try:
             plain = bench_hole(model, holes, 8)
         finally:
-            layers.function, model.hole_steps = compiled_function, graphs
+            (layers.function, layers.fused_function), model.hole_steps = compiled, graphs
         entry["uncompiled_tokens_per_step_8"] = plain
         say(f"hole64 8/step without torch.compile: {plain['ms_per_step']:.2f} ms/step, "
             f"{plain['tokens_per_s']:.0f} tokens/s")
@@ -283,12 +377,114 @@ def speed(model: LoadedModel, holes: list[dict], result: dict) -> None:
         say(f"HBM bound {entry['hbm_bound_ms_per_step']:.2f} ms/step "
             f"({bytes_read / 1e9:.2f} GB at {card / 1e12:.1f} TB/s); copy reaches "
             f"{copy / 1e12:.2f} TB/s: {entry['copy_bound_ms_per_step']:.2f} ms/step")
+    result["fast_path"] = fast_path(model)
     twin = bench_autoregressive(model, holes)
     result["ar_twin_tokens_per_s"] = twin["tokens_per_s"]
     diffusion = entry["by_tokens_per_step"]["8"]["tokens_per_s"]
     result["diffusion_over_ar_at_8"] = diffusion / twin["tokens_per_s"]
     say(f"autoregressive twin {twin['tokens_per_s']:.0f} tokens/s; diffusion at 8/step "
         f"{result['diffusion_over_ar_at_8']:.2f}x")
+
+
+def fast_path(model: LoadedModel) -> dict:
+    """What the fast step does for `model` here: on at all, compiled, each switch."""
+    on = fast_step.enabled(model)
+    return {"enabled": on, "switches": fast_step.switches(model)._asdict(),
+            "compiled": on and fast_step.layers_of(model.network).compiled,
+            "max_graphs": fast_step.MAX_GRAPHS}
+
+
+def switch_runs(model: LoadedModel, holes: list[dict], result: dict) -> None:
+    """hole64_7b.switches_at_8: each switch on against all off (and all on), side by side."""
+    options = hole_options(8)
+    runs = {name: (on, options) for name, on in SWITCH_RUNS.items()}
+    compared = compare(model, holes, runs)
+    entry = result.setdefault("hole64_7b", {})["switches_at_8"] = {
+        "holes": len(holes), "order": "interleaved, rotated from hole to hole",
+        "kept_graphs": COMPARED_GRAPHS, "runs": compared}
+    for name, run in compared.items():
+        say(f"switches {name}: {run['ms_per_step']:.2f} ms/step, {run['tokens_per_s']:.0f} "
+            f"tokens/s (full pass {run['full_pass_ms'] or 0:.1f} ms, partial pass "
+            f"{run['partial_pass_ms'] or 0:.1f} ms)")
+    entry["agreement"] = agreement(model, holes[0])
+    say(f"switches agree: {entry['agreement']}")
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    value, reference = value.double(), reference.double()
+    return float((value - reference).norm() / reference.norm())
+
+
+def agreement(model: LoadedModel, hole: dict) -> dict:
+    """How far the switched computations are from the plain ones on this shape (relative
+    error of hidden states; bf16 matrix products land between 1e-3 and 1e-2): a hole step
+    through fused projections against unfused, a captured full pass against uncaptured."""
+    if not fast_step.enabled(model):
+        return {}
+    state = new_state(model, hole["prompt"], hole["suffix"], hole_options(8))
+    forward_holes(model, [state])
+    start, end = window(state, model.family.shifted_logits)
+    args = (state.context.layers, state.context, state.sequence()[start:end], start)
+    steps = fast_step.hole_steps(model)
+    unfused = steps.run(*args).clone()
+    fused = steps.run(*args, fused=True)
+    sequence = state.sequence()
+    positions = torch.arange(sequence.numel())
+    with switched(()):
+        plain = fast_step.rows_pass(model, sequence, positions)[0].clone()
+    with switched(("graph_passes",)):
+        captured = fast_step.rows_pass(model, sequence, positions)[0]
+    return {"fused_hole_step": relative_error(fused, unfused),
+            "captured_full_pass": relative_error(captured, plain)}
+
+
+def bundled_refresh(device: str, data: Path | None, per_split: int) -> dict:
+    """How many of the bundled model's completions change with the context refresh off, on
+    HumanEval holes of both splits: with the server's defaults (threshold) and at 8 tokens
+    a step."""
+    bundled = load_model(None, device=device)
+    holes = [(hole, split) for split in ("single-line", "multi-line")
+             for hole in load_holes(split, per_split, data)]
+    changed: dict[str, list[str]] = {}
+    for setting in ("server_defaults", "tokens_per_step_8"):
+        changed[setting] = []
+        for hole, split in holes:
+            single = split == "single-line"
+            options = server_hole_options(32 if single else 64, single_line=single,
+                                          tokens_per_step=8 if setting != "server_defaults"
+                                          else None)
+            texts = {refresh: infill(bundled, hole["prompt"], hole["suffix"],
+                                     replace(options, refresh_every=refresh)).text
+                     for refresh in (options.refresh_every, 0)}
+            if len(set(texts.values())) > 1:
+                changed[setting].append(hole["task_id"])
+    return {"holes": len(holes), "device": str(bundled.device), "dtype": str(bundled.dtype),
+            "refresh_every_default": InfillOptions().refresh_every,
+            **{f"changed_{k}": len(v) for k, v in changed.items()},
+            "changed_tasks": changed}
+
+
+def refresh_runs(model: LoadedModel, holes: list[dict], data: Path | None, per_split: int,
+                 result: dict) -> None:
+    """hole64_7b.refresh_every_0_at_8: the refresh off against the default, side by side."""
+    default = hole_options(8)
+    runs = {}
+    for label, on in (("switches_off", ()), ("all_switches", tuple(fast_step.SWITCH_ENVS))):
+        runs[f"{label}/default"] = (on, default)
+        runs[f"{label}/refresh_every_0"] = (on, replace(default, refresh_every=0))
+    compared = compare(model, holes, runs)
+    entry: dict = {"holes": len(holes), "refresh_every_default": default.refresh_every}
+    for name, run in compared.items():
+        label, setting = name.split("/")
+        entry.setdefault(label, {})[setting] = run
+        say(f"refresh {label} {setting}: {run['ms_per_step']:.2f} ms/step, "
+            f"{run['tokens_per_s']:.0f} tokens/s, kinds "
+            f"{''.join(k[0] for k in run['step_kinds'])}")
+    result.setdefault("hole64_7b", {})["refresh_every_0_at_8"] = entry
+    entry["bundled"] = bundled_refresh(str(model.device), data, per_split)
+    say(f"refresh off on the bundled model: {entry['bundled']['changed_server_defaults']} "
+        f"(server defaults) and {entry['bundled']['changed_tokens_per_step_8']} (8 a step) "
+        f"of {entry['bundled']['holes']} completions changed")
 
 
 def kernel_table(run, repeats: int = 5, rows: int = 14) -> list[dict]:
@@ -312,8 +508,6 @@ def kernel_table(run, repeats: int = 5, rows: int = 14) -> list[dict]:
 
 def profile_steps(model: LoadedModel, holes: list[dict], result: dict) -> None:
     """Where a hole-only step and a full pass spend their time (the next optimisations)."""
-    from model.sampler import window
-
     state = new_state(model, holes[0]["prompt"], holes[0]["suffix"], hole_options(8))
     forward_holes(model, [state])
     start, end = window(state, model.family.shifted_logits)
@@ -428,11 +622,15 @@ def run(args: argparse.Namespace) -> int:
     for section in args.sections.split(","):
         began = time.perf_counter()
         try:
-            if section in ("speed", "concurrent", "profile") and model is None:
+            if section in MODEL_SECTIONS and model is None:
                 model = random_model_of_shape(args.shape, args.device)
                 say(f"built a random {args.shape} in {time.perf_counter() - began:.1f} s")
             if section == "speed":
                 speed(model, holes, result)
+            elif section == "switches":
+                switch_runs(model, holes, result)
+            elif section == "refresh":
+                refresh_runs(model, holes, data, args.holes * BUNDLED_HOLES_PER_HOLE, result)
             elif section == "concurrent":
                 concurrent(model, holes, result)
             elif section == "profile":
@@ -445,8 +643,7 @@ def run(args: argparse.Namespace) -> int:
                         torch.cuda.empty_cache()
                 lsp(args.shape, args.device, data, args.holes, result)
             else:
-                raise ValueError(f"unknown section {section!r}; known: speed, concurrent, "
-                                 "profile, lsp")
+                raise ValueError(f"unknown section {section!r}; known: {', '.join(SECTIONS)}")
         except Exception as error:  # noqa: BLE001 - one section's failure keeps the others
             traceback.print_exc()
             result.setdefault("errors", {})[section] = f"{type(error).__name__}: {error}"
@@ -464,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--data", help="HumanEval-infilling folder (default ../shared/eval-data)")
     parser.add_argument("--holes", type=int, default=8, help="holes per measurement")
-    parser.add_argument("--sections", default="speed,concurrent,profile,lsp")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--junit", help="the CUDA tests' JUnit XML, counted into `tests`")
     return run(parser.parse_args(argv))
 

@@ -19,6 +19,8 @@ from model import fast_step
 from model.hole import ContextCache, HoleState
 from model.loader import LoadedModel
 from model.options import InfillOptions
+from model.pinned import to_device
+from model.scoring import Scored, step_head
 
 # transformers 5.x renames the forward's `past_key_values` to `cache` (removed in 5.40) and warns
 # on every model load; every 5.x takes the old name, which the forward calls below pass
@@ -49,7 +51,7 @@ def needs_full_pass(state: HoleState) -> bool:
 
 
 def _rows_at(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    return hidden[positions.to(hidden.device)]
+    return hidden[to_device(positions, hidden.device)]
 
 
 @torch.inference_mode()
@@ -71,8 +73,8 @@ def _full_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Te
     keep_cache = any(s.options.caches_context for s in states)
     cache = DynamicCache() if keep_cache else None
     hidden = model.network.model(
-        input_ids=input_ids.to(model.device),
-        attention_mask=attention.to(model.device) if padded else None,
+        input_ids=to_device(input_ids, model.device),
+        attention_mask=to_device(attention, model.device) if padded else None,
         past_key_values=cache,
         use_cache=keep_cache,
     ).last_hidden_state  # (B, L, H)
@@ -150,10 +152,10 @@ def _hole_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Te
     padded = batch > 1 and (len(set(widths)) > 1 or len(set(contexts)) > 1)
     mask = visible[:, None, None, :].expand(batch, 1, width, context + width) if padded else None
     hidden = model.network.model(
-        input_ids=ids.to(model.device),
-        position_ids=positions.to(model.device),
+        input_ids=to_device(ids, model.device),
+        position_ids=to_device(positions, model.device),
         past_key_values=DynamicCache(ddp_cache_data=layers),
-        attention_mask=mask.to(model.device) if mask is not None else None,
+        attention_mask=to_device(mask, model.device) if mask is not None else None,
         use_cache=True,
     ).last_hidden_state  # (B, W, H)
     rows = []
@@ -167,10 +169,35 @@ def _fixed_shape_hole_pass(model: LoadedModel, state: HoleState) -> torch.Tensor
     """`_hole_pass` of one hole through `model.fast_step` (a CUDA graph replay). (m, H)"""
     shifted = model.family.shifted_logits
     start, end = window(state, shifted)
+    fused = fast_step.switches(model).fused_projections
     hidden = fast_step.hole_steps(model).run(state.context.layers, state.context,
-                                             state.sequence()[start:end], start)  # (W, H)
+                                             state.sequence()[start:end], start,
+                                             fused)  # (W, H)
     state.context.age += 1
     return _rows_at(hidden, logit_positions(state, shifted) - start)
+
+
+def _scored_step(model: LoadedModel, states: Sequence[HoleState]) -> Scored | None:
+    """The step of one greedy hole with a fresh context cache, its LM head and scoring inside
+    the hole step's CUDA graph (the graph head, DIFFUSION_LSP_GRAPH_HEAD): the one host sync
+    is the (2, n) copy of tokens and confidences. None where that does not apply (several
+    holes, a full or partial pass, random draws, guidance, the switch off)."""
+    if len(states) != 1:
+        return None
+    state, on = states[0], fast_step.switches(model)
+    options = state.options
+    if (not on.graph_head or needs_full_pass(state) or samples_on_host(options)
+            or options.cfg_scale > 0):
+        return None
+    head, bans = step_head(model, state)
+    start, end = window(state, model.family.shifted_logits)
+    scores = fast_step.hole_steps(model).run(
+        state.context.layers, state.context, state.sequence()[start:end], start,
+        on.fused_projections, head, bans).cpu()  # (2, n)
+    state.context.age += 1
+    masked = state.masked.nonzero().squeeze(-1)
+    return Scored(scores[0, masked].long(), scores[1, masked],
+                  model.network.lm_head.weight.shape[0])
 
 
 def samples_on_host(options: InfillOptions) -> bool:
@@ -182,13 +209,18 @@ def samples_on_host(options: InfillOptions) -> bool:
 
 
 @torch.inference_mode()
-def forward_holes(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
+def forward_holes(model: LoadedModel, states: Sequence[HoleState],
+                  scored: bool = False) -> list[torch.Tensor | Scored]:
     """One denoising forward pass for any number of holes: logits at each state's masked
     positions, as a list of (m_i, V) float tensors.
 
     States whose context cache is fresh run their hole only; the rest share one batched
-    pass over their whole sequences (which also refreshes their caches).
+    pass over their whole sequences (which also refreshes their caches). With `scored`, a
+    lone greedy hole-only step may come back as `Scored` instead (`_scored_step`), which
+    `model.sampler.apply_step` takes as it takes logits.
     """
+    if scored and (step := _scored_step(model, states)) is not None:
+        return [step]
     full = [i for i, s in enumerate(states) if needs_full_pass(s)]
     guided = [i for i, s in enumerate(states) if s.options.cfg_scale > 0]
     twins = [unconditioned(model, states[i]) for i in guided]

@@ -38,6 +38,7 @@ from model import fast_step
 from model.hole import ContextCache, HoleState
 from model.loader import LoadedModel
 from model.passes import logit_positions, window
+from model.pinned import to_device
 
 DEFAULT_MAX_DOCUMENTS = 20
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB
@@ -116,8 +117,8 @@ class Reuse:
         else:
             cache = DynamicCache(ddp_cache_data=past)
             hidden = model.network.model(
-                input_ids=sequence[positions][None].to(model.device),
-                position_ids=positions[None].to(model.device),
+                input_ids=to_device(sequence[positions][None], model.device),
+                position_ids=to_device(positions[None], model.device),
                 past_key_values=cache,
                 use_cache=True,
             ).last_hidden_state[0]  # (Q, H)

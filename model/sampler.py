@@ -60,6 +60,8 @@ from model.schedules import (
 )
 from model.scoring import (
     ENTROPY_EPS,
+    Head,
+    Scored,
     ban_early_ends,
     filter_logits,
     gumbel_tokens,
@@ -69,6 +71,7 @@ from model.scoring import (
     sampleable,
     score_logits,
     select_commits,
+    step_head,
     unit_scores,
     with_end_runs,
 )
@@ -78,16 +81,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALGORITHMS", "DREAM_EPS", "ENTROPY_EPS", "NEWLINE", "NO_TOP_K", "NO_TOP_P", "SCORES",
-    "ContextCache", "HoleState", "Infill", "InfillOptions", "Rule", "StepTrace", "_full_pass",
-    "_hole_pass", "advance_schedule", "apply_step", "ban_early_ends", "block_span",
-    "check_finished", "close_hole", "denoise_step", "edit_hole", "encode", "filter_logits",
-    "final_text",
-    "forward_holes", "guide", "gumbel_tokens", "infill", "is_end", "layout_ids",
-    "logit_positions", "needs_full_pass", "new_state", "open_text", "pick", "raw_scores",
-    "result", "sample_and_score", "sampleable", "samples_on_host", "score_logits",
-    "select_commits", "steps_per_block", "text_settled_by_end", "timesteps", "transfer_count",
-    "transfer_fraction", "unconditioned", "uniform_counts", "unit_scores", "window",
-    "with_end_runs",
+    "ContextCache", "Head", "HoleState", "Infill", "InfillOptions", "Rule", "Scored",
+    "StepTrace", "_full_pass", "_hole_pass", "advance_schedule", "apply_step",
+    "ban_early_ends", "block_span", "check_finished", "close_hole", "denoise_step",
+    "edit_hole", "encode", "filter_logits", "final_text", "forward_holes", "guide",
+    "gumbel_tokens", "infill", "is_end", "layout_ids", "logit_positions", "needs_full_pass",
+    "new_state", "open_text", "pick", "raw_scores", "result", "sample_and_score", "sampleable",
+    "samples_on_host", "score_logits", "select_commits", "step_head", "steps_per_block",
+    "text_settled_by_end", "timesteps", "transfer_count", "transfer_fraction", "unconditioned",
+    "uniform_counts", "unit_scores", "window", "with_end_runs",
 ]
 
 
@@ -107,14 +109,16 @@ def new_state(model: LoadedModel, prefix: str, suffix: str, options: InfillOptio
     return state
 
 
-def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> None:
+def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor | Scored) -> None:
     """Commit tokens from one forward pass. logits: (m, V) for the m masked positions, in order
-    (consumed: ids that may not be sampled are set to -inf in place)."""
+    (consumed: ids that may not be sampled are set to -inf in place), or the step already
+    `Scored` where it ran (those bans applied there: `model.scoring.step_head`)."""
     options = state.options
     masked_positions = state.masked.nonzero().squeeze(-1)  # (m,)
-    logits = sampleable(model, state, logits)
-    if options.min_tokens > 0 and not options.exact:  # the references have no such rule
-        logits = ban_early_ends(model, logits, masked_positions, options)
+    if not isinstance(logits, Scored):
+        logits = sampleable(model, state, logits)
+        if options.min_tokens > 0 and not options.exact:  # the references have no such rule
+            logits = ban_early_ends(model, logits, masked_positions, options)
     chosen, tokens = pick(state, logits, masked_positions)
     if options.end_runs and not options.exact:
         chosen = with_end_runs(model, chosen, masked_positions, tokens)
@@ -150,7 +154,7 @@ def denoise_step(model: LoadedModel, states: Sequence[HoleState],
     commits. After a hole's first step, its context is kept as its document's (`cache`,
     `documents`: one key or None per state). The step of the single-request loop below, the
     engine's batched loop and the demo."""
-    for state, logits in zip(states, forward_holes(model, states), strict=True):
+    for state, logits in zip(states, forward_holes(model, states, scored=True), strict=True):
         apply_step(model, state, logits)
     if cache is not None and documents is not None:
         for state, document in zip(states, documents, strict=True):

@@ -6,17 +6,23 @@ parallel decoding of Fast-dLLM (Wu et al., 2025), with the low-confidence remask
 LLaDA (Nie et al., 2025) -- or a counted number of them under a step budget. No completion
 contains a special or added token: their logits are -inf before scoring
 (`LoadedModel.never_sample`), except the ones that end or edit the hole.
+
+A greedy step can also be scored where its network ran (`Head`, `step_head`, `greedy_scores`:
+`model.fast_step`'s graph head runs them inside a hole step's CUDA graph); `pick` then takes the
+tokens and confidences (`Scored`) instead of logits, and chooses as it would have.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from model.hole import HoleState, is_end
 from model.loader import LoadedModel
 from model.options import NO_TOP_K, NO_TOP_P, SCORES, InfillOptions
+from model.pinned import to_device
 from model.schedules import block_span, steps_per_block, transfer_count, transfer_fraction
 
 ENTROPY_EPS = 1e-10  # Dream's neg-entropy confidence: sum p * log(p + eps)
@@ -107,6 +113,16 @@ def score_logits(
     return tokens, unit_scores(raw, score, logits.shape[-1])
 
 
+class Scored(NamedTuple):
+    """A step scored where its logits were: each masked position's token and raw confidence,
+    in order, as `sample_and_score` gives them at temperature 0 (`model.fast_step`'s graph
+    head). On the CPU. tokens (m,), raw (m,)."""
+
+    tokens: torch.Tensor
+    raw: torch.Tensor
+    vocab: int  # the logits' width, for `unit_scores`
+
+
 def select_commits(scores: torch.Tensor, options: InfillOptions) -> torch.Tensor:
     """Indices (into `scores`) to commit this step: above threshold, or a fixed count; >= 1."""
     if options.tokens_per_step is not None:
@@ -118,14 +134,14 @@ def select_commits(scores: torch.Tensor, options: InfillOptions) -> torch.Tensor
     return chosen
 
 
-def pick(state: HoleState, logits: torch.Tensor,
+def pick(state: HoleState, logits: torch.Tensor | Scored,
          masked_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The one selection rule: which masked positions to commit this step, and their tokens.
 
-    logits (m, V) are the masked positions' in order; only the current block's are candidates.
-    Returns (indices into `masked_positions`, tokens (m,)) -- tokens of non-candidates are -1.
-    Random draws, in this order, from the state's generator: the tokens (temperature), then
-    the positions (origin / random / alg_temp).
+    logits (m, V) are the masked positions' in order (or the step already `Scored`); only the
+    current block's are candidates. Returns (indices into `masked_positions`, tokens (m,)) --
+    tokens of non-candidates are -1. Random draws, in this order, from the state's generator:
+    the tokens (temperature), then the positions (origin / random / alg_temp).
     """
     options, rule = state.options, state.options.rule
     start, end = block_span(state)
@@ -133,12 +149,17 @@ def pick(state: HoleState, logits: torch.Tensor,
     tokens = torch.full((masked_positions.numel(),), -1, dtype=torch.long)
     if candidates.numel() == 0:
         return candidates, tokens
-    picked, raw = sample_and_score(logits[candidates], rule.score, options.temperature,
-                                   state.generator, options.top_p, options.top_k, rule.noise)
-    if picked.device.type != "cpu":  # scored on the GPU: one copy of (2, m) comes back
-        # token ids < 2**24 are exact in float32
-        picked, raw = torch.stack([picked.to(raw.dtype), raw]).cpu()
-        picked = picked.long()
+    if isinstance(logits, Scored):
+        picked, raw, vocab = logits.tokens[candidates], logits.raw[candidates], logits.vocab
+    else:
+        picked, raw = sample_and_score(logits[candidates], rule.score, options.temperature,
+                                       state.generator, options.top_p, options.top_k,
+                                       rule.noise)
+        if picked.device.type != "cpu":  # scored on the GPU: one copy of (2, m) comes back
+            # token ids < 2**24 are exact in float32
+            picked, raw = torch.stack([picked.to(raw.dtype), raw]).cpu()
+            picked = picked.long()
+        vocab = logits.shape[-1]
     tokens[candidates] = picked
     generator = state.generator
     if rule.order == "origin":
@@ -150,7 +171,7 @@ def pick(state: HoleState, logits: torch.Tensor,
         raw = torch.rand(candidates.numel(), generator=generator)
     count = transfer_count(state)
     if count is None:
-        chosen = select_commits(unit_scores(raw, rule.score, logits.shape[-1]), options)
+        chosen = select_commits(unit_scores(raw, rule.score, vocab), options)
     else:
         count = min(count, candidates.numel())
         if count == 0:
@@ -205,7 +226,7 @@ def ban_early_ends(model: LoadedModel, logits: torch.Tensor, masked_positions: t
         return logits
     logits = logits.clone()
     banned = torch.tensor(_ending_ids(model, options.single_line), dtype=torch.long)
-    early, banned = early.to(logits.device), banned.to(logits.device)
+    early, banned = to_device(early, logits.device), to_device(banned, logits.device)
     logits[early[:, None], banned[None, :]] = float("-inf")
     return logits
 
@@ -235,3 +256,62 @@ def with_end_runs(model: LoadedModel, chosen: torch.Tensor, masked_positions: to
     if starts <= picked:
         return chosen
     return torch.tensor(sorted(picked | starts), dtype=torch.long)
+
+
+# -- a greedy step scored where its logits are (model.fast_step's graph head) ------------------
+
+
+class Head(NamedTuple):
+    """A greedy step's scoring, fixed for a CUDA graph: the hole's `rows` (window rows 0..rows-1
+    predict its positions 0..rows-1), the rule's score, filters and noise, whether the
+    never-sampled ids are banned, and the `columns` a step may ban row by row (`step_head`'s
+    bans). Equal heads share a captured graph."""
+
+    rows: int
+    score: str
+    top_p: float
+    top_k: int
+    noise: str
+    never: bool
+    columns: tuple[int, ...]
+
+
+def head_columns(model: LoadedModel) -> tuple[int, ...]:
+    """The ids a step may ban for some rows only: the ends, the newline, DreamOn's expand."""
+    ids = {model.ids.end_of_hole, *model.ids.extra_end}
+    ids.update(i for i in (model.ids.newline, model.ids.expand) if i is not None)
+    return tuple(sorted(ids))
+
+
+def step_head(model: LoadedModel, state: HoleState) -> tuple[Head, torch.Tensor]:
+    """The `Head` of `state`'s next greedy step and its bans (rows, columns) bool: per hole
+    position, the columns that `sampleable` and `ban_early_ends` would make impossible."""
+    options, rule = state.options, state.options.rule
+    columns = head_columns(model)
+    rows = state.hole.numel()
+    bans = torch.zeros((rows, len(columns)), dtype=torch.bool)
+    expand = model.ids.expand
+    if expand is not None and (rows >= options.max_tokens or state.expansions_left <= 0):
+        bans[:, columns.index(expand)] = True
+    if options.min_tokens > 0 and not options.exact:
+        ends = [columns.index(i) for i in _ending_ids(model, options.single_line)]
+        bans[:options.min_tokens, ends] = True
+    head = Head(rows, rule.score, options.top_p, options.top_k, rule.noise,
+                not options.exact, columns)
+    return head, bans
+
+
+def greedy_scores(logits: torch.Tensor, head: Head, never: torch.Tensor, columns: torch.Tensor,
+                  bans: torch.Tensor) -> torch.Tensor:
+    """What `apply_step` computes for a greedy step's rows, without a host sync (a CUDA graph
+    captures it): the bans (`sampleable`, `ban_early_ends`), then `sample_and_score` at
+    temperature 0. logits (rows, V) float, changed in place; never (k,) the never-sampled ids;
+    columns (C,) = head.columns; bans (rows, C) bool. Returns (2, rows): tokens (exact in
+    float32: ids < 2**24), raw confidences."""
+    if head.never:
+        logits.index_fill_(-1, never, float("-inf"))
+    index = columns[None, :].expand(logits.shape[0], -1)  # (rows, C)
+    logits.scatter_(-1, index, logits.gather(-1, index).masked_fill(bans, float("-inf")))
+    tokens, raw = sample_and_score(logits, head.score, 0.0, None, head.top_p, head.top_k,
+                                   head.noise)
+    return torch.stack([tokens.to(raw.dtype), raw])

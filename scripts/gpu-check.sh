@@ -3,7 +3,8 @@
 #   1. correct on CUDA: the suite's CUDA tests (pytest -m cuda, tests/test_cuda.py);
 #   2. speed: benchmarks/gpu_check.py on a random-weight Qwen2.5-7B (Dream-Coder-7B's shape):
 #      one 64-token hole at 1, 2, 4, 8 tokens a step, the HBM bound, the autoregressive twin,
-#      16 concurrent holes, and over LSP the request after one typed character;
+#      the fast step's switches and the context refresh side by side at 8 a step, 16
+#      concurrent holes, and over LSP the request after one typed character;
 #   3. training of the bundled model with the time left (scripts/gpu-train.sh; its corpus is
 #      built on the CPU cores meanwhile), resuming runs/gpu when it was carried in.
 # OUT receives gpu.json, check.log and the training kit (8 files at most, 16 MiB each).
@@ -18,7 +19,7 @@ PY=${PY:-python3}
 DRY_RUN=${DRY_RUN:-0}
 BUDGET_S=${BUDGET_S:-530}      # the whole call (a device command may run 600 s)
 TESTS_S=${TESTS_S:-150}        # the CUDA tests at most
-BENCH_S=${BENCH_S:-240}        # the speed sections at most
+BENCH_S=${BENCH_S:-270}        # the speed sections at most (about 180 s on the H200)
 TRAIN_MIN_S=${TRAIN_MIN_S:-90} # train only with at least this much left
 DATA=${DATA:-runs/eval-data}   # HumanEval-infilling, carried in (../shared does not travel)
 WORK=${WORK:-/tmp/diffusion-lsp-gpu}

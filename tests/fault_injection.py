@@ -44,13 +44,13 @@ def install() -> None:
                 _faults[id(request.state)] = marker
         return request
 
-    def failing_forward(model, states):
+    def failing_forward(model, states, **kwargs):
         fault = _fault_of(states)
         if fault == STEP_ERROR:
             raise RuntimeError("injected fault in the forward pass")
         if fault == OUT_OF_MEMORY:
             raise torch.OutOfMemoryError(OOM_MESSAGE)
-        return forward_holes(model, states)
+        return forward_holes(model, states, **kwargs)
 
     def failing_result(model, state, timings):
         if _fault_of([state]) == WORKER_DIES:

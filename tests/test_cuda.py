@@ -1,5 +1,6 @@
 """On CUDA: the loader, every family in bf16 and fp32, the sampler and engine, the context
-caches, batching, the fixed-shape step (CUDA graphs) and the language server end to end.
+caches, batching, the fixed-shape step (CUDA graphs) and its switches (graph head, fused
+projections, captured passes), and the language server end to end.
 
 Marked `cuda`; skipped where no GPU is (CI). `scripts/gpu-check.sh` runs them on a borrowed
 GPU first (`pytest -m cuda`). Where the CPU's answer is exact (the same network in fp32, the
@@ -25,6 +26,11 @@ from .fixtures_families import FAMILY_SPECS, write_checkpoint
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+SWITCHES = {"graph_head": {fast_step.GRAPH_HEAD_ENV: "1"},
+            "fused_projections": {fast_step.FUSED_PROJECTIONS_ENV: "1"},
+            "graph_passes": {fast_step.GRAPH_PASSES_ENV: "1"},
+            "all": {fast_step.GRAPH_HEAD_ENV: "1", fast_step.FUSED_PROJECTIONS_ENV: "1",
+                    fast_step.GRAPH_PASSES_ENV: "1"}}
 
 PREFIX = "def add(a, b):\n    total = a + b\n    return "
 SUFFIX = "\n\nprint(add(1, 2))\n"
@@ -197,3 +203,108 @@ def test_the_compiled_layer_is_the_eager_layer_on_a_published_shape():
     finally:
         layers.function = compiled_function
     assert relative_error(compiled, eager) < 2e-2
+
+
+def switched(monkeypatch, env: dict[str, str]) -> None:
+    for variable in fast_step.SWITCH_ENVS.values():
+        monkeypatch.setenv(variable, env.get(variable, "0"))
+
+
+def completions(model, options: InfillOptions) -> list:
+    """Each hole filled twice in its own document (the second reuses the first's context: a
+    partial pass), and once more without the document cache."""
+    cache = PromptCache()
+    done = []
+    for index, (prefix, suffix) in enumerate(HOLES):
+        for text in (prefix, prefix + "x"):
+            done.append(infill(model, text, suffix, options, cache=cache, document=f"{index}"))
+        done.append(infill(model, prefix, suffix, options))
+    return done
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_each_switch_gives_the_same_completions_on_cuda(switch, monkeypatch):
+    """The bundled model (fp32, greedy) completes every hole with the same text, steps and
+    passes with a switch on as with every switch off, full, partial and hole-only passes
+    included; and the switch did run (scored steps, fused weights, captured passes)."""
+    gpu = load_model(None, device="cuda", dtype="float32")  # its own: fusing changes it
+    options = [InfillOptions(max_tokens=24, min_tokens=1),
+               InfillOptions(max_tokens=32, initial_tokens=32, tokens_per_step=4,
+                             single_line=True, min_tokens=2)]
+    switched(monkeypatch, {})
+    plain = [r for o in options for r in completions(gpu, o)]
+    switched(monkeypatch, SWITCHES[switch])
+    gpu.hole_steps = None
+    on = [r for o in options for r in completions(gpu, o)]
+    assert [(r.text, r.steps, r.full_passes, r.reused_tokens) for r in on] == \
+        [(r.text, r.steps, r.full_passes, r.reused_tokens) for r in plain]
+    kinds = {(key.kind, key.fused, key.head is not None) for key in gpu.hole_steps._shapes}
+    on_switches = fast_step.switches(gpu)
+    assert on_switches.graph_head == any(head for _, _, head in kinds)
+    assert on_switches.fused_projections == any(fused for _, fused, _ in kinds)
+    assert on_switches.graph_passes == any(kind == "pass" for kind, _, _ in kinds)
+    assert gpu.hole_steps.captures >= len(kinds) and gpu.hole_steps.replays > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", FAMILY_SPECS)
+def test_the_graph_head_scores_as_the_eager_step_on_cuda(family_dirs, name, dtype, monkeypatch):
+    """A captured step's graph head gives, at the masked positions, the tokens and
+    confidences `apply_step` computes from the same step's logits on the GPU."""
+    from model.sampler import ban_early_ends, sample_and_score, sampleable, step_head
+
+    model = load_model(family_dirs[name], device="cuda", dtype=dtype)
+    options = InfillOptions(initial_tokens=12, refresh_every=0, min_tokens=4)
+    state = new_state(model, PREFIX, SUFFIX, options)
+    forward_holes(model, [state])
+    state.hole[2], state.masked[2] = 5, False
+    start, end = window(state, model.family.shifted_logits)
+    head, bans = step_head(model, state)
+    steps = fast_step.HoleSteps(model)
+    args = (state.context.layers, state.context, state.sequence()[start:end], start)
+    for _ in range(2):  # the capture, then a replay
+        scores = steps.run(*args, head=head, bans=bans).cpu()
+        hidden = fast_step.HoleSteps(model, graphs=False).run(*args)
+        masked = state.masked.nonzero().squeeze(-1)
+        logits = model.network.lm_head(hidden[: head.rows]).float()[masked.cuda()]
+        logits = ban_early_ends(model, sampleable(model, state, logits), masked, options)
+        tokens, raw = sample_and_score(logits, "confidence", 0.0, None)
+        agree = (scores[0, masked].long() == tokens.cpu()).float().mean()
+        assert agree >= (1.0 if dtype == "float32" else 0.9)  # bf16: near-ties may flip
+        assert relative_error(scores[1, masked], raw) < (1e-4 if dtype == "float32" else 2e-2)
+        assert not set(scores[0, :4].long().tolist()) & model.ids.ends  # banned early
+    assert steps.captures == 1 and steps.replays == 1
+
+
+def test_fused_projections_and_captured_passes_on_a_published_shape():
+    """On Qwen2.5-0.5B's shape in bf16, torch.compile'd: the fused projections hold no
+    second copy of the weights and give the unfused hole step's hidden states; a captured
+    full pass gives the uncaptured one's."""
+    from model.shapes import random_model_of_shape
+
+    model = random_model_of_shape("qwen2.5-0.5b", "cuda")
+    state = new_state(model, PREFIX * 8, SUFFIX, InfillOptions(initial_tokens=32,
+                                                               refresh_every=0))
+    forward_holes(model, [state])
+    start, end = window(state, True)
+    args = (state.context.layers, state.context, state.sequence()[start:end], start)
+    steps = fast_step.HoleSteps(model)
+    unfused = steps.run(*args).clone()
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    fused = steps.run(*args, fused=True).clone()
+    layers = fast_step.layers_of(model.network)
+    assert layers.fused_weights is not None
+    weights = sum(p.numel() * p.element_size() for p in model.network.parameters())
+    assert torch.cuda.memory_allocated() - allocated < weights // 20  # graphs, not weights
+    assert relative_error(fused, unfused) < 2e-2
+    sequence = state.sequence()
+    positions = torch.arange(sequence.numel())
+    plain, _ = fast_step.rows_pass(model, sequence, positions)
+    plain = plain.clone()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(fast_step.GRAPH_PASSES_ENV, "1")
+        for _ in range(2):  # the capture, then a replay
+            captured, _ = fast_step.rows_pass(model, sequence, positions)
+            assert relative_error(captured, plain) < 2e-2
+    assert any(key.kind == "pass" for key in fast_step.hole_steps(model)._shapes)

@@ -84,11 +84,11 @@ def test_a_failing_request_does_not_stop_the_worker(tiny_model, engine, monkeypa
     real = sampler_module.forward_holes
     calls = {"n": 0}
 
-    def flaky(model, states):
+    def flaky(model, states, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated out-of-memory")
-        return real(model, states)
+        return real(model, states, **kwargs)
 
     monkeypatch.setattr(sampler_module, "forward_holes", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
@@ -220,11 +220,11 @@ def test_out_of_memory_fails_the_step_frees_memory_and_serving_goes_on(
     freed = []
     calls = {"n": 0}
 
-    def out_of_memory_once(model, states):
+    def out_of_memory_once(model, states, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, states)
+        return real(model, states, **kwargs)
 
     monkeypatch.setattr(sampler_module, "forward_holes", out_of_memory_once)
     monkeypatch.setattr(engine_module, "free_memory", freed.append)

@@ -38,6 +38,19 @@ def test_the_gpu_check_runs_through_on_the_cpu(tmp_path):
     assert hole["by_tokens_per_step"]["8"]["steps"] == 8
     assert hole["by_tokens_per_step"]["1"]["steps"] == 64
     assert result["ar_twin_tokens_per_s"] > 0
+    switches = hole["switches_at_8"]["runs"]
+    assert set(switches) == {"off", "graph_head", "fused_projections", "graph_passes", "all"}
+    for run in switches.values():
+        assert run["ms_per_step"] > 0 and run["tokens_per_s"] > 0 and run["steps"] == 8
+        assert set(run["switches"]) == {"graph_head", "fused_projections", "graph_passes"}
+    refresh = hole["refresh_every_0_at_8"]
+    for runs in (refresh["switches_off"], refresh["all_switches"]):
+        assert runs["default"]["step_kinds"].count("full") == 1  # the refresh at step 5
+        assert "full" not in runs["refresh_every_0"]["step_kinds"]
+    bundled = refresh["bundled"]
+    assert bundled["holes"] > 0 and 0 <= bundled["changed_server_defaults"] <= bundled["holes"]
+    assert result["fast_path"]["switches"] == {"graph_head": False, "fused_projections": False,
+                                               "graph_passes": False}  # unset, and a CPU
     assert {"p50_ms", "p95_ms", "single_p50_ms"} <= result["concurrent16"].keys()
     assert result["lsp_typing_p50_ms"] > 0 and result["lsp"]["answered"] >= 1
     assert result["profile"]["hole_step"] and result["profile"]["full_pass"]
