@@ -389,9 +389,13 @@ def speed(model: LoadedModel, holes: list[dict], result: dict) -> None:
 def fast_path(model: LoadedModel) -> dict:
     """What the fast step does for `model` here: on at all, compiled, each switch."""
     on = fast_step.enabled(model)
+    steps = model.hole_steps
     return {"enabled": on, "switches": fast_step.switches(model)._asdict(),
             "compiled": on and fast_step.layers_of(model.network).compiled,
-            "max_graphs": fast_step.MAX_GRAPHS}
+            "max_graphs": fast_step.MAX_GRAPHS,
+            "graphs": steps is not None and steps.graphs,
+            "captures": steps.captures if steps else 0,
+            "capture_failures": steps.capture_failures if steps else 0}
 
 
 def switch_runs(model: LoadedModel, holes: list[dict], result: dict) -> None:
@@ -401,7 +405,8 @@ def switch_runs(model: LoadedModel, holes: list[dict], result: dict) -> None:
     compared = compare(model, holes, runs)
     entry = result.setdefault("hole64_7b", {})["switches_at_8"] = {
         "holes": len(holes), "order": "interleaved, rotated from hole to hole",
-        "kept_graphs": COMPARED_GRAPHS, "runs": compared}
+        "kept_graphs": COMPARED_GRAPHS, "runs": compared,
+        "fast_path_after": fast_path(model)}  # a failed capture shows here
     for name, run in compared.items():
         say(f"switches {name}: {run['ms_per_step']:.2f} ms/step, {run['tokens_per_s']:.0f} "
             f"tokens/s (full pass {run['full_pass_ms'] or 0:.1f} ms, partial pass "

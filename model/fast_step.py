@@ -472,6 +472,7 @@ class _Shape:
     context: object | None = None  # the ContextCache whose rows the buffers hold
     output: torch.Tensor | None = None  # (1, W, H) hidden states, or the head's (2, n)
     graph: torch.cuda.CUDAGraph | None = None
+    uncaptured: bool = False  # its capture failed: this shape runs eagerly
 
 
 class HoleSteps:
@@ -486,6 +487,7 @@ class HoleSteps:
         self._generation = 0  # of the network's weights the kept graphs read
         self.captures = 0
         self.replays = 0
+        self.capture_failures = 0
 
     @torch.inference_mode()
     def run(self, context_layers: list[tuple[torch.Tensor, torch.Tensor]], context: object,
@@ -597,16 +599,21 @@ class HoleSteps:
         return greedy_scores(logits, head, shape.never, shape.columns, shape.bans)
 
     def _replay(self, shape: _Shape) -> None:
-        """Run the shape's step: eagerly without graphs, else its graph (captured first)."""
-        if not self.graphs:
+        """Run the shape's step: eagerly without graphs, else its graph (captured first). A
+        shape whose capture fails runs eagerly from then on; the others keep their graphs."""
+        if not self.graphs or shape.uncaptured:
             shape.output = self._forward(shape)
         elif shape.graph is None:
             try:
                 self._capture(shape)
             except Exception as error:  # noqa: BLE001 - the step still runs, uncaptured
-                log.warning("CUDA graph capture failed; steps run uncaptured: %s",
+                key = shape.key
+                log.warning("CUDA graph capture of a %s step (%d rows over %d, fused %s, graph "
+                            "head %s) failed; that shape runs uncaptured: %s", key.kind,
+                            key.width, key.rows, key.fused, key.head is not None,
                             str(error).splitlines()[0] if str(error) else type(error).__name__)
-                self.graphs = False
+                shape.uncaptured = True
+                self.capture_failures += 1
                 shape.output = self._forward(shape)
         else:
             shape.graph.replay()

@@ -422,3 +422,43 @@ def test_every_switch_on_gives_the_same_completions(family_dirs, name, monkeypat
     assert ("pass", True, False) in kinds
     assert ("hole", True, True) in kinds or hole_only == 0
     assert fast_step.layers_of(model.network).fused_weights is not None
+
+
+def test_a_shape_whose_capture_fails_runs_eagerly_and_the_others_keep_their_graphs(
+        family_models, monkeypatch, caplog):
+    """A capture is tried once per shape: one that fails (here: any shape with a graph head)
+    runs eagerly from then on, with one warning; plain steps still replay their graphs. (On a
+    CPU the 'graph' is a stand-in that replays the eager forward.)"""
+    model = family_models["dream"]
+    steps = fast_step.HoleSteps(model, graphs=True)
+    tried = []
+
+    class Replayed:
+        def __init__(self, shape):
+            self.shape = shape
+
+        def replay(self):
+            self.shape.output = steps._forward(self.shape)
+
+    def capture(shape):
+        tried.append(shape.key.head is not None)
+        if shape.key.head is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        shape.graph, shape.output = Replayed(shape), steps._forward(shape)
+        steps.captures += 1
+
+    monkeypatch.setattr(steps, "_capture", capture)
+    state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=8, refresh_every=0))
+    forward_holes(model, [state])
+    start, end = window(state, True)
+    args = (state.context.layers, state.context, state.sequence()[start:end], start)
+    head, bans = step_head(model, state)
+    with caplog.at_level(logging.WARNING, logger=fast_step.log.name):
+        for _ in range(3):
+            plain = steps.run(*args).clone()
+            scored = steps.run(*args, head=head, bans=bans).clone()
+    assert tried == [False, True]  # each shape's capture tried once
+    assert steps.captures == 1 and steps.capture_failures == 1 and steps.replays == 2
+    assert steps.graphs  # the failure did not turn graphs off for the other shapes
+    assert sum("failed; that shape runs uncaptured" in r.message for r in caplog.records) == 1
+    assert scored.shape == (2, head.rows) and plain.shape[0] == end - start
