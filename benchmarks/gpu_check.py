@@ -25,6 +25,9 @@ soon as it has it, so a run stopped by its time limit keeps what it got. Section
   completion asked for, one character typed, and the completion after it timed (p50).
 - profile: the kernels of a hole-only step and of a full pass, by device time
   (torch.profiler), where the next optimisation should go.
+
+They run speed, concurrent, lsp, then switches, refresh, profile: what gpu.json must have
+first, the comparisons after (they rebuild the random model the lsp section let go).
 """
 
 from __future__ import annotations
@@ -79,7 +82,9 @@ SWITCH_RUNS = {  # run name -> the switches on in it (the rest off)
 COMPARED_GRAPHS = 64  # graphs kept while runs are compared: no run recaptures another's
 COMPARED_BUFFER_BYTES = 8 << 30  # ... and their keys/values buffers
 BUNDLED_HOLES_PER_HOLE = 4  # the bundled model's refresh comparison: 4x --holes of each split
-SECTIONS = ("speed", "switches", "refresh", "concurrent", "profile", "lsp")  # in this order
+# in this order: the issue's required figures first (speed, concurrent, lsp), so that a run
+# stopped by its time limit has them; then the comparisons (the model is rebuilt after lsp)
+SECTIONS = ("speed", "concurrent", "lsp", "switches", "refresh", "profile")
 MODEL_SECTIONS = ("speed", "switches", "refresh", "concurrent", "profile")  # on the random model
 
 
