@@ -273,9 +273,10 @@ class AutoregressiveTwin:
         self.model = model
         device, dtype = model.device, model.dtype
         rows = fast_step.bucket(len(prompt_ids) + new_tokens)
-        self.keys, self.values = fast_step.kv_buffers(model, 1, rows)
-        self.columns = torch.arange(rows, device=device)
-        with torch.inference_mode():
+        with torch.inference_mode():  # inference tensors, as the hole steps' buffers (one
+            # compiled variant of the layer for both, not two)
+            self.keys, self.values = fast_step.kv_buffers(model, 1, rows)
+            self.columns = torch.arange(rows, device=device)
             ids = torch.tensor([prompt_ids], device=device)
             count = len(prompt_ids)
             positions = torch.arange(count, device=device)

@@ -65,6 +65,7 @@ GRAPH_PASSES_ENV = "DIFFUSION_LSP_GRAPH_PASSES"  # "1": full and partial passes 
 SWITCH_VALUES = {"1": True, "on": True, "true": True, "yes": True,
                  "0": False, "off": False, "false": False, "no": False}
 COMPILE_PARAMETERS = 200_000_000  # torch.compile pays off from about this size (0.5B and up)
+RECOMPILE_LIMIT = 32  # compiled variants of the layer allowed (`allow_recompiles`)
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -313,6 +314,7 @@ class _Layers:
         self.function, self.fused_function = decoder_layer, fused_decoder_layer
         if (device.type == "cuda" and parameters >= COMPILE_PARAMETERS
                 and os.environ.get(COMPILE_ENV, "1") != "0"):
+            allow_recompiles()
             self.function = torch.compile(decoder_layer, fullgraph=True)
             self.fused_function = torch.compile(fused_decoder_layer, fullgraph=True)
 
@@ -358,6 +360,16 @@ class _Layers:
             else:
                 self.function = eager
             return eager(*args)
+
+
+def allow_recompiles() -> None:
+    """Room for the layer's compiled variants: one per window and context shape, captured pass
+    and tensor kind (torch.compile's default limit, 8, is nearly reached by the GPU check's
+    holes; past it a fullgraph compile fails and the layer would run eagerly)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
 
 
 def layers_of(network: torch.nn.Module) -> _Layers:
@@ -635,7 +647,8 @@ def capture(run: Callable[[], T], device: torch.device) -> tuple[torch.cuda.CUDA
             run()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: a CUDA call from another thread (the server's) cannot break the capture
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         output = run()
     graph.replay()
     return graph, output

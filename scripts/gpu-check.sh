@@ -18,8 +18,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 DRY_RUN=${DRY_RUN:-0}
 BUDGET_S=${BUDGET_S:-530}      # the whole call (a device command may run 600 s)
-TESTS_S=${TESTS_S:-150}        # the CUDA tests at most
-BENCH_S=${BENCH_S:-270}        # the speed sections at most (about 180 s on the H200)
+TESTS_S=${TESTS_S:-180}        # the CUDA tests at most
+BENCH_S=${BENCH_S:-260}        # the speed sections at most (about 195 s on the H200, estimated)
 TRAIN_MIN_S=${TRAIN_MIN_S:-90} # train only with at least this much left
 DATA=${DATA:-runs/eval-data}   # HumanEval-infilling, carried in (../shared does not travel)
 WORK=${WORK:-/tmp/diffusion-lsp-gpu}
@@ -62,8 +62,9 @@ transformers.__version__, "cuda", torch.cuda.is_available() and torch.cuda.get_d
     build=$!
 
     echo "== CUDA tests"
-    timeout "$TESTS_S" $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py \
-        --junitxml="$WORK/cuda-tests.xml" 2>&1 | tail -n 30
+    # SIGINT at the limit: pytest still writes its summary and the JUnit file (SIGTERM would not)
+    timeout -s INT -k 15 "$TESTS_S" $PY -m pytest -q -p no:cacheprovider -m cuda \
+        tests/test_cuda.py --durations=8 --junitxml="$WORK/cuda-tests.xml" 2>&1 | tail -n 40
 
     echo "== speed ($(left)s left)"
     timeout "$BENCH_S" $PY -m benchmarks.gpu_check --out "$OUT/gpu.json" --shape "$SHAPE" \

@@ -462,3 +462,11 @@ def test_a_shape_whose_capture_fails_runs_eagerly_and_the_others_keep_their_grap
     assert steps.graphs  # the failure did not turn graphs off for the other shapes
     assert sum("failed; that shape runs uncaptured" in r.message for r in caplog.records) == 1
     assert scored.shape == (2, head.rows) and plain.shape[0] == end - start
+
+
+def test_the_layer_may_compile_more_variants_than_torch_allows_by_default(monkeypatch):
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    fast_step.allow_recompiles()
+    assert torch._dynamo.config.recompile_limit == fast_step.RECOMPILE_LIMIT > 8
