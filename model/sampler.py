@@ -63,6 +63,7 @@ from model.scoring import (
     Head,
     Scored,
     ban_early_ends,
+    bans_early_ends,
     filter_logits,
     gumbel_tokens,
     pick,
@@ -117,7 +118,7 @@ def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor | Scor
     masked_positions = state.masked.nonzero().squeeze(-1)  # (m,)
     if not isinstance(logits, Scored):
         logits = sampleable(model, state, logits)
-        if options.min_tokens > 0 and not options.exact:  # the references have no such rule
+        if bans_early_ends(options):
             logits = ban_early_ends(model, logits, masked_positions, options)
     chosen, tokens = pick(state, logits, masked_positions)
     if options.end_runs and not options.exact:

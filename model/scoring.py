@@ -197,17 +197,28 @@ def sampleable(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> to
 
     Exact mode samples as the references do, specials included (their trajectory, token for
     token); `final_text` then leaves the specials out of the text."""
-    expand = model.ids.expand
-    full = state.hole.numel() >= state.options.max_tokens
     with torch.inference_mode():
         if not state.options.exact:
             banned = model.never_sample_ids
             if banned.device != logits.device:  # logits on the GPU: keep a copy there
                 banned = model.never_sample_ids = banned.to(logits.device)
             logits.index_fill_(-1, banned, float("-inf"))
-        if expand is not None and (full or state.expansions_left <= 0):
-            logits[:, expand] = float("-inf")
+        if expand_banned(model, state):
+            logits[:, model.ids.expand] = float("-inf")
     return logits
+
+
+def expand_banned(model: LoadedModel, state: HoleState) -> bool:
+    """Whether DreamOn's expand token is out of reach this step (`sampleable`): the hole has
+    reached `max_tokens` or used its expansion budget."""
+    return model.ids.expand is not None and (state.hole.numel() >= state.options.max_tokens
+                                             or state.expansions_left <= 0)
+
+
+def bans_early_ends(options: InfillOptions) -> bool:
+    """Whether `ban_early_ends` applies: a minimum length asked for, outside exact mode (the
+    references have no such rule)."""
+    return options.min_tokens > 0 and not options.exact
 
 
 def _ending_ids(model: LoadedModel, single_line: bool) -> list[int]:
@@ -290,10 +301,9 @@ def step_head(model: LoadedModel, state: HoleState) -> tuple[Head, torch.Tensor]
     columns = head_columns(model)
     rows = state.hole.numel()
     bans = torch.zeros((rows, len(columns)), dtype=torch.bool)
-    expand = model.ids.expand
-    if expand is not None and (rows >= options.max_tokens or state.expansions_left <= 0):
-        bans[:, columns.index(expand)] = True
-    if options.min_tokens > 0 and not options.exact:
+    if expand_banned(model, state):
+        bans[:, columns.index(model.ids.expand)] = True
+    if bans_early_ends(options):
         ends = [columns.index(i) for i in _ending_ids(model, options.single_line)]
         bans[:options.min_tokens, ends] = True
     head = Head(rows, rule.score, options.top_p, options.top_k, rule.noise,
