@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 
+from benchmarks.gpu_check import relative_error
 from model import fast_step
 from model.engine import Engine
 from model.loader import load_model
@@ -42,14 +43,6 @@ HOLES = [
     ("for i in range(10):\n    ", "\nprint('done')\n"),
     ("def greet(name):\n    print(", ")\n"),
 ]
-
-
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    """||value - reference|| / ||reference||, in float64 on the CPU (METHOD: fp32 lands far
-    under 1e-3, bf16 operands between 1e-3 and 1e-2; NaN never passes)."""
-    value, reference = value.double().cpu(), reference.double().cpu()
-    error = float((value - reference).norm() / reference.norm())
-    return error if error == error else float("inf")
 
 
 @pytest.fixture(scope="module")
