@@ -36,6 +36,15 @@ class ModelLoadError(RuntimeError):
     """A model could not be found or loaded; the message names the path and what was expected."""
 
 
+@dataclass(frozen=True)
+class FimIds:
+    """The three FIM tokens of a family with a FIM layout."""
+
+    prefix: int
+    suffix: int
+    middle: int
+
+
 @dataclass
 class SpecialIds:
     """Token ids the sampler needs, resolved once from the tokenizer."""
@@ -50,6 +59,7 @@ class SpecialIds:
     hole_pad: int | None = None  # "nothing here" (DiffuCoder's <|dlm_pad|>); also in extra_end
     expand: int | None = None  # committed: becomes two masks (DreamOn)
     delete: int | None = None  # committed: the position disappears (DreamOn)
+    fim: FimIds | None = None  # the FIM tokens (a family with a FIM layout)
 
     @property
     def ends(self) -> frozenset[int]:
@@ -271,6 +281,9 @@ def resolve_special_ids(tokenizer: Tokenizer, family: Family, path: Path) -> Spe
         hole_pad=hole_pad,
         expand=None if family.expand_token is None else need(family.expand_token),
         delete=None if family.delete_token is None else need(family.delete_token),
+        fim=None if family.fim_layout == "canvas" else FimIds(
+            need(family.fim_prefix_token), need(family.fim_suffix_token),
+            need(family.fim_middle_token)),
     )
 
 

@@ -12,6 +12,7 @@ step function (`apply_step`). The names of the pieces are importable from here t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -87,7 +88,7 @@ __all__ = [
     "ban_early_ends", "block_span", "check_finished", "close_hole", "denoise_step",
     "edit_hole", "encode", "filter_logits", "final_text", "forward_holes", "guide",
     "gumbel_tokens", "infill", "is_end", "layout_ids", "logit_positions", "needs_full_pass",
-    "new_state", "open_text", "pick", "raw_scores", "result", "sample_and_score", "sampleable",
+    "new_state", "new_state_from_ids", "open_text", "pick", "raw_scores", "result", "sample_and_score", "sampleable",
     "samples_on_host", "score_logits", "select_commits", "step_head", "steps_per_block",
     "text_settled_by_end", "timesteps", "transfer_count", "transfer_fraction", "unconditioned",
     "uniform_counts", "unit_scores", "window", "with_end_runs",
@@ -96,7 +97,23 @@ __all__ = [
 
 def new_state(model: LoadedModel, prefix: str, suffix: str, options: InfillOptions) -> HoleState:
     prefix_ids, suffix_ids = layout_ids(model, prefix, suffix)
-    n = options.first_length
+    return new_state_from_ids(model, prefix_ids, suffix_ids, options)
+
+
+def new_state_from_ids(model: LoadedModel, prefix_ids: list[int], suffix_ids: list[int],
+                       options: InfillOptions) -> HoleState:
+    """A hole between token ids laid out already. A block-diffusion family's hole
+    (`model.block`) starts one block long: the first block ends where the prompt's aligned
+    block does, and the hole grows a block at a time."""
+    n, offset = options.first_length, None
+    if model.family.block_length:
+        if suffix_ids:
+            raise ValueError(f"family {model.family.name} denoises blocks after its prompt: "
+                             "nothing may follow the hole (give it a FIM layout)")
+        options = dataclasses.replace(
+            options, block_length=options.block_length or model.family.block_length)
+        offset = len(prefix_ids) % options.block_length
+        n = min(options.block_length - offset, options.max_tokens)
     state = HoleState(
         prefix_ids=prefix_ids,
         suffix_ids=suffix_ids,
@@ -105,6 +122,7 @@ def new_state(model: LoadedModel, prefix: str, suffix: str, options: InfillOptio
         options=options,
         generator=torch.Generator().manual_seed(options.seed),
         expansions_left=options.max_tokens if model.ids.expand is not None else 0,
+        block_offset=offset,
     )
     advance_schedule(state)
     return state
@@ -127,7 +145,8 @@ def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor | Scor
     for index in chosen.tolist():
         position, token = int(masked_positions[index]), int(tokens[index])
         state.hole[position] = token
-        state.masked[position] = False
+        # the references find masks by their id: a mask "committed" stays one (exact mode)
+        state.masked[position] = token == model.ids.mask
         committed.append((position, token))
     state.steps += 1
     for position, token in sorted(committed):
