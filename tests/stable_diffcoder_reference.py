@@ -29,8 +29,9 @@ published behaviour rather than against itself:
 - Returns (x, nfe).
 
 The published code crops the cache with `crop(block_start)`, an absolute length in the
-transformers it was written for (`crop_to` here). It builds its mask in bfloat16; in float32 SDPA refuses a mask of another
-dtype, so the mask here has the network's dtype (same values: 0 and -inf).
+transformers it was written for (`crop_to` here). It builds its mask in bfloat16; in float32
+SDPA refuses a mask of another dtype, so the mask here has the network's dtype (same values: 0
+and -inf).
 """
 
 from __future__ import annotations
