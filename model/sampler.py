@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from model import block
 from model.hole import (
     NEWLINE,
     ContextCache,
@@ -86,7 +87,8 @@ __all__ = [
     "ContextCache", "Head", "HoleState", "Infill", "InfillOptions", "Rule", "Scored",
     "StepTrace", "_full_pass", "_hole_pass", "advance_schedule", "apply_step",
     "ban_early_ends", "block_span", "check_finished", "close_hole", "denoise_step",
-    "edit_hole", "encode", "filter_logits", "final_text", "forward_holes", "guide",
+    "edit_hole", "encode", "filter_logits", "final_text", "forward_holes", "generate_exact",
+    "guide",
     "gumbel_tokens", "infill", "is_end", "layout_ids", "logit_positions", "needs_full_pass",
     "new_state", "new_state_from_ids", "open_text", "pick", "raw_scores", "result",
     "sample_and_score", "sampleable",
@@ -219,3 +221,49 @@ def infill(
         "total_ms": (time.perf_counter() - started) * 1e3,
     }
     return result(model, state, timings)
+
+
+def generate_exact(model: LoadedModel, input_ids: torch.Tensor | list[int], *,
+                   gen_length: int = 128, steps: int = 128, block_length: int | None = None,
+                   threshold: float | None = 0.95, temperature: float = 0.0,
+                   remasking: str = "low_confidence", eos_id: int | None = None,
+                   seed: int = 0) -> tuple[torch.Tensor, int]:
+    """Stable-DiffCoder's `generate_block` (modeling_stable_diffcoder.py), reproduced token for
+    token and forward for forward on `model.sampler`'s steps: returns the same (1, L) ids (the
+    prompt, then the answer; cut at the end of the block where `eos_id` appeared, every
+    position from that eos on set to it) and the same forward count (`nfe`: denoising forwards
+    plus one write per finished block; the prefill is not counted).
+
+    `input_ids`: (1, P) or a list; `block_length` defaults to the family's; `eos_id` None
+    looks for no end, as the reference does. Sampled runs (`temperature` > 0) draw from a
+    generator seeded with `seed`: the reference's distribution, not its random numbers."""
+    prompt = [int(t) for t in torch.as_tensor(input_ids).reshape(-1).tolist()]
+    block_length = block_length or model.family.block_length
+    if not block_length:
+        raise ValueError(f"family {model.family.name} is not a block-diffusion family")
+    if gen_length % block_length:
+        raise ValueError("gen_length must be a multiple of block_length (generate_block asserts)")
+    if steps % (gen_length // block_length):
+        raise ValueError("steps must be a multiple of gen_length // block_length "
+                         "(generate_block asserts)")
+    options = InfillOptions(
+        max_tokens=gen_length, steps=steps, block_length=block_length,
+        algorithm=remasking, temperature=temperature, exact=True, seed=seed,
+        threshold=threshold if threshold is not None else 0.0,
+        threshold_gates_steps=threshold is not None)
+    ids = dataclasses.replace(model.ids, end_of_hole=eos_id if eos_id is not None else -1)
+    looking = dataclasses.replace(model, ids=ids) if ids != model.ids else model
+    state = new_state_from_ids(looking, prompt, [], options)
+    while not state.finished:
+        denoise_step(looking, [state])
+    eos_cut = state.finish_reason == "end"
+    if not eos_cut:  # the reference writes the last block too
+        block.write(looking, state, state.hole_start + state.hole.numel())
+    answer = state.hole.tolist()
+    if eos_cut:  # the first eos of the last block (the hole ends at a block's end)
+        last = max(0, (len(answer) + state.block_offset - 1) // block_length * block_length
+                   - state.block_offset)
+        first = answer.index(eos_id, last)
+        answer = answer[:first] + [eos_id] * (len(answer) - first)
+    forwards = state.steps + (state.committed.writes if state.committed else 0)
+    return torch.tensor([prompt + answer], dtype=torch.long), forwards

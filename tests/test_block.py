@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.block import WRITE_CHUNK, BlockCache, block_causal_mask, generate_exact, run_rows
+from model.block import WRITE_CHUNK, BlockCache, block_causal_mask, run_rows
 from model.loader import load_model
 from model.prompt_cache import PromptCache
-from model.sampler import InfillOptions, infill, layout_ids, new_state
+from model.sampler import InfillOptions, generate_exact, infill, layout_ids, new_state
 
 from .fixtures_block import EOS, MASK, official_model, write_stable_diffcoder
 
