@@ -14,6 +14,7 @@ from model.prompt_cache import PromptCache
 from model.sampler import InfillOptions, generate_exact, infill, layout_ids, new_state
 
 from .fixtures_block import EOS, MASK, official_model, write_stable_diffcoder
+from .test_families import one_thread  # noqa: F401 - autouse: tiny matmuls on one thread
 
 PREFIX = "def add(a, b):\n    return "
 SUFFIX = "\n\nprint(add(1, 2))\n"
@@ -21,14 +22,6 @@ SUFFIX = "\n\nprint(add(1, 2))\n"
 # commits several positions a step) and both
 VARIANTS = {"plain": (1.0, 1.0), "ends": (8.0, 1.0), "sharp": (1.0, 60.0),
             "sharp-ends": (6.0, 40.0)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import asyncio
 import pytest
 import pytest_asyncio
 
-from benchmarks.lsp_client import edit, inline, open_document, plain, running_server, stats
+from benchmarks.lsp_client import edit, inline, open_document, stats
 from tests.edit_standin import SOURCE as EDIT_SOURCE
-from tests.test_server_diffusion import HOLES, actions, apply
+from tests.test_server_diffusion import HOLES, actions, apply, previewing_server
 from tests.test_server_next_edit import inline_edit
 
 from .fixtures_block import write_stable_diffcoder
@@ -31,13 +31,7 @@ def block_dir(tmp_path_factory):
 async def client(block_dir):
     settings = {"model": {"path": str(block_dir), "device": "cpu"},
                 "completion": {"debounceMs": 0, "preview": True, "maxTokens": 12}}
-    async with running_server(settings) as client:
-        client.previews = []
-
-        @client.feature("diffusion/preview")
-        def on_preview(params) -> None:
-            client.previews.append(plain(params))
-
+    async with previewing_server(settings) as client:
         yield client
 
 
