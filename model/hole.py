@@ -132,6 +132,11 @@ def layout_ids(model: LoadedModel, prefix: str, suffix: str) -> tuple[list[int],
     suffix_ids = encode(model, suffix)
     if family.fim_layout == "suffix-first":  # <fim_suffix> S <fim_prefix> P <fim_middle> hole
         fim = ids.fim
+        if fim is None:
+            raise ValueError(f"the tokenizer lacks the {family.name} family's FIM tokens "
+                             f"({family.fim_suffix_token}, {family.fim_prefix_token}, "
+                             f"{family.fim_middle_token}): it cannot fill a hole between a "
+                             "prefix and a suffix")
         return [fim.suffix, *suffix_ids, fim.prefix, *prefix_ids, fim.middle], []
     needs_bos = family.always_bos or (family.shifted_logits and not prefix_ids)
     if needs_bos and ids.bos is not None:

@@ -281,10 +281,18 @@ def resolve_special_ids(tokenizer: Tokenizer, family: Family, path: Path) -> Spe
         hole_pad=hole_pad,
         expand=None if family.expand_token is None else need(family.expand_token),
         delete=None if family.delete_token is None else need(family.delete_token),
-        fim=None if family.fim_layout == "canvas" else FimIds(
-            need(family.fim_prefix_token), need(family.fim_suffix_token),
-            need(family.fim_middle_token)),
+        fim=fim_ids(tokenizer, family),
     )
+
+
+def fim_ids(tokenizer: Tokenizer, family: Family) -> FimIds | None:
+    """The family's FIM tokens in this tokenizer; None when it has no FIM layout or lacks one
+    of them (then only prompts without a suffix run: `model.hole.layout_ids` says so)."""
+    if family.fim_layout == "canvas":
+        return None
+    found = [tokenizer.token_to_id(t) if t else None for t in
+             (family.fim_prefix_token, family.fim_suffix_token, family.fim_middle_token)]
+    return None if None in found else FimIds(*found)
 
 
 def never_sampled_ids(tokenizer: Tokenizer, ids: SpecialIds, vocab_size: int) -> torch.Tensor:

@@ -224,19 +224,25 @@ def infill(
 
 
 def generate_exact(model: LoadedModel, input_ids: torch.Tensor | list[int], *,
-                   gen_length: int = 128, steps: int = 128, block_length: int | None = None,
-                   threshold: float | None = 0.95, temperature: float = 0.0,
-                   remasking: str = "low_confidence", eos_id: int | None = None,
-                   seed: int = 0) -> tuple[torch.Tensor, int]:
+                   steps: int = 128, gen_length: int = 128, block_length: int | None = None,
+                   temperature: float = 0.0, remasking: str = "low_confidence",
+                   tokenizer: object = None, mask_id: int | None = None,
+                   threshold: float | None = 0.95, shift: bool = False,
+                   eos_id: int | None = None, seed: int = 0) -> tuple[torch.Tensor, int]:
     """Stable-DiffCoder's `generate_block` (modeling_stable_diffcoder.py), reproduced token for
     token and forward for forward on `model.sampler`'s steps: returns the same (1, L) ids (the
     prompt, then the answer; cut at the end of the block where `eos_id` appeared, every
     position from that eos on set to it) and the same forward count (`nfe`: denoising forwards
     plus one write per finished block; the prefill is not counted).
 
-    `input_ids`: (1, P) or a list; `block_length` defaults to the family's; `eos_id` None
-    looks for no end, as the reference does. Sampled runs (`temperature` > 0) draw from a
+    The keywords are `generate_block`'s (its `tokenizer` is unused there too); `input_ids`:
+    (1, P) or a list; `block_length` defaults to the family's, `mask_id` to its mask; `eos_id`
+    None looks for no end, as the reference does. Sampled runs (`temperature` > 0) draw from a
     generator seeded with `seed`: the reference's distribution, not its random numbers."""
+    del tokenizer  # generate_block takes it and never reads it
+    if shift:
+        raise ValueError("shift=True (shifted logits) is not Stable-DiffCoder's setting and is "
+                         "not supported")
     prompt = [int(t) for t in torch.as_tensor(input_ids).reshape(-1).tolist()]
     block_length = block_length or model.family.block_length
     if not block_length:
@@ -251,7 +257,8 @@ def generate_exact(model: LoadedModel, input_ids: torch.Tensor | list[int], *,
         algorithm=remasking, temperature=temperature, exact=True, seed=seed,
         threshold=threshold if threshold is not None else 0.0,
         threshold_gates_steps=threshold is not None)
-    ids = dataclasses.replace(model.ids, end_of_hole=eos_id if eos_id is not None else -1)
+    ids = dataclasses.replace(model.ids, end_of_hole=eos_id if eos_id is not None else -1,
+                              mask=model.ids.mask if mask_id is None else mask_id)
     looking = dataclasses.replace(model, ids=ids) if ids != model.ids else model
     state = new_state_from_ids(looking, prompt, [], options)
     while not state.finished:

@@ -49,9 +49,11 @@ PUBLISHED_CONFIG = {
 }
 
 
-def write_tokenizer(directory: Path) -> None:
-    """tokenizer.json: the special tokens at ids 0..8, then a byte-level BPE on sample code."""
-    tokenizer = train_tokenizer([SAMPLE_CODE] * 4, 400, SPECIAL_TOKENS, min_frequency=1)
+def write_tokenizer(directory: Path, fim: bool = True) -> None:
+    """tokenizer.json: the special tokens at ids 0..8 (0..5 without the FIM tokens), then a
+    byte-level BPE on sample code."""
+    specials = SPECIAL_TOKENS if fim else SPECIAL_TOKENS[:MASK + 1]
+    tokenizer = train_tokenizer([SAMPLE_CODE] * 4, 400, specials, min_frequency=1)
     data = json.loads(tokenizer.to_str())
     for entry in data["added_tokens"]:
         entry["normalized"] = False
@@ -61,12 +63,13 @@ def write_tokenizer(directory: Path) -> None:
         "pad_token": SPECIAL_TOKENS[PAD], "mask_token": SPECIAL_TOKENS[MASK]}))
 
 
-def write_stable_diffcoder(directory: Path, seed: int = 0, eos_boost: float = 1.0) -> Path:
+def write_stable_diffcoder(directory: Path, seed: int = 0, eos_boost: float = 1.0,
+                           fim: bool = True) -> Path:
     """The checkpoint in `directory`; `eos_boost` scales eos's output row so that the random
-    network ends its answers sometimes."""
+    network ends its answers sometimes; `fim` False leaves the FIM tokens out."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    write_tokenizer(directory)
+    write_tokenizer(directory, fim)
     network = StableDiffcoderForCausalLM(LlamaConfig(
         vocab_size=VOCAB, tie_word_embeddings=False, max_position_embeddings=8192,
         rope_theta=500000.0, rms_norm_eps=1e-6, **SHAPE))

@@ -125,6 +125,30 @@ def test_exact_mode_with_fewer_steps_and_no_eos(pairs):
     assert (ids.tolist(), forwards) == (expected.tolist(), expected_forwards)
 
 
+def test_generate_blocks_keywords_are_taken_as_they_are(pairs):
+    """The reference's call, keyword for keyword (the card's usage), gives its answer."""
+    model, official = pairs["ends"]
+    prompt = torch.randint(10, 300, (1, 7), generator=torch.Generator().manual_seed(7))
+    settings = {"steps": 16, "gen_length": 16, "block_length": 4, "temperature": 0.0,
+                "remasking": "low_confidence", "mask_id": MASK, "threshold": None,
+                "eos_id": EOS}
+    expected = official.generate_block(prompt.clone(), **settings)
+    got = generate_exact(model, prompt, tokenizer=model.tokenizer, shift=False, **settings)
+    assert (got[0].tolist(), got[1]) == (expected[0].tolist(), expected[1])
+    with pytest.raises(ValueError, match="shift"):
+        generate_exact(model, prompt, shift=True, **settings)
+
+
+def test_a_tokenizer_without_fim_tokens_loads_for_exact_mode(tmp_path):
+    model = load_model(write_stable_diffcoder(tmp_path / "m", fim=False), device="cpu",
+                       dtype="float32")
+    assert model.family.name == "stable-diffcoder" and model.ids.fim is None
+    ids, forwards = generate_exact(model, [11, 12, 13], gen_length=8, steps=8, eos_id=EOS)
+    assert ids.shape[1] <= 3 + 8 and forwards > 0
+    with pytest.raises(ValueError, match="FIM tokens"):
+        infill(model, PREFIX, SUFFIX)
+
+
 def test_fim_layout_is_suffix_first(pairs):
     model, _ = pairs["plain"]
     prefix_ids, suffix_ids = layout_ids(model, PREFIX, SUFFIX)
