@@ -5,6 +5,9 @@ The hole starts as `n` mask tokens. Each step is one forward pass (`model.passes
 budget `model.schedules`), and a committed token never changes; the hole closes, grows or is
 edited as its tokens say (`model.hole`). Options: `model.options`.
 
+A block-diffusion family (`model.block`) runs the same steps on a hole after its prompt,
+one block at a time against an exact cache; `generate_exact` is its published sampler.
+
 The functions are pure over a `HoleState`; `forward_holes` runs the network for any number of
 states at once, so the single-request loop (`infill`) and the engine's batched loop share one
 step function (`apply_step`). The names of the pieces are importable from here too.
