@@ -25,9 +25,12 @@ soon as it has it, so a run stopped by its time limit keeps what it got. Section
   completion asked for, one character typed, and the completion after it timed (p50).
 - profile: the kernels of a hole-only step and of a full pass, by device time
   (torch.profiler), where the next optimisation should go.
+- block8b: the 8B block-diffusion shape (Stable-DiffCoder-8B's, random weights, bf16) at its
+  card's settings (blocks of 4, threshold 0.95): a 64-token hole's ms a step against the
+  memory bound and tokens/s, beside the 7B Dream shape at one token a step.
 
-They run speed, concurrent, lsp, then switches, refresh, profile: what gpu.json must have
-first, the comparisons after (they rebuild the random model the lsp section let go).
+They run speed, concurrent, lsp, then switches, refresh, profile, block8b: what gpu.json must
+have first, the comparisons after (they rebuild the random model the lsp section let go).
 """
 
 from __future__ import annotations
@@ -84,7 +87,9 @@ COMPARED_BUFFER_BYTES = 8 << 30  # ... and their keys/values buffers
 BUNDLED_HOLES_PER_HOLE = 4  # the bundled model's refresh comparison: 4x --holes of each split
 # in this order: the issue's required figures first (speed, concurrent, lsp), so that a run
 # stopped by its time limit has them; then the comparisons (the model is rebuilt after lsp)
-SECTIONS = ("speed", "concurrent", "lsp", "switches", "refresh", "profile")
+SECTIONS = ("speed", "concurrent", "lsp", "switches", "refresh", "profile", "block8b")
+BLOCK_SHAPE = {"cuda": "seed-coder-8b", "cpu": "tiny-seed-coder"}  # block8b's, by device type
+BLOCK_THRESHOLD = 0.95  # Stable-DiffCoder's card (generate_block's default threshold)
 MODEL_SECTIONS = ("speed", "switches", "refresh", "concurrent", "profile")  # on the random model
 
 
@@ -153,7 +158,9 @@ def fill(model: LoadedModel, hole: dict, options: InfillOptions, cache: PromptCa
     total = (time.perf_counter() - began) * 1e3
     _, tokens = final_text(model, state)
     context = len(state.prefix_ids) + len(state.suffix_ids)
+    writes = state.committed.writes if state.committed else 0  # block diffusion's cache writes
     return {"total_ms": total, "tokens": tokens, "steps": len(steps), "context_tokens": context,
+            "write_forwards": writes,
             "hole_step_ms": [ms for kind, ms in steps if kind == "hole"],
             "step_ms": steps, "kinds": [kind for kind, _ in steps]}
 
@@ -179,6 +186,7 @@ def summary(cold: list[dict], warm: list[dict]) -> dict:
         "cold_tokens_per_s": statistics.median(r["tokens"] / r["total_ms"] * 1e3 for r in cold),
         "hole_ms_p50": statistics.median(r["total_ms"] for r in warm),
         "steps": statistics.median(r["steps"] for r in warm),
+        "write_forwards": statistics.median(r["write_forwards"] for r in warm),
         "step_kinds": warm[0]["kinds"],
         "tokens": statistics.median(r["tokens"] for r in warm),
         "context_tokens_p50": statistics.median(r["context_tokens"] for r in warm),
@@ -188,7 +196,11 @@ def summary(cold: list[dict], warm: list[dict]) -> dict:
 def bench_hole(model: LoadedModel, holes: list[dict], tokens_per_step: int) -> dict:
     """Each hole twice in one document: cold (nothing cached), then warm (typing: the
     document's context cached)."""
-    options = hole_options(tokens_per_step)
+    return bench_options(model, holes, hole_options(tokens_per_step))
+
+
+def bench_options(model: LoadedModel, holes: list[dict], options: InfillOptions) -> dict:
+    """`bench_hole` with any options."""
     cache = PromptCache()
     fill(model, holes[0], options, cache, "warm-up")
     cold, warm = [], []
@@ -583,6 +595,51 @@ def lsp(shape: str, device: str, data: Path | None, limit: int, result: dict) ->
         f"(first request p50 {run['first_p50_ms']:.0f} ms)")
 
 
+def block8b(device: str, holes: list[dict], result: dict) -> None:
+    """The 8B block-diffusion shape (Stable-DiffCoder-8B = Seed-Coder-8B, random weights) at
+    its card's settings: blocks of 4, threshold 0.95 (random weights pass it never, so one
+    token a step: as its steps = gen_length setting), a 64-token hole (ends banned), the
+    document's prompt rows cached exactly; ms a step against the bound of reading every
+    weight and the context's keys/values once, beside the 7B Dream shape at one token a step
+    (the speed section's hole64_7b, same run)."""
+    from model.shapes import random_model_of_shape
+
+    shape = BLOCK_SHAPE["cuda" if device.startswith("cuda") else "cpu"]
+    model = random_model_of_shape(shape, device)
+    options = InfillOptions(max_tokens=HOLE_TOKENS, min_tokens=HOLE_TOKENS,
+                            threshold=BLOCK_THRESHOLD)
+    context = statistics.median(len(layout_ids(model, h["prompt"], h["suffix"])[0])
+                                for h in holes)
+    block = model.family.block_length
+    bytes_read = bytes_per_hole_step(model, int(context) + HOLE_TOKENS // 2, block)
+    card = card_bandwidth(model)
+    if model.device.type == "cuda":
+        fill(model, holes[0], options, None, None)  # warm-up: not timed
+    run = bench_options(model, holes, options)
+    entry = {
+        "shape": shape, "dtype": str(model.dtype), "block_length": block,
+        "threshold": BLOCK_THRESHOLD, "hole_tokens": HOLE_TOKENS,
+        "parameters": sum(p.numel() for p in model.network.parameters()),
+        "context_tokens_p50": context, "bytes_per_step": bytes_read,
+        "memory_bound_ms_per_step": bytes_read / card * 1e3 if card else None,
+        **{key: value for key, value in run.items() if key != "step_kinds"},
+    }
+    dream = result.get("hole64_7b", {}).get("by_tokens_per_step", {}).get("1")
+    if dream:
+        entry["dream7b_at_1"] = {k: dream[k] for k in ("ms_per_step", "tokens_per_s")}
+        entry["tokens_per_s_over_dream7b_at_1"] = run["tokens_per_s"] / dream["tokens_per_s"]
+    result["block8b"] = entry
+    bound = entry["memory_bound_ms_per_step"]
+    say(f"block8b ({shape}): {run['ms_per_step']:.2f} ms/step"
+        + (f" (memory bound {bound:.2f})" if bound else "")
+        + f", {run['tokens_per_s']:.0f} tokens/s, {run['steps']} steps"
+        + (f"; Dream 7B at 1/step {dream['tokens_per_s']:.0f} tokens/s" if dream else ""))
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def test_counts(junit: Path) -> dict:
     """passed / failed / skipped from pytest's JUnit XML."""
     if not junit.exists():
@@ -649,6 +706,12 @@ def run(args: argparse.Namespace) -> int:
                 concurrent(model, holes, result)
             elif section == "profile":
                 profile_steps(model, holes, result)
+            elif section == "block8b":
+                model = None  # its own model: let the 7B one go first
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                block8b(args.device, holes, result)
             elif section == "lsp":
                 if model is not None:  # the server process loads its own
                     model = None

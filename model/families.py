@@ -65,6 +65,16 @@ class Family:
     # with delete_token: a committed delete also deletes every still-masked position after
     # it (DreamOn's `pad_delete_to_right`); committed tokens after it stay
     delete_pads_right: bool = False
+    # block diffusion: blocks of this many tokens, aligned from the prompt's first token,
+    # bidirectional inside a block and causal across blocks (`model.block`); None: the whole
+    # sequence attends both ways (the full-canvas families)
+    block_length: int | None = None
+    # how prefix and suffix surround the hole: "canvas" (prefix, masks, suffix) or a FIM
+    # layout with the three tokens below (FIM_LAYOUTS); the hole then comes last
+    fim_layout: str = "canvas"
+    fim_prefix_token: str | None = None
+    fim_suffix_token: str | None = None
+    fim_middle_token: str | None = None
 
     def rename_weight(self, name: str) -> str:
         for pattern, replacement in self.weight_renames:
@@ -200,9 +210,43 @@ LLADA = Family(
     ),
 )
 
+# Prompt layouts: "canvas" puts the masks between prefix and suffix; "suffix-first" (SPM) is
+# <fim_suffix> S <fim_prefix> P <fim_middle> masks, the hole last.
+FIM_LAYOUTS = ("canvas", "suffix-first")
+
+# Stable-DiffCoder-8B-Base / -Instruct (ByteDance-Seed/Stable-DiffCoder, MIT): the Seed-Coder-8B
+# network and tokenizer, trained further as a block-diffusion model. config.json: "model_type":
+# "llama", "architectures": ["StableDiffcoderForCausalLM"] (a LlamaForCausalLM subclass that only
+# adds `generate_block`), plain Llama weight names, "bos_token_id": 0, "eos_token_id": 2,
+# "vocab_size": 155136. Its sampler (modeling_stable_diffcoder.py `generate_block`, the card's
+# usage: `block_length=4`, `remasking='low_confidence'`, `shift=False`, `threshold` None or 0.95,
+# `eos_id=tokenizer.eos_token_id`) denoises blocks of 4 with `mask_id=5` <[MASK_TOKEN]> under a
+# block-causal mask (`_make_block_causal_mask`: kron(tril(blocks), ones(4, 4))). No source of the
+# model mentions FIM; Seed-Coder's report (section 2.2) trained it suffix-first:
+# <[fim-suffix]> SUFFIX <[fim-prefix]> PREFIX <[fim-middle]> MIDDLE, as Zed's Zeta 2 prompts
+# Seed-Coder-8B. The answer ends at eos <[end▁of▁sentence]>. Detected as a "llama" checkpoint
+# whose tokenizer holds <[MASK_TOKEN]>.
+STABLE_DIFFCODER = Family(
+    name="stable-diffcoder",
+    architecture="llama",
+    mask_token="<[MASK_TOKEN]>",
+    end_of_hole_token="<[end\u2581of\u2581sentence]>",
+    bos_token=None,
+    eos_token=None,
+    shifted_logits=False,
+    model_types=("llama",),
+    detect_tokens=("<[MASK_TOKEN]>",),
+    block_length=4,
+    fim_layout="suffix-first",
+    fim_prefix_token="<[fim-prefix]>",
+    fim_suffix_token="<[fim-suffix]>",
+    fim_middle_token="<[fim-middle]>",
+)
+
 # Detection tries families in this order: variants with marker tokens before their base.
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (DEFAULT, DREAMON, DIFFUCODER, DREAM, OPEN_DCODER, LLADA)
+    f.name: f for f in (DEFAULT, DREAMON, DIFFUCODER, DREAM, OPEN_DCODER, LLADA,
+                        STABLE_DIFFCODER)
 }
 
 # Family fields a config.json block or --family-override may set, and how to read a string.

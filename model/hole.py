@@ -57,6 +57,14 @@ class ContextCache:
     age: int = 0  # cached steps run since the full pass
 
 
+class BlockRows(Protocol):
+    """The exact keys and values of a block-diffusion sequence's first `length` positions
+    (`model.block.BlockCache`)."""
+
+    length: int
+    writes: int
+
+
 class PartialPass(Protocol):
     """A first pass that reuses cached context rows instead of running the whole sequence
     (`model.prompt_cache.Reuse`): it sets the state's context cache and returns the hidden
@@ -89,6 +97,14 @@ class HoleState:
     expansions_left: int = 0
     reuse: PartialPass | None = None  # the document's cached context rows, for the first pass
     reused_tokens: int = 0
+    # block diffusion (`model.block`): the prompt's length modulo the block length (None: a
+    # full-canvas hole); the hole then grows one block at a time
+    block_offset: int | None = None
+    committed: BlockRows | None = None  # exact keys/values of every finished block and prompt
+
+    @property
+    def blockwise(self) -> bool:
+        return self.block_offset is not None
 
     @property
     def hole_start(self) -> int:
@@ -114,6 +130,14 @@ def layout_ids(model: LoadedModel, prefix: str, suffix: str) -> tuple[list[int],
     family, ids = model.family, model.ids
     prefix_ids = encode(model, prefix)
     suffix_ids = encode(model, suffix)
+    if family.fim_layout == "suffix-first":  # <fim_suffix> S <fim_prefix> P <fim_middle> hole
+        fim = ids.fim
+        if fim is None:
+            raise ValueError(f"the tokenizer lacks the {family.name} family's FIM tokens "
+                             f"({family.fim_suffix_token}, {family.fim_prefix_token}, "
+                             f"{family.fim_middle_token}): it cannot fill a hole between a "
+                             "prefix and a suffix")
+        return [fim.suffix, *suffix_ids, fim.prefix, *prefix_ids, fim.middle], []
     needs_bos = family.always_bos or (family.shifted_logits and not prefix_ids)
     if needs_bos and ids.bos is not None:
         prefix_ids = [ids.bos, *prefix_ids]
@@ -203,8 +227,36 @@ def edit_hole(model: LoadedModel, state: HoleState, edits: list[tuple[int, int]]
     state.context = None
 
 
+def block_finished(model: LoadedModel, state: HoleState) -> None:
+    """Exact mode of a block-diffusion family (Stable-DiffCoder's `generate_block`): the end
+    token is looked for only once a block is full, and only in its generated part; the hole
+    then ends at that block's end. A full block without one is followed by the next."""
+    if bool(state.masked.any()):
+        return
+    size = state.options.block_length or state.hole.numel()
+    start = max(0, state.block * size - (state.block_offset or 0))  # the block: start..end
+    if model.ids.end_of_hole in state.hole[start:].tolist():
+        state.finish_reason = "end"
+    elif state.hole.numel() >= state.options.max_tokens:
+        state.finish_reason = "max_tokens"
+    else:
+        grow_hole(model, state)
+
+
+def grow_hole(model: LoadedModel, state: HoleState) -> None:
+    """Masks appended to a full hole: `extend_by` of them, or one block (block diffusion)."""
+    options = state.options
+    step = options.block_length if state.blockwise else options.extend_by
+    grow = min(step, options.max_tokens - state.hole.numel())
+    state.hole = torch.cat([state.hole, torch.full((grow,), model.ids.mask, dtype=torch.long)])
+    state.masked = torch.cat([state.masked, torch.ones(grow, dtype=torch.bool)])
+
+
 def check_finished(model: LoadedModel, state: HoleState) -> None:
     options = state.options
+    if options.exact and state.blockwise:
+        block_finished(model, state)
+        return
     text = open_text(model, state)
     if any(stop in text for stop in options.stop):
         state.finish_reason = "stop"
@@ -220,15 +272,14 @@ def check_finished(model: LoadedModel, state: HoleState) -> None:
     if state.closed_at is not None:
         state.finish_reason = "end"
         return
-    if state.hole.numel() >= options.max_tokens or options.fixed_length:
+    if state.hole.numel() >= options.max_tokens or (options.fixed_length
+                                                     and not state.blockwise):
         state.finish_reason = "max_tokens"
         return
     if model.ids.expand is not None:  # the model sizes its own hole (DreamOn): it is done
         state.finish_reason = "end"
         return
-    grow = min(options.extend_by, options.max_tokens - state.hole.numel())
-    state.hole = torch.cat([state.hole, torch.full((grow,), model.ids.mask, dtype=torch.long)])
-    state.masked = torch.cat([state.masked, torch.ones(grow, dtype=torch.bool)])
+    grow_hole(model, state)
 
 
 def final_text(model: LoadedModel, state: HoleState) -> tuple[str, int]:

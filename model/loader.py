@@ -36,6 +36,15 @@ class ModelLoadError(RuntimeError):
     """A model could not be found or loaded; the message names the path and what was expected."""
 
 
+@dataclass(frozen=True)
+class FimIds:
+    """The three FIM tokens of a family with a FIM layout."""
+
+    prefix: int
+    suffix: int
+    middle: int
+
+
 @dataclass
 class SpecialIds:
     """Token ids the sampler needs, resolved once from the tokenizer."""
@@ -50,6 +59,7 @@ class SpecialIds:
     hole_pad: int | None = None  # "nothing here" (DiffuCoder's <|dlm_pad|>); also in extra_end
     expand: int | None = None  # committed: becomes two masks (DreamOn)
     delete: int | None = None  # committed: the position disappears (DreamOn)
+    fim: FimIds | None = None  # the FIM tokens (a family with a FIM layout)
 
     @property
     def ends(self) -> frozenset[int]:
@@ -271,7 +281,18 @@ def resolve_special_ids(tokenizer: Tokenizer, family: Family, path: Path) -> Spe
         hole_pad=hole_pad,
         expand=None if family.expand_token is None else need(family.expand_token),
         delete=None if family.delete_token is None else need(family.delete_token),
+        fim=fim_ids(tokenizer, family),
     )
+
+
+def fim_ids(tokenizer: Tokenizer, family: Family) -> FimIds | None:
+    """The family's FIM tokens in this tokenizer; None when it has no FIM layout or lacks one
+    of them (then only prompts without a suffix run: `model.hole.layout_ids` says so)."""
+    if family.fim_layout == "canvas":
+        return None
+    found = [tokenizer.token_to_id(t) if t else None for t in
+             (family.fim_prefix_token, family.fim_suffix_token, family.fim_middle_token)]
+    return None if None in found else FimIds(*found)
 
 
 def never_sampled_ids(tokenizer: Tokenizer, ids: SpecialIds, vocab_size: int) -> torch.Tensor:

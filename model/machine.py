@@ -111,7 +111,9 @@ def recommend(machine: Machine) -> Recommendation:
         return Recommendation(
             "DiffuCoder-7B-cpGRPO",
             f"a GPU with {machine.gpu_memory_gib:.0f} GiB holds a 7B model in bf16 "
-            "(Dream-Coder-v0-Instruct-7B and LLaDA-8B fit too)",
+            "(Dream-Coder-v0-Instruct-7B and LLaDA-8B fit too, and so does "
+            "Stable-DiffCoder-8B-Base: block diffusion, its cache across keystrokes exact, "
+            "its speed and infilling not measured here yet)",
             _expect(measured := _measured("DiffuCoder-7B-cpGRPO", "gpu")), measured,
             "diffusion-lsp pull DiffuCoder-7B-cpGRPO && "
             "diffusion-lsp serve --model DiffuCoder-7B-cpGRPO")

@@ -283,6 +283,8 @@ def infill_holes(
     blocks do not apply here). `should_stop` is polled before each step; `on_step` sees the
     state after each step but the last (previews). `code_start`: see `new_multi_state`."""
     options = options or InfillOptions()
+    if model.family.block_length:
+        return holes_in_turn(model, pieces, options, should_stop)
     started = time.perf_counter()
     state = new_multi_state(model, pieces, options, code_start)
     forward_s = 0.0
@@ -299,3 +301,31 @@ def infill_holes(
     timings = {"forward_ms": forward_s * 1e3,
                "total_ms": (time.perf_counter() - started) * 1e3}
     return MultiInfill(texts, state.steps, counts, state.finish_reason or "cancelled", timings)
+
+
+def holes_in_turn(model: LoadedModel, pieces: Sequence[str], options: InfillOptions,
+                  should_stop: Callable[[], bool] | None = None) -> MultiInfill:
+    """A block-diffusion family (`model.block`) denoises after its prompt only, so its holes
+    are filled one at a time, left to right, each by the one-hole sampler in the family's FIM
+    layout: a hole sees the holes before it filled and the text after it (later holes
+    empty). No per-step previews here."""
+    from model.sampler import infill
+
+    started = time.perf_counter()
+    texts: list[str] = []
+    tokens: list[int] = []
+    steps, reason, before = 0, "end", pieces[0]
+    for index in range(1, len(pieces)):
+        result = infill(model, before, "".join(pieces[index:]), options, should_stop)
+        steps += result.steps
+        if result.finish_reason == "cancelled":
+            reason = "cancelled"
+            break
+        if result.finish_reason == "max_tokens":
+            reason = "max_tokens"
+        texts.append(result.text)
+        tokens.append(result.tokens)
+        before += result.text + pieces[index]
+    missing = len(pieces) - 1 - len(texts)  # holes a cancel left unfilled
+    return MultiInfill(texts + [""] * missing, steps, tokens + [0] * missing, reason,
+                       {"total_ms": (time.perf_counter() - started) * 1e3})

@@ -103,6 +103,9 @@ class InfillOptions:
     cfg_scale: float = field(default=0.0, metadata=_setting(
         REFERENCE, "LLaDA: above 0 adds a pass with prefix and suffix masked (guidance)"))
     seed: int = field(default=0, metadata=_setting(REFERENCE, "for temperature above 0"))
+    # Stable-DiffCoder's generate_block with a threshold: the step budget only says which
+    # steps run; each commits its best position and every other scoring at least `threshold`
+    threshold_gates_steps: bool = False
     exact: bool = field(default=False, metadata=_setting(
         REFERENCE, "the published algorithm verbatim: full passes, a fixed-length hole, no "
                    "end closing, end runs or min_tokens"))

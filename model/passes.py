@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from model import fast_step
+from model.block import block_pass
 from model.hole import ContextCache, HoleState
 from model.loader import LoadedModel
 from model.options import InfillOptions
@@ -182,7 +183,7 @@ def _scored_step(model: LoadedModel, states: Sequence[HoleState]) -> Scored | No
     the hole step's CUDA graph (the graph head, DIFFUSION_LSP_GRAPH_HEAD): the one host sync
     is the (2, n) copy of tokens and confidences. None where that does not apply (several
     holes, a full or partial pass, random draws, guidance, the switch off)."""
-    if len(states) != 1:
+    if len(states) != 1 or states[0].blockwise:
         return None
     state, on = states[0], fast_step.switches(model)
     options = state.options
@@ -221,10 +222,13 @@ def forward_holes(model: LoadedModel, states: Sequence[HoleState],
     """
     if scored and (step := _scored_step(model, states)) is not None:
         return [step]
-    full = [i for i, s in enumerate(states) if needs_full_pass(s)]
+    hidden: dict[int, torch.Tensor] = {}
+    for i, state in enumerate(states):  # block diffusion: the block against its exact cache
+        if state.blockwise:
+            hidden[i] = block_pass(model, state)
+    full = [i for i, s in enumerate(states) if i not in hidden and needs_full_pass(s)]
     guided = [i for i, s in enumerate(states) if s.options.cfg_scale > 0]
     twins = [unconditioned(model, states[i]) for i in guided]
-    hidden: dict[int, torch.Tensor] = {}
     for i in full:  # a first pass that reuses its document's context (model.prompt_cache)
         if states[i].reuse is not None and states[i].context is None:
             hidden[i] = states[i].reuse.run(model, states[i])

@@ -21,6 +21,11 @@ move and the ones next to it are recomputed. `max_reuses` bounds the drift: afte
 partial passes a document's context is computed from scratch again. `diffusion-lsp bench typing`
 (benchmarks/typing_latency.py) measures what it changes in the output.
 
+Block diffusion (`model.block`) has no approximation to bound: a row depends only on its own
+block and the blocks before it, so a document's prompt rows are reused as long as their tokens
+are unchanged, whole chunks of `model.block.WRITE_CHUNK` tokens at a time, and a keystroke's
+completion is the one computed from scratch (`BlockContext`).
+
 Memory: the cache is an LRU over documents, bounded by `max_documents` and `max_bytes`; a
 document's entry is its context's keys and values (2 x layers x kv_heads x head_dim x tokens).
 """
@@ -35,6 +40,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half  # RoPE's, as the network's
 
 from model import fast_step
+from model.block import WRITE_CHUNK, BlockCache
 from model.hole import ContextCache, HoleState
 from model.loader import LoadedModel
 from model.passes import logit_positions, window
@@ -55,6 +61,20 @@ class DocumentContext:
     suffix_start: int  # sequence position of suffix_ids[0]
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, kv_heads, P + S, head_dim)
     reuses: int = 0  # partial passes since these rows were last computed from scratch
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for k, v in self.layers)
+
+
+@dataclass
+class BlockContext:
+    """A block-diffusion document's prompt rows (`model.block`): exact, since under the
+    block-causal mask a row depends only on the tokens of its block and the blocks before."""
+
+    ids: list[int]  # the prompt tokens they were computed from
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, kv_heads, len(ids), head_dim)
 
     @property
     def nbytes(self) -> int:
@@ -163,7 +183,7 @@ class PromptCache:
         self.max_documents = max_documents
         self.max_bytes = max_bytes
         self.max_reuses = max_reuses
-        self._entries: OrderedDict[str, DocumentContext] = OrderedDict()
+        self._entries: OrderedDict[str, DocumentContext | BlockContext] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -178,7 +198,8 @@ class PromptCache:
     def lookup(self, model: LoadedModel, document: str, state: HoleState) -> Reuse | None:
         """What `state` (a new hole in `document`) can reuse; None: run a full pass."""
         entry = self._entries.get(document)
-        if entry is None or not state.options.caches_context:
+        if (not isinstance(entry, DocumentContext) or not state.options.caches_context
+                or state.blockwise):
             return None
         self._entries.move_to_end(document)
         if entry.reuses >= self.max_reuses:
@@ -190,12 +211,32 @@ class PromptCache:
 
     def attach(self, model: LoadedModel, document: str | None, state: HoleState) -> None:
         """Give a new hole of `document` what it can reuse (its first pass runs it)."""
-        if document is not None:
+        if document is None:
+            return
+        if state.blockwise:
+            self._attach_rows(document, state)
+        else:
             state.reuse = self.lookup(model, document, state)
+
+    def _attach_rows(self, document: str, state: HoleState) -> None:
+        """A block-diffusion hole (`model.block`) starts from the document's exact prompt rows
+        that still hold: those of the chunks its prompt shares whole with the last one."""
+        entry = self._entries.get(document)
+        if not isinstance(entry, BlockContext) or not state.options.caches_context:
+            return
+        self._entries.move_to_end(document)
+        shared = common_prefix(entry.ids, state.prefix_ids) // WRITE_CHUNK * WRITE_CHUNK
+        if shared:
+            state.committed = BlockCache(
+                [(k[..., :shared, :], v[..., :shared, :]) for k, v in entry.layers], shared)
+            state.reused_tokens = shared
 
     def store(self, model: LoadedModel, document: str, state: HoleState) -> None:
         """Keep the context rows of `state`'s first pass as `document`'s; evict down to the
         bounds (least recently used first)."""
+        if state.blockwise:
+            self._store_rows(document, state)
+            return
         if state.context is None:
             return
         start, end = window(state, model.family.shifted_logits)
@@ -203,6 +244,20 @@ class PromptCache:
         reuses = reuse.entry.reuses + 1 if isinstance(reuse, Reuse) else 0
         self._entries[document] = DocumentContext(
             state.prefix_ids[:start], list(state.suffix_ids), end, state.context.layers, reuses)
+        self._keep(document)
+
+    def _store_rows(self, document: str, state: HoleState) -> None:
+        """Keep a block-diffusion hole's exact rows of its prompt's whole chunks."""
+        rows = state.committed
+        length = min(rows.length, state.hole_start) // WRITE_CHUNK * WRITE_CHUNK if rows else 0
+        if not length or not state.options.caches_context:
+            return
+        self._entries[document] = BlockContext(
+            state.prefix_ids[:length],
+            [(k[..., :length, :], v[..., :length, :]) for k, v in rows.layers])
+        self._keep(document)
+
+    def _keep(self, document: str) -> None:
         self._entries.move_to_end(document)
         while self._entries and (len(self._entries) > self.max_documents
                                  or self.nbytes > self.max_bytes):

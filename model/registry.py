@@ -44,6 +44,13 @@ SUPPORTED_MODELS: tuple[SupportedModel, ...] = (
                    16.0, GPU_24GB, "hub: 6 shards"),
     SupportedModel("LLaDA-8B-Instruct", "GSAI-ML/LLaDA-8B-Instruct", "llada",
                    16.0, GPU_24GB, "hub: 6 shards"),
+    # Seed-Coder-8B's shape (8.25B parameters: 32 layers, hidden 4096, 155136 rows) in bf16
+    SupportedModel("Stable-DiffCoder-8B-Base", "ByteDance-Seed/Stable-DiffCoder-8B-Base",
+                   "stable-diffcoder", 16.5, GPU_24GB,
+                   "Seed-Coder-8B shape in bf16; block diffusion, exact cache"),
+    SupportedModel("Stable-DiffCoder-8B-Instruct", "ByteDance-Seed/Stable-DiffCoder-8B-Instruct",
+                   "stable-diffcoder", 16.5, GPU_24GB,
+                   "Seed-Coder-8B shape in bf16; block diffusion, exact cache"),
 )
 
 

@@ -5,6 +5,9 @@ The hole starts as `n` mask tokens. Each step is one forward pass (`model.passes
 budget `model.schedules`), and a committed token never changes; the hole closes, grows or is
 edited as its tokens say (`model.hole`). Options: `model.options`.
 
+A block-diffusion family (`model.block`) runs the same steps on a hole after its prompt,
+one block at a time against an exact cache; `generate_exact` is its published sampler.
+
 The functions are pure over a `HoleState`; `forward_holes` runs the network for any number of
 states at once, so the single-request loop (`infill`) and the engine's batched loop share one
 step function (`apply_step`). The names of the pieces are importable from here too.
@@ -12,12 +15,14 @@ step function (`apply_step`). The names of the pieces are importable from here t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from model import block
 from model.hole import (
     NEWLINE,
     ContextCache,
@@ -85,9 +90,11 @@ __all__ = [
     "ContextCache", "Head", "HoleState", "Infill", "InfillOptions", "Rule", "Scored",
     "StepTrace", "_full_pass", "_hole_pass", "advance_schedule", "apply_step",
     "ban_early_ends", "block_span", "check_finished", "close_hole", "denoise_step",
-    "edit_hole", "encode", "filter_logits", "final_text", "forward_holes", "guide",
+    "edit_hole", "encode", "filter_logits", "final_text", "forward_holes", "generate_exact",
+    "guide",
     "gumbel_tokens", "infill", "is_end", "layout_ids", "logit_positions", "needs_full_pass",
-    "new_state", "open_text", "pick", "raw_scores", "result", "sample_and_score", "sampleable",
+    "new_state", "new_state_from_ids", "open_text", "pick", "raw_scores", "result",
+    "sample_and_score", "sampleable",
     "samples_on_host", "score_logits", "select_commits", "step_head", "steps_per_block",
     "text_settled_by_end", "timesteps", "transfer_count", "transfer_fraction", "unconditioned",
     "uniform_counts", "unit_scores", "window", "with_end_runs",
@@ -96,7 +103,23 @@ __all__ = [
 
 def new_state(model: LoadedModel, prefix: str, suffix: str, options: InfillOptions) -> HoleState:
     prefix_ids, suffix_ids = layout_ids(model, prefix, suffix)
-    n = options.first_length
+    return new_state_from_ids(model, prefix_ids, suffix_ids, options)
+
+
+def new_state_from_ids(model: LoadedModel, prefix_ids: list[int], suffix_ids: list[int],
+                       options: InfillOptions) -> HoleState:
+    """A hole between token ids laid out already. A block-diffusion family's hole
+    (`model.block`) starts one block long: the first block ends where the prompt's aligned
+    block does, and the hole grows a block at a time."""
+    n, offset = options.first_length, None
+    if model.family.block_length:
+        if suffix_ids:
+            raise ValueError(f"family {model.family.name} denoises blocks after its prompt: "
+                             "nothing may follow the hole (give it a FIM layout)")
+        options = dataclasses.replace(
+            options, block_length=options.block_length or model.family.block_length)
+        offset = len(prefix_ids) % options.block_length
+        n = min(options.block_length - offset, options.max_tokens)
     state = HoleState(
         prefix_ids=prefix_ids,
         suffix_ids=suffix_ids,
@@ -105,6 +128,7 @@ def new_state(model: LoadedModel, prefix: str, suffix: str, options: InfillOptio
         options=options,
         generator=torch.Generator().manual_seed(options.seed),
         expansions_left=options.max_tokens if model.ids.expand is not None else 0,
+        block_offset=offset,
     )
     advance_schedule(state)
     return state
@@ -127,7 +151,8 @@ def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor | Scor
     for index in chosen.tolist():
         position, token = int(masked_positions[index]), int(tokens[index])
         state.hole[position] = token
-        state.masked[position] = False
+        # the references find masks by their id: a mask "committed" stays one (exact mode)
+        state.masked[position] = token == model.ids.mask
         committed.append((position, token))
     state.steps += 1
     for position, token in sorted(committed):
@@ -199,3 +224,56 @@ def infill(
         "total_ms": (time.perf_counter() - started) * 1e3,
     }
     return result(model, state, timings)
+
+
+def generate_exact(model: LoadedModel, input_ids: torch.Tensor | list[int], *,
+                   steps: int = 128, gen_length: int = 128, block_length: int | None = None,
+                   temperature: float = 0.0, remasking: str = "low_confidence",
+                   tokenizer: object = None, mask_id: int | None = None,
+                   threshold: float | None = 0.95, shift: bool = False,
+                   eos_id: int | None = None, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """Stable-DiffCoder's `generate_block` (modeling_stable_diffcoder.py), reproduced token for
+    token and forward for forward on `model.sampler`'s steps: returns the same (1, L) ids (the
+    prompt, then the answer; cut at the end of the block where `eos_id` appeared, every
+    position from that eos on set to it) and the same forward count (`nfe`: denoising forwards
+    plus one write per finished block; the prefill is not counted).
+
+    The keywords are `generate_block`'s (its `tokenizer` is unused there too); `input_ids`:
+    (1, P) or a list; `block_length` defaults to the family's, `mask_id` to its mask; `eos_id`
+    None looks for no end, as the reference does. Sampled runs (`temperature` > 0) draw from a
+    generator seeded with `seed`: the reference's distribution, not its random numbers."""
+    del tokenizer  # generate_block takes it and never reads it
+    if shift:
+        raise ValueError("shift=True (shifted logits) is not Stable-DiffCoder's setting and is "
+                         "not supported")
+    prompt = [int(t) for t in torch.as_tensor(input_ids).reshape(-1).tolist()]
+    block_length = block_length or model.family.block_length
+    if not block_length:
+        raise ValueError(f"family {model.family.name} is not a block-diffusion family")
+    if gen_length % block_length:
+        raise ValueError("gen_length must be a multiple of block_length (generate_block asserts)")
+    if steps % (gen_length // block_length):
+        raise ValueError("steps must be a multiple of gen_length // block_length "
+                         "(generate_block asserts)")
+    options = InfillOptions(
+        max_tokens=gen_length, steps=steps, block_length=block_length,
+        algorithm=remasking, temperature=temperature, exact=True, seed=seed,
+        threshold=threshold if threshold is not None else 0.0,
+        threshold_gates_steps=threshold is not None)
+    ids = dataclasses.replace(model.ids, end_of_hole=eos_id if eos_id is not None else -1,
+                              mask=model.ids.mask if mask_id is None else mask_id)
+    looking = dataclasses.replace(model, ids=ids) if ids != model.ids else model
+    state = new_state_from_ids(looking, prompt, [], options)
+    while not state.finished:
+        denoise_step(looking, [state])
+    eos_cut = state.finish_reason == "end"
+    if not eos_cut:  # the reference writes the last block too
+        block.write(looking, state, state.hole_start + state.hole.numel())
+    answer = state.hole.tolist()
+    if eos_cut:  # the first eos of the last block (the hole ends at a block's end)
+        last = max(0, (len(answer) + state.block_offset - 1) // block_length * block_length
+                   - state.block_offset)
+        first = answer.index(eos_id, last)
+        answer = answer[:first] + [eos_id] * (len(answer) - first)
+    forwards = state.steps + (state.committed.writes if state.committed else 0)
+    return torch.tensor([prompt + answer], dtype=torch.long), forwards

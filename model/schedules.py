@@ -40,10 +40,15 @@ def steps_per_block(options: InfillOptions) -> int | None:
 
 
 def block_span(state: HoleState) -> tuple[int, int]:
-    """[start, end) hole positions of the block being decoded (the whole hole without blocks)."""
+    """[start, end) hole positions of the block being decoded (the whole hole without blocks).
+
+    Blocks of a block-diffusion family are aligned from the prompt's first token, so its
+    first block is `block_offset` positions shorter (it shares an aligned block with the
+    prompt's end)."""
     size = state.options.block_length or state.hole.numel()
-    start = state.block * size
-    return start, min(start + size, state.hole.numel())
+    offset = state.block_offset or 0
+    start = max(0, state.block * size - offset)
+    return start, min((state.block + 1) * size - offset, state.hole.numel())
 
 
 def _block_masks(state: HoleState) -> int:

@@ -170,7 +170,12 @@ def pick(state: HoleState, logits: torch.Tensor | Scored,
     if rule.order == "random":
         raw = torch.rand(candidates.numel(), generator=generator)
     count = transfer_count(state)
-    if count is None:
+    if count is not None and options.threshold_gates_steps:  # the best, and all >= threshold
+        scores = unit_scores(raw, rule.score, vocab)
+        keep = scores >= options.threshold
+        keep[scores.argmax()] = True
+        chosen = keep.nonzero().squeeze(-1)
+    elif count is None:
         chosen = select_commits(unit_scores(raw, rule.score, vocab), options)
     else:
         count = min(count, candidates.numel())

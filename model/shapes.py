@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from model.families import DREAM
+from model.families import DREAM, STABLE_DIFFCODER, Family
 from model.loader import (
     BUNDLED_DIR,
     TOKENIZER_FILE,
@@ -42,7 +42,19 @@ SHAPES = {
                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
                    "max_position_embeddings": 2048, "rope_theta": 1000000.0},
 }
-CPU_SHAPES = ("qwen2.5-0.5b", "tiny-qwen2")  # small enough to run without a GPU
+# block diffusion (`model.block`): Llama-shaped, the stable-diffcoder family
+BLOCK_SHAPES = {
+    # Stable-DiffCoder-8B / Seed-Coder-8B (its config.json)
+    "seed-coder-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 155136,
+                      "max_position_embeddings": 8192, "rope_theta": 500000.0,
+                      "rms_norm_eps": 1e-6},
+    "tiny-seed-coder": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+                        "max_position_embeddings": 2048, "rope_theta": 500000.0},
+}
+CPU_SHAPES = ("qwen2.5-0.5b", "tiny-qwen2", "tiny-seed-coder")  # small enough without a GPU
+TINY_SHAPES = ("tiny-qwen2", "tiny-seed-coder")
 INIT_STD = 0.02  # Qwen2's initializer_range
 
 
@@ -51,24 +63,32 @@ def is_random(name_or_path: object) -> bool:
 
 
 def random_model_of_shape(shape: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """A `dream`-family model of a published shape with random weights, made on `device` in
-    `dtype` (auto: bf16 on CUDA; on a CPU what `model.cpu` measured fastest)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A `dream`-family model of a published shape with random weights (a `stable-diffcoder`
+    one for the BLOCK_SHAPES), made on `device` in `dtype` (auto: bf16 on CUDA; on a CPU what
+    `model.cpu` measured fastest)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    if shape not in SHAPES:
-        raise ModelLoadError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    if shape not in SHAPES and shape not in BLOCK_SHAPES:
+        raise ModelLoadError(f"unknown shape {shape!r}; known: "
+                             f"{', '.join([*SHAPES, *BLOCK_SHAPES])}")
     torch_device = pick_device(device)
     if torch_device.type != "cuda" and shape not in CPU_SHAPES:
         raise ModelLoadError(f"shape {shape} needs a CUDA GPU (its bf16 weights take many GB)")
-    config = Qwen2Config(**{"tie_word_embeddings": False, **SHAPES[shape]})
+    block = shape in BLOCK_SHAPES
+    family = STABLE_DIFFCODER if block else DREAM
+    config_class, network_class = ((LlamaConfig, LlamaForCausalLM) if block
+                                   else (Qwen2Config, Qwen2ForCausalLM))
+    config = config_class(**{"tie_word_embeddings": False,
+                             **(BLOCK_SHAPES[shape] if block else SHAPES[shape])})
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
-        network = Qwen2ForCausalLM(config)
+        network = network_class(config)
     torch_dtype = pick_dtype(dtype, torch_device, sum(p.numel() for p in network.parameters()))
     network = random_weights(network, config, torch_device, torch_dtype)
     make_bidirectional(network)
-    tokenizer = shape_tokenizer(shape)
-    return LoadedModel(network, tokenizer, DREAM, resolve_special_ids(tokenizer, DREAM, Path()),
+    tokenizer = shape_tokenizer(shape, family)
+    return LoadedModel(network, tokenizer, family,
+                       resolve_special_ids(tokenizer, family, Path()),
                        torch_device, torch_dtype, Path(f"{RANDOM_PREFIX}{shape}"))
 
 
@@ -95,22 +115,30 @@ def random_weights(network: torch.nn.Module, config, device: torch.device,
     return network.eval()
 
 
-def shape_tokenizer(shape: str):
-    """The tokenizer a random model of `shape` gets: a 400-piece one for the tiny shape (its
+def special_tokens(family: Family) -> list[str]:
+    """The special tokens a random model of `family` needs in its tokenizer."""
+    if family is DREAM:
+        return FAMILY_SPECIAL_TOKENS["dream"]
+    return [t for t in (family.end_of_hole_token, family.mask_token, family.fim_suffix_token,
+                        family.fim_prefix_token, family.fim_middle_token) if t is not None]
+
+
+def shape_tokenizer(shape: str, family: Family = DREAM):
+    """The tokenizer a random model of `shape` gets: a 400-piece one for the tiny shapes (their
     vocabulary has 512 rows), the bundled code BPE for published shapes."""
-    if shape != "tiny-qwen2":
-        return code_tokenizer()
+    if shape not in TINY_SHAPES:
+        return code_tokenizer(family)
     from model.tokenizer import train_tokenizer
 
-    return train_tokenizer([SAMPLE_CODE] * 4, 400, FAMILY_SPECIAL_TOKENS["dream"], 1)
+    return train_tokenizer([SAMPLE_CODE] * 4, 400, special_tokens(family), 1)
 
 
-def code_tokenizer():
-    """The bundled model's code BPE (8,192 pieces) with the dream family's special tokens
-    added: random-weight models of a published shape get contexts of a realistic number of
-    tokens (a real code tokenizer; Qwen2.5's own cannot be downloaded here)."""
+def code_tokenizer(family: Family = DREAM):
+    """The bundled model's code BPE (8,192 pieces) with the family's special tokens added:
+    random-weight models of a published shape get contexts of a realistic number of tokens (a
+    real code tokenizer; Qwen2.5's own cannot be downloaded here)."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(BUNDLED_DIR / TOKENIZER_FILE))
-    tokenizer.add_special_tokens(FAMILY_SPECIAL_TOKENS["dream"])
+    tokenizer.add_special_tokens(special_tokens(family))
     return tokenizer

@@ -54,6 +54,11 @@ def test_the_gpu_check_runs_through_on_the_cpu(tmp_path):
     assert {"p50_ms", "p95_ms", "single_p50_ms"} <= result["concurrent16"].keys()
     assert result["lsp_typing_p50_ms"] > 0 and result["lsp"]["answered"] >= 1
     assert result["profile"]["hole_step"] and result["profile"]["full_pass"]
+    block = result["block8b"]  # the 8B block-diffusion shape (tiny here), beside Dream 7B
+    assert block["shape"] == "tiny-seed-coder" and block["block_length"] == 4
+    assert block["tokens"] == 64 and block["ms_per_step"] > 0 and block["tokens_per_s"] > 0
+    assert block["steps"] == 64 and block["write_forwards"] >= 64 // 4  # a write a block
+    assert block["dream7b_at_1"]["tokens_per_s"] > 0 and block["bytes_per_step"] > 0
     returned = sorted(p.name for p in out.iterdir())
     assert len(returned) <= RETURNED_FILES, returned
     assert "ckpt-last.pt.part00" in returned and "check.log" in returned, log[-3000:]

@@ -316,6 +316,10 @@ def test_cli_pull_then_models(standin, capsys):
     assert rows["apple/DiffuCoder-7B-cpGRPO"]["state"] == "ready"
     assert rows["apple/DiffuCoder-7B-cpGRPO"]["path"] == str(snapshot)
     assert rows["Dream-org/DreamOn-v0-7B"]["state"] == "absent"
+    for name in ("Base", "Instruct"):  # the block-diffusion family, with size and hardware
+        row = rows[f"ByteDance-Seed/Stable-DiffCoder-8B-{name}"]
+        assert row["name"] == f"Stable-DiffCoder-8B-{name}" and row["family"] == "stable-diffcoder"
+        assert row["size"] == "16.5 GB" and row["hardware"].startswith("GPU with >= 24 GB")
 
     assert main(["models"]) == 0
     table = capsys.readouterr().out

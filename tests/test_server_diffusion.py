@@ -4,6 +4,7 @@ live previews of a hole denoising, and several holes filled at once by a code ac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import pytest_asyncio
@@ -33,11 +34,9 @@ def tiny_dir(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("diffusion-model") / "tiny")
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def client(tiny_dir):
-    settings = {"model": {"path": str(tiny_dir)},
-                # one token a step: a hole takes several steps, so there is something to watch
-                "completion": {"debounceMs": 0, "preview": True, "tokensPerStep": 1}}
+@contextlib.asynccontextmanager
+async def previewing_server(settings: dict):
+    """The server with `settings`, its client keeping every preview in `client.previews`."""
     async with running_server(settings) as client:
         client.previews = []
 
@@ -45,6 +44,15 @@ async def client(tiny_dir):
         def on_preview(params) -> None:
             client.previews.append(plain(params))
 
+        yield client
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(tiny_dir):
+    settings = {"model": {"path": str(tiny_dir)},
+                # one token a step: a hole takes several steps, so there is something to watch
+                "completion": {"debounceMs": 0, "preview": True, "tokensPerStep": 1}}
+    async with previewing_server(settings) as client:
         yield client
 
 

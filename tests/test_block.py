@@ -1,0 +1,196 @@
+"""Block diffusion (Stable-DiffCoder): a tiny checkpoint in the published format, loaded by the
+project's loader, against the published sampler (`tests.stable_diffcoder_reference`): the same
+logits under the block-causal mask, the same ids and forward count in exact mode, and FIM
+infilling on the sampler core with an exact cache across keystrokes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.block import WRITE_CHUNK, BlockCache, block_causal_mask, run_rows
+from model.loader import load_model
+from model.prompt_cache import PromptCache
+from model.sampler import InfillOptions, generate_exact, infill, layout_ids, new_state
+
+from .fixtures_block import EOS, MASK, official_model, write_stable_diffcoder
+from .test_families import one_thread  # noqa: F401 - autouse: tiny matmuls on one thread
+
+PREFIX = "def add(a, b):\n    return "
+SUFFIX = "\n\nprint(add(1, 2))\n"
+# (eos row scale, scale of every output row): plain random, ends often, sharp (the threshold
+# commits several positions a step) and both
+VARIANTS = {"plain": (1.0, 1.0), "ends": (8.0, 1.0), "sharp": (1.0, 60.0),
+            "sharp-ends": (6.0, 40.0)}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("stable-diffcoder")
+    return {name: write_stable_diffcoder(root / name, eos_boost=boost)
+            for name, (boost, _) in VARIANTS.items()}
+
+
+def sharpened(network: torch.nn.Module, scale: float) -> None:
+    with torch.no_grad():
+        network.lm_head.weight *= scale
+
+
+@pytest.fixture(scope="module")
+def pairs(checkpoints) -> dict:
+    """(ours, official) per variant, float32."""
+    out = {}
+    for name, path in checkpoints.items():
+        ours, official = load_model(path, device="cpu", dtype="float32"), official_model(path)
+        sharpened(ours.network, VARIANTS[name][1])
+        sharpened(official, VARIANTS[name][1])
+        out[name] = (ours, official)
+    return out
+
+
+def test_the_published_checkpoint_loads_as_stable_diffcoder(pairs):
+    model, _ = pairs["plain"]
+    assert model.family.name == "stable-diffcoder"
+    assert type(model.network).__name__ == "LlamaForCausalLM"  # stock class, no remote code
+    assert (model.ids.mask, model.ids.end_of_hole) == (MASK, EOS)
+    assert model.family.block_length == 4 and not model.family.shifted_logits
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_logits_match_the_published_class_under_the_block_causal_mask(checkpoints, pairs,
+                                                                       attention):
+    model, _ = pairs["plain"]
+    official = official_model(checkpoints["plain"], attention)
+    ids = torch.randint(10, 300, (1, 23), generator=torch.Generator().manual_seed(1))
+    mask = block_causal_mask(0, 23, 4, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        expected = official(ids, attention_mask=mask).logits[0]
+    hidden, _ = run_rows(model, BlockCache([]), ids[0], 4)
+    with torch.inference_mode():
+        ours = model.network.lm_head(hidden)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    # and the mask matters: causal-across-blocks is not full attention
+    with torch.no_grad():
+        full = official(ids, attention_mask=torch.zeros(1, 1, 23, 23)).logits[0]
+    assert not torch.allclose(full, expected, atol=1e-3)
+
+
+def test_a_block_run_against_the_cache_matches_the_whole_sequence(pairs):
+    """The exact cache: rows computed block by block equal the rows of one pass."""
+    model, _ = pairs["plain"]
+    ids = torch.randint(10, 300, (20,), generator=torch.Generator().manual_seed(2))
+    whole, _ = run_rows(model, BlockCache([]), ids, 4)
+    _, layers = run_rows(model, BlockCache([]), ids[:8], 4)
+    part, _ = run_rows(model, BlockCache(layers, 8), ids[8:], 4)
+    torch.testing.assert_close(part, whole[8:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("threshold", [None, 0.95])
+@pytest.mark.parametrize("prompt_length", [1, 3, 4, 6, 9])
+def test_exact_mode_is_generate_block_token_for_token_and_forward_for_forward(
+        pairs, variant, threshold, prompt_length):
+    """Block length 4, steps = length, fp32; prompts whose length is and is not a multiple of
+    the block length; eos found or not."""
+    model, official = pairs[variant]
+    prompt = torch.randint(10, 300, (1, prompt_length),
+                           generator=torch.Generator().manual_seed(prompt_length))
+    expected, expected_forwards = official.generate_block(
+        prompt.clone(), steps=16, gen_length=16, block_length=4, threshold=threshold,
+        eos_id=EOS)
+    ids, forwards = generate_exact(model, prompt, gen_length=16, steps=16, block_length=4,
+                                   threshold=threshold, eos_id=EOS)
+    assert ids.tolist() == expected.tolist()
+    assert forwards == expected_forwards
+
+
+def test_exact_mode_covers_ends_and_several_commits(pairs):
+    """The variants reach what they are there for (else the test above proves less)."""
+    prompt = torch.randint(10, 300, (1, 6), generator=torch.Generator().manual_seed(6))
+    ids, _ = generate_exact(pairs["ends"][0], prompt, gen_length=16, steps=16, eos_id=EOS)
+    assert EOS in ids[0].tolist() and ids.shape[1] < 6 + 16
+    _, gated = generate_exact(pairs["sharp-ends"][0], prompt[:, :4], gen_length=16, steps=16,
+                              threshold=0.95, eos_id=EOS)
+    _, counted = generate_exact(pairs["sharp-ends"][0], prompt[:, :4], gen_length=16, steps=16,
+                                threshold=None, eos_id=EOS)
+    assert gated < counted
+
+
+def test_exact_mode_with_fewer_steps_and_no_eos(pairs):
+    model, official = pairs["sharp"]
+    prompt = torch.randint(10, 300, (1, 5), generator=torch.Generator().manual_seed(5))
+    expected, expected_forwards = official.generate_block(
+        prompt.clone(), steps=8, gen_length=16, block_length=4, threshold=None, eos_id=None)
+    ids, forwards = generate_exact(model, prompt, gen_length=16, steps=8, threshold=None)
+    assert (ids.tolist(), forwards) == (expected.tolist(), expected_forwards)
+
+
+def test_generate_blocks_keywords_are_taken_as_they_are(pairs):
+    """The reference's call, keyword for keyword (the card's usage), gives its answer."""
+    model, official = pairs["ends"]
+    prompt = torch.randint(10, 300, (1, 7), generator=torch.Generator().manual_seed(7))
+    settings = {"steps": 16, "gen_length": 16, "block_length": 4, "temperature": 0.0,
+                "remasking": "low_confidence", "mask_id": MASK, "threshold": None,
+                "eos_id": EOS}
+    expected = official.generate_block(prompt.clone(), **settings)
+    got = generate_exact(model, prompt, tokenizer=model.tokenizer, shift=False, **settings)
+    assert (got[0].tolist(), got[1]) == (expected[0].tolist(), expected[1])
+    with pytest.raises(ValueError, match="shift"):
+        generate_exact(model, prompt, shift=True, **settings)
+
+
+def test_a_tokenizer_without_fim_tokens_loads_for_exact_mode(tmp_path):
+    model = load_model(write_stable_diffcoder(tmp_path / "m", fim=False), device="cpu",
+                       dtype="float32")
+    assert model.family.name == "stable-diffcoder" and model.ids.fim is None
+    ids, forwards = generate_exact(model, [11, 12, 13], gen_length=8, steps=8, eos_id=EOS)
+    assert ids.shape[1] <= 3 + 8 and forwards > 0
+    with pytest.raises(ValueError, match="FIM tokens"):
+        infill(model, PREFIX, SUFFIX)
+
+
+def test_fim_layout_is_suffix_first(pairs):
+    model, _ = pairs["plain"]
+    prefix_ids, suffix_ids = layout_ids(model, PREFIX, SUFFIX)
+    fim = model.ids.fim
+    encode = model.tokenizer.encode
+    assert prefix_ids == [fim.suffix, *encode(SUFFIX, add_special_tokens=False).ids, fim.prefix,
+                          *encode(PREFIX, add_special_tokens=False).ids, fim.middle]
+    assert suffix_ids == []
+
+
+def test_a_fim_hole_fills_block_by_block_and_ends_at_eos(pairs):
+    model, _ = pairs["ends"]
+    options = InfillOptions(max_tokens=24, threshold=0.95)
+    state = new_state(model, PREFIX, SUFFIX, options)
+    assert state.hole.numel() == 4 - state.hole_start % 4  # the first block completes the prompt's
+    holes = []
+    result = infill(model, PREFIX, SUFFIX, options,
+                    on_step=lambda s: holes.append(s.hole.numel()))
+    assert holes == sorted(holes)  # blocks fill left to right, the hole grows a block at a time
+    assert result.finish_reason in ("end", "max_tokens")
+    assert "<[" not in result.text
+
+
+def long_document(lines: int) -> tuple[str, str]:
+    body = "".join(f"value_{i} = compute({i}, {i + 1})\n" for i in range(lines))
+    return body + "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n" + body
+
+
+@pytest.mark.parametrize("variant", ["plain", "ends"])
+def test_completions_with_and_without_the_prompt_cache_are_identical(pairs, variant):
+    """Across keystrokes the unchanged start of the prompt is reused, exactly: each keystroke's
+    completion is the one computed from scratch (unlike the full-canvas families)."""
+    model, _ = pairs[variant]
+    prefix, suffix = long_document(60)
+    cache = PromptCache()
+    options = InfillOptions(max_tokens=12, threshold=0.95)
+    typed = ["", "a", "a +", "a + b"]
+    reused = []
+    for text in typed:
+        cached = infill(model, prefix + text, suffix, options, cache=cache, document="doc")
+        fresh = infill(model, prefix + text, suffix, options)
+        assert cached.text == fresh.text
+        assert [s.committed for s in cached.trace] == [s.committed for s in fresh.trace]
+        reused.append(cached.reused_tokens)
+    assert reused[0] == 0 and min(reused[1:]) >= WRITE_CHUNK

@@ -1,0 +1,84 @@
+"""A block-diffusion family over LSP, end to end: the real server process (pygls' client) on a
+tiny Stable-DiffCoder checkpoint in its published format: completions with previews filling
+blocks left to right, typing along (the exact prompt cache), several holes, next edits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import pytest_asyncio
+
+from benchmarks.lsp_client import edit, inline, open_document, stats
+from tests.edit_standin import SOURCE as EDIT_SOURCE
+from tests.test_server_diffusion import HOLES, actions, apply, previewing_server
+from tests.test_server_next_edit import inline_edit
+
+from .fixtures_block import write_stable_diffcoder
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+SOURCE = "def add(a, b):\n    return \n\n\nprint(add(1, 2))\n"
+
+
+@pytest.fixture(scope="module")
+def block_dir(tmp_path_factory):
+    return write_stable_diffcoder(tmp_path_factory.mktemp("stable-diffcoder") / "m",
+                                  eos_boost=4.0)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(block_dir):
+    settings = {"model": {"path": str(block_dir), "device": "cpu"},
+                "completion": {"debounceMs": 0, "preview": True, "maxTokens": 12}}
+    async with previewing_server(settings) as client:
+        yield client
+
+
+async def test_completions_and_previews_fill_blocks_left_to_right(client):
+    uri = "untitled:block.py"
+    open_document(client, uri, SOURCE, version=1)
+    result = await inline(client, uri, 1, 11)
+    seen = [p for p in client.previews if p["textDocument"]["uri"] == uri]
+    answer = result.items[0].insert_text if result.items else ""
+    assert "<[" not in answer  # no special token of Seed-Coder's in a completion
+    assert seen and seen[-1]["done"] is True and seen[-1]["text"] == answer
+    steps = [p["step"] for p in seen]
+    assert steps == sorted(set(steps))
+    snapshot = await stats(client)
+    assert snapshot["state"] == "ready" and snapshot["errors"] == 0
+
+
+async def test_typing_along_keeps_serving(client):
+    uri = "untitled:typing.py"
+    open_document(client, uri, SOURCE, version=1)
+    await inline(client, uri, 1, 11)
+    edit(client, uri, 2, 1, 11, "a")
+    await inline(client, uri, 1, 12)
+    edit(client, uri, 3, 1, 12, " +")
+    await inline(client, uri, 1, 14)
+    snapshot = await stats(client)
+    assert snapshot["state"] == "ready" and snapshot["errors"] == 0
+
+
+async def test_several_holes_are_filled_in_turn(client):
+    uri = "untitled:block-holes.py"
+    open_document(client, uri, HOLES, version=3)
+    (action,) = await actions(client, uri, (2, 9), (2, 9))
+    resolved = await client.code_action_resolve_async(action)
+    edits = resolved.edit.changes[uri]
+    assert len(edits) == 2
+    filled = apply(HOLES, edits)
+    assert "..." not in filled and "TODO" not in filled and "<[" not in filled
+    assert filled.endswith("    return result\n")
+
+
+async def test_next_edits_answer(client):
+    uri = "untitled:block-edit.py"
+    open_document(client, uri, EDIT_SOURCE)
+    edit(client, uri, 2, 0, 10, "", end=(0, 14))
+    await asyncio.sleep(0.2)
+    edits = await inline_edit(client, uri, 2, 0, 10)
+    assert isinstance(edits, list)
+    assert all("<[" not in item["text"] for item in edits)
+    assert (await stats(client))["errors"] == 0
