@@ -80,11 +80,12 @@ vim.api.nvim_create_autocmd("VimEnter", { callback = function()
       local mode = vim.api.nvim_get_mode().mode
       vim.cmd("stopinsert")
       vim.cmd("write! " .. vim.fn.fnameescape(vim.fn.getcwd() .. "/out.py"))
-      local doctor = plugin.doctor()  -- what :DiffusionLsp status shows, from the server
-      vim.cmd("checkhealth diffusion_lsp")
-      local health = vim.api.nvim_buf_get_lines(0, 0, -1, false)
-      finish({ shown = shown, item = item, lines = after, mode = mode, waited_ms = waited_ms,
-               health = health, status = plugin.last_status, doctor = doctor })
+      plugin.doctor(function(doctor)  -- what :DiffusionLsp status shows, from the server
+        vim.cmd("checkhealth diffusion_lsp")
+        local health = vim.api.nvim_buf_get_lines(0, 0, -1, false)
+        finish({ shown = shown, item = item, lines = after, mode = mode, waited_ms = waited_ms,
+                 health = health, status = plugin.last_status, doctor = doctor })
+      end)
     end)
   end)
 end })
@@ -121,8 +122,10 @@ plugin.setup({ cmd = { @python@, "-m", "diffusion_lsp", "serve" }, filetypes = {
 vim.api.nvim_create_autocmd("VimEnter", { callback = function()
   local notified = {}
   vim.notify = function(message, level) notified[#notified + 1] = message end
-  vim.cmd("DiffusionLsp status")
-  finish({ clients = #plugin.clients(), notified = notified })
+  vim.cmd("DiffusionLsp status")  -- the doctor runs in the background
+  poll(function() return notified[1] end, function()
+    finish({ clients = #plugin.clients(), notified = notified })
+  end)
 end })
 """, deadline=DEADLINE_MS, python=json.dumps(sys.executable))
     result = run_nvim(nvim, tmp_path, init, "just text\n", name="notes.txt")
