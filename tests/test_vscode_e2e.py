@@ -66,6 +66,30 @@ def test_ghost_text_from_the_server_in_real_vscode(code_server, tmp_path):
 
 
 @pytest.mark.slow
+def test_previews_leave_nothing_behind_in_real_vscode(code_server, tmp_path):
+    """Escape while the hole denoises takes its preview at once; so does a cursor move to
+    another line (no stale ghost-styled line); a preview left to finish is never blank between
+    its steps (sampled every animation frame): editors/vscode/e2e/preview-test.js."""
+    shot = tmp_path / "vscode-preview.png"
+    # one token a step over a long hole: the preview lasts long enough to press keys during it
+    settings = {"diffusionLsp.completion.tokensPerStep": 1,
+                "diffusionLsp.completion.maxTokensSingleLine": 48,
+                "diffusionLsp.completion.maxTokens": 48}
+    env = {**os.environ, "SHOT": str(shot), "MODEL": "tiny", "SCRIPT": "preview-test.js",
+           "SETTINGS": json.dumps(settings)}
+    run = subprocess.run(["bash", str(E2E / "run.sh")], capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT_S, env=env, check=False)
+    output = run.stdout + run.stderr
+    line = next((row for row in run.stdout.splitlines() if row.startswith("RESULT ")), None)
+    assert line is not None, output[-4000:]
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["afterEscape"] == [] and result["afterEscapeLater"] == [], result
+    assert result["afterMove"] == [] and result["afterMoveLater"] == [], result
+    assert result["previewFrames"] > 0 and result["blankFrames"] == 0, result
+    assert run.returncode == 0, output[-4000:]
+
+
+@pytest.mark.slow
 def test_next_edits_in_real_vscode(code_server, tmp_path):
     """A rename in real VS Code: the server's suggestion (from an Inception-shaped stand-in,
     tests/test_server_next_edit.py) is decorated, Tab jumps to it, Tab applies it, Escape
