@@ -96,3 +96,28 @@ local function changed(before)
   end
 end
 """
+
+# A language server inside Neovim (vim.lsp.start takes a function as cmd), for tests that need
+# no model: `fake_lsp(capabilities, handle)` is a cmd whose server answers `initialize` with
+# `capabilities` and every other request with `handle(method, params, callback, dispatchers)`.
+FAKE_LSP = """
+local function fake_lsp(capabilities, handle)
+  return function(dispatchers)
+    local closing, id = false, 0
+    return {
+      request = function(method, params, callback)
+        id = id + 1
+        if method == "initialize" then
+          callback(nil, { capabilities = capabilities })
+        else
+          handle(method, params, callback, dispatchers)
+        end
+        return true, id
+      end,
+      notify = function() return true end,
+      is_closing = function() return closing end,
+      terminate = function() closing = true end,
+    }
+  end
+end
+"""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.neovim_helpers import DEADLINE_MS, DRIVER, fill, run_nvim
+from tests.neovim_helpers import DEADLINE_MS, DRIVER, FAKE_LSP, fill, run_nvim
 
 HOLE = (
     "def fibonacci(n):\n"
@@ -189,31 +189,19 @@ end })
 # inlineCompletion with `x, y)` + a second line, replacing the `)` after the cursor, to check how
 # the client draws items, applies ranges, accepts part of an item and follows typing, without a
 # model.
-FAKE_SERVER = """
-local function fake_server(dispatchers)
-  local closing, id = false, 0
-  return {
-    request = function(method, params, callback)
-      id = id + 1
-      if method == "initialize" then
-        callback(nil, { capabilities = { inlineCompletionProvider = true,
-                                         textDocumentSync = 1 } })
-      elseif method == "textDocument/inlineCompletion" then
-        local p = params.position
-        callback(nil, { items = { {
-          insertText = "x, y)\\n# done",
-          range = { start = p, ["end"] = { line = p.line, character = p.character + 1 } },
-        } } })
-      else
-        callback(nil, nil)
-      end
-      return true, id
-    end,
-    notify = function() return true end,
-    is_closing = function() return closing end,
-    terminate = function() closing = true end,
-  }
-end
+FAKE_SERVER = FAKE_LSP + """
+local fake_server = fake_lsp({ inlineCompletionProvider = true, textDocumentSync = 1 },
+  function(method, params, callback)
+    if method == "textDocument/inlineCompletion" then
+      local p = params.position
+      callback(nil, { items = { {
+        insertText = "x, y)\\n# done",
+        range = { start = p, ["end"] = { line = p.line, character = p.character + 1 } },
+      } } })
+    else
+      callback(nil, nil)
+    end
+  end)
 local function marks()
   local ns = vim.api.nvim_get_namespaces()["diffusion_lsp.ghost"]
   local found = vim.api.nvim_buf_get_extmarks(0, ns, 0, -1, { details = true })

@@ -17,7 +17,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from tests.neovim_helpers import DRIVER, PLUGIN, fill, run_nvim
+from tests.neovim_helpers import DRIVER, FAKE_LSP, PLUGIN, fill, run_nvim
 
 PYTHON_FILE = "if ready:\n    value = 1\n"
 
@@ -91,51 +91,40 @@ def test_the_venv_of_the_plugins_repository_is_found_and_a_failing_server_said_o
     check_quiet(result, "quit before it started (exit code 3)")
 
 
-# A fake server inside Neovim (vim.lsp.start takes a function as cmd). Completions: while
+# A fake server inside Neovim (FAKE_LSP). Completions: while
 # `vim.g.hold` is set it sends live previews of the hole and does not answer (denoising), else
 # it answers at once without previews (a type-along cache hit). Next edits: while
 # `vim.g.offer_edit` is set, one edit on the first line.
-FAKE = """
-local function fake_server(dispatchers)
-  local closing, id = false, 0
-  return {
-    request = function(method, params, callback)
-      id = id + 1
-      if method == "initialize" then
-        callback(nil, { capabilities = { inlineCompletionProvider = true, textDocumentSync = 1 } })
-      elseif method == "textDocument/inlineCompletion" then
-        if vim.g.hold then
-          local bufnr = vim.uri_to_bufnr(params.textDocument.uri)
-          local function preview(step)
-            dispatchers.notification("diffusion/preview", {
-              textDocument = { uri = params.textDocument.uri,
-                               version = vim.lsp.util.buf_versions[bufnr] },
-              position = params.position, step = step, steps = 4, done = false,
-              text = ("ab"):sub(1, step) .. ("\\226\\150\\145"):rep(4 - step) })
-          end
-          vim.defer_fn(function() preview(1) end, 10)
-          vim.defer_fn(function() preview(2) end, 300)  -- after a dismissal: must stay away
-        else
-          vim.schedule(function() callback(nil, { items = { { insertText = "cached" } } }) end)
+FAKE = FAKE_LSP + """
+local fake_server = fake_lsp({ inlineCompletionProvider = true, textDocumentSync = 1 },
+  function(method, params, callback, dispatchers)
+    if method == "textDocument/inlineCompletion" then
+      if vim.g.hold then
+        local bufnr = vim.uri_to_bufnr(params.textDocument.uri)
+        local function preview(step)
+          dispatchers.notification("diffusion/preview", {
+            textDocument = { uri = params.textDocument.uri,
+                             version = vim.lsp.util.buf_versions[bufnr] },
+            position = params.position, step = step, steps = 4, done = false,
+            text = ("ab"):sub(1, step) .. ("\\226\\150\\145"):rep(4 - step) })
         end
-      elseif method == "textDocument/copilotInlineEdit" then
-        local edits = {}
-        if vim.g.offer_edit then
-          edits = { { text = "if done:", textDocument = params.textDocument,
-                      range = { start = { line = 0, character = 0 },
-                                ["end"] = { line = 0, character = 9 } } } }
-        end
-        vim.schedule(function() callback(nil, { edits = edits }) end)
+        vim.defer_fn(function() preview(1) end, 10)
+        vim.defer_fn(function() preview(2) end, 300)  -- after a dismissal: must stay away
       else
-        vim.schedule(function() callback(nil, nil) end)
+        vim.schedule(function() callback(nil, { items = { { insertText = "cached" } } }) end)
       end
-      return true, id
-    end,
-    notify = function() return true end,
-    is_closing = function() return closing end,
-    terminate = function() closing = true end,
-  }
-end
+    elseif method == "textDocument/copilotInlineEdit" then
+      local edits = {}
+      if vim.g.offer_edit then
+        edits = { { text = "if done:", textDocument = params.textDocument,
+                    range = { start = { line = 0, character = 0 },
+                              ["end"] = { line = 0, character = 9 } } } }
+      end
+      vim.schedule(function() callback(nil, { edits = edits }) end)
+    else
+      vim.schedule(function() callback(nil, nil) end)
+    end
+  end)
 local plugin = require("diffusion_lsp")
 local preview_ns = require("diffusion_lsp.preview").ns
 local function previews() return #vim.api.nvim_buf_get_extmarks(0, preview_ns, 0, -1, {}) end

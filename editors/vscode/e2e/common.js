@@ -86,4 +86,23 @@ async function waitFor(page, check, ms) {
   return null;
 }
 
-module.exports = { DEADLINE_MS, decorations, log, openFile, plain, run, t0, waitFor };
+// The editor's text (what the view lines show, decorations aside).
+async function editorText(page) {
+  return plain(await page.locator(".view-line").allInnerTexts().then((all) => all.join("\n")));
+}
+
+// Open `file` (shapes.py), wait for the server (the status bar item says "ready" once it
+// answers), and rename the parameter `width` to `w` in the signature: next edits follow.
+async function renameWidth(page, file) {
+  const lines = await openFile(page, file);
+  await lines.click();
+  const status = page.locator(".statusbar-item", { hasText: "Diffusion" });
+  await waitFor(page, async () => /sparkle/.test(await status.first().innerHTML().catch(() => "")), 60000);
+  await page.keyboard.press("Control+Home");
+  for (let i = 0; i < 9; i++) await page.keyboard.press("ArrowRight");
+  await page.keyboard.press("Shift+Control+ArrowRight"); // select `width`
+  await page.keyboard.type("w");
+  log("renamed:", JSON.stringify((await editorText(page)).split("\n")[0]));
+}
+
+module.exports = { DEADLINE_MS, decorations, editorText, log, openFile, plain, renameWidth, run, t0, waitFor };

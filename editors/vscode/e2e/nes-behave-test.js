@@ -7,7 +7,7 @@
 const fs = require("node:fs");
 const path = require("node:path");
 
-const { DEADLINE_MS, decorations, log, openFile, plain, run, t0, waitFor } = require("./common");
+const { DEADLINE_MS, decorations, editorText, log, plain, renameWidth, run, t0, waitFor } = require("./common");
 
 const FILE = process.env.FILE || "shapes.py";
 const SHOT = process.env.SHOT || "vscode-nes-behave.png";
@@ -15,16 +15,9 @@ const SAVES_MS = Number(process.env.SAVES_MS || 2000); // several auto-save dela
 
 run(SHOT, "next edits kept through saves, Tab does what is shown, several lines as lines",
     async (page, result) => {
-  const text = async () => plain(await page.locator(".view-line").allInnerTexts().then((all) => all.join("\n")));
+  const text = () => editorText(page);
   const onDisk = () => fs.readFileSync(path.join(process.env.WS, FILE), "utf8");
-  const lines = await openFile(page, FILE);
-  await lines.click();
-  const status = page.locator(".statusbar-item", { hasText: "Diffusion" });
-  await waitFor(page, async () => /sparkle/.test(await status.first().innerHTML().catch(() => "")), 60000);
-  await page.keyboard.press("Control+Home");
-  for (let i = 0; i < 9; i++) await page.keyboard.press("ArrowRight");
-  await page.keyboard.press("Shift+Control+ArrowRight"); // select `width`
-  await page.keyboard.type("w");
+  await renameWidth(page, FILE);
 
   const shownWithHint = async () => {
     const seen = await page.evaluate(decorations);

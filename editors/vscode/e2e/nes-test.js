@@ -3,23 +3,14 @@
 // through, "Tab" after it), screenshot, Tab jumps to it, Tab applies it; the next suggestion is
 // dismissed with Escape (then Tab is a plain Tab again).
 // Usage: PORT=18081 WS=/path/to/folder FILE=shapes.py SHOT=out.png node nes-test.js
-const { DEADLINE_MS, decorations, log, openFile, plain, run, t0, waitFor } = require("./common");
+const { DEADLINE_MS, decorations, editorText, log, plain, renameWidth, run, t0, waitFor } = require("./common");
 
 const FILE = process.env.FILE || "shapes.py";
 const SHOT = process.env.SHOT || "vscode-nes.png";
 
 run(SHOT, "next edit shown, jumped to, applied, dismissed", async (page, result) => {
-  const text = async () => plain(await page.locator(".view-line").allInnerTexts().then((all) => all.join("\n")));
-  const lines = await openFile(page, FILE);
-  await lines.click();
-  // Wait for the server (the status bar item says "ready" once it answers).
-  const status = page.locator(".statusbar-item", { hasText: "Diffusion" });
-  await waitFor(page, async () => /sparkle/.test(await status.first().innerHTML().catch(() => "")), 60000);
-  await page.keyboard.press("Control+Home");
-  for (let i = 0; i < 9; i++) await page.keyboard.press("ArrowRight");
-  await page.keyboard.press("Shift+Control+ArrowRight"); // select `width`
-  await page.keyboard.type("w");
-  log("renamed:", JSON.stringify((await text()).split("\n")[0]));
+  const text = () => editorText(page);
+  await renameWidth(page, FILE);
 
   const first = await waitFor(page, async () => {
     const seen = await page.evaluate(decorations);
