@@ -268,15 +268,18 @@ local function on_exit(code, signal, client_id)
   end
   local builtin_line = ("Client %s quit with exit code"):format(NAME)
   local notify = vim.notify
-  vim.notify = function(message, ...)
+  local function swallow_once(message, ...)
     if type(message) == "string" and vim.startswith(message, builtin_line) then
-      vim.notify = notify -- one line swallowed, then the user's own notify again
+      if vim.notify == swallow_once then
+        vim.notify = notify -- one line swallowed, then the user's own notify again
+      end
       return
     end
     return notify(message, ...)
   end
+  vim.notify = swallow_once
   vim.defer_fn(function()
-    if vim.notify ~= notify then vim.notify = notify end
+    if vim.notify == swallow_once then vim.notify = notify end
   end, 1000)
   fail(("diffusion-lsp: the server (%s) quit before it started (exit code %d). :DiffusionLsp log "
     .. "shows why; :DiffusionLsp restart tries again."):format(
