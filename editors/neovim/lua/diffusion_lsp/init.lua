@@ -261,7 +261,7 @@ end
 
 --- The server quit before it answered `initialize` (a broken install, a bad setting): say so
 --- once, in place of Neovim's own "quit with exit code" line, which would repeat per buffer.
-local function on_exit(code, signal, client_id)
+local function on_exit(cmd, code, signal, client_id)
   local client = vim.lsp.get_client_by_id(client_id)
   if (code == 0 and (signal == 0 or signal == 15)) or (client and client.initialized) then
     return
@@ -283,7 +283,7 @@ local function on_exit(code, signal, client_id)
   end, 1000)
   fail(("diffusion-lsp: the server (%s) quit before it started (exit code %d). :DiffusionLsp log "
     .. "shows why; :DiffusionLsp restart tries again."):format(
-    type(M.config.cmd) == "table" and table.concat(M.config.cmd, " ") or "cmd", code))
+    type(cmd) == "table" and table.concat(cmd, " ") or "cmd", code))
 end
 
 --- Start (or reuse) the server for `bufnr` and attach it. Never raises: it runs inside the
@@ -301,7 +301,8 @@ function M.attach(bufnr)
     return nil
   end
   local config = server_config(bufnr)
-  config.cmd, config.on_exit = cmd, on_exit
+  config.cmd = cmd
+  config.on_exit = function(...) on_exit(cmd, ...) end
   local ok, id = pcall(vim.lsp.start, config, { bufnr = bufnr, reuse_client = reuse_client })
   if not ok then
     fail(("diffusion-lsp: the server did not start: %s"):format(tostring(id)))
