@@ -79,8 +79,13 @@ GUARD = ("    if w < 0 or height < 0:\n"
 
 
 def rename_and_guard(prompt: edit_wire.EditPrompt) -> str:
-    """rename_uses, and a guard of two lines before the `return`: a next edit of several
-    lines."""
+    """rename_uses, the docstring first; once it reads `a w by`, the `return` too with a guard
+    of two lines before it: a next edit of several lines (once)."""
+    region = prompt.region
+    if "a width by" in region:
+        return region.replace("a width by", "a w by")
+    if GUARD in region:
+        return region
     return rename_uses(prompt).replace("    return w *", GUARD + "    return w *")
 
 
