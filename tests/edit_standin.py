@@ -74,10 +74,26 @@ def rename_uses(prompt: edit_wire.EditPrompt) -> str:
     return prompt.region.replace("width *", "w *").replace("a width by", "a w by")
 
 
+GUARD = ("    if w < 0 or height < 0:\n"
+         "        raise ValueError(\"a side is negative\")\n")
+
+
+def rename_and_guard(prompt: edit_wire.EditPrompt) -> str:
+    """rename_uses, the docstring first; once it reads `a w by`, the `return` too with a guard
+    of two lines before it: a next edit of several lines (once)."""
+    region = prompt.region
+    if "a width by" in region:
+        return region.replace("a width by", "a w by")
+    if GUARD in region:
+        return region
+    return rename_uses(prompt).replace("    return w *", GUARD + "    return w *")
+
+
 @contextlib.contextmanager
-def standin_in_a_thread() -> Iterator[EditStandIn]:
+def standin_in_a_thread(rewrite: Callable[[edit_wire.EditPrompt], str | None] = rename_uses
+                        ) -> Iterator[EditStandIn]:
     loop = asyncio.new_event_loop()
-    standin = EditStandIn(rewrite=rename_uses)
+    standin = EditStandIn(rewrite=rewrite)
     ready = threading.Event()
 
     def serve() -> None:

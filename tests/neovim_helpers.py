@@ -43,15 +43,17 @@ def fill(template: str, **values) -> str:
     return template
 
 
-def run_nvim(nvim: str, tmp_path: Path, init_lua: str, file_text: str, name: str = "hole.py"
-             ) -> dict:
-    """Run headless Neovim on `file_text` with `init_lua`; returns the JSON the driver wrote."""
+def run_nvim(nvim: str, tmp_path: Path, init_lua: str, file_text: str, name: str = "hole.py",
+             plugin: Path = PLUGIN, path: str | None = None) -> dict:
+    """Run headless Neovim on `file_text` with `init_lua` (the plugin from `plugin`, PATH
+    `path`); returns the JSON the driver wrote."""
     source = tmp_path / name
     source.write_text(file_text)
     init = tmp_path / "init.lua"
     init.write_text(init_lua)
     result = tmp_path / "result.json"
-    env = {**os.environ, "RESULT": str(result), "PLUGIN": str(PLUGIN),
+    env = {**os.environ, "RESULT": str(result), "PLUGIN": str(plugin),
+           "PATH": os.environ.get("PATH", "") if path is None else path,
            "XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_DATA_HOME": str(tmp_path / "data"),
            "XDG_STATE_HOME": str(tmp_path / "state"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     done = subprocess.run([nvim, "--headless", "--clean", "-u", str(init), str(source)],
@@ -91,6 +93,31 @@ local function changed(before)
   return function()
     local now = lines()
     return not vim.deep_equal(now, before) and now or nil
+  end
+end
+"""
+
+# A language server inside Neovim (vim.lsp.start takes a function as cmd), for tests that need
+# no model: `fake_lsp(capabilities, handle)` is a cmd whose server answers `initialize` with
+# `capabilities` and every other request with `handle(method, params, callback, dispatchers)`.
+FAKE_LSP = """
+local function fake_lsp(capabilities, handle)
+  return function(dispatchers)
+    local closing, id = false, 0
+    return {
+      request = function(method, params, callback)
+        id = id + 1
+        if method == "initialize" then
+          callback(nil, { capabilities = capabilities })
+        else
+          handle(method, params, callback, dispatchers)
+        end
+        return true, id
+      end,
+      notify = function() return true end,
+      is_closing = function() return closing end,
+      terminate = function() closing = true end,
+    }
   end
 end
 """

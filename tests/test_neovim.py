@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.neovim_helpers import DEADLINE_MS, DRIVER, fill, run_nvim
+from tests.neovim_helpers import DEADLINE_MS, DRIVER, FAKE_LSP, fill, run_nvim
 
 HOLE = (
     "def fibonacci(n):\n"
@@ -80,11 +80,12 @@ vim.api.nvim_create_autocmd("VimEnter", { callback = function()
       local mode = vim.api.nvim_get_mode().mode
       vim.cmd("stopinsert")
       vim.cmd("write! " .. vim.fn.fnameescape(vim.fn.getcwd() .. "/out.py"))
-      local doctor = plugin.doctor()  -- what :DiffusionLsp status shows, from the server
-      vim.cmd("checkhealth diffusion_lsp")
-      local health = vim.api.nvim_buf_get_lines(0, 0, -1, false)
-      finish({ shown = shown, item = item, lines = after, mode = mode, waited_ms = waited_ms,
-               health = health, status = plugin.last_status, doctor = doctor })
+      plugin.doctor(function(doctor)  -- what :DiffusionLsp status shows, from the server
+        vim.cmd("checkhealth diffusion_lsp")
+        local health = vim.api.nvim_buf_get_lines(0, 0, -1, false)
+        finish({ shown = shown, item = item, lines = after, mode = mode, waited_ms = waited_ms,
+                 health = health, status = plugin.last_status, doctor = doctor })
+      end)
     end)
   end)
 end })
@@ -121,8 +122,10 @@ plugin.setup({ cmd = { @python@, "-m", "diffusion_lsp", "serve" }, filetypes = {
 vim.api.nvim_create_autocmd("VimEnter", { callback = function()
   local notified = {}
   vim.notify = function(message, level) notified[#notified + 1] = message end
-  vim.cmd("DiffusionLsp status")
-  finish({ clients = #plugin.clients(), notified = notified })
+  vim.cmd("DiffusionLsp status")  -- the doctor runs in the background
+  poll(function() return notified[1] end, function()
+    finish({ clients = #plugin.clients(), notified = notified })
+  end)
 end })
 """, deadline=DEADLINE_MS, python=json.dumps(sys.executable))
     result = run_nvim(nvim, tmp_path, init, "just text\n", name="notes.txt")
@@ -186,31 +189,19 @@ end })
 # inlineCompletion with `x, y)` + a second line, replacing the `)` after the cursor, to check how
 # the client draws items, applies ranges, accepts part of an item and follows typing, without a
 # model.
-FAKE_SERVER = """
-local function fake_server(dispatchers)
-  local closing, id = false, 0
-  return {
-    request = function(method, params, callback)
-      id = id + 1
-      if method == "initialize" then
-        callback(nil, { capabilities = { inlineCompletionProvider = true,
-                                         textDocumentSync = 1 } })
-      elseif method == "textDocument/inlineCompletion" then
-        local p = params.position
-        callback(nil, { items = { {
-          insertText = "x, y)\\n# done",
-          range = { start = p, ["end"] = { line = p.line, character = p.character + 1 } },
-        } } })
-      else
-        callback(nil, nil)
-      end
-      return true, id
-    end,
-    notify = function() return true end,
-    is_closing = function() return closing end,
-    terminate = function() closing = true end,
-  }
-end
+FAKE_SERVER = FAKE_LSP + """
+local fake_server = fake_lsp({ inlineCompletionProvider = true, textDocumentSync = 1 },
+  function(method, params, callback)
+    if method == "textDocument/inlineCompletion" then
+      local p = params.position
+      callback(nil, { items = { {
+        insertText = "x, y)\\n# done",
+        range = { start = p, ["end"] = { line = p.line, character = p.character + 1 } },
+      } } })
+    else
+      callback(nil, nil)
+    end
+  end)
 local function marks()
   local ns = vim.api.nvim_get_namespaces()["diffusion_lsp.ghost"]
   local found = vim.api.nvim_buf_get_extmarks(0, ns, 0, -1, { details = true })

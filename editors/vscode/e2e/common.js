@@ -52,4 +52,57 @@ async function run(shot, passed, scenario) {
   process.exit(result.ok ? 0 : 1);
 }
 
-module.exports = { DEADLINE_MS, log, openFile, plain, run, t0 };
+// What the page shows of a next edit: struck-through text, and the `after` decorations (VS Code
+// renders them as CSS ::after content), each with its line's top and its right edge, and the
+// editor's right edge (run in the page).
+const decorations = () => {
+  const struck = [];
+  const after = [];
+  const placed = [];
+  for (const element of document.querySelectorAll(".view-lines span")) {
+    if (getComputedStyle(element).textDecorationLine.includes("line-through")) {
+      struck.push(element.textContent);
+    }
+    const content = getComputedStyle(element, "::after").content;
+    if (content && content !== "none" && content !== "normal") {
+      after.push(content);
+      const line = element.closest(".view-line");
+      placed.push({ content, top: line ? line.getBoundingClientRect().top : null,
+                    right: element.getBoundingClientRect().right });
+    }
+  }
+  const editor = document.querySelector(".editor-instance .monaco-editor .overflow-guard");
+  return { struck, after, placed, editorRight: editor ? editor.getBoundingClientRect().right : null };
+};
+
+// `check()` until it returns something truthy (polling every 100 ms), or null after `ms`.
+async function waitFor(page, check, ms) {
+  const until = Date.now() + ms;
+  while (Date.now() < until) {
+    const value = await check();
+    if (value) return value;
+    await page.waitForTimeout(100);
+  }
+  return null;
+}
+
+// The editor's text (what the view lines show, decorations aside).
+async function editorText(page) {
+  return plain(await page.locator(".view-line").allInnerTexts().then((all) => all.join("\n")));
+}
+
+// Open `file` (shapes.py), wait for the server (the status bar item says "ready" once it
+// answers), and rename the parameter `width` to `w` in the signature: next edits follow.
+async function renameWidth(page, file) {
+  const lines = await openFile(page, file);
+  await lines.click();
+  const status = page.locator(".statusbar-item", { hasText: "Diffusion" });
+  await waitFor(page, async () => /sparkle/.test(await status.first().innerHTML().catch(() => "")), 60000);
+  await page.keyboard.press("Control+Home");
+  for (let i = 0; i < 9; i++) await page.keyboard.press("ArrowRight");
+  await page.keyboard.press("Shift+Control+ArrowRight"); // select `width`
+  await page.keyboard.type("w");
+  log("renamed:", JSON.stringify((await editorText(page)).split("\n")[0]));
+}
+
+module.exports = { DEADLINE_MS, decorations, editorText, log, openFile, plain, renameWidth, run, t0, waitFor };

@@ -3,51 +3,16 @@
 // through, "Tab" after it), screenshot, Tab jumps to it, Tab applies it; the next suggestion is
 // dismissed with Escape (then Tab is a plain Tab again).
 // Usage: PORT=18081 WS=/path/to/folder FILE=shapes.py SHOT=out.png node nes-test.js
-const { DEADLINE_MS, log, openFile, plain, run, t0 } = require("./common");
+const { DEADLINE_MS, decorations, editorText, log, plain, renameWidth, run, t0, waitFor } = require("./common");
 
 const FILE = process.env.FILE || "shapes.py";
 const SHOT = process.env.SHOT || "vscode-nes.png";
 
-// What the page shows of a next edit: struck-through text, and the text of `after` decorations
-// (VS Code renders them as CSS ::after content).
-const decorations = () => {
-  const struck = [];
-  const after = [];
-  for (const element of document.querySelectorAll(".view-lines span")) {
-    if (getComputedStyle(element).textDecorationLine.includes("line-through")) {
-      struck.push(element.textContent);
-    }
-    const content = getComputedStyle(element, "::after").content;
-    if (content && content !== "none" && content !== "normal") {
-      after.push(content);
-    }
-  }
-  return { struck, after };
-};
-
 run(SHOT, "next edit shown, jumped to, applied, dismissed", async (page, result) => {
-  const text = async () => plain(await page.locator(".view-line").allInnerTexts().then((all) => all.join("\n")));
-  const waitFor = async (check, ms) => {
-    const until = Date.now() + ms;
-    while (Date.now() < until) {
-      const value = await check();
-      if (value) return value;
-      await page.waitForTimeout(100);
-    }
-    return null;
-  };
-  const lines = await openFile(page, FILE);
-  await lines.click();
-  // Wait for the server (the status bar item says "ready" once it answers).
-  const status = page.locator(".statusbar-item", { hasText: "Diffusion" });
-  await waitFor(async () => /sparkle/.test(await status.first().innerHTML().catch(() => "")), 60000);
-  await page.keyboard.press("Control+Home");
-  for (let i = 0; i < 9; i++) await page.keyboard.press("ArrowRight");
-  await page.keyboard.press("Shift+Control+ArrowRight"); // select `width`
-  await page.keyboard.type("w");
-  log("renamed:", JSON.stringify((await text()).split("\n")[0]));
+  const text = () => editorText(page);
+  await renameWidth(page, FILE);
 
-  const first = await waitFor(async () => {
+  const first = await waitFor(page, async () => {
     const seen = await page.evaluate(decorations);
     return seen.struck.length && seen.after.some((c) => c.includes("Tab")) ? seen : null;
   }, DEADLINE_MS - (Date.now() - t0));
@@ -61,19 +26,19 @@ run(SHOT, "next edit shown, jumped to, applied, dismissed", async (page, result)
   result.jumped = plain(await page.locator(".statusbar-item", { hasText: /Ln \d+/ }).first().innerText());
   log("after the first Tab:", result.jumped);
   await page.keyboard.press("Tab"); // apply
-  result.applied = await waitFor(async () => {
+  result.applied = await waitFor(page, async () => {
     const now = await text();
     return now.includes("The area of a w by height") ? now : null;
   }, 5000);
   log("after the second Tab:", JSON.stringify(result.applied));
 
-  const second = await waitFor(async () => {
+  const second = await waitFor(page, async () => {
     const seen = await page.evaluate(decorations);
     return seen.struck.length ? seen : null;
   }, 20000);
   result.second = second;
   await page.keyboard.press("Escape"); // dismiss
-  result.dismissed = await waitFor(async () => {
+  result.dismissed = await waitFor(page, async () => {
     const seen = await page.evaluate(decorations);
     return seen.struck.length === 0 ? true : null;
   }, 5000);

@@ -22,7 +22,7 @@ PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 SERVER=${SERVER:-$ROOT/.venv/bin/diffusion-lsp}
 [ -x "$CS" ] || { echo "code-server not found in $DIR: run $HERE/setup.sh first" >&2; exit 3; }
 
-VSIX=${1:-}
+VSIX=${1:-${VSIX:-}}  # VSIX=path: that package (e.g. an older build, to compare)
 if [ -z "$VSIX" ]; then
   (cd "$EXT" && { [ -d node_modules ] || npm ci --no-audit --no-fund; } && npm run package >/dev/null)
   VSIX=$EXT/diffusion-lsp.vsix

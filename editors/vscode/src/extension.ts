@@ -16,7 +16,8 @@ import {
 } from "vscode-languageclient/node";
 
 import { NextEdits } from "./nextEdit";
-import { isPreview, PREVIEW, type Preview, previewChunks } from "./preview";
+import { isPreview, PREVIEW } from "./preview";
+import { PreviewView } from "./previewView";
 import { doctorCommand, nodeLookup, resolveServer, SECTION, serverSettings, type Tree } from "./settings";
 import { clickCommand, type Status, statusView } from "./status";
 
@@ -30,10 +31,7 @@ const RESTART_KEYS = ["serverPath", "pythonPath"];
 let client: LanguageClient | undefined;
 let output: vscode.LogOutputChannel;
 let item: vscode.StatusBarItem;
-let ghostStyle: vscode.TextEditorDecorationType;
-let maskedStyle: vscode.TextEditorDecorationType;
-/** Previews drawn so far (tests read it through the `diffusionLsp.previewsShown` command). */
-let previewsShown = 0;
+let previews: PreviewView;
 
 function section(): Tree {
   return vscode.workspace.getConfiguration(SECTION) as unknown as Tree;
@@ -46,32 +44,6 @@ function showStatus(status: Status): void {
   item.command = clickCommand(status);
   item.backgroundColor =
     view.severity === undefined ? undefined : new vscode.ThemeColor(`statusBarItem.${view.severity}Background`);
-}
-
-/** Draw a `diffusion/preview` in the editors showing its document (see src/preview.ts). */
-function showPreview(preview: Preview): void {
-  for (const editor of vscode.window.visibleTextEditors) {
-    if (editor.document.uri.toString() !== preview.textDocument.uri) {
-      continue;
-    }
-    const stale = preview.textDocument.version !== null && editor.document.version !== preview.textDocument.version;
-    if (preview.done || stale) {
-      editor.setDecorations(ghostStyle, []);
-      editor.setDecorations(maskedStyle, []);
-      continue;
-    }
-    const at = new vscode.Position(preview.position.line, preview.position.character);
-    const ghost: vscode.DecorationOptions[] = [];
-    const masked: vscode.DecorationOptions[] = [];
-    for (const chunk of previewChunks(preview.text)) {
-      // one zero-width decoration per run, all at the cursor: drawn in order after it
-      const option = { range: new vscode.Range(at, at), renderOptions: { after: { contentText: chunk.text } } };
-      (chunk.masked ? masked : ghost).push(option);
-    }
-    editor.setDecorations(ghostStyle, ghost);
-    editor.setDecorations(maskedStyle, masked);
-    previewsShown += 1;
-  }
 }
 
 async function fail(message: string, ...actions: string[]): Promise<void> {
@@ -106,6 +78,7 @@ async function start(): Promise<void> {
     // server's part of it only (the server rejects keys it does not know).
     synchronize: { configurationSection: SECTION },
     middleware: {
+      ...previews.middleware,
       workspace: {
         didChangeConfiguration: async () => {
           await client?.sendNotification(DidChangeConfigurationNotification.type, {
@@ -120,7 +93,7 @@ async function start(): Promise<void> {
   started.onNotification(STATUS, (status: Status) => showStatus(status));
   started.onNotification(PREVIEW, (params: unknown) => {
     if (isPreview(params)) {
-      showPreview(params);
+      previews.show(params);
     }
   });
   started.onDidChangeState((event) => {
@@ -230,12 +203,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   item = vscode.window.createStatusBarItem("diffusionLsp.status", vscode.StatusBarAlignment.Right, 100);
   item.name = "diffusion-lsp";
   item.show();
-  ghostStyle = vscode.window.createTextEditorDecorationType({
-    after: { color: new vscode.ThemeColor("editorGhostText.foreground"), fontStyle: "italic" },
-  });
-  maskedStyle = vscode.window.createTextEditorDecorationType({
-    after: { color: new vscode.ThemeColor("editorGhostText.foreground"), textDecoration: "none; opacity: 0.35" },
-  });
+  previews = new PreviewView();
   const command = (name: string, run: () => unknown) =>
     context.subscriptions.push(vscode.commands.registerCommand(name, run));
   command("diffusionLsp.toggle", () => setEnabled(undefined));
@@ -244,7 +212,8 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   command("diffusionLsp.restart", restart);
   command("diffusionLsp.showOutput", () => output.show());
   command("diffusionLsp.showStats", showDoctor);
-  command("diffusionLsp.previewsShown", () => previewsShown);
+  command("diffusionLsp.previewsShown", () => previews.shown);
+  command("diffusionLsp.preview.dismiss", () => previews.dismiss());
   const nextEdits = new NextEdits(
     () => client,
     () => section().enable !== false && (section().nextEdit as Tree | undefined)?.enable !== false,
@@ -255,8 +224,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   context.subscriptions.push(
     output,
     item,
-    ghostStyle,
-    maskedStyle,
+    previews,
     vscode.workspace.onDidChangeConfiguration(async (event) => {
       if (RESTART_KEYS.some((key) => event.affectsConfiguration(`${SECTION}.${key}`))) {
         await restart();

@@ -1,13 +1,19 @@
 // Next edit suggestions in VS Code with stable API only: after each change to the active
 // document (debounced), ask the server for `textDocument/copilotInlineEdit` and show the first
 // edit with decorations: the text it deletes struck through on a red background, the text it
-// inserts after it on a green one, and "Tab" when the edit is away from the cursor's line. Tab
+// inserts after it on a green one (an edit of several lines as its lines, one decoration per
+// line: src/nextEditLayout.ts), and "Tab" when the edit is away from the cursor's line. A save
+// changes no text and keeps the edit shown. Tab is bound (the context key) before the edit is
+// drawn, and applies only the edit drawn, on the text it was drawn for. Tab
 // jumps to an edit away from the cursor and applies it once the cursor is on its line; Escape
 // dismisses it. The server hears of each: didShowInlineEdit when shown, the edit's command
 // (workspace/executeCommand) when applied, diffusion/didDismiss when dismissed.
 
 import * as vscode from "vscode";
 import type { LanguageClient } from "vscode-languageclient/node";
+
+import { changesText, editLines, HINT } from "./nextEditLayout";
+import { decorationText } from "./preview";
 
 const METHOD = "textDocument/copilotInlineEdit";
 const SHOWN_CONTEXT = "diffusionLsp.nextEditShown";
@@ -29,10 +35,6 @@ export interface InlineEdit {
   command?: Command;
 }
 
-/** One line of text for an `after` decoration (it cannot show line breaks). */
-export function oneLine(text: string): string {
-  return text.replace(/\r?\n/g, " ⏎ ");
-}
 
 export class NextEdits implements vscode.Disposable {
   private shown: { edit: InlineEdit; editor: vscode.TextEditor; range: vscode.Range } | undefined;
@@ -52,7 +54,8 @@ export class NextEdits implements vscode.Disposable {
     this.disposables = [
       this.deleted,
       this.inserted,
-      vscode.workspace.onDidChangeTextDocument((event) => this.changed(event.document)),
+      // a save (auto-save included) fires a change with no changes: the edit shown stays
+      vscode.workspace.onDidChangeTextDocument((event) => changesText(event) && this.changed(event.document)),
       vscode.window.onDidChangeActiveTextEditor(() => this.dismiss()),
     ];
   }
@@ -98,32 +101,54 @@ export class NextEdits implements vscode.Disposable {
         || vscode.window.activeTextEditor !== editor) {
       return;
     }
-    this.show(editor, edit, client);
+    await this.show(editor, edit, client);
   }
 
-  private show(editor: vscode.TextEditor, edit: InlineEdit, client: LanguageClient): void {
+  private async show(editor: vscode.TextEditor, edit: InlineEdit, client: LanguageClient): Promise<void> {
     const range = client.protocol2CodeConverter.asRange(edit.range);
     const away = editor.selection.active.line !== range.start.line;
-    editor.setDecorations(this.deleted, range.isEmpty ? [] : [range]);
-    editor.setDecorations(this.inserted, [{
-      range: new vscode.Range(range.end, range.end),
-      renderOptions: {
-        after: {
-          contentText: oneLine(edit.text) + (away ? "   ⇥ Tab" : ""),
-          color: new vscode.ThemeColor("editorGhostText.foreground"),
-          backgroundColor: new vscode.ThemeColor("diffEditor.insertedTextBackground"),
+    // Tab is ours before anything is drawn: a Tab never meets a drawn edit it does not apply
+    await vscode.commands.executeCommand("setContext", SHOWN_CONTEXT, true);
+    if (editor.document.version !== edit.textDocument.version || vscode.window.activeTextEditor !== editor) {
+      return this.clear(true);
+    }
+    const tabSize = typeof editor.options.tabSize === "number" ? editor.options.tabSize : 4;
+    const style = (line: number, text: string, character?: number): vscode.DecorationOptions => {
+      const at = new vscode.Position(line, character ?? editor.document.lineAt(line).text.length);
+      return {
+        range: new vscode.Range(at, at),
+        renderOptions: {
+          after: {
+            contentText: text,
+            color: new vscode.ThemeColor("editorGhostText.foreground"),
+            backgroundColor: new vscode.ThemeColor("diffEditor.insertedTextBackground"),
+          },
         },
-      },
-    }]);
+      };
+    };
+    let inserted: vscode.DecorationOptions[];
+    if (range.isSingleLine && !edit.text.includes("\n")) {
+      // on one line: the new text right after the text it replaces
+      inserted = [style(range.end.line, decorationText(edit.text, tabSize) + (away ? `   ${HINT}` : ""),
+        range.end.character)];
+    } else {
+      // several lines: each line as it will read, after the line it replaces
+      const document = editor.document;
+      const before = document.lineAt(range.start.line).text.slice(0, range.start.character);
+      const after = document.lineAt(range.end.line).text.slice(range.end.character);
+      inserted = editLines(edit.text, range.start.line, before, after, document.lineCount, away, tabSize)
+        .map((line) => style(line.line, line.text));
+    }
+    editor.setDecorations(this.deleted, range.isEmpty ? [] : [range]);
+    editor.setDecorations(this.inserted, inserted);
     this.shown = { edit, editor, range };
-    void vscode.commands.executeCommand("setContext", SHOWN_CONTEXT, true);
     void client.sendNotification("textDocument/didShowInlineEdit", { item: { command: edit.command } });
   }
 
-  private clear(): void {
-    if (this.shown !== undefined) {
-      this.shown.editor.setDecorations(this.deleted, []);
-      this.shown.editor.setDecorations(this.inserted, []);
+  private clear(force = false): void {
+    if (this.shown !== undefined || force) {
+      this.shown?.editor.setDecorations(this.deleted, []);
+      this.shown?.editor.setDecorations(this.inserted, []);
       this.shown = undefined;
       void vscode.commands.executeCommand("setContext", SHOWN_CONTEXT, false);
     }
@@ -149,6 +174,10 @@ export class NextEdits implements vscode.Disposable {
     const shown = this.shown;
     const client = this.client();
     if (shown === undefined || client === undefined) {
+      return;
+    }
+    if (shown.editor.document.version !== shown.edit.textDocument.version) {
+      this.clear(); // the text moved on since it was drawn: apply nothing rather than a stale edit
       return;
     }
     this.shown = undefined;

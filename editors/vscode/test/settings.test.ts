@@ -16,7 +16,8 @@ import {
   SECTION,
   serverSettings,
 } from "../src/settings";
-import { isPreview, LINE_BREAK, previewChunks } from "../src/preview";
+import { changesText, editLines, HINT } from "../src/nextEditLayout";
+import { decorationText, isPreview, LINE_BREAK, type Preview, PreviewGate, previewChunks } from "../src/preview";
 import { clickCommand, statusView } from "../src/status";
 
 const root = path.join(__dirname, "..", "..");
@@ -137,10 +138,54 @@ test("a preview's text becomes runs of committed text and masked places", () => 
   assert.deepEqual(previewChunks("ab\u2591\u2591c\nd\u2591"), [
     { text: "ab", masked: false },
     { text: "\u2591\u2591", masked: true },
-    { text: `c${LINE_BREAK}d`, masked: false },
+    { text: decorationText(`c${LINE_BREAK}d`), masked: false },
     { text: "\u2591", masked: true },
   ]);
   assert.ok(isPreview({ textDocument: { uri: "file:///a", version: 1 }, position: { line: 0, character: 1 },
                         step: 1, steps: 2, text: "", done: false }));
   assert.ok(!isPreview({ textDocument: { uri: 3 } }));
+});
+
+test("runs of spaces and tabs in a preview are kept (CSS would collapse them)", () => {
+  assert.equal(decorationText("a  =\tb", 2), "a\u00a0\u00a0=\u00a0\u00a0b");
+  assert.deepEqual(previewChunks("x    \u2591"), [
+    { text: "x\u00a0\u00a0\u00a0\u00a0", masked: false },
+    { text: "\u2591", masked: true },
+  ]);
+});
+
+test("a preview is drawn only while its request runs, at its position", () => {
+  const preview = (line: number, character: number, done = false): Preview => ({
+    textDocument: { uri: "file:///a.py", version: 3 }, position: { line, character },
+    step: 1, steps: 4, text: "a\u2591", done,
+  });
+  const gate = new PreviewGate();
+  assert.ok(!gate.admits(preview(1, 4)));  // no request
+  const first = gate.begin("file:///a.py", 1, 4);
+  assert.ok(gate.admits(preview(1, 4)));
+  assert.ok(!gate.admits(preview(1, 5)));  // another position
+  assert.ok(!gate.admits(preview(1, 4, true)));  // the last one clears
+  const second = gate.begin("file:///a.py", 2, 0);  // supersedes the first
+  assert.ok(!gate.admits(preview(1, 4)));  // a late preview of the first
+  assert.equal(gate.end(first), false);  // the first ending does not clear the second's
+  assert.equal(gate.end(second), true);  // answered, cancelled (Escape, a cursor move): clear
+  assert.ok(!gate.admits(preview(2, 0)));  // one arriving after its request ended
+});
+
+test("a next edit of several lines is drawn as its lines, the Tab hint first", () => {
+  const lines = editLines("if w < 0:\n        raise ValueError(w)\n    return w", 2, "    ", " * height", 6, true);
+  assert.deepEqual(lines.map((l) => l.line), [2, 3, 4]);
+  assert.ok(lines[0].text.startsWith(HINT));
+  assert.equal(lines[0].text, HINT + decorationText("    if w < 0:"));
+  assert.equal(lines[2].text, "   " + decorationText("    return w * height"));
+  for (const line of lines) {
+    assert.ok(!line.text.includes("\n") && line.text.length < 60, line.text);
+  }
+  // past the document's end they stay on its last line
+  assert.deepEqual(editLines("a\nb\nc", 0, "", "", 2, false).map((l) => l.line), [0, 1, 1]);
+});
+
+test("a save (a change event with no changes) is not a text change", () => {
+  assert.equal(changesText({ contentChanges: [] }), false);
+  assert.equal(changesText({ contentChanges: [{ text: "x" }] }), true);
 });

@@ -80,17 +80,32 @@ local function visible(text)
   return (text:gsub("\t", string.rep(" ", vim.bo.tabstop)))
 end
 
+local keys = require("diffusion_lsp.keys")
+
 ---@param bufnr integer
 local function undraw(bufnr)
   if api.nvim_buf_is_valid(bufnr) then
     api.nvim_buf_clear_namespace(bufnr, ns, 0, -1)
   end
+  keys.unbind(bufnr, "ghost")
+end
+
+--- The keys of `setup({ keys = ... })`, mapped in `bufnr` while a suggestion is shown there.
+local function bind_keys(bufnr)
+  local config = core().config.keys
+  keys.bind(bufnr, "ghost", { "i" }, config.accept, function() return M.accept("all") end,
+    "accept the suggestion")
+  keys.bind(bufnr, "ghost", { "i" }, config.accept_word, function() return M.accept("word") end,
+    "accept the next word")
+  keys.bind(bufnr, "ghost", { "i" }, config.accept_line, function() return M.accept("line") end,
+    "accept the next line")
+  keys.bind(bufnr, "ghost", { "i" }, config.dismiss, M.dismiss, "dismiss the suggestion")
 end
 
 ---@param bufnr integer
 ---@param s diffusion_lsp.Suggestion
 local function draw(bufnr, s)
-  undraw(bufnr)
+  api.nvim_buf_clear_namespace(bufnr, ns, 0, -1)
   local hl = "DiffusionLspSuggestion"
   local lines = vim.split(s.text, "\n", { plain = true })
   local first = lines[1]
@@ -113,17 +128,22 @@ local function draw(bufnr, s)
     virt_lines = #virt_lines > 0 and virt_lines or nil,
     hl_mode = "combine",
   })
+  bind_keys(bufnr)
 end
 
 -- Requests -------------------------------------------------------------------------------------
 
+--- Cancel the request of `bufnr` (and the one waiting for its debounce). The live preview of
+--- the hole it was denoising goes with it: a preview is shown only while its request runs.
+---@param bufnr integer
 ---@param state diffusion_lsp.BufState
-local function cancel(state)
+local function cancel(bufnr, state)
   if state.timer then
     state.timer:stop()
   end
   local request = state.request
   state.request = nil
+  require("diffusion_lsp.preview").clear(bufnr)
   if request then
     local client = vim.lsp.get_client_by_id(request.client_id)
     if client then
@@ -132,15 +152,23 @@ local function cancel(state)
   end
 end
 
+--- Whether a completion request of `bufnr` is running (its previews are drawn only then).
+---@param bufnr integer
+function M.requesting(bufnr)
+  local state = buffers[bufnr]
+  return state ~= nil and state.request ~= nil
+end
+
 --- Forget the suggestion and any request for `bufnr`.
 function M.clear(bufnr)
   local state = buffers[bufnr]
   if state then
-    cancel(state)
+    cancel(bufnr, state)
     state.seq = state.seq + 1 -- answers still on their way are stale
     state.suggestion = nil
   end
   undraw(bufnr)
+  require("diffusion_lsp.preview").clear(bufnr)
 end
 
 function M.clear_all()
@@ -184,7 +212,7 @@ function M.request(bufnr)
   if not client or not core().enabled() or bufnr ~= api.nvim_get_current_buf() or not in_insert_mode() then
     return
   end
-  cancel(state)
+  cancel(bufnr, state)
   state.seq = state.seq + 1
   local seq = state.seq
   local row, col = cursor()
@@ -197,6 +225,7 @@ function M.request(bufnr)
       return -- a newer request, a change or a dismissal came after this one
     end
     state.request = nil
+    require("diffusion_lsp.preview").clear(bufnr) -- answered: its preview, if any, is over
     if err or not in_insert_mode() or api.nvim_get_current_buf() ~= bufnr then
       return
     end
@@ -224,7 +253,7 @@ local function schedule_request(bufnr)
   if not state then
     return
   end
-  cancel(state)
+  cancel(bufnr, state)
   state.seq = state.seq + 1
   state.timer = state.timer or vim.uv.new_timer()
   state.timer:start(core().config.debounce_ms, 0, vim.schedule_wrap(function()
@@ -311,7 +340,7 @@ function M.accept(what)
   if not s then
     return false
   end
-  cancel(state)
+  cancel(bufnr, state)
   undraw(bufnr)
   local part = M.partial(s.text, what)
   if part == s.text then
@@ -332,9 +361,12 @@ function M.accept(what)
   return true
 end
 
+--- Drop the suggestion, or the hole still denoising (its request and preview). False when
+--- there was neither.
 function M.dismiss()
   local bufnr = api.nvim_get_current_buf()
-  local shown = buffers[bufnr] and buffers[bufnr].suggestion ~= nil
+  local state = buffers[bufnr]
+  local shown = state ~= nil and (state.suggestion ~= nil or state.request ~= nil)
   M.clear(bufnr)
   return shown
 end

@@ -3,6 +3,7 @@
 local M = {}
 
 local STATS_TIMEOUT_MS = 3000
+local DOCTOR_WAIT_MS = 10000 -- :checkhealth waits this long for the doctor (the editor stays live)
 
 local function percentiles(stats)
   local latency = stats.latencyMs or {}
@@ -80,7 +81,12 @@ function M.check()
   end
 
   health.start("diffusion-lsp doctor")
-  local text, err = plugin.doctor()
+  local text, err, answered = nil, nil, false
+  plugin.doctor(function(t, e) text, err, answered = t, e, true end)
+  vim.wait(DOCTOR_WAIT_MS, function() return answered end, 50)
+  if not answered then
+    err = ("no answer within %d s"):format(DOCTOR_WAIT_MS / 1000)
+  end
   if not text then
     health.warn("doctor: " .. tostring(err))
     return

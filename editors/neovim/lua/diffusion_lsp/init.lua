@@ -53,6 +53,7 @@ M.config = vim.deepcopy(M.defaults)
 M.last_status = nil
 
 local has_011 = vim.fn.has("nvim-0.11") == 1
+local DOCTOR_TIMEOUT_MS = 60000 -- `diffusion-lsp doctor` run directly (it imports torch)
 
 --- Call a vim.lsp.Client method: colon syntax on 0.11+, dot syntax on 0.10.
 ---@param client vim.lsp.Client
@@ -185,6 +186,7 @@ function M.enable(on)
   M.set({ enable = on })
   if not on then
     require("diffusion_lsp.ghost").clear_all()
+    require("diffusion_lsp.nes").clear_all()
   end
   vim.notify(("diffusion-lsp: completions %s"):format(on and "enabled" or "disabled"))
 end
@@ -219,28 +221,94 @@ local function wanted(bufnr)
   return filetypes == nil or vim.tbl_contains(filetypes, vim.bo[bufnr].filetype)
 end
 
---- Start (or reuse) the server for `bufnr` and attach it.
+--- The repository this plugin was loaded from (editors/neovim/lua/diffusion_lsp/init.lua).
+local PLUGIN_ROOT = vim.fn.fnamemodify(debug.getinfo(1, "S").source:gsub("^@", ""), ":p:h:h:h:h:h")
+
+--- The server command to run: `cmd` itself when its program is found, else (the default
+--- `diffusion-lsp` not on PATH) the `.venv` of the repository this plugin came from; nil, and
+--- why, when neither is there.
+---@param cmd string[]|function
+---@return string[]|function|nil, string|nil
+function M.resolve_cmd(cmd)
+  if type(cmd) ~= "table" or vim.fn.executable(cmd[1]) == 1 then
+    return cmd
+  end
+  local venv = vim.fs.joinpath(PLUGIN_ROOT, ".venv", "bin", cmd[1])
+  if not cmd[1]:find("/", 1, true) and vim.fn.executable(venv) == 1 then
+    local found = vim.deepcopy(cmd)
+    found[1] = venv
+    return found
+  end
+  return nil, ("diffusion-lsp: `%s` not found (nor %s). Run scripts/run.sh in diffusion-lsp (or "
+    .. "pip install -e /path/to/diffusion-lsp), or set cmd in require('diffusion_lsp').setup({ cmd = "
+    .. "{ '/path/to/.venv/bin/diffusion-lsp', 'serve' } }). :checkhealth diffusion_lsp says more.")
+    :format(cmd[1], venv)
+end
+
+--- Why the server cannot run (missing, or it quit before it started), once known: the user
+--- was told once and no buffer tries again until `:DiffusionLsp restart`.
+M.failure = nil
+
+--- Say `message` once, outside whatever autocommand is running (an error there would abort
+--- the buffer's own FileType and syntax autocommands).
+local function fail(message)
+  if M.failure then
+    return
+  end
+  M.failure = message
+  vim.schedule(function() vim.notify(message, vim.log.levels.WARN) end)
+end
+
+--- The server quit before it answered `initialize` (a broken install, a bad setting): say so
+--- once, in place of Neovim's own "quit with exit code" line, which would repeat per buffer.
+local function on_exit(cmd, code, signal, client_id)
+  local client = vim.lsp.get_client_by_id(client_id)
+  if (code == 0 and (signal == 0 or signal == 15)) or (client and client.initialized) then
+    return
+  end
+  local builtin_line = ("Client %s quit with exit code"):format(NAME)
+  local notify = vim.notify
+  local function swallow_once(message, ...)
+    if type(message) == "string" and vim.startswith(message, builtin_line) then
+      if vim.notify == swallow_once then
+        vim.notify = notify -- one line swallowed, then the user's own notify again
+      end
+      return
+    end
+    return notify(message, ...)
+  end
+  vim.notify = swallow_once
+  vim.defer_fn(function()
+    if vim.notify == swallow_once then vim.notify = notify end
+  end, 1000)
+  fail(("diffusion-lsp: the server (%s) quit before it started (exit code %d). :DiffusionLsp log "
+    .. "shows why; :DiffusionLsp restart tries again."):format(
+    type(cmd) == "table" and table.concat(cmd, " ") or "cmd", code))
+end
+
+--- Start (or reuse) the server for `bufnr` and attach it. Never raises: it runs inside the
+--- buffer's FileType autocommands.
 ---@param bufnr integer?
 ---@return integer|nil client_id
 function M.attach(bufnr)
   bufnr = (bufnr == nil or bufnr == 0) and vim.api.nvim_get_current_buf() or bufnr
-  if not wanted(bufnr) then
+  if M.failure or not wanted(bufnr) then
     return nil
   end
-  local cmd = M.config.cmd
-  if type(cmd) == "table" and vim.fn.executable(cmd[1]) ~= 1 then
-    if not M._warned_missing then
-      M._warned_missing = true
-      vim.notify(
-        ("diffusion-lsp: `%s` not found. Install it (pip install -e /path/to/diffusion-lsp) or set "
-          .. "cmd in require('diffusion_lsp').setup({ cmd = { '/path/to/.venv/bin/diffusion-lsp', 'serve' } })")
-          :format(cmd[1]),
-        vim.log.levels.ERROR
-      )
-    end
+  local cmd, missing = M.resolve_cmd(M.config.cmd)
+  if not cmd then
+    fail(missing)
     return nil
   end
-  return vim.lsp.start(server_config(bufnr), { bufnr = bufnr, reuse_client = reuse_client })
+  local config = server_config(bufnr)
+  config.cmd = cmd
+  config.on_exit = function(...) on_exit(cmd, ...) end
+  local ok, id = pcall(vim.lsp.start, config, { bufnr = bufnr, reuse_client = reuse_client })
+  if not ok then
+    fail(("diffusion-lsp: the server did not start: %s"):format(tostring(id)))
+    return nil
+  end
+  return id
 end
 
 local function on_lsp_attach(args)
@@ -278,6 +346,10 @@ function M.restart()
     M.call(client, "stop")
   end
   M.last_status = nil
+  M.failure = nil
+  if #buffers == 0 then -- it never started (M.failure): try the loaded buffers again
+    buffers = vim.tbl_filter(vim.api.nvim_buf_is_loaded, vim.api.nvim_list_bufs())
+  end
   vim.defer_fn(function()
     for _, bufnr in ipairs(buffers) do
       if vim.api.nvim_buf_is_valid(bufnr) then
@@ -289,16 +361,20 @@ end
 
 -- Keys -----------------------------------------------------------------------------------------
 
---- Run `action`; when it did nothing (no suggestion shown), type the key as if unmapped.
-local function map(lhs, action, desc)
+--- Neovim 0.12's own renderer says nothing when it shows or drops a suggestion, so there the
+--- keys are expression maps: with a suggestion shown they act, else they return the key itself,
+--- typed in place (a macro or keys fed at once keep their order). On 0.10-0.11 the keys are
+--- mapped in a buffer only while a suggestion is shown there (lua/diffusion_lsp/keys.lua).
+local function map_builtin(lhs, action, desc)
   if not lhs then
     return
   end
   vim.keymap.set("i", lhs, function()
-    if not action() then
-      vim.api.nvim_feedkeys(vim.keycode(lhs), "n", false)
+    if M.builtin_suggestion(0) == nil then
+      return lhs
     end
-  end, { desc = "diffusion-lsp: " .. desc, silent = true })
+    return ("<Cmd>lua require('diffusion_lsp').%s()<CR>"):format(action) -- runs in place too
+  end, { desc = "diffusion-lsp: " .. desc, silent = true, expr = true })
 end
 
 local function builtin_partial(pattern)
@@ -349,12 +425,12 @@ function M.dismiss()
   return require("diffusion_lsp.ghost").dismiss()
 end
 
-local function map_keys()
+local function map_builtin_keys()
   local keys = M.config.keys
-  map(keys.accept, M.accept, "accept the suggestion")
-  map(keys.accept_word, M.accept_word, "accept the next word")
-  map(keys.accept_line, M.accept_line, "accept the next line")
-  map(keys.dismiss, M.dismiss, "dismiss the suggestion")
+  map_builtin(keys.accept, "accept", "accept the suggestion")
+  map_builtin(keys.accept_word, "accept_word", "accept the next word")
+  map_builtin(keys.accept_line, "accept_line", "accept the next line")
+  map_builtin(keys.dismiss, "dismiss", "dismiss the suggestion")
 end
 
 -- Commands -------------------------------------------------------------------------------------
@@ -365,30 +441,36 @@ local function show_stats()
     vim.notify("diffusion-lsp: the server is not running", vim.log.levels.WARN)
     return
   end
-  local reply = M.call(client, "request_sync", "diffusion/stats", vim.NIL, 3000, 0)
-  if not reply or reply.err then
-    vim.notify("diffusion-lsp: no stats: " .. vim.inspect(reply and reply.err), vim.log.levels.WARN)
-    return
-  end
-  vim.notify(vim.inspect(reply.result))
+  M.call(client, "request", "diffusion/stats", vim.NIL, function(err, result)
+    if err then
+      vim.notify("diffusion-lsp: no stats: " .. vim.inspect(err), vim.log.levels.WARN)
+      return
+    end
+    vim.notify(vim.inspect(result))
+  end, 0)
 end
 
 --- What `diffusion-lsp doctor` says about this machine (Python, torch, GPU, models on disk,
 --- the remote, PATH, the model to run here): from the running server (`diffusion/doctor`, with
---- its own state), else by running the configured server's `doctor`.
----@return string|nil text, string|nil err
-function M.doctor()
+--- its own state), else by running the configured server's `doctor`. Asynchronous: the editor
+--- keeps working meanwhile; `on_done(text)` or `on_done(nil, err)` runs on the main loop.
+---@param on_done fun(text: string|nil, err: string|nil)
+function M.doctor(on_done)
   local client = M.clients()[1]
   if client then
-    local reply = M.call(client, "request_sync", "diffusion/doctor", vim.NIL, 60000, 0)
-    if reply and reply.result and type(reply.result.text) == "string" then
-      return reply.result.text
-    end
-    return nil, "diffusion/doctor failed: " .. vim.inspect(reply and reply.err or "timeout")
+    M.call(client, "request", "diffusion/doctor", vim.NIL, function(err, result)
+      if result and type(result.text) == "string" then
+        on_done(result.text)
+      else
+        on_done(nil, "diffusion/doctor failed: " .. vim.inspect(err))
+      end
+    end, 0)
+    return
   end
-  local cmd = M.config.cmd
-  if type(cmd) ~= "table" or vim.fn.exepath(cmd[1]) == "" then
-    return nil, "the server is not running and its command is not an executable"
+  local cmd = M.resolve_cmd(M.config.cmd)
+  if type(cmd) ~= "table" then
+    on_done(nil, "the server is not running and its command is not an executable")
+    return
   end
   local args = {}
   for _, arg in ipairs(cmd) do
@@ -396,19 +478,24 @@ function M.doctor()
     args[#args + 1] = arg
   end
   args[#args + 1] = "doctor"
-  local done = vim.system(args, { text = true }):wait(60000)
-  if done.code ~= 0 then
-    return nil, ("%s: exit %s: %s"):format(table.concat(args, " "), tostring(done.code),
-      done.stderr or "")
+  local ok, err = pcall(vim.system, args, { text = true, timeout = DOCTOR_TIMEOUT_MS }, vim.schedule_wrap(function(done)
+    if done.code ~= 0 then
+      on_done(nil, ("%s: exit %s: %s"):format(table.concat(args, " "), tostring(done.code), done.stderr or ""))
+    else
+      on_done(done.stdout)
+    end
+  end))
+  if not ok then
+    on_done(nil, tostring(err))
   end
-  return done.stdout
 end
 
 local function show_status()
   local line = M.status() ~= "" and M.status() or "diffusion: not running"
-  local text, err = M.doctor()
-  vim.notify(line .. "\n" .. (text or ("doctor: " .. tostring(err))),
-    text and vim.log.levels.INFO or vim.log.levels.WARN)
+  M.doctor(function(text, err)
+    vim.notify(line .. "\n" .. (text or ("doctor: " .. tostring(err))),
+      text and vim.log.levels.INFO or vim.log.levels.WARN)
+  end)
 end
 
 local commands = {
@@ -460,7 +547,9 @@ function M.setup(opts)
     require("diffusion_lsp.nes").setup(group)
   end
 
-  map_keys()
+  if M.uses_builtin() then
+    map_builtin_keys()
+  end
   vim.api.nvim_create_user_command("DiffusionLsp", command, {
     nargs = "?",
     complete = function() return vim.tbl_keys(commands) end,

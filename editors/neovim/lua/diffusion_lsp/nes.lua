@@ -6,8 +6,8 @@
 --     (DiffusionLspNesDelete), the new text inline after it (DiffusionLspNesAdd);
 --   * away from the cursor: the text it deletes highlighted, the new lines as virtual lines
 --     below, and a "Tab" hint at the end of the line.
--- <Tab> (normal and insert mode) jumps to an edit away from the cursor, and applies it when the
--- cursor is there; <Esc> dismisses it. The server hears of each: didShowInlineEdit when drawn,
+-- <Tab> (normal and insert mode, mapped in the buffer only while an edit is shown) jumps to an
+-- edit away from the cursor, and applies it when the cursor is there; <Esc> dismisses it. The server hears of each: didShowInlineEdit when drawn,
 -- the edit's command (workspace/executeCommand) when applied, diffusion/didDismiss when
 -- dismissed. Any change to the buffer drops a drawn edit (its version is stale).
 
@@ -40,10 +40,13 @@ end
 
 local byte_col = require("diffusion_lsp.ghost").byte_col  -- LSP character -> byte column
 
+local keys = require("diffusion_lsp.keys")
+
 local function clear(bufnr)
   if api.nvim_buf_is_valid(bufnr) then
     api.nvim_buf_clear_namespace(bufnr, ns, 0, -1)
   end
+  keys.unbind(bufnr, "nes")
   local s = buffers[bufnr]
   if s then
     s.shown = nil
@@ -107,7 +110,8 @@ local function draw(bufnr, client, edit)
     end
     api.nvim_buf_set_extmark(bufnr, ns, end_row, 0, {
       virt_lines = virt_lines,
-      virt_text = { { " ⇥ Tab: next edit", "DiffusionLspNesHint" } }, virt_text_pos = "eol",
+      virt_text = { { (" ⇥ %s: next edit"):format(core().config.nes.keys.jump_or_apply or "Tab"),
+        "DiffusionLspNesHint" } }, virt_text_pos = "eol",
     })
   end
   return { edit = edit, row = row, col = col, end_row = end_row, end_col = end_col,
@@ -145,6 +149,9 @@ function M.request(bufnr)
     end
     s.shown = draw(bufnr, client, edit)
     if s.shown then
+      -- <Tab> is ours only while the edit is shown, and only in this buffer
+      keys.bind(bufnr, "nes", { "n", "i" }, core().config.nes.keys.jump_or_apply, M.jump_or_apply,
+        "jump to / apply the next edit")
       core().call(client, "notify", "textDocument/didShowInlineEdit", { item = { command = edit.command } })
     end
   end, bufnr)
@@ -229,6 +236,14 @@ function M.dismiss(bufnr)
   return true
 end
 
+--- Drop every edit shown and every request (completions were disabled).
+function M.clear_all()
+  for bufnr in pairs(buffers) do
+    cancel(bufnr)
+    clear(bufnr)
+  end
+end
+
 function M.attach(bufnr)
   state(bufnr)
 end
@@ -265,19 +280,10 @@ function M.setup(group)
       end
     end,
   })
-  local keys = core().config.nes.keys
-  if keys.jump_or_apply then
-    for _, mode in ipairs({ "n", "i" }) do
-      vim.keymap.set(mode, keys.jump_or_apply, function()
-        if not M.jump_or_apply() then
-          api.nvim_feedkeys(vim.keycode(keys.jump_or_apply), "n", false)
-        end
-      end, { desc = "diffusion-lsp: jump to / apply the next edit", silent = true })
-    end
-  end
-  if keys.dismiss then
-    -- Esc keeps its meaning; it also drops a shown edit
-    local dismiss_key = vim.keycode(keys.dismiss)
+  local dismiss = core().config.nes.keys.dismiss
+  if dismiss then
+    -- Esc keeps its meaning (it is not mapped); it also drops a shown edit
+    local dismiss_key = vim.keycode(dismiss)
     vim.on_key(function(key, typed)
       if key == dismiss_key or typed == dismiss_key then
         local bufnr = api.nvim_get_current_buf()

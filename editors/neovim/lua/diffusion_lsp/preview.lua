@@ -4,7 +4,9 @@
 -- character (U+2591 LIGHT SHADE) per still-masked token. The hole is drawn where the completion
 -- will go, committed text as ghost text (DiffusionLspSuggestion), masked places dim
 -- (DiffusionLspMasked); the first line inline, the others as virtual lines. The last one
--- (`done = true`) clears the drawing: the completion's own ghost text takes its place. The
+-- (`done = true`) clears the drawing: the completion's own ghost text takes its place; so does
+-- the end of its request in any other way (an answer with no previews, from the server's cache;
+-- a change, a dismissal, `:DiffusionLsp disable`: lua/diffusion_lsp/ghost.lua). The
 -- server sends previews only when the `completion.preview` setting is on (this plugin turns it
 -- on unless you set it).
 
@@ -54,11 +56,14 @@ function M.chunks(line)
   return out
 end
 
+local keys = require("diffusion_lsp.keys")
+
 ---@param bufnr integer
 function M.clear(bufnr)
   if api.nvim_buf_is_valid(bufnr) then
     api.nvim_buf_clear_namespace(bufnr, ns, 0, -1)
   end
+  keys.unbind(bufnr, "preview")
 end
 
 local function remember(frame)
@@ -83,7 +88,10 @@ function M.on_preview(_, params, ctx)
   local versions = vim.lsp.util.buf_versions
   local version = versions and versions[bufnr]
   local stale = version ~= nil and params.textDocument.version ~= nil and params.textDocument.version ~= version
-  if params.done or stale or api.nvim_get_mode().mode:sub(1, 1) ~= "i" then
+  -- a preview arriving after its request ended (cancelled, answered, dismissed) is not drawn
+  local orphan = not require("diffusion_lsp").uses_builtin()
+    and not require("diffusion_lsp.ghost").requesting(bufnr)
+  if params.done or stale or orphan or api.nvim_get_mode().mode:sub(1, 1) ~= "i" then
     remember(frame)
     return
   end
@@ -110,6 +118,9 @@ function M.on_preview(_, params, ctx)
     virt_lines = #virt_lines > 0 and virt_lines or nil,
     hl_mode = "combine",
   })
+  -- the dismiss key drops the hole while it denoises, as it drops the suggestion after
+  keys.bind(bufnr, "preview", { "i" }, require("diffusion_lsp").config.keys.dismiss,
+    require("diffusion_lsp.ghost").dismiss, "dismiss the suggestion")
   remember(frame)
 end
 
