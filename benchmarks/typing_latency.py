@@ -53,6 +53,7 @@ from model.shapes import SHAPES, random_model_of_shape
 DOCUMENTS_FOR_MEMORY = 20  # the issue's "20 open documents"
 SINGLE_LINE_TOKENS = 32  # the server's completion.maxTokensSingleLine default
 NAME = "typing"
+INLINE_EDIT = "textDocument/copilotInlineEdit"  # what the editors ask after every change
 ONE_STEP = InfillOptions(max_tokens=1, initial_tokens=1, tokens_per_step=1)  # caches a document
 
 
@@ -160,8 +161,10 @@ def bench_model(model: LoadedModel, holes: list[dict], options: InfillOptions | 
 
 
 async def bench_lsp(holes: list[dict], model_path: str | None, options: InfillOptions,
-                    device: str = "auto") -> dict:
-    """The same two requests per hole, through a real LSP client and the server process."""
+                    device: str = "auto", next_edits: bool = False) -> dict:
+    """The same two requests per hole, through a real LSP client and the server process. With
+    `next_edits`, the typed character also asks for a next edit first, as the editors' clients
+    do after every change, and the completion is timed while it is in flight."""
     from benchmarks.lsp_client import edit, inline, open_document, running_server, stats
 
     settings = {"completion": {"multiline": "never", "maxTokensSingleLine": options.max_tokens,
@@ -181,15 +184,21 @@ async def bench_lsp(holes: list[dict], model_path: str | None, options: InfillOp
             await inline(client, uri, line, character)
             first = (time.perf_counter() - began) * 1e3
             edit(client, uri, 2, line, character, typed)
+            asked = asyncio.ensure_future(client.protocol.send_request_async(
+                INLINE_EDIT, {"textDocument": {"uri": uri, "version": 2}, "position": {
+                    "line": line, "character": character + len(typed)}})) if next_edits else None
             began = time.perf_counter()
             answer = await inline(client, uri, line, character + len(typed))
             typing = (time.perf_counter() - began) * 1e3
+            if asked is not None:
+                await asked
             items = answer.items if answer is not None and hasattr(answer, "items") else answer
             rows.append({"task_id": hole["task_id"], "first_ms": first, "typing_ms": typing,
                          "answered": bool(items)})
         server = await stats(client)
     return {
         "requests": 2 * len(rows),
+        "next_edits": next_edits,
         "first_p50_ms": percentile([r["first_ms"] for r in rows], 50),
         "first_p95_ms": percentile([r["first_ms"] for r in rows], 95),
         "typing_p50_ms": percentile([r["typing_ms"] for r in rows], 50),
@@ -215,7 +224,8 @@ def run_typing_bench(args) -> int:
             model_path = str(write_shape_checkpoint(args.shape, Path(scratch) / args.shape))
             print(f"wrote a random {args.shape} checkpoint in {time.perf_counter() - began:.0f} s")
         # over LSP first, while this process holds no model (no contention for the cores)
-        lsp = asyncio.run(bench_lsp(holes, model_path, options))
+        lsp = asyncio.run(bench_lsp(holes, model_path, options,
+                                    next_edits=getattr(args, "next_edits", False)))
         print(f"over LSP    first request p50 {lsp['first_p50_ms']:7.0f} ms   "
               f"while typing p50 {lsp['typing_p50_ms']:7.0f} ms "
               f"(p95 {lsp['typing_p95_ms']:.0f})")
@@ -238,6 +248,7 @@ def run_typing_bench(args) -> int:
                "dtype": str(model.dtype), "max_tokens": options.max_tokens,
                "tokens_per_step": options.tokens_per_step, "lsp": lsp, "model_only": only}
     name = f"{NAME}-{args.shape}" if args.shape else NAME  # one file per model
+    name += "-next-edits" if lsp["next_edits"] else ""
     publish(name, payload, lambda: plot(payload, name))
     return 0
 

@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "instead of the stand-in")
     bench.add_argument("--remote-only", action="store_true",
                        help="next-edit: measure the remote only")
+    bench.add_argument("--next-edits", action="store_true",
+                       help="typing: each typed character also asks for a next edit, as the "
+                            "editors do, while the completion is timed")
     _add_model_args(bench)
 
     service = commands.add_parser(

@@ -6,7 +6,7 @@ import json
 import sys
 
 from model import hub
-from model.loader import hf_hub_dir
+from model.paths import hf_hub_dir
 from model.registry import find_supported
 
 

@@ -248,6 +248,7 @@ class DiffusionServer(LanguageServer):
         self.inflight: dict[str, asyncio.Task] = {}
         self.inflight_edits: dict[str, asyncio.Task] = {}  # next-edit requests, per document
         self.memory = nes.Memory()  # edit histories and viewed places (next edits)
+        self.edit_backoff = nes.Backoff()  # next edits: ask a model that predicts none less
         self.feedback = nes.Feedback()  # shown / accepted / rejected suggestions
         self.recent: list[str] = []  # uris, most recent first
         self.reported: set[str] = set()  # problems already shown to the user

@@ -48,6 +48,7 @@ class Stats:
             "suggested": self.counts.get("nextEdits", 0),
             "empty": self.counts.get("nextEditsEmpty", 0),
             "stale": self.counts.get("nextEditStale", 0),
+            "skipped": self.counts.get("nextEditSkipped", 0),  # backed off (no edits lately)
             "latencyMs": percentiles(self.next_edit_ms)}
         snapshot["meanSteps"] = (round(sum(self.steps) / len(self.steps), 2)
                                  if self.steps else None)

@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 import httpx
 
-from model.loader import CONFIG_FILE, TOKENIZER_FILE, hf_hub_dir
+from model.paths import CONFIG_FILE, TOKENIZER_FILE, hf_hub_dir
 from model.registry import SUPPORTED_MODELS, find_supported
 
 DEFAULT_ENDPOINT = "https://huggingface.co"

@@ -150,7 +150,9 @@ class LocalBackend:
         async def fill(prefix: str, suffix: str, hole: Hole) -> tuple[str, int]:
             options = hole_options(hole.max_tokens, threshold=job.threshold,
                                    min_tokens=0 if hole.may_be_empty else 1)
-            result = await engine.infill(prefix, suffix, options, job.document)
+            # in the background: a completion asked meanwhile is denoised first
+            result = await engine.infill(prefix, suffix, options, job.document,
+                                         background=True)
             return result.text, result.steps
 
         prompt = job.prompt
