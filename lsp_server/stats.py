@@ -41,6 +41,9 @@ class Stats:
         names = ("requests", "completed", "empty", "cancelled", "superseded", "cacheHits",
                  "errors", "notReady", "rejected")
         snapshot = {name: self.counts.get(name, 0) for name in names}
+        snapshot["suppressed"] = {  # completions and hole fills not offered, and why
+            "lowConfidence": self.counts.get("suppressed:low_confidence", 0),
+            "breaksParse": self.counts.get("suppressed:breaks_parse", 0)}
         snapshot["latencyMs"] = percentiles(self.latency_ms)
         snapshot["modelMs"] = percentiles(self.model_ms)
         snapshot["nextEdit"] = {

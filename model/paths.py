@@ -5,6 +5,7 @@ answer at once; `model.loader` loads what these find.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +15,13 @@ BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_GLOB = "*.safetensors"
+# config.json's key for the model's calibrated confidence floor (docs/benchmarks.md)
+MIN_CONFIDENCE_KEY = "diffusion_lsp_min_confidence"
+GET_A_REAL_MODEL = "diffusion-lsp pull Open-dCoder-0.5B"  # the smallest real model
+PREVIEW_NOTICE = ("the bundled model is a PREVIEW, trained by this project on a small corpus: "
+                  "its suggestions are not useful yet. For real completions: "
+                  f"`{GET_A_REAL_MODEL}`, then `--model Open-dCoder-0.5B` (editors: the "
+                  "model.path setting); `diffusion-lsp models` lists the others")
 
 
 class ModelLoadError(RuntimeError):
@@ -70,3 +78,38 @@ def hf_cache_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path | Non
             return snapshot
     snapshots = sorted((repo_dir / "snapshots").glob("*")) if repo_dir.exists() else []
     return snapshots[-1] if snapshots else None
+
+
+def min_confidence(path: Path) -> float:
+    """The confidence floor calibrated for the model in `path`: its config.json's
+    MIN_CONFIDENCE_KEY, else its row in the supported table (by the cache folder's repo id),
+    else 0 (not calibrated: no floor)."""
+    try:
+        value = json.loads((path / CONFIG_FILE).read_text()).get(MIN_CONFIDENCE_KEY)
+    except (OSError, ValueError, AttributeError):
+        value = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    for part in path.parts:
+        if part.startswith("models--"):
+            supported = find_supported(part[len("models--"):].replace("--", "/", 1))
+            if supported is not None and supported.min_confidence is not None:
+                return supported.min_confidence
+    return 0.0
+
+
+def model_problem(name_or_path: str) -> str | None:
+    """Why `name_or_path` cannot be a model, found without loading anything (a missing
+    directory or cache entry, a folder with no config.json); None when it may load. A
+    benchmark's `random:SHAPE` is not judged here."""
+    if name_or_path.startswith("random:"):
+        return None
+    try:
+        path = resolve_model_path(name_or_path)
+    except ModelLoadError as error:
+        return str(error)
+    if not (path / CONFIG_FILE).is_file():
+        return (f"{path} is not a model directory (no {CONFIG_FILE}); pass a folder that holds "
+                f"{CONFIG_FILE}, {TOKENIZER_FILE} and {WEIGHTS_GLOB}, or a name from "
+                "`diffusion-lsp models`")
+    return None
