@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="speed benchmarks of the model (no LSP)")
     bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp",
                                         "cache-agreement", "typing", "cpu", "multi-hole",
-                                        "next-edit"],
+                                        "next-edit", "confidence"],
                        help="lsp: end to end through a real LSP client (the server over stdio); "
                             "cache-agreement: how often the context cache changes completions "
                             "(tiny checkpoints of every family and the bundled model); "
@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "times per dtype and a profile of where they go; multi-hole: two "
                             "lines of HumanEval solutions filled jointly vs one after another; "
                             "next-edit: exact match and latency of next edits "
-                            "(docs/next-edits.md)")
+                            "(docs/next-edits.md); confidence: the confidence floor's "
+                            "trade-off on held-out holes, and what is offered over LSP")
     bench.add_argument("--limit", type=int, default=40,
                        help="holes per split (default: %(default)s)")
     bench.add_argument("--max-tokens", type=int, default=32,
@@ -204,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--next-edits", action="store_true",
                        help="typing: each typed character also asks for a next edit, as the "
                             "editors do, while the completion is timed")
+    bench.add_argument("--against", default=None, metavar="CHECKOUT",
+                       help="typing: also the server of another source checkout (e.g. a git "
+                            "worktree of an older commit), hole by hole right after this one's, "
+                            "so that both see the same load (default: none)")
     _add_model_args(bench)
 
     service = commands.add_parser(
@@ -282,6 +287,43 @@ def run_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_benchmark(args: argparse.Namespace) -> int:
+    """`eval` and `bench NAME` (their code is the checkout's benchmarks/)."""
+    if args.command == "eval":
+        from benchmarks.humaneval import run_eval
+
+        return run_eval(args)
+    if args.command == "bench" and args.name == "lsp":
+        from benchmarks.lsp_latency import run_lsp_bench
+
+        return run_lsp_bench(args)
+    if args.command == "bench" and args.name == "typing":
+        from benchmarks.typing_latency import run_typing_bench
+
+        return run_typing_bench(args)
+    if args.command == "bench" and args.name == "multi-hole":
+        from benchmarks.multi_hole import run_multi_hole_bench
+
+        return run_multi_hole_bench(args)
+    if args.command == "bench" and args.name == "next-edit":
+        from benchmarks.next_edit import run_next_edit_bench
+
+        return run_next_edit_bench(args)
+    if args.command == "bench" and args.name == "confidence":
+        from benchmarks.confidence import run_confidence_bench
+
+        return run_confidence_bench(args)
+    if args.command == "bench" and args.name == "cpu":
+        from benchmarks.cpu_profile import run_cpu_bench
+
+        return run_cpu_bench(args)
+    if args.command == "bench":
+        from benchmarks.model_speed import run_bench
+
+        return run_bench(args)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
@@ -308,38 +350,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in NEEDS_BENCHMARKS and not use_benchmarks():
         print(NO_CHECKOUT.format(command=args.command), file=sys.stderr)
         return 2
-    if args.command == "bench" and args.name == "lsp":
-        from benchmarks.lsp_latency import run_lsp_bench
+    if args.command in NEEDS_BENCHMARKS:
+        from benchmarks.report import EvalDataMissing
 
-        return run_lsp_bench(args)
-    if args.command == "bench" and args.name == "typing":
-        from benchmarks.typing_latency import run_typing_bench
-
-        return run_typing_bench(args)
-    if args.command == "bench" and args.name == "multi-hole":
-        from benchmarks.multi_hole import run_multi_hole_bench
-
-        return run_multi_hole_bench(args)
-    if args.command == "bench" and args.name == "next-edit":
-        from benchmarks.next_edit import run_next_edit_bench
-
-        return run_next_edit_bench(args)
-    if args.command == "bench" and args.name == "cpu":
-        from benchmarks.cpu_profile import run_cpu_bench
-
-        return run_cpu_bench(args)
-    if args.command == "bench":
-        from benchmarks.model_speed import run_bench
-
-        return run_bench(args)
+        try:
+            return run_benchmark(args)
+        except EvalDataMissing as error:  # said once, with where to get the data
+            print(f"diffusion-lsp {args.command}: error: {error}", file=sys.stderr)
+            return 1
     if args.command == "service":
         from diffusion_lsp.service import run_service
 
         return run_service(args)
-    if args.command == "eval":
-        from benchmarks.humaneval import run_eval
-
-        return run_eval(args)
     if args.command == "pull":
         from diffusion_lsp.hub_commands import run_pull
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from model.load import load_for_cli
 from model.loader import LoadedModel, ModelLoadError
-from model.paths import PREVIEW_NOTICE, bundled_model_path
 from model.options import COMMIT_SETTINGS, SAMPLER_SETTINGS
+from model.paths import PREVIEW_NOTICE, bundled_model_path
 from model.sampler import Infill, InfillOptions, denoise_step, final_text, new_state
 
 log = logging.getLogger(__name__)

@@ -562,7 +562,7 @@ class DiffusionServer(LanguageServer):
         """The bundled model's first suggestion comes with a word that it is a preview, and
         what gets a real model (once a session)."""
         notice = getattr(self.backend, "preview_notice", None)
-        if notice:
+        if notice and notice not in self.reported:
             self.tell_user(notice, types.MessageType.Info, popup=True)
 
     # -- several holes: the "Fill N holes" code action ----------------------------------------
