@@ -81,7 +81,7 @@ async def test_a_completion_that_breaks_the_file_is_not_offered_and_counted():
             remote_options(remote.url)) as client:
         open_document(client, "untitled:mean.py", FUNCTION)
         answer = await inline(client, "untitled:mean.py", 2, 4)
-        assert answer.items == []
+        assert list(answer.items) == []
         snapshot = await stats(client)
         assert snapshot["suppressed"] == {"lowConfidence": 0, "breaksParse": 1}
     async with StandIn(text=JUNK) as remote, running_server(
@@ -114,7 +114,7 @@ async def test_nothing_below_the_floor_is_offered():
             open_document(client, f"untitled:d{index}.py", text)
             answer = await inline(client, f"untitled:d{index}.py", len(before) - 1,
                                   len(before[-1]))
-            assert answer.items == []
+            assert list(answer.items) == []
         assert (await stats(client))["suppressed"]["lowConfidence"] >= 1
 
 
