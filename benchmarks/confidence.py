@@ -9,8 +9,8 @@ problems calibrate, odd-numbered ones are held out.
    the line's indentation). A suggestion is *right* when the hole's line starts with it (taking
    it leaves the user on the way to the right line; *exact* when it is the whole line), *wrong*
    otherwise. For each floor: the wrong suggestions it removes, the right ones it loses. The
-   calibrated floor is the highest one that loses at most MAX_RIGHT_LOST of the calibration
-   half's right suggestions.
+   calibrated floor is, of those losing at most MAX_RIGHT_LOST of the calibration half's right
+   suggestions, the lowest that removes the most wrong ones.
 2. over LSP, held-out holes only: each hole as a document with the cursor at the end of the
    blank, indented line where the hole was; the server's answer at the cursor, once with the
    defaults (the model's floor and the parse check) and once with both off. Counted: what is
@@ -95,10 +95,13 @@ def trade_off(rows: list[dict], measure: str = "lowest") -> list[dict]:
 
 
 def calibrate(table: list[dict]) -> float:
-    """The highest floor losing at most MAX_RIGHT_LOST of the right suggestions."""
-    allowed = [row["floor"] for row in table
-               if row["right_lost"] <= MAX_RIGHT_LOST * max(row["right"], 1)]
-    return max(allowed) if allowed else 0.0
+    """Of the floors losing at most MAX_RIGHT_LOST of the right suggestions, the lowest that
+    removes the most wrong ones (no higher floor than the evidence asks for)."""
+    allowed = [row for row in table if row["right_lost"] <= MAX_RIGHT_LOST * row["right"]]
+    if not allowed:
+        return 0.0
+    most = max(row["wrong_removed"] for row in allowed)
+    return min(row["floor"] for row in allowed if row["wrong_removed"] == most)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -543,8 +543,7 @@ class DiffusionServer(LanguageServer):
             log.debug("not offered (%s, confidence %s): %r", problem, outcome.confidence,
                       cleaned)
             cleaned = ""
-        elif cleaned:
-            self.say_if_preview()
+        self.say_if_preview()
         if sink is not None:
             sink.finish(outcome.steps, cleaned)
         self.cache.put(uri, text, cursor.offset, cleaned)
@@ -559,8 +558,8 @@ class DiffusionServer(LanguageServer):
         return floor if floor is not None else getattr(self.backend, "min_confidence", 0.0)
 
     def say_if_preview(self) -> None:
-        """The bundled model's first suggestion comes with a word that it is a preview, and
-        what gets a real model (once a session)."""
+        """The bundled model's first completion (offered, or held back as junk) comes with a
+        word that it is a preview, and what gets a real model (once a session)."""
         notice = getattr(self.backend, "preview_notice", None)
         if notice and notice not in self.reported:
             self.tell_user(notice, types.MessageType.Info, popup=True)

@@ -23,6 +23,7 @@ from model.families import Family, resolve_family
 from model.paths import (  # noqa: F401 - where a model is found (torch-free), re-exported
     BUNDLED_DIR,
     CONFIG_FILE,
+    MIN_CONFIDENCE_KEY,
     TOKENIZER_FILE,
     WEIGHTS_GLOB,
     ModelLoadError,
@@ -35,7 +36,7 @@ from model.tokenizer import BPE_MERGES_FILE, BPE_VOCAB_FILE, qwen2_tokenizer_fro
 
 # config.json keys that describe where the checkpoint came from, not its shape
 NON_SHAPE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype",
-                  "diffusion_lsp", "diffusion_lsp_family")
+                  "diffusion_lsp", "diffusion_lsp_family", MIN_CONFIDENCE_KEY)
 
 
 @dataclass

@@ -19,7 +19,8 @@ WEIGHTS_GLOB = "*.safetensors"
 MIN_CONFIDENCE_KEY = "diffusion_lsp_min_confidence"
 GET_A_REAL_MODEL = "diffusion-lsp pull Open-dCoder-0.5B"  # the smallest real model
 PREVIEW_NOTICE = ("the bundled model is a PREVIEW, trained by this project on a small corpus: "
-                  "its suggestions are not useful yet. For real completions: "
+                  "its suggestions are not useful yet, and most are held back as too unsure "
+                  "(completion.minConfidence). For real completions: "
                   f"`{GET_A_REAL_MODEL}`, then `--model Open-dCoder-0.5B` (editors: the "
                   "model.path setting); `diffusion-lsp models` lists the others")
 

@@ -34,9 +34,7 @@ def every_option():
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     for name, command in commands.choices.items():
         for action in command._actions:
-            if action.option_strings and not isinstance(action, argparse._HelpAction):
-                yield name, action
-            elif not action.option_strings:  # a positional argument
+            if not isinstance(action, argparse._HelpAction):  # options and positionals
                 yield name, action
 
 
