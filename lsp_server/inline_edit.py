@@ -108,7 +108,7 @@ async def _suggest(ls: DiffusionServer, uri: str, version: int | None, position:
         return []
     ls.supersede(ls.inflight_edits, uri, task)
     ls.memory.viewed.saw(uri, cursor.line)
-    if not ls.edit_backoff.should_ask():
+    if settings.next_edit.backoff and not ls.edit_backoff.should_ask():
         ls.stats.count("nextEditSkipped")
         return []
     backend, options = ls.backend, settings.next_edit

@@ -93,6 +93,9 @@ class NextEditSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=Tru
     # the local rewrite (model/next_edit.py); "region" by measurement (docs/next-edits.md)
     strategy: Literal["doubt", "region"] = "region"
     threshold: float = 0.9
+    # after empty answers, skip more and more requests before asking the model again
+    # (next_edit.Backoff); false: ask on every request (the next-edit benchmark measures each)
+    backoff: bool = True
 
 
 class RemoteSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
