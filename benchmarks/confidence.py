@@ -11,9 +11,10 @@ problems calibrate, odd-numbered ones are held out.
    otherwise. For each floor: the wrong suggestions it removes, the right ones it loses. The
    calibrated floor is, of those losing at most MAX_RIGHT_LOST of the calibration half's right
    suggestions, the lowest that removes the most wrong ones.
-2. over LSP, held-out holes only: each hole as a document with the cursor at the end of the
-   blank, indented line where the hole was; the server's answer at the cursor, once with the
-   defaults (the model's floor and the parse check) and once with both off. Counted: what is
+2. over LSP, held-out holes only: each hole as a document while its line is typed (the
+   indentation and first word written, the cursor after them); the server's answer at the
+   cursor, once with the defaults (the model's floor and the parse check) and once with both
+   off. Counted: what is
    offered, what is suppressed and why, and how many offered suggestions turn a file that
    parsed into one that does not (`lsp_server.parse_check`).
 
@@ -23,11 +24,12 @@ problems calibrate, odd-numbered ones are held out.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
 from benchmarks.report import load_holes, machine, publish
-from lsp_server.parse_check import breaks_parse, inserted
+from lsp_server.parse_check import breaks_parse, inserted, parses
 from model.loader import LoadedModel
 from model.options import hole_options
 from model.sampler import infill
@@ -54,6 +56,15 @@ def at_cursor(hole: dict) -> tuple[str, str, str]:
     middle = hole["canonical_solution"]
     body = middle.lstrip(" \t")
     return hole["prompt"] + middle[: len(middle) - len(body)], "\n" + hole["suffix"], body
+
+
+def typing_the_line(hole: dict) -> tuple[str, str]:
+    """(prefix, suffix) while the hole's line is being typed: its indentation and first word
+    written, the rest of the line gone (a single-line completion at the cursor; the file may
+    or may not parse there, as while typing)."""
+    prefix, suffix, body = at_cursor(hole)
+    word = re.match(r"\w*\W?", body).group(0).rstrip("\n")
+    return prefix + word, suffix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,14 +120,14 @@ def calibrate(table: list[dict]) -> float:
 
 
 async def offered_over_lsp(holes: list[dict], settings: dict) -> dict:
-    """Each hole's document, the cursor at the end of its blank line: what the server offers,
-    and how many of those break a file that parsed."""
+    """Each hole's document while its line is typed (`typing_the_line`): what the server
+    offers at the cursor, and how many of those break a file that parsed."""
     from benchmarks.lsp_client import inline, open_document, running_server, stats
 
     offered = breaking = 0
     async with running_server(settings) as client:
         for index, hole in enumerate(holes):
-            prefix, suffix, _ = at_cursor(hole)
+            prefix, suffix = typing_the_line(hole)
             text = prefix + suffix
             lines = prefix.split("\n")
             uri = f"untitled:held-out-{index}.py"
@@ -129,6 +140,8 @@ async def offered_over_lsp(holes: list[dict], settings: dict) -> dict:
                                          "python")
         server = await stats(client)
     return {"holes": len(holes), "offered": offered, "offered_breaking_parse": breaking,
+            "parsed_before": sum(parses(typing_the_line(h)[0] + typing_the_line(h)[1],
+                                        "python") is True for h in holes),
             "suppressed": server["suppressed"], "empty": server["empty"]}
 
 

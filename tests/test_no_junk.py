@@ -124,7 +124,7 @@ def held_out_documents(limit: int) -> list[tuple[str, int]]:
     if (EVAL_DATA / "HumanEval-SingleLineInfilling.jsonl.gz").exists():
         _, held_out = bench.halves(bench.load_holes("single-line", 2 * limit))
         for hole in held_out:
-            prefix, suffix, _ = bench.at_cursor(hole)
+            prefix, suffix = bench.typing_the_line(hole)
             documents.append((prefix + suffix, len(prefix)))
     return documents
 
