@@ -32,8 +32,9 @@ CANCELLED = -32800
 
 
 def options(tiny_dir, **completion) -> dict:
+    # the tiny model writes noise, which the parse check would hold back: off here
     return {"model": {"path": str(tiny_dir)},
-            "completion": {"debounceMs": 0, **completion}}
+            "completion": {"debounceMs": 0, "checkParse": False, **completion}}
 
 
 def rss_kb(pid: int) -> int:
