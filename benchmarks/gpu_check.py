@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.model_speed import card_bandwidth
-from benchmarks.report import RESULTS, load_holes
+from benchmarks.report import RESULTS, EvalDataMissing, load_holes
 from model import fast_step
 from model.loader import LoadedModel, load_model
 from model.options import hole_options as server_hole_options
@@ -686,11 +686,17 @@ def run(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, default=str))
 
-    save()
     data = Path(args.data) if args.data else None
-    holes = load_holes("multi-line", args.holes, data)
+    try:
+        holes = load_holes("multi-line", args.holes, data) if args.sections else []
+    except EvalDataMissing as error:
+        result.setdefault("errors", {})["data"] = str(error)
+        save()
+        say(f"error: {error}")
+        return 2
+    save()
     model = None
-    for section in args.sections.split(","):
+    for section in filter(None, args.sections.split(",")):
         began = time.perf_counter()
         try:
             if section in MODEL_SECTIONS and model is None:
@@ -727,6 +733,9 @@ def run(args: argparse.Namespace) -> int:
         result.setdefault("section_s", {})[section] = round(time.perf_counter() - began, 1)
         save()
     say(f"wrote {out}")
+    if result.get("errors"):
+        say(f"error: sections failed: {', '.join(result['errors'])} (gpu.json's errors)")
+        return 1
     return 0
 
 

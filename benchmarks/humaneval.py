@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import EvalDataMissing, missing_data
 from benchmarks.sandbox import DEFAULT_TIMEOUT_S, DEFAULT_WORKERS, Outcome, run_program
 from lsp_server.context import cut_prefix, cut_suffix
 
@@ -49,8 +50,7 @@ LATENCY_SAMPLE = 20  # holes run alone, one at a time, to measure the latency of
 MAX_BATCH = 16
 
 
-class EvalDataError(FileNotFoundError):
-    """The benchmark's data files are not where they were looked for."""
+EvalDataError = EvalDataMissing  # the benchmark's data files are not where they were looked for
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,9 +78,7 @@ def split_file(split: str, data: Path | None = None) -> Path:
             if (folder / name).exists():
                 return folder / name
     looked = ", ".join(str(f) for f in folders)
-    raise EvalDataError(
-        f"HumanEval-infilling data not found: no {SPLIT_FILES[split]}.gz in {looked}; "
-        f"pass --data DIR (the folder with the HumanEval-*Infilling.jsonl.gz files)")
+    raise missing_data(looked)
 
 
 def load_tasks(split: str, limit: int | None = None, data: Path | None = None) -> tuple[

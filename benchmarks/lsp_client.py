@@ -185,11 +185,19 @@ async def wait_ready(client: LanguageClient, timeout: float = READY_TIMEOUT_S) -
 async def running_server(init_options: dict | None, client_name: str = "visual-studio-code",
                          extra_args: tuple[str, ...] = (), wait: bool = True,
                          env: dict[str, str] | None = None,
-                         module: str = "diffusion_lsp") -> AsyncIterator[LanguageClient]:
+                         module: str = "diffusion_lsp",
+                         checkout: Path | None = None) -> AsyncIterator[LanguageClient]:
     """A started, initialised server process (`python -m MODULE serve EXTRA_ARGS`); waits until
-    the model is ready unless `wait` is false."""
+    the model is ready unless `wait` is false. With `checkout`, the server is that source
+    checkout's (run from it, first on its path: e.g. a worktree of an older commit)."""
     client = LanguageClient()
-    await client.start_io(sys.executable, "-m", module, "serve", *extra_args, env=env)
+    where = {}
+    if checkout is not None:
+        base = env if env is not None else dict(os.environ)
+        where = {"cwd": str(checkout), "env": {**base, "PYTHONPATH": str(checkout)}}
+    else:
+        where = {"env": env}
+    await client.start_io(sys.executable, "-m", module, "serve", *extra_args, **where)
     try:
         await client.initialize_session(types.InitializeParams(
             capabilities=client_capabilities(client_name),

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import EVAL_DATA, SPLIT_FILES, machine, publish
+from benchmarks.report import machine, publish, split_path
 from benchmarks.sandbox import run_programs
 
 TINY_FAMILIES = ("default", "dream", "dreamon", "llada")
@@ -34,8 +34,7 @@ HOLE_TOKENS = 24  # each hole's budget (a line of HumanEval is well under this)
 
 def problems(data: Path | None = None) -> dict[str, list[dict]]:
     """Single-line records grouped by problem (HumanEval/N), in file order."""
-    path = (data or EVAL_DATA) / SPLIT_FILES["single-line"]
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
+    with gzip.open(split_path("single-line", data), "rt", encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle if line.strip()]
     grouped: dict[str, list[dict]] = {}
     for record in records:

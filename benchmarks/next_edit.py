@@ -291,10 +291,11 @@ async def bench(args) -> dict:
     strategies = [args.strategy] if args.strategy else ["doubt", "region"]
     if not args.remote_only:
         for strategy in strategies:
-            settings = {**base, "nextEdit": {"strategy": strategy}}
+            settings = {**base, "nextEdit": {"strategy": strategy, "backoff": False}}
             results.append(await run_cases(cases, settings, f"local ({strategy})"))
     if args.remote_url:
         settings = {"backend": "remote", "completion": {"debounceMs": 0},
+                    "nextEdit": {"backoff": False},
                     "remote": {"url": args.remote_url, "api": "mercury", "timeoutMs": 10000}}
         results.append(await run_cases(cases, settings, f"remote {args.remote_url}"))
     else:
@@ -303,6 +304,7 @@ async def bench(args) -> dict:
 
         async with EditStandIn(rewrite=oracle(cases)) as standin:
             settings = {"backend": "remote", "completion": {"debounceMs": 0},
+                        "nextEdit": {"backoff": False},
                         "remote": {"url": standin.url, "api": "mercury", "apiKey": KEY}}
             results.append(await run_cases(cases, settings, "remote stand-in (oracle)"))
     return {"machine": machine(), "model": args.model or "bundled", "cases": len(cases),

@@ -23,6 +23,27 @@ SPLIT_FILES = {
     "single-line": "HumanEval-SingleLineInfilling.jsonl.gz",
     "multi-line": "HumanEval-MultiLineInfilling.jsonl.gz",
 }
+DATA_SOURCE = ("the data/ folder of https://github.com/openai/human-eval-infilling "
+               "(MIT; CI keeps a copy in ../shared/eval-data/humaneval-infilling)")
+
+
+class EvalDataMissing(FileNotFoundError):
+    """HumanEval-infilling is not where it was looked for; the message says where to get it."""
+
+
+def missing_data(looked: str) -> EvalDataMissing:
+    return EvalDataMissing(
+        f"HumanEval-infilling data not found in {looked}: download the "
+        f"HumanEval-*Infilling.jsonl.gz files from {DATA_SOURCE} and pass --data DIR (the "
+        "folder that holds them)")
+
+
+def split_path(split: str, data: Path | None = None) -> Path:
+    """The split's .jsonl.gz file; raises EvalDataMissing (saying where to get it)."""
+    path = (data or EVAL_DATA) / SPLIT_FILES[split]
+    if not path.is_file():
+        raise missing_data(str(path.parent))
+    return path
 
 
 def machine() -> dict:
@@ -42,8 +63,7 @@ def machine() -> dict:
 
 def load_holes(split: str, limit: int, data: Path | None = None) -> list[dict]:
     """Evenly spaced records of a HumanEval-infilling split: {task_id, prompt, suffix}."""
-    path = (data or EVAL_DATA) / SPLIT_FILES[split]
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
+    with gzip.open(split_path(split, data), "rt", encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle if line.strip()]
     stride = max(1, len(records) // limit)
     return records[::stride][:limit]

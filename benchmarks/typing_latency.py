@@ -24,6 +24,7 @@ realistic number of tokens; the weights are noise, so the completions' text is t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 import tempfile
@@ -53,6 +54,7 @@ from model.shapes import SHAPES, random_model_of_shape
 DOCUMENTS_FOR_MEMORY = 20  # the issue's "20 open documents"
 SINGLE_LINE_TOKENS = 32  # the server's completion.maxTokensSingleLine default
 NAME = "typing"
+INLINE_EDIT = "textDocument/copilotInlineEdit"  # what the editors ask after every change
 ONE_STEP = InfillOptions(max_tokens=1, initial_tokens=1, tokens_per_step=1)  # caches a document
 
 
@@ -160,36 +162,69 @@ def bench_model(model: LoadedModel, holes: list[dict], options: InfillOptions | 
 
 
 async def bench_lsp(holes: list[dict], model_path: str | None, options: InfillOptions,
-                    device: str = "auto") -> dict:
-    """The same two requests per hole, through a real LSP client and the server process."""
-    from benchmarks.lsp_client import edit, inline, open_document, running_server, stats
+                    device: str = "auto", next_edits: bool = False,
+                    against: Path | None = None) -> dict:
+    """The same two requests per hole, through a real LSP client and the server process. With
+    `next_edits`, the typed character also asks for a next edit first, as the editors' clients
+    do after every change, and the completion is timed while it is in flight. With `against`
+    (another source checkout), its server runs beside this one and gets every hole right
+    after it, so that both see the same load: `against` holds its figures."""
+    from benchmarks.lsp_client import running_server, stats
 
     settings = {"completion": {"multiline": "never", "maxTokensSingleLine": options.max_tokens,
                                "tokensPerStep": options.tokens_per_step}}
     settings["model"] = {"device": device}
     if model_path:
         settings["model"]["path"] = model_path
-    rows = []
-    async with running_server(settings) as client:
+    checkouts = {"this": None} if against is None else {"this": None, "against": against}
+    rows: dict[str, list[dict]] = {name: [] for name in checkouts}
+    servers: dict[str, dict] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {name: await stack.enter_async_context(running_server(settings,
+                                                                         checkout=checkout))
+                   for name, checkout in checkouts.items()}
         for index, hole in enumerate(holes):
-            prefix, suffix, typed = hole_document(hole)
-            lines = prefix.split("\n")
-            line, character = len(lines) - 1, len(lines[-1])
-            uri = f"untitled:typing-{index}.py"
-            open_document(client, uri, prefix + suffix)
-            began = time.perf_counter()
-            await inline(client, uri, line, character)
-            first = (time.perf_counter() - began) * 1e3
-            edit(client, uri, 2, line, character, typed)
-            began = time.perf_counter()
-            answer = await inline(client, uri, line, character + len(typed))
-            typing = (time.perf_counter() - began) * 1e3
-            items = answer.items if answer is not None and hasattr(answer, "items") else answer
-            rows.append({"task_id": hole["task_id"], "first_ms": first, "typing_ms": typing,
-                         "answered": bool(items)})
-        server = await stats(client)
+            for name, client in clients.items():
+                rows[name].append(await type_one(client, index, hole, next_edits))
+        for name, client in clients.items():
+            servers[name] = await stats(client)
+    summaries = {name: summary(rows[name], servers[name], next_edits) for name in checkouts}
+    result = summaries["this"]
+    if against is not None:
+        result["against"] = {"checkout": str(against), **summaries["against"]}
+    return result
+
+
+async def type_one(client, index: int, hole: dict, next_edits: bool) -> dict:
+    """One hole: open it, ask (first request), type a character, ask again (timed)."""
+    from benchmarks.lsp_client import edit, inline, open_document
+
+    prefix, suffix, typed = hole_document(hole)
+    lines = prefix.split("\n")
+    line, character = len(lines) - 1, len(lines[-1])
+    uri = f"untitled:typing-{index}.py"
+    open_document(client, uri, prefix + suffix)
+    began = time.perf_counter()
+    await inline(client, uri, line, character)
+    first = (time.perf_counter() - began) * 1e3
+    edit(client, uri, 2, line, character, typed)
+    asked = asyncio.ensure_future(client.protocol.send_request_async(
+        INLINE_EDIT, {"textDocument": {"uri": uri, "version": 2}, "position": {
+            "line": line, "character": character + len(typed)}})) if next_edits else None
+    began = time.perf_counter()
+    answer = await inline(client, uri, line, character + len(typed))
+    typing = (time.perf_counter() - began) * 1e3
+    if asked is not None:
+        await asked
+    items = answer.items if answer is not None and hasattr(answer, "items") else answer
+    return {"task_id": hole["task_id"], "first_ms": first, "typing_ms": typing,
+            "answered": bool(items)}
+
+
+def summary(rows: list[dict], server: dict, next_edits: bool) -> dict:
     return {
         "requests": 2 * len(rows),
+        "next_edits": next_edits,
         "first_p50_ms": percentile([r["first_ms"] for r in rows], 50),
         "first_p95_ms": percentile([r["first_ms"] for r in rows], 95),
         "typing_p50_ms": percentile([r["typing_ms"] for r in rows], 50),
@@ -215,10 +250,15 @@ def run_typing_bench(args) -> int:
             model_path = str(write_shape_checkpoint(args.shape, Path(scratch) / args.shape))
             print(f"wrote a random {args.shape} checkpoint in {time.perf_counter() - began:.0f} s")
         # over LSP first, while this process holds no model (no contention for the cores)
-        lsp = asyncio.run(bench_lsp(holes, model_path, options))
-        print(f"over LSP    first request p50 {lsp['first_p50_ms']:7.0f} ms   "
-              f"while typing p50 {lsp['typing_p50_ms']:7.0f} ms "
-              f"(p95 {lsp['typing_p95_ms']:.0f})")
+        against = getattr(args, "against", None)
+        lsp = asyncio.run(bench_lsp(holes, model_path, options,
+                                    next_edits=getattr(args, "next_edits", False),
+                                    against=Path(against) if against else None))
+        for label, figures in (("over LSP", lsp), (f"  {against}", lsp.get("against"))):
+            if figures is not None:
+                print(f"{label:<11} first request p50 {figures['first_p50_ms']:7.0f} ms   "
+                      f"while typing p50 {figures['typing_p50_ms']:7.0f} ms "
+                      f"(p95 {figures['typing_p95_ms']:.0f})")
         if args.threads:
             torch.set_num_threads(args.threads)
         if model_path:
@@ -238,6 +278,7 @@ def run_typing_bench(args) -> int:
                "dtype": str(model.dtype), "max_tokens": options.max_tokens,
                "tokens_per_step": options.tokens_per_step, "lsp": lsp, "model_only": only}
     name = f"{NAME}-{args.shape}" if args.shape else NAME  # one file per model
+    name += "-next-edits" if lsp["next_edits"] else ""
     publish(name, payload, lambda: plot(payload, name))
     return 0
 

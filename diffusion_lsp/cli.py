@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,8 +15,28 @@ from model.options import COMMIT_SETTINGS, SAMPLER_SETTINGS
 CONTEXT = ContextSettings()  # the server's context budgets, the default for `infill` too
 PACKAGE = Path(__file__).resolve().parent
 NEEDS_BENCHMARKS = ("bench", "eval")  # commands whose code lives in the checkout's benchmarks/
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DATA_HELP = ("folder with the HumanEval-*Infilling.jsonl.gz files (default: "
+             "../shared/eval-data/humaneval-infilling; get them from the data/ folder of "
+             "https://github.com/openai/human-eval-infilling)")
 NO_CHECKOUT = ("diffusion-lsp {command}: benchmarks/ ships with the source checkout, not the "
                "installed package: git clone the repository and run `pip install -e .` in it")
+
+
+def version() -> str:
+    """The installed distribution's version, else pyproject.toml's (a plain checkout)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("diffusion-lsp")
+    except PackageNotFoundError:
+        import re
+
+        pyproject = PACKAGE.parent / "pyproject.toml"
+        found = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M) if (
+            pyproject.is_file()) else None
+        return found.group(1) if found else "unknown"
 
 
 def source_checkout(package: Path = PACKAGE) -> Path | None:
@@ -51,7 +72,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                              "expand_token delete_token extra_end_tokens shifted_logits "
                              "always_bos delete_pads_right)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto | float32 | bfloat16 | float16 (default: auto, what "
+                             "measured fastest on this device)")
 
 
 def _add_sampler_args(parser: argparse.ArgumentParser) -> None:
@@ -77,14 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffusion-lsp",
         description="Code completion for any LSP editor, served by a diffusion language model.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}",
+                        help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the language server (stdio by default)")
     serve.add_argument("--tcp", action="store_true", help="listen on TCP instead of stdio")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=2087)
-    serve.add_argument("--log-level", default="INFO")
-    serve.add_argument("--log-file", default=None)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="with --tcp: the address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=2087,
+                       help="with --tcp: the port to listen on (default: %(default)s)")
+    serve.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                       help="what goes to the log (default: %(default)s)")
+    serve.add_argument("--log-file", default=None,
+                       help="write the log to this file (default: stderr, which editors show "
+                            "in their output panel)")
     _add_model_args(serve)
 
     infill = commands.add_parser("infill", help="fill holes from a JSONL file")
@@ -95,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="add each record's intermediate states (masked tokens as \u2591)")
     infill.add_argument("--output", required=True,
                         help='JSONL: {"id", "completion", "steps", "latency_ms"}')
-    infill.add_argument("--max-tokens", type=int, default=64)
-    infill.add_argument("--single-line", action="store_true")
+    infill.add_argument("--max-tokens", type=int, default=64,
+                        help="tokens in one completion, at most (default: %(default)s)")
+    infill.add_argument("--single-line", action="store_true",
+                        help="stop each completion at the end of its line (default: off)")
     _add_sampler_args(infill)
     infill.add_argument("--prefix-tokens", type=int, default=CONTEXT.prefix_tokens,
                         help="context before the hole, cut by whole lines as the server cuts "
@@ -106,25 +138,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(infill)
 
     demo = commands.add_parser("demo", help="watch a hole being denoised, step by step")
-    demo.add_argument("--prefix", default=None, help="text before the hole")
-    demo.add_argument("--suffix", default=None, help="text after the hole")
-    demo.add_argument("--max-tokens", type=int, default=32)
-    demo.add_argument("--delay", type=float, default=0.25, help="seconds between steps shown")
+    demo.add_argument("--prefix", default=None,
+                      help="text before the hole (default: a palindrome function's start)")
+    demo.add_argument("--suffix", default=None,
+                      help="text after the hole (default: a call of that function)")
+    demo.add_argument("--max-tokens", type=int, default=32,
+                      help="tokens in the hole, at most (default: %(default)s)")
+    demo.add_argument("--delay", type=float, default=0.25,
+                      help="seconds between steps shown (default: %(default)s)")
     _add_model_args(demo)
 
     evaluate = commands.add_parser("eval", help="measure quality (HumanEval infilling)")
-    evaluate.add_argument("benchmark", choices=["humaneval-infilling"])
-    evaluate.add_argument("--split", choices=["single-line", "multi-line"], default="single-line")
-    evaluate.add_argument("--limit", type=int, default=None)
-    evaluate.add_argument("--data", default=None, help="folder with the HumanEval-*.jsonl.gz files")
-    evaluate.add_argument("--output", default=None, help="JSON result file")
-    evaluate.add_argument("--max-tokens", type=int, default=None)
+    evaluate.add_argument("benchmark", choices=["humaneval-infilling"],
+                          help="the benchmark (HumanEval-infilling, Bavarian et al. 2022)")
+    evaluate.add_argument("--split", choices=["single-line", "multi-line"], default="single-line",
+                          help="which holes (default: %(default)s)")
+    evaluate.add_argument("--limit", type=int, default=None,
+                          help="this many holes, evenly spaced over the split (default: all)")
+    evaluate.add_argument("--data", default=None, help=DATA_HELP)
+    evaluate.add_argument("--output", default=None,
+                          help="JSON result file (default: benchmarks/results/eval-...json)")
+    evaluate.add_argument("--max-tokens", type=int, default=None,
+                          help="tokens in one completion, at most (default: 32 single-line, "
+                               "64 multi-line)")
     _add_model_args(evaluate)
 
     bench = commands.add_parser("bench", help="speed benchmarks of the model (no LSP)")
     bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp",
                                         "cache-agreement", "typing", "cpu", "multi-hole",
-                                        "next-edit"],
+                                        "next-edit", "confidence"],
                        help="lsp: end to end through a real LSP client (the server over stdio); "
                             "cache-agreement: how often the context cache changes completions "
                             "(tiny checkpoints of every family and the bundled model); "
@@ -133,18 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
                             "times per dtype and a profile of where they go; multi-hole: two "
                             "lines of HumanEval solutions filled jointly vs one after another; "
                             "next-edit: exact match and latency of next edits "
-                            "(docs/next-edits.md)")
-    bench.add_argument("--limit", type=int, default=40, help="holes per split")
-    bench.add_argument("--max-tokens", type=int, default=32)
+                            "(docs/next-edits.md); confidence: the confidence floor's "
+                            "trade-off on held-out holes, and what is offered over LSP")
+    bench.add_argument("--limit", type=int, default=40,
+                       help="holes per split (default: %(default)s)")
+    bench.add_argument("--max-tokens", type=int, default=32,
+                       help="tokens in one completion, at most (default: %(default)s)")
     bench.add_argument("--tokens-per-step", type=int, default=None,
                        help="vs-autoregressive: fixed tokens per step (default: threshold)")
-    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's choice)")
     bench.add_argument("--tiny-families", action="store_true",
                        help="multi-hole: also each family's tiny random checkpoint")
     bench.add_argument("--preview", action="store_true",
                        help="lsp: ask every hole twice, live previews off and on, and report "
                             "what previews cost")
-    bench.add_argument("--data", default=None, help="folder with the HumanEval-*.jsonl.gz files")
+    bench.add_argument("--data", default=None, help=DATA_HELP)
     bench.add_argument("--shape", default=None,
                        help="instead of --model: random weights of a published shape "
                             "(qwen2.5-7b = Dream-Coder-7B, GPU only; qwen2.5-0.5b = "
@@ -156,30 +202,47 @@ def build_parser() -> argparse.ArgumentParser:
                             "instead of the stand-in")
     bench.add_argument("--remote-only", action="store_true",
                        help="next-edit: measure the remote only")
+    bench.add_argument("--next-edits", action="store_true",
+                       help="typing: each typed character also asks for a next edit, as the "
+                            "editors do, while the completion is timed")
+    bench.add_argument("--against", default=None, metavar="CHECKOUT",
+                       help="typing: also the server of another source checkout (e.g. a git "
+                            "worktree of an older commit), hole by hole right after this one's, "
+                            "so that both see the same load (default: none)")
     _add_model_args(bench)
 
     service = commands.add_parser(
         "service", help="serve the FIM completions API on Ray Serve, shared by many editors")
     service.add_argument("--host", default="127.0.0.1",
-                         help="beyond loopback only with DIFFUSION_LSP_TOKEN set")
-    service.add_argument("--port", type=int, default=8000)
+                         help="the address to listen on; beyond loopback only with "
+                              "DIFFUSION_LSP_TOKEN set (default: %(default)s)")
+    service.add_argument("--port", type=int, default=8000,
+                         help="the port to listen on (default: %(default)s)")
     service.add_argument("--replicas", type=int, default=None,
                          help="model replicas (default: one per GPU, else 1)")
     service.add_argument("--min-replicas", type=int, default=None,
-                         help="with --max-replicas: autoscale between these bounds")
-    service.add_argument("--max-replicas", type=int, default=None)
+                         help="with --max-replicas: autoscale between these bounds (default: "
+                              "no autoscaling)")
+    service.add_argument("--max-replicas", type=int, default=None,
+                         help="with --min-replicas: the upper bound (default: no autoscaling)")
     service.add_argument("--cpus-per-replica", type=float, default=1.0,
-                         help="CPU replicas: CPUs (and torch threads) each")
+                         help="CPU replicas: CPUs (and torch threads) each "
+                              "(default: %(default)s)")
     service.add_argument("--max-batch", type=int, default=16,
-                         help="holes one replica denoises in one batch, at most")
+                         help="holes one replica denoises in one batch, at most "
+                              "(default: %(default)s)")
     service.add_argument("--batching", choices=["engine", "serve"], default="engine",
                          help="engine: requests join the engine's step batches as they come; "
-                              "serve: Ray Serve's @serve.batch groups them first")
+                              "serve: Ray Serve's @serve.batch groups them first "
+                              "(default: %(default)s)")
     service.add_argument("--address", default=None,
-                         help="join this Ray cluster (e.g. auto) instead of starting one")
+                         help="join this Ray cluster (e.g. auto) instead of starting one "
+                              "(default: start one)")
     service.add_argument("--num-cpus", type=int, default=None,
-                         help="CPUs for the Ray instance this command starts")
-    service.add_argument("--log-level", default="INFO")
+                         help="CPUs for the Ray instance this command starts (default: Ray's "
+                              "choice, all of them)")
+    service.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                         help="what goes to the log (default: %(default)s)")
     _add_model_args(service)
 
     pull = commands.add_parser(
@@ -216,28 +279,20 @@ def run_doctor(args: argparse.Namespace) -> int:
         remote = msgspec.structs.replace(remote, url=args.remote_url)
     if args.api_key_env is not None:
         remote = msgspec.structs.replace(remote, api_key_env=args.api_key_env)
-    report = diagnose(remote)
+    # a remote is checked when one is named, or its key is set; else there is none to warn of
+    configured = args.remote_url is not None or args.api_key_env is not None or bool(
+        os.environ.get(remote.api_key_env))
+    report = diagnose(remote if configured else None)
     print(json.dumps(report, indent=2) if args.json else describe(report))
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        from lsp_server.main import serve
+def run_benchmark(args: argparse.Namespace) -> int:
+    """`eval` and `bench NAME` (their code is the checkout's benchmarks/)."""
+    if args.command == "eval":
+        from benchmarks.humaneval import run_eval
 
-        return serve(args) or 0
-    if args.command == "infill":
-        from diffusion_lsp.commands import run_infill
-
-        return run_infill(args)
-    if args.command == "demo":
-        from diffusion_lsp.commands import run_demo
-
-        return run_demo(args)
-    if args.command in NEEDS_BENCHMARKS and not use_benchmarks():
-        print(NO_CHECKOUT.format(command=args.command), file=sys.stderr)
-        return 2
+        return run_eval(args)
     if args.command == "bench" and args.name == "lsp":
         from benchmarks.lsp_latency import run_lsp_bench
 
@@ -254,6 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.next_edit import run_next_edit_bench
 
         return run_next_edit_bench(args)
+    if args.command == "bench" and args.name == "confidence":
+        from benchmarks.confidence import run_confidence_bench
+
+        return run_confidence_bench(args)
     if args.command == "bench" and args.name == "cpu":
         from benchmarks.cpu_profile import run_cpu_bench
 
@@ -262,14 +321,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.model_speed import run_bench
 
         return run_bench(args)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        # a --model that cannot load is said at once, in the terminal, before anything heavy
+        # is imported, and the server does not start (a model.path from the editor's settings
+        # is reported over LSP, as before)
+        from model.paths import model_problem
+
+        problem = model_problem(args.model) if args.model is not None else None
+        if problem is not None:
+            print(f"diffusion-lsp serve: error: {problem}", file=sys.stderr)
+            return 2
+        from lsp_server.main import serve
+
+        return serve(args) or 0
+    if args.command == "infill":
+        from diffusion_lsp.commands import run_infill
+
+        return run_infill(args)
+    if args.command == "demo":
+        from diffusion_lsp.commands import run_demo
+
+        return run_demo(args)
+    if args.command in NEEDS_BENCHMARKS and not use_benchmarks():
+        print(NO_CHECKOUT.format(command=args.command), file=sys.stderr)
+        return 2
+    if args.command in NEEDS_BENCHMARKS:
+        from benchmarks.report import EvalDataMissing
+
+        try:
+            return run_benchmark(args)
+        except EvalDataMissing as error:  # said once, with where to get the data
+            print(f"diffusion-lsp {args.command}: error: {error}", file=sys.stderr)
+            return 1
     if args.command == "service":
         from diffusion_lsp.service import run_service
 
         return run_service(args)
-    if args.command == "eval":
-        from benchmarks.humaneval import run_eval
-
-        return run_eval(args)
     if args.command == "pull":
         from diffusion_lsp.hub_commands import run_pull
 

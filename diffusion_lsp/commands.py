@@ -15,6 +15,7 @@ from pathlib import Path
 from model.load import load_for_cli
 from model.loader import LoadedModel, ModelLoadError
 from model.options import COMMIT_SETTINGS, SAMPLER_SETTINGS
+from model.paths import PREVIEW_NOTICE, bundled_model_path
 from model.sampler import Infill, InfillOptions, denoise_step, final_text, new_state
 
 log = logging.getLogger(__name__)
@@ -349,4 +350,6 @@ def run_demo(args) -> int:
     console.print(f"{tokens} tokens in {state.steps} forward passes "
                   f"({tokens / max(state.steps, 1):.2f} tokens per step), "
                   f"{max(model_ms, 0):.0f} ms of model time; finished by {state.finish_reason}")
+    if model.path == bundled_model_path():
+        console.print(f"[bold yellow]note:[/bold yellow] {PREVIEW_NOTICE}", highlight=False)
     return 0

@@ -6,7 +6,7 @@ import json
 import sys
 
 from model import hub
-from model.loader import hf_hub_dir
+from model.paths import GET_A_REAL_MODEL, WEIGHTS_GLOB, bundled_model_path, hf_hub_dir
 from model.registry import find_supported
 
 
@@ -87,9 +87,22 @@ def _state(local: hub.LocalModel) -> str:
     return "-"
 
 
+def bundled_row() -> hub.ModelRow | None:
+    """The model shipped in this repository, as a row of `models` (None when absent)."""
+    path = bundled_model_path()
+    if path is None:
+        return None
+    size = sum(f.stat().st_size for f in path.glob(WEIGHTS_GLOB))
+    return hub.ModelRow("bundled", "(this repository: model/bundled)", "default",
+                        hub.format_bytes(size), "any CPU; a PREVIEW: its completions are not "
+                        f"useful yet (`{GET_A_REAL_MODEL}` gets a real one)",
+                        hub.LocalModel("bundled", path, size_bytes=size))
+
+
 def run_models(args) -> int:
-    """`diffusion-lsp models`: the supported models and what is on disk (no network)."""
-    rows = hub.model_rows()
+    """`diffusion-lsp models`: the supported models and what is on disk (no network). Only
+    the table's own modules are imported (no torch): it prints at once."""
+    rows = [row for row in (bundled_row(), *hub.model_rows()) if row is not None]
     if args.json:
         print(json.dumps([{
             "name": r.name, "repo_id": r.repo_id, "family": r.family, "size": r.size,
@@ -102,7 +115,9 @@ def run_models(args) -> int:
     from rich.table import Table
 
     table = Table(title=f"models (cache: {hf_hub_dir()})", title_justify="left")
-    for column in ("name", "repo", "family", "download", "hardware", "on disk"):
+    for column in ("name", "repo", "family", "download"):  # never broken mid-name
+        table.add_column(column, no_wrap=True)
+    for column in ("hardware", "on disk"):
         table.add_column(column, overflow="fold")
     for r in rows:
         table.add_row(r.name if r.name != r.repo_id else "", r.repo_id, r.family, r.size,

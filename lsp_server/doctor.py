@@ -84,7 +84,7 @@ def check_models() -> tuple[list[dict[str, Any]], str]:
     """Every model on disk (the bundled one, then the Hugging Face cache `pull` writes to),
     with its state; and the cache's path. No network."""
     from model import hub
-    from model.loader import BUNDLED_DIR, bundled_model_path, hf_hub_dir
+    from model.paths import BUNDLED_DIR, bundled_model_path, hf_hub_dir
 
     bundled = bundled_model_path()
     models = [{"name": "bundled", "where": "bundled", "state": "ready" if bundled else "absent",
@@ -98,8 +98,17 @@ def check_models() -> tuple[list[dict[str, Any]], str]:
     return models, str(hf_hub_dir())
 
 
+def unconfigured_remote() -> dict[str, Any]:
+    """The remote's entry when none is configured: nothing probed, nothing to warn about."""
+    default = RemoteSettings()
+    return {"url": None, "api_key_env": default.api_key_env, "key_present": False,
+            "reachable": None, "configured": False,
+            "detail": "none configured (the local model serves completions)"}
+
+
 def diagnose(remote: RemoteSettings | None = None) -> dict[str, Any]:
-    """The whole report, as plain data (`describe` words it)."""
+    """The whole report, as plain data (`describe` words it). `remote`: the remote in use,
+    probed; None when there is none (it is then reported as not configured)."""
     from model.machine import inspect_machine, recommend
 
     machine = inspect_machine()
@@ -116,7 +125,8 @@ def diagnose(remote: RemoteSettings | None = None) -> dict[str, Any]:
                    "cpu_bf16_flags": list(machine.cpu_flags_bf16)},
         "models": models,
         "model_cache": cache,
-        "remote": check_remote(remote or RemoteSettings()),
+        "remote": ({**check_remote(remote), "configured": True} if remote is not None
+                   else unconfigured_remote()),
         "mercury_key_present": bool(os.environ.get(MERCURY_KEY_ENV)),
         "path": check_path(),
         "recommendation": {
@@ -152,10 +162,13 @@ def describe(report: dict[str, Any]) -> str:
     lines.append(f"{'':<11} cache: {report['model_cache']} (`diffusion-lsp pull NAME` "
                  "downloads there)")
     remote = report["remote"]
-    reach = ("reachable" if remote["reachable"] else "not reachable"
-             ) + (f" ({remote['detail']})" if remote["detail"] else "")
-    lines.append(f"remote      {remote['url']}: {reach}; key {remote['api_key_env']}: "
-                 f"{'set' if remote['key_present'] else 'not set'}")
+    if remote.get("configured", True):
+        reach = ("reachable" if remote["reachable"] else "not reachable"
+                 ) + (f" ({remote['detail']})" if remote["detail"] else "")
+        lines.append(f"remote      {remote['url']}: {reach}; key {remote['api_key_env']}: "
+                     f"{'set' if remote['key_present'] else 'not set'}")
+    else:
+        lines.append(f"remote      {remote['detail']}; `--remote-url URL` checks one")
     lines.append(f"Mercury     key {MERCURY_KEY_ENV}: "
                  f"{'set' if report['mercury_key_present'] else 'not set'}")
     path = report["path"]

@@ -219,6 +219,17 @@ def still_current(text: str, version: int | None, data: ActionData) -> bool:
     return True
 
 
+def filled_text(text: str, markers: Sequence[Marker], fills: Sequence[str]) -> str:
+    """`text` as `text_edits` would leave it: each marker replaced by its fitted fill."""
+    pieces, last = [], 0
+    for marker, fill in zip(markers, fills, strict=True):
+        fitted = fit_fill(fill, text, marker)
+        if fitted is not None:
+            pieces += [text[last:marker.start], fitted]
+            last = marker.end
+    return "".join(pieces) + text[last:]
+
+
 def text_edits(text: str, markers: Sequence[Marker], fills: Sequence[str],
                encoding: str) -> list[types.TextEdit]:
     """One edit per marker the model filled, replacing exactly the marker; an empty fill

@@ -108,6 +108,9 @@ async def _suggest(ls: DiffusionServer, uri: str, version: int | None, position:
         return []
     ls.supersede(ls.inflight_edits, uri, task)
     ls.memory.viewed.saw(uri, cursor.line)
+    if settings.next_edit.backoff and not ls.edit_backoff.should_ask():
+        ls.stats.count("nextEditSkipped")
+        return []
     backend, options = ls.backend, settings.next_edit
     region = nes.editable_region(text, cursor.line, backend.count_tokens, options.lines_above,
                                  options.lines_below, options.region_tokens)
@@ -128,10 +131,11 @@ async def _suggest(ls: DiffusionServer, uri: str, version: int | None, position:
                       document=f"{uri}#next-edit")
     outcome = await backend.next_edit(job)
     current = ls.open_document(uri)
-    if current is None or current.version != document.version or outcome.region is None:
+    if current is None or current.version != document.version:
         return []
-    changes = nes.suggestion(text, region, outcome.region,
-                             history.latest() if history is not None else None)
+    changes = [] if outcome.region is None else nes.suggestion(
+        text, region, outcome.region, history.latest() if history is not None else None)
+    ls.edit_backoff.answered(bool(changes))
     ls.stats.count("nextEdits" if changes else "nextEditsEmpty")
     log.debug("next edit %s: %d change(s) (model %.0f ms, %d passes)",
               uri.rsplit("/", 1)[-1], len(changes), outcome.model_ms, outcome.steps)

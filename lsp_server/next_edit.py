@@ -9,6 +9,7 @@ turned back into LSP edits. Pure functions and small bounded stores; no LSP type
 - `editable_region`: about 10-15 whole lines around the cursor, capped in tokens.
 - `region_edits`: the smallest edits turning the old region into the new one.
 - `undoes`: whether a suggestion would take back the user's latest edit (never shown).
+- `Backoff`: a model that keeps predicting no edit is asked less and less often.
 
 Texts here use "\\n" line ends (`context.normalize_line_ends`); positions are (line, column)
 in code points, which do not depend on the line ends.
@@ -36,6 +37,8 @@ VIEWED_DOCUMENTS = 32  # documents whose last viewed line is remembered
 REGION_LINES_ABOVE = 4  # the editable region: lines above the cursor's line ...
 REGION_LINES_BELOW = 8  # ... and below it (13 lines in all)
 REGION_MAX_TOKENS = 200  # the region is shrunk (farthest lines first) to this many tokens
+EMPTY_BEFORE_BACKOFF = 3  # empty answers in a row before requests start being skipped
+MAX_SKIPPED = 32  # requests skipped in a row, at most (then the model is asked again)
 
 CountTokens = Callable[[str], int]
 
@@ -327,6 +330,31 @@ class Memory:
     def closed(self, uri: str) -> None:
         self.histories.pop(uri, None)
         self.viewed.forget(uri)
+
+
+class Backoff:
+    """Whether to ask the model for a next edit now. After EMPTY_BEFORE_BACKOFF empty answers
+    in a row, each further empty answer doubles the number of requests skipped before the
+    next one is asked (1, 2, 4, ... up to MAX_SKIPPED); a suggested edit starts again from
+    zero. Counted in requests, not seconds: it follows the user's pace."""
+
+    def __init__(self) -> None:
+        self.empty = 0  # empty answers in a row
+        self.skip = 0  # requests still to skip
+
+    def should_ask(self) -> bool:
+        if self.skip > 0:
+            self.skip -= 1
+            return False
+        return True
+
+    def answered(self, suggested: bool) -> None:
+        if suggested:
+            self.empty = self.skip = 0
+            return
+        self.empty += 1
+        if self.empty >= EMPTY_BEFORE_BACKOFF:
+            self.skip = min(2 ** (self.empty - EMPTY_BEFORE_BACKOFF), MAX_SKIPPED)
 
 
 FEEDBACK_KINDS = ("nextEdit", "completion")

@@ -37,7 +37,7 @@ from pygls.protocol.json_rpc import (
 from pygls.protocol.language_server import lsp_method
 
 from lsp_server import context as ctx
-from lsp_server import holes, transport
+from lsp_server import holes, suppress, transport
 from lsp_server import next_edit as nes
 from lsp_server.backends import Backend, BackendError, CompletionJob, HolesJob, make_backend
 from lsp_server.cache import CompletionCache
@@ -248,6 +248,7 @@ class DiffusionServer(LanguageServer):
         self.inflight: dict[str, asyncio.Task] = {}
         self.inflight_edits: dict[str, asyncio.Task] = {}  # next-edit requests, per document
         self.memory = nes.Memory()  # edit histories and viewed places (next edits)
+        self.edit_backoff = nes.Backoff()  # next edits: ask a model that predicts none less
         self.feedback = nes.Feedback()  # shown / accepted / rejected suggestions
         self.recent: list[str] = []  # uris, most recent first
         self.reported: set[str] = set()  # problems already shown to the user
@@ -534,6 +535,15 @@ class DiffusionServer(LanguageServer):
                              detect_indent_unit(lines_near), multiline,
                              completion.max_lines)
         cleaned = clean(outcome.text, where)
+        problem = await asyncio.to_thread(
+            suppress.completion_problem, text, cursor.offset, cleaned, document.language_id,
+            outcome.confidence, self.min_confidence(), completion.check_parse)
+        if problem is not None:
+            self.stats.count(f"suppressed:{problem}")
+            log.debug("not offered (%s, confidence %s): %r", problem, outcome.confidence,
+                      cleaned)
+            cleaned = ""
+        self.say_if_preview()
         if sink is not None:
             sink.finish(outcome.steps, cleaned)
         self.cache.put(uri, text, cursor.offset, cleaned)
@@ -541,6 +551,18 @@ class DiffusionServer(LanguageServer):
             self.status_message = f"ready: {self.description}"
         self._finish(began, outcome, uri, cleaned, snippets=context.snippets)
         return Answer(cleaned, cursor) if cleaned else None
+
+    def min_confidence(self) -> float:
+        """The confidence floor: the setting, else the model's own calibrated one."""
+        floor = self.settings.completion.min_confidence
+        return floor if floor is not None else getattr(self.backend, "min_confidence", 0.0)
+
+    def say_if_preview(self) -> None:
+        """The bundled model's first completion (offered, or held back as junk) comes with a
+        word that it is a preview, and what gets a real model (once a session)."""
+        notice = getattr(self.backend, "preview_notice", None)
+        if notice and notice not in self.reported:
+            self.tell_user(notice, types.MessageType.Info, popup=True)
 
     # -- several holes: the "Fill N holes" code action ----------------------------------------
 
@@ -606,6 +628,13 @@ class DiffusionServer(LanguageServer):
         document = self.open_document(data.uri)
         if document is None or not holes.still_current(document.source, document.version, data):
             log.info("hole action for %s: the document changed while the model ran", data.uri)
+            return action
+        problem = await asyncio.to_thread(
+            suppress.fill_problem, text, holes.filled_text(text, markers, outcome.texts),
+            document.language_id, settings.completion.check_parse)
+        if problem is not None:
+            self.stats.count(f"suppressed:{problem}")
+            log.info("hole fills for %s not offered (%s): %r", data.uri, problem, outcome.texts)
             return action
         encoding = encoding_name(self.workspace.position_encoding)
         edits = holes.text_edits(text, markers, outcome.texts, encoding)
@@ -848,7 +877,8 @@ async def on_doctor(ls: DiffusionServer, params: Any = None) -> dict:
     what the editors' status commands show."""
     from lsp_server.doctor import describe, diagnose
 
-    report = await asyncio.to_thread(diagnose, ls.settings.remote)
+    remote = ls.settings.remote if ls.settings.backend == "remote" else None
+    report = await asyncio.to_thread(diagnose, remote)
     snapshot = ls.stats_snapshot()
     report["server"] = {key: snapshot.get(key) for key in (
         "state", "model", "device", "engineRestarts", "outOfMemory")} | {

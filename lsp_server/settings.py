@@ -57,6 +57,11 @@ class CompletionSettings(CommitSettings, rename="camel", forbid_unknown_fields=T
     # send `diffusion/preview` notifications while a hole denoises (docs/editor-features.md)
     preview: bool = False
     sampler: SamplerSettings = msgspec.field(default_factory=SamplerSettings)
+    # offer nothing whose least sure token was committed below this probability (the model's
+    # own confidence); None = the model's calibrated floor (docs/benchmarks.md), 0 = off
+    min_confidence: float | None = None
+    # offer nothing that turns a file that parsed into one that does not (lsp_server/parse_check)
+    check_parse: bool = True
 
 
 class HolesSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -88,6 +93,9 @@ class NextEditSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=Tru
     # the local rewrite (model/next_edit.py); "region" by measurement (docs/next-edits.md)
     strategy: Literal["doubt", "region"] = "region"
     threshold: float = 0.9
+    # after empty answers, skip more and more requests before asking the model again
+    # (next_edit.Backoff); false: ask on every request (the next-edit benchmark measures each)
+    backoff: bool = True
 
 
 class RemoteSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -166,6 +174,9 @@ def _check_ranges(settings: Settings) -> list[str]:
             problems.append(f"{_camel(path)} must not be negative")
     if not 0.0 <= settings.next_edit.threshold <= 1.0:
         problems.append("nextEdit.threshold must lie in [0, 1]")
+    floor = settings.completion.min_confidence
+    if floor is not None and not 0.0 <= floor <= 1.0:
+        problems.append("completion.minConfidence must lie in [0, 1]")
     unknown = sorted(set(settings.model.family_overrides) - set(OVERRIDABLE))
     if unknown:
         problems.append(f"model.familyOverrides: unknown {', '.join(unknown)}; "

@@ -41,6 +41,9 @@ class Stats:
         names = ("requests", "completed", "empty", "cancelled", "superseded", "cacheHits",
                  "errors", "notReady", "rejected")
         snapshot = {name: self.counts.get(name, 0) for name in names}
+        snapshot["suppressed"] = {  # completions and hole fills not offered, and why
+            "lowConfidence": self.counts.get("suppressed:low_confidence", 0),
+            "breaksParse": self.counts.get("suppressed:breaks_parse", 0)}
         snapshot["latencyMs"] = percentiles(self.latency_ms)
         snapshot["modelMs"] = percentiles(self.model_ms)
         snapshot["nextEdit"] = {
@@ -48,6 +51,7 @@ class Stats:
             "suggested": self.counts.get("nextEdits", 0),
             "empty": self.counts.get("nextEditsEmpty", 0),
             "stale": self.counts.get("nextEditStale", 0),
+            "skipped": self.counts.get("nextEditSkipped", 0),  # backed off (no edits lately)
             "latencyMs": percentiles(self.next_edit_ms)}
         snapshot["meanSteps"] = (round(sum(self.steps) / len(self.steps), 2)
                                  if self.steps else None)

@@ -10,6 +10,10 @@ flight with `WorkerRestarted`, and the worker's loop starts again after a backof
 thread (every torch call stays on one thread, see `Engine.start`), at most
 `restarts_per_minute` times in any minute; past that the engine stops (`EngineStopped`) and
 every waiting and later caller is told so at once.
+
+Completions come first: a request submitted with `background=True` (a next edit's rewrite) is
+stepped only while no foreground request is active; one that was running waits, its state
+kept, while foreground holes are denoised, and goes on after them.
 """
 
 from __future__ import annotations
@@ -93,6 +97,8 @@ class Request:
     document: str | None = None  # the document's key (its URI): its context is reused
     # sees the state after every step but the last, on the worker thread (a live preview)
     on_step: Callable[[HoleState], None] | None = None
+    background: bool = False  # stepped only while no foreground request is active
+
 
     def cancel(self) -> None:
         """Ask the worker to drop this request at its next step."""
@@ -196,10 +202,12 @@ class Engine:
 
     def submit(self, prefix: str, suffix: str, options: InfillOptions | None = None,
                document: str | None = None,
-               on_step: Callable[[HoleState], None] | None = None) -> Request:
+               on_step: Callable[[HoleState], None] | None = None,
+               background: bool = False) -> Request:
         """Queue a hole (of `document`, when named); returns at once. Thread-safe. `on_step`
         is called on the worker thread after each of the hole's steps but the last; it must be
-        quick (hand the state's picture to another thread), and what it raises is logged."""
+        quick (hand the state's picture to another thread), and what it raises is logged. A
+        `background` hole yields to every foreground one (see the module's docstring)."""
         if self.failure is not None:
             raise self.failure
         if self._closed:
@@ -207,7 +215,7 @@ class Engine:
         began = time.perf_counter()
         state = new_state(self.model, prefix, suffix, options or InfillOptions())
         request = Request(next(self._ids), state, submitted=began, document=document,
-                          on_step=on_step)
+                          on_step=on_step, background=background)
         request.tokenize_ms = (time.perf_counter() - began) * 1e3
         self._queue.put(request)
         if self.failure is not None:  # the worker died while this one was being queued
@@ -217,9 +225,10 @@ class Engine:
     async def infill(
         self, prefix: str, suffix: str, options: InfillOptions | None = None,
         document: str | None = None, on_step: Callable[[HoleState], None] | None = None,
+        background: bool = False,
     ) -> Infill:
         """Fill a hole from asyncio; cancelling the awaiting task cancels the request."""
-        request = self.submit(prefix, suffix, options, document, on_step)
+        request = self.submit(prefix, suffix, options, document, on_step, background)
         try:
             return await asyncio.wrap_future(request.future)
         except asyncio.CancelledError:
@@ -259,8 +268,9 @@ class Engine:
     # -- worker --------------------------------------------------------------------------------
 
     def _take_new(self, active: list[Request], block: bool) -> bool:
-        """Move queued requests into `active`; False when told to stop."""
-        while len(active) < self.max_batch:
+        """Move queued requests into `active`; False when told to stop. Background requests
+        do not take a foreground one's place in the batch (`stepping` picks who runs)."""
+        while sum(not r.background for r in active) < self.max_batch:
             try:
                 item = self._queue.get(block=block and not active)
             except queue.Empty:
@@ -373,8 +383,14 @@ class Engine:
             active[:] = self._drop_cancelled(active)
             if not active:
                 continue
-            self._step(active)
+            self._step(self.stepping(active))
             active[:] = self._finish(active)
+
+    def stepping(self, active: list[Request]) -> list[Request]:
+        """The requests this step runs: the foreground ones, or, when there are none, the
+        background ones (a batch at most); the others keep their state and wait."""
+        foreground = [r for r in active if not r.background]
+        return foreground or [r for r in active if r.background][:self.max_batch]
 
     def _drop_cancelled(self, active: list[Request]) -> list[Request]:
         keep = []

@@ -10,6 +10,7 @@ two masks and a committed <|delete|> disappears (`edit_hole`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +43,26 @@ class Infill:
     full_passes: int = 0  # of `steps`, those over the whole sequence (the rest: hole only)
     guidance_passes: int = 0  # extra unconditioned passes for cfg_scale (not in `steps`)
     reused_tokens: int = 0  # context tokens whose keys/values came from the document's cache
+    # how sure the model was of the text: the lowest and the mean confidence of its tokens when
+    # they were committed (`Confidence`); None for an empty text
+    confidence: Confidence | None = None
+
+
+@dataclass(frozen=True)
+class Confidence:
+    """The confidences (p(token) under the default score) the text's tokens were committed
+    with: a completion is as sure as its least sure token (`lowest`)."""
+
+    lowest: float
+    mean: float
+
+
+def text_confidence(scores: list[float], tokens: int) -> Confidence | None:
+    """The confidence of a text made of the hole's first `tokens` tokens (None: no tokens)."""
+    known = [score for score in scores[:tokens] if not math.isnan(score)]
+    if not known:
+        return None
+    return Confidence(round(min(known), 4), round(sum(known) / len(known), 4))
 
 
 @dataclass
@@ -105,6 +126,9 @@ class HoleState:
     @property
     def blockwise(self) -> bool:
         return self.block_offset is not None
+    # each hole position's confidence when it was committed (NaN: not committed); may be
+    # shorter than the hole (positions past its end are not committed yet)
+    confidences: list[float] = field(default_factory=list)
 
     @property
     def hole_start(self) -> int:
@@ -201,7 +225,8 @@ def edit_hole(model: LoadedModel, state: HoleState, edits: list[tuple[int, int]]
         drop |= {p for p in range(deletes[0], len(hole)) if masked[p]}
     expands = {p for p, t in edits if t == ids.expand}
     room = state.options.max_tokens - (len(hole) - len(drop))
-    new_hole, new_masked, closed_at = [], [], state.closed_at
+    scores = state.confidences + [math.nan] * (len(hole) - len(state.confidences))
+    new_hole, new_masked, new_scores, closed_at = [], [], [], state.closed_at
     for position, (token, is_masked) in enumerate(zip(hole, masked, strict=True)):
         if position in drop:
             if closed_at is not None and position < closed_at:
@@ -215,14 +240,17 @@ def edit_hole(model: LoadedModel, state: HoleState, edits: list[tuple[int, int]]
                 closed_at += copies - 1
             new_hole += [ids.mask] * copies
             new_masked += [True] * copies
+            new_scores += [math.nan] * copies
             continue
         new_hole.append(token)
         new_masked.append(is_masked)
+        new_scores.append(scores[position])
     if deletes and family.delete_pads_right:
         end = len(new_hole)  # the hole ends here: no masks left after the delete
         closed_at = end if closed_at is None else min(closed_at, end)
     state.hole = torch.tensor(new_hole, dtype=torch.long)
     state.masked = torch.tensor(new_masked, dtype=torch.bool)
+    state.confidences = new_scores
     state.closed_at = closed_at
     state.context = None
 
@@ -306,4 +334,5 @@ def result(model: LoadedModel, state: HoleState, timings: dict[str, float]) -> I
     text, tokens = final_text(model, state)
     return Infill(text, state.steps, tokens, state.finish_reason or "cancelled", state.trace,
                   timings, state.full_passes, state.guidance_passes,
-                  reused_tokens=state.reused_tokens)
+                  reused_tokens=state.reused_tokens,
+                  confidence=text_confidence(state.confidences, tokens) if text else None)

@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 import httpx
 
-from model.loader import CONFIG_FILE, TOKENIZER_FILE, hf_hub_dir
+from model.paths import CONFIG_FILE, TOKENIZER_FILE, hf_hub_dir
 from model.registry import SUPPORTED_MODELS, find_supported
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -478,7 +478,7 @@ class LocalModel:
 
 def local_model(repo_id: str, cache_dir: Path | None = None) -> LocalModel:
     """Is `repo_id` on disk, found the way model/loader.py finds it, and is it whole?"""
-    from model.loader import hf_cache_snapshot
+    from model.paths import hf_cache_snapshot
 
     folder = repo_folder(repo_id, cache_dir)
     blobs = folder / "blobs"

@@ -20,20 +20,23 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from model.cpu import auto_cpu_dtype
 from model.families import Family, resolve_family
-from model.registry import find_supported
+from model.paths import (  # noqa: F401 - where a model is found (torch-free), re-exported
+    BUNDLED_DIR,
+    CONFIG_FILE,
+    MIN_CONFIDENCE_KEY,
+    TOKENIZER_FILE,
+    WEIGHTS_GLOB,
+    ModelLoadError,
+    bundled_model_path,
+    hf_cache_snapshot,
+    hf_hub_dir,
+    resolve_model_path,
+)
 from model.tokenizer import BPE_MERGES_FILE, BPE_VOCAB_FILE, qwen2_tokenizer_from_bpe_files
 
-BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-WEIGHTS_GLOB = "*.safetensors"
 # config.json keys that describe where the checkpoint came from, not its shape
 NON_SHAPE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype",
-                  "diffusion_lsp", "diffusion_lsp_family")
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be found or loaded; the message names the path and what was expected."""
+                  "diffusion_lsp", "diffusion_lsp_family", MIN_CONFIDENCE_KEY)
 
 
 @dataclass(frozen=True)
@@ -99,58 +102,6 @@ class LoadedModel:
     @property
     def vocab_size(self) -> int:
         return int(self.network.config.vocab_size)
-
-
-def bundled_model_path() -> Path | None:
-    """The model shipped in the repo, if its files are present."""
-    return BUNDLED_DIR if (BUNDLED_DIR / CONFIG_FILE).exists() else None
-
-
-def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
-    """A local directory for `name_or_path`: itself, the HF cache snapshot, or the bundled model."""
-    if name_or_path in (None, "", "bundled", "default"):
-        bundled = bundled_model_path()
-        if bundled is None:
-            raise ModelLoadError(
-                f"no bundled model at {BUNDLED_DIR} (expected {CONFIG_FILE}, {TOKENIZER_FILE} and "
-                f"{WEIGHTS_GLOB}); pass --model PATH to a model directory"
-            )
-        return bundled
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    supported = find_supported(str(name_or_path))
-    repo_id = supported.repo_id if supported else str(name_or_path)
-    cached = hf_cache_snapshot(repo_id)
-    if cached is not None:
-        return cached
-    raise ModelLoadError(
-        f"model {str(name_or_path)!r} not found: not a directory, and not in the Hugging Face "
-        f"cache at {hf_hub_dir()} (downloads are never made at run time; download it first "
-        f"with `diffusion-lsp pull {name_or_path}`)"
-    )
-
-
-def hf_hub_dir() -> Path:
-    """The Hugging Face hub cache: `HF_HUB_CACHE`, else `$HF_HOME/hub` (read when called)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
-    return home / "hub"
-
-
-def hf_cache_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path | None:
-    """The cached snapshot of `repo_id`: the one `refs/main` names, else the last by name."""
-    if "/" not in repo_id:
-        return None
-    repo_dir = (cache_dir or hf_hub_dir()) / ("models--" + repo_id.replace("/", "--"))
-    ref = repo_dir / "refs" / "main"
-    if ref.exists():
-        snapshot = repo_dir / "snapshots" / ref.read_text().strip()
-        if snapshot.is_dir():
-            return snapshot
-    snapshots = sorted((repo_dir / "snapshots").glob("*")) if repo_dir.exists() else []
-    return snapshots[-1] if snapshots else None
 
 
 def pick_device(device: str = "auto") -> torch.device:

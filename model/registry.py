@@ -17,6 +17,9 @@ class SupportedModel:
     size_gb: float  # download size of the weights (safetensors), GB as the hub shows them
     hardware: str
     notes: str = ""
+    # the completion confidence floor calibrated for it (docs/benchmarks.md); None: not
+    # calibrated yet (no floor)
+    min_confidence: float | None = None
 
 
 # 7-8B weights in bf16 take 15-16 GB; Dream's README asks for "a GPU with at least 20GB memory".

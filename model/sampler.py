@@ -16,6 +16,7 @@ step function (`apply_step`). The names of the pieces are importable from here t
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -144,15 +145,18 @@ def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor | Scor
         logits = sampleable(model, state, logits)
         if bans_early_ends(options):
             logits = ban_early_ends(model, logits, masked_positions, options)
-    chosen, tokens = pick(state, logits, masked_positions)
+    chosen, tokens, confidences = pick(state, logits, masked_positions)
     if options.end_runs and not options.exact:
         chosen = with_end_runs(model, chosen, masked_positions, tokens)
     committed = []
+    scores = state.confidences
+    scores += [math.nan] * (state.hole.numel() - len(scores))
     for index in chosen.tolist():
         position, token = int(masked_positions[index]), int(tokens[index])
         state.hole[position] = token
         # the references find masks by their id: a mask "committed" stays one (exact mode)
         state.masked[position] = token == model.ids.mask
+        scores[position] = float(confidences[index])
         committed.append((position, token))
     state.steps += 1
     for position, token in sorted(committed):

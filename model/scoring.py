@@ -139,16 +139,19 @@ def pick(state: HoleState, logits: torch.Tensor | Scored,
     """The one selection rule: which masked positions to commit this step, and their tokens.
 
     logits (m, V) are the masked positions' in order (or the step already `Scored`); only the
-    current block's are candidates. Returns (indices into `masked_positions`, tokens (m,)) --
-    tokens of non-candidates are -1. Random draws, in this order, from the state's generator:
-    the tokens (temperature), then the positions (origin / random / alg_temp).
+    current block's are candidates. Returns (indices into `masked_positions`, tokens (m,),
+    confidences (m,)) -- tokens of non-candidates are -1, their confidence NaN; a confidence is
+    the token's score in [0, 1] (`unit_scores`: p(token) under the default `confidence`
+    score). Random draws, in this order, from the state's generator: the tokens
+    (temperature), then the positions (origin / random / alg_temp).
     """
     options, rule = state.options, state.options.rule
     start, end = block_span(state)
     candidates = ((masked_positions >= start) & (masked_positions < end)).nonzero().squeeze(-1)
     tokens = torch.full((masked_positions.numel(),), -1, dtype=torch.long)
+    confidences = torch.full((masked_positions.numel(),), math.nan)
     if candidates.numel() == 0:
-        return candidates, tokens
+        return candidates, tokens, confidences
     if isinstance(logits, Scored):
         picked, raw, vocab = logits.tokens[candidates], logits.raw[candidates], logits.vocab
     else:
@@ -161,12 +164,13 @@ def pick(state: HoleState, logits: torch.Tensor | Scored,
             picked = picked.long()
         vocab = logits.shape[-1]
     tokens[candidates] = picked
+    confidences[candidates] = unit_scores(raw, rule.score, vocab).float()
     generator = state.generator
     if rule.order == "origin":
         steps = steps_per_block(options) or 1
         chance = transfer_fraction(state.block_step, steps)
         draws = torch.rand(candidates.numel(), generator=generator)
-        return candidates[(draws < chance).nonzero().squeeze(-1)], tokens
+        return candidates[(draws < chance).nonzero().squeeze(-1)], tokens, confidences
     if rule.order == "random":
         raw = torch.rand(candidates.numel(), generator=generator)
     count = transfer_count(state)
@@ -186,7 +190,7 @@ def pick(state: HoleState, logits: torch.Tensor | Scored,
             chosen = torch.multinomial(weights, count, generator=generator)
         else:
             chosen = raw.topk(count).indices
-    return candidates[chosen], tokens
+    return candidates[chosen], tokens, confidences
 
 
 def sampleable(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> torch.Tensor:

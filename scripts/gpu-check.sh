@@ -49,8 +49,17 @@ install_wheels() {  # packages the GPU machine's image lacks (scripts/gpu-prepar
     fi
 }
 
+failed=0   # set by a step that failed: the call then exits 1, after the others ran
+fail() { echo "gpu-check: FAILED: $*"; failed=1; }
+
 main() {
     echo "gpu-check: $(date -u +%FT%TZ), budget ${BUDGET_S}s, shape $SHAPE on $DEVICE"
+    if ! compgen -G "$DATA/HumanEval-*Infilling.jsonl.gz" >/dev/null; then
+        echo "gpu-check: error: no HumanEval-infilling data in DATA=$DATA (the speed and LSP"
+        echo "  sections need HumanEval-*Infilling.jsonl.gz: scripts/gpu-prepare.sh copies them"
+        echo "  from ../shared/eval-data into runs/eval-data, or set DATA=DIR)"
+        return 2
+    fi
     install_wheels || echo "gpu-check: the carried wheels did not install"
     nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null
     $PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers",
@@ -69,12 +78,12 @@ transformers.__version__, "cuda", torch.cuda.is_available() and torch.cuda.get_d
     echo "== speed ($(left)s left)"
     timeout "$BENCH_S" $PY -m benchmarks.gpu_check --out "$OUT/gpu.json" --shape "$SHAPE" \
         --device "$DEVICE" --data "$DATA" --holes "$HOLES" --junit "$WORK/cuda-tests.xml" \
-        || echo "gpu-check: the speed sections stopped early ($?)"
+        || fail "the speed sections exited with status $? (see above; gpu.json's errors)"
     [ -f "$OUT/gpu.json" ] || $PY -m benchmarks.gpu_check --out "$OUT/gpu.json" --sections "" \
         --device "$DEVICE" --junit "$WORK/cuda-tests.xml"
 
     echo "== training ($(left)s left)"
-    wait "$build" || echo "gpu-check: the corpus build failed: $(tail -n 5 "$WORK/build.log")"
+    wait "$build" || fail "the corpus build failed: $(tail -n 5 "$WORK/build.log")"
     tail -n 3 "$WORK/build.log"
     if [ "$(left)" -ge "$TRAIN_MIN_S" ]; then
         budget=$(left)
@@ -87,7 +96,8 @@ transformers.__version__, "cuda", torch.cuda.is_available() and torch.cuda.get_d
         echo "gpu-check: $(left)s left, under TRAIN_MIN_S=$TRAIN_MIN_S: no training this call"
     fi
     ls -la "$OUT"
-    echo "gpu-check: done in $((SECONDS - began))s"
+    echo "gpu-check: done in $((SECONDS - began))s$([ "$failed" = 1 ] && echo ", with failures")"
+    return "$failed"
 }
 
 main 2>&1 | tee "$OUT/check.log"

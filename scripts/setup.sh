@@ -8,10 +8,20 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 EXTRAS="${1:-}"   # e.g. "test"
-if [ ! -x "$VENV/bin/python" ]; then
+VPY="$VENV/bin/python"
+# Up to date already (this pyproject.toml installed with these extras): nothing to do. The
+# stamp is written after a successful install; `test` includes the plain install.
+STAMP="$VENV/.diffusion-lsp-setup"
+want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -x "$VPY" ] && [ -f "$STAMP" ]; then
+  read -r have_hash have_extras < "$STAMP" || true
+  if [ "$have_hash" = "$want" ] && { [ -z "$EXTRAS" ] || [ "$EXTRAS" = "${have_extras:-}" ]; }; then
+    exit 0
+  fi
+fi
+if [ ! -x "$VPY" ]; then
   "$PY" -m venv "$VENV"
 fi
-VPY="$VENV/bin/python"
 "$VPY" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 # Without an NVIDIA GPU, torch comes from PyTorch's CPU wheel index when it answers within
 # TORCH_INDEX_PROBE_S seconds (the default index would fetch the CUDA build and GBs of NVIDIA
@@ -24,6 +34,29 @@ cpu_index_answers() {
 import sys, urllib.request
 urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))
 PY
+}
+# What pip would download for a requirement, in words (a dry run: nothing is installed).
+what_pip_fetches() {
+  "$VPY" -m pip install -q --disable-pip-version-check --dry-run --no-deps --ignore-installed --report - "$1" \
+    2>/dev/null | "$VPY" -c '
+import json, sys
+try:
+    item = json.load(sys.stdin)["install"][0]
+except (ValueError, KeyError, IndexError):
+    print("an unknown build (pip could not say which)"); raise SystemExit
+url = item["download_info"]["url"]
+version = item["metadata"]["version"]
+where = url.removeprefix("file://")
+if url.startswith("file:"):
+    print(f"torch {version} from a wheel on this disk ({where}): no download")
+elif "+cpu" in version:
+    print(f"torch {version}, the CPU build, from {url}")
+else:
+    print(f"torch {version} from {url}: on Linux x86-64 this is the CUDA build, about 1 GB, "
+          "and pip adds about 3 GB of NVIDIA libraries (nvidia-*) that a CPU never uses; "
+          "Ctrl-C now and set DIFFUSION_LSP_TORCH_INDEX=cpu (or install a CPU wheel of torch "
+          "into .venv first) to avoid it")
+'
 }
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -43,14 +76,18 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
         "$TORCH_CPU_VERSION"
     else
       echo "torch: no NVIDIA GPU; $TORCH_CPU_INDEX not used (unreachable or" \
-           "DIFFUSION_LSP_TORCH_INDEX=default): $TORCH_CPU_VERSION from the default index" >&2
+           "DIFFUSION_LSP_TORCH_INDEX=default): $TORCH_CPU_VERSION from pip's default index" >&2
+      echo "torch: pip will fetch $(what_pip_fetches "$TORCH_CPU_VERSION")" >&2
       "$VPY" -m pip install -q --disable-pip-version-check "$TORCH_CPU_VERSION"
     fi
   fi
 fi
-if [ -n "$EXTRAS" ]; then
-  "$VPY" -m pip install -q --disable-pip-version-check -e ".[$EXTRAS]"
-else
-  "$VPY" -m pip install -q --disable-pip-version-check -e .
+# pip's and setuptools' chatter goes to a log, shown only when the install fails
+if ! "$VPY" -m pip install -q --disable-pip-version-check -e ".${EXTRAS:+[$EXTRAS]}" \
+    > "$VENV/setup.log" 2>&1; then
+  cat "$VENV/setup.log" >&2
+  echo "setup failed: the install above did not finish (log: $VENV/setup.log)" >&2
+  exit 1
 fi
+echo "$want $EXTRAS" > "$STAMP"
 echo "diffusion-lsp is set up in $VENV" >&2

@@ -189,3 +189,15 @@ def test_describe_points_a_server_that_is_not_on_path_at_this_installation(tmp_p
     assert "not native: models run in fp32" in text
     assert "key INCEPTION_API_KEY: set" in text
     assert Path("/c").as_posix() in text
+
+
+def test_an_unconfigured_remote_is_not_probed_nor_called_unreachable(tmp_path):
+    """Without --remote-url and without a key, there is no remote to check: the doctor says so
+    instead of warning that the default URL does not answer."""
+    env = {key: value for key, value in os.environ.items() if key != "DIFFUSION_LSP_TOKEN"}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(CLI, capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "not reachable" not in done.stdout
+    assert "remote      none configured" in done.stdout

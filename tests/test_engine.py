@@ -270,3 +270,20 @@ def test_task_runs_on_the_worker_and_can_be_cancelled(tiny_model, engine):
 
     asyncio.run(cancel_soon())
     assert engine.submit("x = ", "\n", OPTIONS).result(30).text is not None  # still serving
+
+
+def test_a_completion_is_denoised_before_a_background_hole_that_came_first(engine):
+    """Next edits run in the background: a completion submitted after one is stepped alone
+    until it is done (the background hole waits, its state kept), then the other goes on."""
+    gate = threading.Event()
+    engine.call(lambda model, should_stop: gate.wait(30))  # holds the worker while both queue
+    slow = InfillOptions(max_tokens=16, initial_tokens=16, threshold=1.0)  # one token a step
+    background = engine.submit("x = ", "\n", slow, background=True)
+    completion = engine.submit("def f(x):\n    return ", "\n", slow)
+    steps_of_background_when_completed: list[int] = []
+    completion.future.add_done_callback(
+        lambda _: steps_of_background_when_completed.append(background.state.steps))
+    gate.set()
+    completion.result(30)
+    assert background.result(30).steps > 0  # it went on afterwards, from where it was
+    assert steps_of_background_when_completed == [0]

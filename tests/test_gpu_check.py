@@ -18,7 +18,34 @@ DATA = ROOT.parent / "shared" / "eval-data" / "humaneval-infilling"
 RETURNED_FILES = 8  # what a device call brings back
 
 
+def test_without_eval_data_the_gpu_check_fails_at_once_and_says_why(tmp_path):
+    """A call without the carried HumanEval files exits non-zero before spending the GPU's
+    minutes, and says what is missing (it said "stopped early", exited 0 and left a gpu.json
+    without the speed figures)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "WORK": str(tmp_path / "work"),
+           "PY": sys.executable, "DATA": str(tmp_path / "no-data")}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh")], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0, log[-3000:]
+    assert "no HumanEval-infilling data" in log and str(tmp_path / "no-data") in log
+
+
+def test_the_speed_sections_without_data_exit_non_zero_with_the_cause(tmp_path, capsys):
+    from benchmarks import gpu_check
+
+    status = gpu_check.main(["--out", str(tmp_path / "gpu.json"), "--shape", "tiny-qwen2",
+                             "--device", "cpu", "--data", str(tmp_path), "--holes", "1"])
+    assert status != 0
+    said = capsys.readouterr().out
+    assert "HumanEval-infilling data not found" in said and "human-eval-infilling" in said
+    assert "data" in json.loads((tmp_path / "gpu.json").read_text())["errors"]
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"needs HumanEval-infilling in {DATA} (only CI "
+                    "and the project's machines have ../shared; the GPU check carries it)")
 def test_the_gpu_check_runs_through_on_the_cpu(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "WORK": str(work),

@@ -64,7 +64,7 @@ def test_completion_from_the_server_is_shown_and_accepted(nvim, tiny_dir, tmp_pa
 local plugin = require("diffusion_lsp")
 plugin.setup({
   cmd = { @python@, "-m", "diffusion_lsp", "serve" },
-  settings = { model = { path = @model@ }, completion = { debounceMs = 5 } },
+  settings = { model = { path = @model@ }, completion = { debounceMs = 5, checkParse = false } },
 })
 vim.api.nvim_create_autocmd("VimEnter", { callback = function()
   local started = vim.uv.hrtime()
@@ -144,7 +144,8 @@ local preview = require("diffusion_lsp.preview")
 plugin.setup({
   cmd = { @python@, "-m", "diffusion_lsp", "serve" },
   -- one token a step: several steps to watch; `preview` is left to the plugin's default (on)
-  settings = { model = { path = @model@ }, completion = { debounceMs = 5, tokensPerStep = 1 } },
+  settings = { model = { path = @model@ },
+                completion = { debounceMs = 5, tokensPerStep = 1, checkParse = false } },
 })
 seen.frames = {}
 vim.api.nvim_create_autocmd("User", { pattern = "DiffusionLspPreview", callback = function(args)

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from lsp_server import next_edit as nes
 from lsp_server.next_edit import (
     History,
     Region,
@@ -273,3 +274,18 @@ def test_feedback_counts_per_kind_and_sees_an_edit_applied_without_its_command()
         "completion": {"shown": 1, "accepted": 1, "rejected": 0, "partial": 1,
                        "acceptanceRate": 1.0}}
     assert not feedback.accepted("a")  # decided once
+
+
+def test_a_model_that_predicts_no_edit_is_asked_less_and_less_often():
+    backoff = nes.Backoff()
+    asked = []
+    for _ in range(40):
+        ask = backoff.should_ask()
+        asked.append(ask)
+        if ask:
+            backoff.answered(False)
+    # three empty answers, then 1, 2, 4, 8, 16 requests skipped before each next question
+    assert asked[:3] == [True] * 3 and sum(asked) == 8
+    assert asked[3:6] == [False, True, False]
+    backoff.answered(True)  # an edit: asked every time again
+    assert all(backoff.should_ask() for _ in range(3))

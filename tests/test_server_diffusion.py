@@ -51,7 +51,8 @@ async def previewing_server(settings: dict):
 async def client(tiny_dir):
     settings = {"model": {"path": str(tiny_dir)},
                 # one token a step: a hole takes several steps, so there is something to watch
-                "completion": {"debounceMs": 0, "preview": True, "tokensPerStep": 1}}
+                "completion": {"debounceMs": 0, "preview": True, "tokensPerStep": 1,
+                               "checkParse": False}}  # the tiny model's noise
     async with previewing_server(settings) as client:
         yield client
 
@@ -114,7 +115,8 @@ async def test_no_previews_after_a_cancel(client):
 
 
 async def test_previews_are_off_by_default(tiny_dir):
-    settings = {"model": {"path": str(tiny_dir)}, "completion": {"debounceMs": 0}}
+    settings = {"model": {"path": str(tiny_dir)},  # the tiny model's noise: not checked
+                "completion": {"debounceMs": 0, "checkParse": False}}
     async with running_server(settings) as quiet:
         seen = []
 

@@ -226,3 +226,14 @@ async def test_a_newer_next_edit_request_supersedes_an_older_one():
         assert error.value.code == CANCELLED
         assert new  # the newer one is answered
         assert (await stats(client))["superseded"] == 1
+
+
+async def test_a_model_that_never_proposes_an_edit_is_not_asked_on_every_request():
+    async with EditStandIn(rewrite=lambda prompt: prompt.region) as remote, running_server(
+            mercury_options(remote.url)) as client:
+        await renamed(client)
+        for _ in range(10):
+            assert await inline_edit(client, URI, 2, 0, 10) == []
+        assert len(remote.edits()) < 10
+        snapshot = await stats(client)
+        assert snapshot["nextEdit"]["skipped"] == 10 - len(remote.edits())

@@ -75,6 +75,9 @@ class CompletionOutcome:
     model_ms: float = 0.0  # time spent filling the hole, as the backend measured it
     finish_reason: str = "end"
     extra: dict = field(default_factory=dict)
+    # the probability its least sure token was committed with (None: the backend does not
+    # say; then no confidence floor applies)
+    confidence: float | None = None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ class LocalBackend:
     def __init__(self) -> None:
         self.engine = None
         self._tokenizer = None
+        self.min_confidence = 0.0  # the loaded model's calibrated floor (model.paths)
+        self.preview_notice: str | None = None  # said with the bundled model's first offer
 
     async def start(self, settings: Settings, report: Callable[[str], None]) -> str:
         model_settings = settings.model
@@ -63,6 +65,10 @@ class LocalBackend:
             raise BackendError(load_failure(error, settings.model.device), "unavailable"
                                ) from error
         self.engine = engine
+        from model.paths import PREVIEW_NOTICE, bundled_model_path, min_confidence
+
+        self.min_confidence = min_confidence(loaded.path)
+        self.preview_notice = PREVIEW_NOTICE if loaded.path == bundled_model_path() else None
         parameters = sum(p.numel() for p in loaded.network.parameters())
         return (f"{loaded.path.name} ({loaded.family.name}, {parameters / 1e6:.1f}M parameters) "
                 f"on {loaded.device.type}")
@@ -90,7 +96,8 @@ class LocalBackend:
         return CompletionOutcome(
             text=result.text, steps=result.steps, tokens=result.tokens,
             model_ms=(time.perf_counter() - began) * 1e3, finish_reason=result.finish_reason,
-            extra={"full_passes": result.full_passes, "reused_tokens": result.reused_tokens})
+            extra={"full_passes": result.full_passes, "reused_tokens": result.reused_tokens},
+            confidence=result.confidence.lowest if result.confidence is not None else None)
 
     async def _on_engine(self, work: Awaitable[T]) -> T:
         """`work`'s result; every engine failure becomes one BackendError (`engine_failure`),
@@ -150,7 +157,9 @@ class LocalBackend:
         async def fill(prefix: str, suffix: str, hole: Hole) -> tuple[str, int]:
             options = hole_options(hole.max_tokens, threshold=job.threshold,
                                    min_tokens=0 if hole.may_be_empty else 1)
-            result = await engine.infill(prefix, suffix, options, job.document)
+            # in the background: a completion asked meanwhile is denoised first
+            result = await engine.infill(prefix, suffix, options, job.document,
+                                         background=True)
             return result.text, result.steps
 
         prompt = job.prompt
