@@ -101,11 +101,13 @@ def candidates(weights: list[torch.Tensor], have: dict[str, bool]) -> dict[str, 
     candidate that fails to build is reported, not fatal)."""
     made: dict[str, Callable] = {}
 
+    copies: dict[torch.dtype, list[torch.Tensor]] = {}
+
     def dense(dtype: torch.dtype, compiled: bool = False):
         def build():
             function = torch.compile(F.linear) if compiled else F.linear
-            return [partial(lambda x, w: function(x.to(dtype), w), w=w.to(dtype))
-                    for w in weights]
+            converted = copies.setdefault(dtype, [w.to(dtype) for w in weights])
+            return [partial(lambda x, w: function(x.to(dtype), w), w=w) for w in converted]
         return build
 
     made["float32"] = dense(torch.float32)
@@ -151,8 +153,10 @@ def candidates(weights: list[torch.Tensor], have: dict[str, bool]) -> dict[str, 
     made["torch.ao quantize_dynamic int8 (float32)"] = dynamic
 
     if have["torchao"]:
+        quantized: dict[str, list[torch.nn.Module]] = {}
+
         def torchao_build(config_name: str, dtype: torch.dtype, compiled: bool, **kwargs):
-            def build():
+            def quantize() -> list[torch.nn.Module]:
                 import torchao.prototype.quantization.int4 as prototype
                 import torchao.quantization as tq
 
@@ -163,8 +167,14 @@ def candidates(weights: list[torch.Tensor], have: dict[str, bool]) -> dict[str, 
                     linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=dtype)
                     linear.weight.data = w.to(dtype)
                     tq.quantize_(linear, config)
-                    out.append(torch.compile(linear) if compiled else linear)
-                return [lambda x, m=m: m(x.to(dtype)) for m in out]
+                    out.append(linear)
+                return out
+
+            def build():
+                modules = quantized.setdefault(f"{config_name} {dtype}", None) or quantize()
+                quantized[f"{config_name} {dtype}"] = modules
+                modules = [torch.compile(m) if compiled else m for m in modules]
+                return [lambda x, m=m: m(x.to(dtype)) for m in modules]
             return build
 
         for dtype in (torch.float32, torch.bfloat16):
@@ -249,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=None, help="fewer layers (a quick look)")
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--only", default=None, help="comma-separated substrings of names")
+    parser.add_argument("--skip", default=None, help="comma-separated substrings of names")
+    parser.add_argument("--save", default=None, help="save the JSON under this name too")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     weights = make_weights(SHAPE, args.layers)
@@ -261,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows: dict[str, dict] = {}
     for name, build in candidates(weights, have).items():
         if wanted and not any(w in name for w in wanted):
+            continue
+        if args.skip and any(w in name for w in args.skip.split(",")):
             continue
         rows[name] = {"kernel": name}
         try:
@@ -297,8 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "intel_extension_for_pytorch": version(
                                 "intel_extension_for_pytorch")},
                "kernels": rows}
-    if args.layers is None and wanted is None:
-        print(save(NAME, payload))
+    if args.save or (args.layers is None and wanted is None and args.skip is None):
+        print(save(args.save or NAME, payload))
     return payload
 
 
