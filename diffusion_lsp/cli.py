@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import get_args
 
 from lsp_server.settings import ContextSettings
-from model.options import COMMIT_SETTINGS, SAMPLER_SETTINGS
+from model.options import COMMIT_SETTINGS, QUANTIZATIONS, SAMPLER_SETTINGS
 
 CONTEXT = ContextSettings()  # the server's context budgets, the default for `infill` too
 PACKAGE = Path(__file__).resolve().parent
@@ -52,6 +52,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                              "always_bos delete_pads_right)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    _add_quantization_arg(parser)
+
+
+def _add_quantization_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
+                        help="the transformer's linear weights: none (the checkpoint's dtype), "
+                             "int8, int4, or auto (the device's best that fits; default)")
 
 
 def _add_sampler_args(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="what this machine has, which models are on disk, whether the remote "
                        "answers, and which model to run here")
     doctor.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    _add_quantization_arg(doctor)
     doctor.add_argument("--remote-url", default=None,
                         help="the remote to check (default: the server's remote.url default)")
     doctor.add_argument("--api-key-env", default=None,

@@ -31,6 +31,9 @@ class ModelSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     family_overrides: dict[str, str] = msgspec.field(default_factory=dict)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # the transformer's linear weights (model/quantize.py): none (the checkpoint's dtype),
+    # int8, int4, auto (the device's best that fits)
+    quantization: Literal["none", "int8", "int4", "auto"] = "auto"
     threads: int | None = None  # torch CPU threads; None = torch's choice
     # documents whose context (keys/values) is kept across completions; 0 = off
     context_cache_documents: int = 20

@@ -9,6 +9,7 @@ SDPA never falls back to its causal kernel).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from model.families import Family, resolve_family
 from model.registry import find_supported
 from model.tokenizer import BPE_MERGES_FILE, BPE_VOCAB_FILE, qwen2_tokenizer_from_bpe_files
 
+log = logging.getLogger(__name__)
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -367,6 +369,9 @@ def load_model(
         network.to(device=torch_device, dtype=torch_dtype)
     network.eval()
     make_bidirectional(network)
+    if plan.notice:  # a fallback is a warning; auto's choice is news
+        log.log(logging.INFO if plan.asked in (quantize.AUTO, plan.scheme) else logging.WARNING,
+                "%s", plan.notice)
     return LoadedModel(network, tokenizer, fam, ids, torch_device, torch_dtype, path,
                        quantization=plan.scheme, quantization_notice=plan.notice)
 

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 SCORES = ("confidence", "margin", "entropy")
+# how the decoder layers' weights are stored (model.quantize): the checkpoint's dtype, 8 or 4
+# bits, or what model.quantize.choose_auto picks for the device and model
+QUANTIZATIONS = ("none", "int8", "int4", "auto")
 
 
 NO_TOP_K = 0

@@ -34,9 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NONE, INT8, INT4, AUTO = "none", "int8", "int4", "auto"
+from model.options import QUANTIZATIONS
+
+NONE, INT8, INT4, AUTO = QUANTIZATIONS
 SCHEMES = (NONE, INT8, INT4)
-CHOICES = (*SCHEMES, AUTO)
+CHOICES = QUANTIZATIONS
 INT4_GROUPS = (128, 64, 32)  # int4 scales per group of this many inputs: the first that divides
 # bytes a weight takes, scales included (int8: one bf16 scale per row; int4: a bf16 scale and
 # zero per 128 weights), for memory estimates (`doctor`, `models`)
