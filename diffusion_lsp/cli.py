@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="speed benchmarks of the model (no LSP)")
     bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp",
                                         "cache-agreement", "typing", "cpu", "multi-hole",
-                                        "next-edit"],
+                                        "next-edit", "quantization"],
                        help="lsp: end to end through a real LSP client (the server over stdio); "
                             "cache-agreement: how often the context cache changes completions "
                             "(tiny checkpoints of every family and the bundled model); "
@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "times per dtype and a profile of where they go; multi-hole: two "
                             "lines of HumanEval solutions filled jointly vs one after another; "
                             "next-edit: exact match and latency of next edits "
-                            "(docs/next-edits.md)")
+                            "(docs/next-edits.md); quantization: none / int8 / int4 side by "
+                            "side, speed and agreement (docs/benchmarks.md)")
     bench.add_argument("--limit", type=int, default=40, help="holes per split")
     bench.add_argument("--max-tokens", type=int, default=32)
     bench.add_argument("--tokens-per-step", type=int, default=None,
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--remote-url", default=None,
                        help="next-edit: a real edit endpoint (key in DIFFUSION_LSP_TOKEN) "
                             "instead of the stand-in")
+    bench.add_argument("--part", choices=["quality", "speed", "both"], default=None,
+                       help="quantization: which half (default: both)")
     bench.add_argument("--remote-only", action="store_true",
                        help="next-edit: measure the remote only")
     _add_model_args(bench)
@@ -262,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.next_edit import run_next_edit_bench
 
         return run_next_edit_bench(args)
+    if args.command == "bench" and args.name == "quantization":
+        from benchmarks.quantization import run_quantization_bench
+
+        return run_quantization_bench(args)
     if args.command == "bench" and args.name == "cpu":
         from benchmarks.cpu_profile import run_cpu_bench
 

@@ -9,6 +9,7 @@ previous value stays.
 from __future__ import annotations
 
 import re
+import typing
 from typing import Any, Literal
 
 import msgspec
@@ -226,6 +227,19 @@ def _with_leaf(tree: dict, path: tuple[str, ...], value: Any) -> dict:
     return {**tree, path[0]: _with_leaf(inner if isinstance(inner, dict) else {}, path[1:], value)}
 
 
+def _known_values(path: tuple[str, ...]) -> str:
+    """"; known: a, b, c" for a setting whose values are a fixed list (a Literal), else ""."""
+    node: Any = Settings
+    for name in path:
+        fields = {f.encode_name: f.type for f in msgspec.structs.fields(node)}
+        node = fields.get(name)
+        if node is None:
+            return ""
+    if typing.get_origin(node) is not Literal:
+        return ""
+    return "; known: " + ", ".join(map(str, typing.get_args(node)))
+
+
 def merge(current: Settings, raw: Any) -> tuple[Settings, list[str]]:
     """`current` updated by the (partial) tree `raw`, leaf by leaf; a bad leaf is left out
     and described in the returned problems, its siblings still apply."""
@@ -243,7 +257,7 @@ def merge(current: Settings, raw: Any) -> tuple[Settings, list[str]]:
         try:
             decoded = msgspec.convert(candidate, Settings)
         except msgspec.ValidationError as error:
-            problems.append(f"{name}: {error}")
+            problems.append(f"{name}: {error}{_known_values(path)}")
             continue
         issues = _check_ranges(decoded)
         if issues:

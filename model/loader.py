@@ -466,7 +466,7 @@ def load_quantized(network: torch.nn.Module, path: Path, fam: Family, device: to
         if config.tie_word_embeddings:
             network.tie_weights()
         _materialise_buffers(network, config)
-        network.model.rotary_emb.to(device=device, dtype=kernel.dtype)
+        network.model.rotary_emb.to(device)  # inv_freq stays float32
         return
     names = [n for n in index.where if not (config.tie_word_embeddings and n == "lm_head.weight")]
     expected = {name for name, _ in network.named_parameters()}
@@ -497,7 +497,7 @@ def load_quantized(network: torch.nn.Module, path: Path, fam: Family, device: to
     if config.tie_word_embeddings:
         network.tie_weights()
     _materialise_buffers(network, config)
-    network.model.rotary_emb.to(device=device, dtype=kernel.dtype)
+    network.model.rotary_emb.to(device)  # inv_freq stays float32
     quantized_cache.save_cached(key, network)
 
 
@@ -506,3 +506,32 @@ def _materialise_buffers(network: torch.nn.Module, config) -> None:
     rotary = network.model.rotary_emb
     fresh = type(rotary)(config=config)
     network.model.rotary_emb = fresh
+
+
+def quantized_copy(model: LoadedModel, scheme: str) -> LoadedModel:
+    """`model` with its decoder layers' linear weights in `scheme` (the nearest with a kernel
+    on its device), made one part at a time beside it: the same weights in bits, for
+    comparisons side by side (benchmarks; tests). Returns `model` itself for `none`."""
+    plan = quantize.nearest_working(quantize.check_choice(scheme), model.device)
+    if plan.kernel is None:
+        return model
+    source, dtype = model.network, plan.kernel.dtype
+    with torch.device("meta"):
+        network = type(source)(source.config)
+    network.requires_grad_(False)
+    inner = network.model
+    names = {id(module): name for name, module in network.named_modules()}
+    for part in (inner.embed_tokens, inner.norm, network.lm_head, *inner.layers):
+        state = source.get_submodule(names[id(part)]).state_dict()
+        part.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+        if part not in (inner.embed_tokens, inner.norm, network.lm_head):
+            quantize.quantize_module(part, plan.kernel)
+    if network.config.tie_word_embeddings:
+        network.tie_weights()
+    _materialise_buffers(network, network.config)
+    inner.rotary_emb.to(model.device)  # inv_freq stays float32
+    network.eval()
+    make_bidirectional(network)
+    return LoadedModel(network, model.tokenizer, model.family, model.ids, model.device, dtype,
+                       model.path, never_sample=model.never_sample, quantization=plan.scheme,
+                       quantization_notice=plan.notice)

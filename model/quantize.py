@@ -102,6 +102,9 @@ FALLBACK = {INT4: INT8, INT8: NONE}
 
 
 def torchao_version() -> str | None:
+    """torchao's version, None where it cannot be imported. Its import-time warnings about
+    kernels for other hardware (CUDA-only libraries on a CPU, no Triton) stay out of the log."""
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         import torchao
     except Exception:  # noqa: BLE001 - torchao missing or broken: no kernels
