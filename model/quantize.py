@@ -88,8 +88,9 @@ class Kernel:
                                     set_inductor_config=False)
 
 
+ATEN_INT8 = "aten._weight_int8pack_mm"
 KERNELS = {
-    ("cpu", INT8): Kernel(INT8, "cpu", "aten._weight_int8pack_mm", torch.bfloat16,
+    ("cpu", INT8): Kernel(INT8, "cpu", ATEN_INT8, torch.bfloat16,
                           "aten int8 weight-only (per-row scales), bf16 activations"),
     ("cpu", INT4): Kernel(INT4, "cpu", "PrototypeInt4WeightOnlyConfig", torch.bfloat16,
                           "torchao int4 (aten _weight_int4pack_mm_for_cpu), bf16 activations"),
@@ -113,10 +114,12 @@ def torchao_version() -> str | None:
 
 
 def kernel_for(scheme: str, device: torch.device) -> Kernel | None:
-    """The kernel `scheme` runs with on `device`; None where it has none here."""
-    if scheme == NONE or torchao_version() is None:
+    """The kernel `scheme` runs with on `device`; None where it has none here (torchao's
+    kernels need torchao; aten's int8 kernel only torch)."""
+    kernel = None if scheme == NONE else KERNELS.get((device.type, scheme))
+    if kernel is None or (kernel.config != ATEN_INT8 and torchao_version() is None):
         return None
-    return KERNELS.get((device.type, scheme))
+    return kernel
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,10 @@ def nearest_working(scheme: str, device: torch.device, asked: str | None = None)
 
 CUDA_ROOM = 0.2  # auto on CUDA: weights may take at most this much less than the free memory
 CPU_AUTO_MIN_PARAMETERS = 100_000_000  # below: per-op overhead, not bytes: no quantization
-CPU_AUTO = INT8  # auto on a CPU for larger networks: measured fastest while agreeing
+# auto on a CPU for larger networks: int8 where it was measured fastest while agreeing (a CPU
+# without native bf16, like this project's 2-core AVX2 one); with native bf16 the bf16 network
+# (model.cpu) was measured and int8 was not: it stays unquantized there
+CPU_AUTO = INT8
 
 
 def weight_bytes(parameters: int, linear_parameters: int, scheme: str,
@@ -181,7 +187,10 @@ def choose_auto(device: torch.device, parameters: int, linear_parameters: int,
             f"the model does not fit on {device}: even in int4 its weights take about "
             f"{gib(smallest)} and {gib(free_bytes)} are free (with room for caches it needs "
             f"about {gib(smallest / (1 - CUDA_ROOM))}); choose a smaller model or the CPU")
-    scheme = CPU_AUTO if parameters >= CPU_AUTO_MIN_PARAMETERS else NONE
+    from model.cpu import has_native_bf16
+
+    large = parameters >= CPU_AUTO_MIN_PARAMETERS
+    scheme = CPU_AUTO if large and not has_native_bf16() else NONE
     plan = nearest_working(scheme, device, AUTO)
     return Plan(AUTO, plan.scheme, plan.kernel, plan.notice)
 
@@ -247,11 +256,9 @@ def quantize_module(module: nn.Module, kernel: Kernel) -> int:
     """Quantize `module`'s linear layers in place with `kernel` (their weights already in
     `kernel.dtype` on the target device). Returns how many were quantized; a layer no group
     size fits stays as it is."""
-    from torchao.quantization import quantize_
-
     done = 0
     for _, linear in quantizable(module):
-        if kernel.config == "aten._weight_int8pack_mm":
+        if kernel.config == ATEN_INT8:
             linear.weight = nn.Parameter(Int8RowWeight.quantize(linear.weight),
                                          requires_grad=False)
             done += 1
@@ -259,6 +266,8 @@ def quantize_module(module: nn.Module, kernel: Kernel) -> int:
         config = kernel.make_config(linear.in_features)
         if config is None:
             continue
+        from torchao.quantization import quantize_
+
         quantize_(linear, config, filter_fn=None)
         done += 1
     return done
@@ -267,6 +276,18 @@ def quantize_module(module: nn.Module, kernel: Kernel) -> int:
 def is_quantized(weight: torch.Tensor) -> bool:
     """Whether `weight` is a quantized tensor (a subclass), not plain values."""
     return type(weight) not in (torch.Tensor, nn.Parameter)
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """The bytes `tensor` really holds: a quantized weight's packed values and scales (a
+    torchao tensor's inner tensors), not its logical numel times its nominal dtype."""
+    if isinstance(tensor, Int8RowWeight):
+        return tensor.numel() + stored_bytes(tensor.scale)
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is not None and type(tensor) not in (torch.Tensor, nn.Parameter):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
 
 
 def linear_parameter_count(network: nn.Module) -> int:

@@ -112,9 +112,14 @@ def test_auto_on_cuda_takes_the_largest_that_fits_with_room_for_caches():
         quantize.choose_auto(cuda, seven_b, linears, 2 * gib)
 
 
-def test_auto_on_a_cpu_leaves_small_models_as_trained():
+def test_auto_on_a_cpu_leaves_small_models_and_native_bf16_cpus_as_measured(monkeypatch):
+    from model import cpu
+
+    monkeypatch.setattr(cpu, "has_native_bf16", lambda flags=None: False)
     assert quantize.choose_auto(CPU, 10_000_000, 8_000_000).scheme == quantize.NONE
     assert quantize.choose_auto(CPU, 494_000_000, 358_000_000).scheme == quantize.CPU_AUTO
+    monkeypatch.setattr(cpu, "has_native_bf16", lambda flags=None: True)
+    assert quantize.choose_auto(CPU, 494_000_000, 358_000_000).scheme == quantize.NONE
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -344,3 +349,12 @@ def test_a_quantized_copy_is_what_loading_quantized_gives(family_dirs):
         torch.testing.assert_close(copied.network(input_ids=ids).logits,
                                    loaded.network(input_ids=ids).logits)
     assert quantized_copy(plain, "none") is plain
+
+
+def test_int8_on_a_cpu_needs_only_torch(monkeypatch, family_dirs):
+    """torchao is needed for int4 and for CUDA; a CPU's int8 is aten's kernel."""
+    monkeypatch.setattr(quantize, "torchao_version", lambda: None)
+    assert quantize.nearest_working(quantize.INT8, CPU).scheme == quantize.INT8
+    plan = quantize.nearest_working(quantize.INT4, CPU)
+    assert plan.scheme == quantize.INT8 and "torchao is not installed" in plan.notice
+    assert quantize.nearest_working(quantize.INT8, torch.device("cuda")).scheme == quantize.NONE
