@@ -227,7 +227,7 @@ def run_doctor(args: argparse.Namespace) -> int:
         remote = msgspec.structs.replace(remote, url=args.remote_url)
     if args.api_key_env is not None:
         remote = msgspec.structs.replace(remote, api_key_env=args.api_key_env)
-    report = diagnose(remote)
+    report = diagnose(remote, args.quantization)
     print(json.dumps(report, indent=2) if args.json else describe(report))
     return 0
 

@@ -34,15 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.options import QUANTIZATIONS
+from model.options import BYTES_PER_WEIGHT, QUANTIZATIONS
 
 NONE, INT8, INT4, AUTO = QUANTIZATIONS
 SCHEMES = (NONE, INT8, INT4)
 CHOICES = QUANTIZATIONS
 INT4_GROUPS = (128, 64, 32)  # int4 scales per group of this many inputs: the first that divides
-# bytes a weight takes, scales included (int8: one bf16 scale per row; int4: a bf16 scale and
-# zero per 128 weights), for memory estimates (`doctor`, `models`)
-BYTES_PER_WEIGHT = {NONE: 2.0, INT8: 1.0, INT4: 0.5 + 4 / 128}
 log = logging.getLogger(__name__)
 
 
@@ -104,8 +101,7 @@ FALLBACK = {INT4: INT8, INT8: NONE}
 
 def torchao_version() -> str | None:
     """torchao's version, None where it cannot be imported. Its import-time warnings about
-    kernels for other hardware (CUDA-only libraries on a CPU, no Triton) stay out of the log."""
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+    kernels for other hardware stay out of the log (model/__init__.py)."""
     try:
         import torchao
     except Exception:  # noqa: BLE001 - torchao missing or broken: no kernels

@@ -358,3 +358,27 @@ def test_int8_on_a_cpu_needs_only_torch(monkeypatch, family_dirs):
     plan = quantize.nearest_working(quantize.INT4, CPU)
     assert plan.scheme == quantize.INT8 and "torchao is not installed" in plan.notice
     assert quantize.nearest_working(quantize.INT8, torch.device("cuda")).scheme == quantize.NONE
+
+
+def test_doctor_shows_what_auto_loads_with_its_memory():
+    from types import SimpleNamespace
+
+    from lsp_server.doctor import SEVEN_B, quantization_choices
+
+    def on(gib: float) -> dict:
+        machine = SimpleNamespace(gpus=[object()], gpu_memory_gib=gib)
+        return quantization_choices(machine, [SEVEN_B])[0]
+
+    assert on(80)["quantization"] == "none"
+    assert on(12) == {"model": SEVEN_B, "quantization": "int8", "size_gb": 8.7} or \
+        on(12)["quantization"] == "int4"
+    assert on(8)["quantization"] == "int4" and on(8)["size_gb"] < 6
+    assert on(3)["quantization"] is None and "does not fit" in on(3)["why"]
+
+
+def test_models_lists_each_models_size_at_8_and_4_bits(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    seven = rows["Dream-Coder-v0-Instruct-7B"]
+    assert seven["size_gb_int4"] < seven["size_gb_int8"] < 15.2
+    assert rows["Open-dCoder-0.5B"]["size_gb_int8"] < 1.0
