@@ -25,6 +25,7 @@ CACHE_ENV = "DIFFUSION_LSP_CACHE"
 WEIGHTS = "weights.pt"
 MANIFEST = "manifest.json"
 FORMAT = 1  # bump when what is saved changes
+KEPT = 4  # copies kept (the most recently used): a checkpoint that changed leaves its old one
 CHUNK = 1 << 24
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,8 @@ def load_cached(key: str, network: nn.Module, device: torch.device) -> bool:
         if recorded.get("key") != key or recorded.get("sha256") != file_sha256(weights):
             raise ValueError("checksum or key does not match")
         state = torch.load(weights, map_location=device, weights_only=False, mmap=True)
-        result = network.load_state_dict(state, strict=True, assign=True)
-        del result
+        network.load_state_dict(state, strict=True, assign=True)
+        manifest.touch()  # most recently used: kept by `prune`
     except Exception as error:  # noqa: BLE001 - any damage: rebuild from the checkpoint
         log.warning("quantized weights in %s are unusable (%s); rebuilding them", folder,
                     str(error).splitlines()[0] if str(error) else type(error).__name__)
@@ -98,4 +99,16 @@ def save_cached(key: str, network: nn.Module) -> Path | None:
     except OSError as error:
         log.warning("could not keep the quantized weights in %s: %s", folder, error)
         return None
+    prune(KEPT)
     return folder
+
+
+def prune(kept: int) -> None:
+    """Remove all but the `kept` most recently used copies (a load touches its manifest)."""
+    import shutil
+
+    folders = sorted((p for p in cache_root().iterdir() if p.is_dir()),
+                     key=lambda p: (p / MANIFEST).stat().st_mtime if (p / MANIFEST).exists()
+                     else 0.0, reverse=True)
+    for old in folders[kept:]:
+        shutil.rmtree(old, ignore_errors=True)

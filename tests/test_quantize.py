@@ -62,7 +62,8 @@ def test_the_flag_refuses_int3_at_once(command, capsys):
     with pytest.raises(SystemExit) as stopped:
         main([*command, "--quantization", "int3"])
     assert stopped.value.code != 0
-    assert "int3" in capsys.readouterr().err and "int8" in capsys.readouterr().err + "int8"
+    said = capsys.readouterr().err
+    assert "int3" in said and all(f"'{name}'" in said for name in quantize.CHOICES)
 
 
 def test_the_setting_reports_a_bad_value_once_and_keeps_the_previous():
@@ -382,3 +383,11 @@ def test_models_lists_each_models_size_at_8_and_4_bits(capsys):
     seven = rows["Dream-Coder-v0-Instruct-7B"]
     assert seven["size_gb_int4"] < seven["size_gb_int8"] < 15.2
     assert rows["Open-dCoder-0.5B"]["size_gb_int8"] < 1.0
+
+
+def test_only_the_most_recently_used_copies_are_kept(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setattr(quantized_cache, "KEPT", 2)
+    paths = [write_checkpoint(tmp_path / f"m{i}", "dream", seed=i) for i in range(3)]
+    for path in paths:
+        load_model(path, device="cpu", quantization="int8")
+    assert len(list(cache_dir.glob("quantized/*/weights.pt"))) == 2
