@@ -1,8 +1,9 @@
 """8- and 4-bit weights: what `int8` / `int4` mean on each device, applied as the network loads.
 
 Bits are a property of the loaded network: the decoder layers' linear projections get weights
-that are torchao tensor subclasses (`torchao.quantization.quantize_`), whose `F.linear` runs
-a library kernel. Everything else -- transformers' modules, the fast step's own layer loop
+that are tensor subclasses whose `F.linear` runs a library kernel (torchao's, through
+`torchao.quantization.quantize_`, or torch's own aten int8 kernel through `Int8RowWeight`).
+Everything else -- transformers' modules, the fast step's own layer loop
 (model.fast_step calls `F.linear` on the same weights), the document cache, batches, holes,
 next edits -- sees an ordinary module. The LM head, the embedding (tied to the head in the
 0.5B models) and the norms keep the network's dtype: the head was not measured to be safe.
@@ -19,7 +20,8 @@ What each scheme means per device, chosen from benchmarks/quant_kernels.py (this
 
 On the CPU torchao's own int8 weight-only tensor converts the whole weight to bf16 before a
 plain matrix product on every call (1.5x float32's time there, eager); aten's int8 kernel reads
-the int8 bytes (0.55x). Both take bf16 activations: their float32 paths ran 7-15x slower.
+the int8 bytes (0.55x). Both take bf16 activations: their float32 paths ran 1.5-5.6x float32's
+time. The LM head stays as loaded: on this CPU a quantized network runs the head in bf16.
 
 A scheme a device has no kernel for (torchao missing, an unknown device) falls back to the
 nearest that works (int4 -> int8 -> none), said once (`Plan.notice`).
