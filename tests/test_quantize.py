@@ -18,6 +18,7 @@ from model.prompt_cache import PromptCache
 from model.sampler import InfillOptions, infill
 
 from .fixtures_families import FAMILY_SPECS, write_checkpoint
+from .test_fast_step import as_on_cuda, hole_pass_both_ways
 
 pytest.importorskip("torchao")
 
@@ -245,18 +246,6 @@ def test_a_changed_checkpoint_is_not_served_its_old_copy(tmp_path, monkeypatch):
 # -- every path on a quantized network ------------------------------------------------------------
 
 
-def as_on_cuda(monkeypatch, model, env: dict[str, str]) -> fast_step.HoleSteps:
-    """Every pass through `model.fast_step` as on CUDA (eager here), with switches `env`."""
-    steps = fast_step.HoleSteps(model, graphs=False)
-    monkeypatch.setattr(fast_step, "enabled", lambda m: True)
-    monkeypatch.setattr(fast_step, "hole_steps", lambda m: steps)
-    for variable in fast_step.SWITCH_ENVS.values():
-        monkeypatch.delenv(variable, raising=False)
-    for variable, value in env.items():
-        monkeypatch.setenv(variable, value)
-    return steps
-
-
 def completions(model) -> list:
     options = [InfillOptions(max_tokens=12, initial_tokens=12, tokens_per_step=2),
                InfillOptions(max_tokens=12, initial_tokens=8, min_tokens=3, refresh_every=3,
@@ -276,8 +265,6 @@ def test_the_fast_step_reads_the_quantized_weights(family_dirs, monkeypatch, sch
     the same passes and reuse (the texts of random weights may flip on bf16 near-ties).
     Fused projections are refused for quantized weights, said once."""
     from model.sampler import new_state
-
-    from .test_fast_step import hole_pass_both_ways
 
     model = load_model(family_dirs["dream"], device="cpu", quantization=scheme)
     state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=12, refresh_every=0))
