@@ -140,7 +140,8 @@ def nearest_working(scheme: str, device: torch.device, asked: str | None = None)
         scheme = FALLBACK[scheme]
     notice = None
     if scheme != wanted:
-        why = "torchao is not installed" if torchao_version() is None else "no kernel"
+        why = ("torchao is not installed: pip install 'diffusion-lsp[quantization]'"
+               if torchao_version() is None else "no kernel")
         notice = (f"quantization {wanted} has no kernel on {device.type} ({why}); "
                   f"using {scheme}")
     return Plan(asked, scheme, kernel_for(scheme, device), notice)
