@@ -206,8 +206,9 @@ def describe(report: dict[str, Any]) -> str:
         lines.append(f"on PATH     no: point the editor at {path['this_install'] or 'it'} "
                      "(VS Code: diffusionLsp.serverPath; Neovim: cmd)")
     where = gpus if device["gpus"] else "this CPU"
-    for index, row in enumerate(report["quantization"]["models"]):
-        head = f"quantization {report['quantization']['asked']}" if index == 0 else ""
+    quantized = report.get("quantization", {"asked": "auto", "models": []})
+    for index, row in enumerate(quantized["models"]):
+        head = f"quantization {quantized['asked']}" if index == 0 else ""
         choice = (f"{row['quantization']}, weights about {row['size_gb']:.1f} GB"
                   if row["quantization"] else row["why"])
         lines.append(f"{head:<11} {where}: {row['model']} {choice}")
