@@ -54,7 +54,7 @@ import torch
 
 from benchmarks.model_speed import card_bandwidth
 from benchmarks.report import RESULTS, EvalDataMissing, load_holes
-from model import fast_step
+from model import fast_step, quantize
 from model.loader import LoadedModel, load_model
 from model.options import hole_options as server_hole_options
 from model.percentile import percentile
@@ -86,8 +86,11 @@ COMPARED_GRAPHS = 64  # graphs kept while runs are compared: no run recaptures a
 COMPARED_BUFFER_BYTES = 8 << 30  # ... and their keys/values buffers
 BUNDLED_HOLES_PER_HOLE = 4  # the bundled model's refresh comparison: 4x --holes of each split
 # in this order: the issue's required figures first (speed, concurrent, lsp), so that a run
-# stopped by its time limit has them; then the comparisons (the model is rebuilt after lsp)
-SECTIONS = ("speed", "concurrent", "lsp", "switches", "refresh", "profile", "block8b")
+# stopped by its time limit has them; then 8- and 4-bit weights (each its own model); then the
+# comparisons (the model is rebuilt after lsp and quantization); then block diffusion
+SECTIONS = ("speed", "concurrent", "lsp", "quantization", "switches", "refresh", "profile",
+            "block8b")
+QUANTIZED = ("int8", "int4")
 BLOCK_SHAPE = {"cuda": "seed-coder-8b", "cpu": "tiny-seed-coder"}  # block8b's, by device type
 BLOCK_THRESHOLD = 0.95  # Stable-DiffCoder's card (generate_block's default threshold)
 MODEL_SECTIONS = ("speed", "switches", "refresh", "concurrent", "profile")  # on the random model
@@ -107,7 +110,7 @@ def bytes_per_hole_step(model: LoadedModel, context_rows: int, window: int) -> i
     where the LM head is tied to it: a lookup reads W rows), every layer's keys and values."""
     network = model.network
     tied = network.lm_head.weight is network.model.embed_tokens.weight
-    weights = sum(p.numel() * p.element_size() for name, p in network.named_parameters()
+    weights = sum(quantize.stored_bytes(p) for name, p in network.named_parameters()
                   if tied or "embed_tokens" not in name)
     config = network.config
     dim = network.model.layers[0].self_attn.head_dim
@@ -404,6 +407,39 @@ def speed(model: LoadedModel, holes: list[dict], result: dict) -> None:
         f"{result['diffusion_over_ar_at_8']:.2f}x")
 
 
+def by_quantization(shape: str, device: str, holes: list[dict], result: dict) -> None:
+    """hole64_7b.by_quantization.{int8,int4}: the shape's random model built in 8 and 4 bits
+    (quantized layer by layer as it is made), a 64-token hole at 8 tokens a step with the
+    document's context cached: tokens/s, ms a step against the bound of the bytes it reads,
+    and the peak GPU memory from the build on."""
+    entry = result.setdefault("hole64_7b", {}).setdefault("by_quantization", {})
+    for scheme in QUANTIZED:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        began = time.perf_counter()
+        model = random_model_of_shape(shape, device, quantization=scheme)
+        built = time.perf_counter() - began
+        context = statistics.median(sum(len(p) for p in layout_ids(model, h["prompt"],
+                                                                   h["suffix"]))
+                                    for h in holes)
+        bytes_read = bytes_per_hole_step(model, int(context), HOLE_TOKENS)
+        card = card_bandwidth(model)
+        run = bench_hole(model, holes, 8)
+        peak = (torch.cuda.max_memory_allocated() / 2**30 if model.device.type == "cuda"
+                else None)
+        entry[scheme] = {
+            "quantization": model.quantization, "notice": model.quantization_notice,
+            "tokens_per_s_at_8": run["tokens_per_s"], "ms_per_step": run["ms_per_step"],
+            "bound_ms_per_step": bytes_read / card * 1e3 if card else None,
+            "bytes_per_step": bytes_read, "peak_memory_gib": peak, "build_s": round(built, 1),
+            "steps": run["steps"], "tokens": run["tokens"]}
+        say(f"hole64 {scheme} 8/step: {run['ms_per_step']:.2f} ms/step, "
+            f"{run['tokens_per_s']:.0f} tokens/s, peak {peak or 0:.1f} GiB")
+        del model
+
+
 def fast_path(model: LoadedModel) -> dict:
     """What the fast step does for `model` here: on at all, compiled, each switch."""
     on = fast_step.enabled(model)
@@ -602,10 +638,8 @@ def block8b(device: str, holes: list[dict], result: dict) -> None:
     document's prompt rows cached exactly; ms a step against the bound of reading every
     weight and the context's keys/values once, beside the 7B Dream shape at one token a step
     (the speed section's hole64_7b, same run)."""
-    from model.shapes import random_model_of_shape
-
     shape = BLOCK_SHAPE["cuda" if device.startswith("cuda") else "cpu"]
-    model = random_model_of_shape(shape, device)
+    model = random_model_of_shape(shape, device, quantization="none")
     options = InfillOptions(max_tokens=HOLE_TOKENS, min_tokens=HOLE_TOKENS,
                             threshold=BLOCK_THRESHOLD)
     context = statistics.median(len(layout_ids(model, h["prompt"], h["suffix"])[0])
@@ -700,7 +734,7 @@ def run(args: argparse.Namespace) -> int:
         began = time.perf_counter()
         try:
             if section in MODEL_SECTIONS and model is None:
-                model = random_model_of_shape(args.shape, args.device)
+                model = random_model_of_shape(args.shape, args.device, quantization="none")
                 say(f"built a random {args.shape} in {time.perf_counter() - began:.1f} s")
             if section == "speed":
                 speed(model, holes, result)
@@ -718,13 +752,16 @@ def run(args: argparse.Namespace) -> int:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 block8b(args.device, holes, result)
-            elif section == "lsp":
-                if model is not None:  # the server process loads its own
+            elif section in ("lsp", "quantization"):
+                if model is not None:  # the server process (each scheme) loads its own
                     model = None
                     gc.collect()  # the model and its HoleSteps refer to each other
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
-                lsp(args.shape, args.device, data, args.holes, result)
+                if section == "lsp":
+                    lsp(args.shape, args.device, data, args.holes, result)
+                else:
+                    by_quantization(args.shape, args.device, holes, result)
             else:
                 raise ValueError(f"unknown section {section!r}; known: {', '.join(SECTIONS)}")
         except Exception as error:  # noqa: BLE001 - one section's failure keeps the others

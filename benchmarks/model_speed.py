@@ -385,7 +385,8 @@ def run_bench(args) -> int:
     def load() -> LoadedModel:
         if args.threads:
             torch.set_num_threads(args.threads)
-        return (random_model_of_shape(args.shape, args.device) if args.shape
+        return (random_model_of_shape(args.shape, args.device,
+                                      quantization=args.quantization) if args.shape
                 else load_for_cli(args))
 
     # the throughput benchmark runs the engine, which loads the model on its own thread as the

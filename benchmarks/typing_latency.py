@@ -262,7 +262,8 @@ def run_typing_bench(args) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         if model_path:
-            model = load_model(model_path, device=args.device, dtype=args.dtype)
+            model = load_model(model_path, device=args.device, dtype=args.dtype,
+                               quantization=args.quantization)
         else:
             model = load_for_cli(args)
         more = load_holes("single-line", DOCUMENTS_FOR_MEMORY,

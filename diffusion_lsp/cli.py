@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import get_args
 
 from lsp_server.settings import ContextSettings
-from model.options import COMMIT_SETTINGS, SAMPLER_SETTINGS
+from model.options import COMMIT_SETTINGS, QUANTIZATIONS, SAMPLER_SETTINGS
 
 CONTEXT = ContextSettings()  # the server's context budgets, the default for `infill` too
 PACKAGE = Path(__file__).resolve().parent
@@ -75,6 +75,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto",
                         help="auto | float32 | bfloat16 | float16 (default: auto, what "
                              "measured fastest on this device)")
+    _add_quantization_arg(parser)
+
+
+def _add_quantization_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
+                        help="the transformer's linear weights: none (the checkpoint's dtype), "
+                             "int8, int4, or auto (the device's best that fits; default)")
 
 
 def _add_sampler_args(parser: argparse.ArgumentParser) -> None:
@@ -166,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="speed benchmarks of the model (no LSP)")
     bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp",
                                         "cache-agreement", "typing", "cpu", "multi-hole",
-                                        "next-edit", "confidence"],
+                                        "next-edit", "confidence", "quantization"],
                        help="lsp: end to end through a real LSP client (the server over stdio); "
                             "cache-agreement: how often the context cache changes completions "
                             "(tiny checkpoints of every family and the bundled model); "
@@ -176,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "lines of HumanEval solutions filled jointly vs one after another; "
                             "next-edit: exact match and latency of next edits "
                             "(docs/next-edits.md); confidence: the confidence floor's "
-                            "trade-off on held-out holes, and what is offered over LSP")
+                            "trade-off on held-out holes, and what is offered over LSP; "
+                            "quantization: none / int8 / int4 side by side, speed and "
+                            "agreement (docs/benchmarks.md)")
     bench.add_argument("--limit", type=int, default=40,
                        help="holes per split (default: %(default)s)")
     bench.add_argument("--max-tokens", type=int, default=32,
@@ -200,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--remote-url", default=None,
                        help="next-edit: a real edit endpoint (key in DIFFUSION_LSP_TOKEN) "
                             "instead of the stand-in")
+    bench.add_argument("--part", choices=["quality", "speed", "both"], default=None,
+                       help="quantization: which half (default: both)")
     bench.add_argument("--remote-only", action="store_true",
                        help="next-edit: measure the remote only")
     bench.add_argument("--next-edits", action="store_true",
@@ -258,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="what this machine has, which models are on disk, whether the remote "
                        "answers, and which model to run here")
     doctor.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    _add_quantization_arg(doctor)
     doctor.add_argument("--remote-url", default=None,
                         help="the remote to check (default: the server's remote.url default)")
     doctor.add_argument("--api-key-env", default=None,
@@ -282,7 +294,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     # a remote is checked when one is named, or its key is set; else there is none to warn of
     configured = args.remote_url is not None or args.api_key_env is not None or bool(
         os.environ.get(remote.api_key_env))
-    report = diagnose(remote if configured else None)
+    report = diagnose(remote if configured else None, args.quantization)
     print(json.dumps(report, indent=2) if args.json else describe(report))
     return 0
 
@@ -313,6 +325,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
         from benchmarks.confidence import run_confidence_bench
 
         return run_confidence_bench(args)
+    if args.command == "bench" and args.name == "quantization":
+        from benchmarks.quantization import run_quantization_bench
+
+        return run_quantization_bench(args)
     if args.command == "bench" and args.name == "cpu":
         from benchmarks.cpu_profile import run_cpu_bench
 

@@ -99,6 +99,12 @@ def bundled_row() -> hub.ModelRow | None:
                         hub.LocalModel("bundled", path, size_bytes=size))
 
 
+def _quantized_size(name: str, scheme: str) -> float | None:
+    """The weights' size in GB with `--quantization scheme` (None: not a known model)."""
+    known = find_supported(name)
+    return None if known is None else round(known.size_gb_in(scheme), 1)
+
+
 def run_models(args) -> int:
     """`diffusion-lsp models`: the supported models and what is on disk (no network). Only
     the table's own modules are imported (no torch): it prints at once."""
@@ -107,6 +113,8 @@ def run_models(args) -> int:
         print(json.dumps([{
             "name": r.name, "repo_id": r.repo_id, "family": r.family, "size": r.size,
             "hardware": r.hardware, "state": r.local.state,
+            "size_gb_int8": _quantized_size(r.name, "int8"),
+            "size_gb_int4": _quantized_size(r.name, "int4"),
             "path": str(r.local.snapshot) if r.local.snapshot else None,
             "missing": r.local.missing,
         } for r in rows], indent=2))
@@ -115,13 +123,15 @@ def run_models(args) -> int:
     from rich.table import Table
 
     table = Table(title=f"models (cache: {hf_hub_dir()})", title_justify="left")
-    for column in ("name", "repo", "family", "download"):  # never broken mid-name
+    for column in ("name", "repo", "family", "download", "int8", "int4"):  # never broken mid-name
         table.add_column(column, no_wrap=True)
     for column in ("hardware", "on disk"):
         table.add_column(column, overflow="fold")
     for r in rows:
+        int8, int4 = (_quantized_size(r.name, s) for s in ("int8", "int4"))
         table.add_row(r.name if r.name != r.repo_id else "", r.repo_id, r.family, r.size,
-                      r.hardware, _state(r.local))
+                      "-" if int8 is None else f"{int8:.1f} GB",
+                      "-" if int4 is None else f"{int4:.1f} GB", r.hardware, _state(r.local))
     console = Console(file=sys.stdout, width=max(Console().width, 140))
     console.print(table)
     ready = [r for r in rows if r.local.state == "ready"]

@@ -50,6 +50,7 @@ import msgspec
 
 from model import edit_wire, next_edit, wire
 from model.families import parse_overrides
+from model.options import QUANTIZATIONS
 from model.percentile import percentile
 
 if TYPE_CHECKING:  # Ray, starlette and the model are imported where they are used
@@ -95,6 +96,7 @@ class ServiceConfig:
     family_overrides: tuple[tuple[str, str], ...] = ()  # (field, value): model.families
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"
+    quantization: str = "auto"  # none | int8 | int4 | auto (model.quantize)
     replicas: int | None = None  # fixed count; None = one per GPU, else 1
     min_replicas: int | None = None  # with max_replicas: autoscale between them
     max_replicas: int | None = None
@@ -105,6 +107,9 @@ class ServiceConfig:
     token_sha256: str | None = None
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r}; known: "
+                             f"{', '.join(QUANTIZATIONS)}")
         if self.batching not in ("engine", "serve"):
             raise ValueError(f"unknown batching {self.batching!r}; known: engine, serve")
         if (self.min_replicas is None) != (self.max_replicas is None):
@@ -293,7 +298,8 @@ class Infiller:
             if device == "cpu":
                 torch.set_num_threads(max(1, int(config.cpus_per_replica)))
             return load_model(config.model, config.family, device, config.dtype,
-                              overrides=dict(config.family_overrides))
+                              overrides=dict(config.family_overrides),
+                              quantization=config.quantization)
 
         # loaded, warmed up and run on the engine's own thread (Engine.start says why)
         self.engine = Engine.start(load, max_batch=config.max_batch).result()
@@ -698,6 +704,7 @@ def run_service(args: argparse.Namespace) -> int:
     try:
         config = ServiceConfig(
             model=_model_path(args), family=args.family, device=args.device, dtype=args.dtype,
+            quantization=args.quantization,
             family_overrides=tuple(parse_overrides(args.family_override).items()),
             replicas=args.replicas, min_replicas=args.min_replicas,
             max_replicas=args.max_replicas, cpus_per_replica=args.cpus_per_replica,

@@ -106,9 +106,46 @@ def unconfigured_remote() -> dict[str, Any]:
             "detail": "none configured (the local model serves completions)"}
 
 
-def diagnose(remote: RemoteSettings | None = None) -> dict[str, Any]:
+SEVEN_B = "DiffuCoder-7B-cpGRPO"  # the 7B model whose quantized fit `doctor` shows
+
+
+def quantization_choices(machine: Any, names: list[str],
+                         choice: str = "auto") -> list[dict[str, Any]]:
+    """What `--quantization choice` loads for each model of `names` on this machine's device
+    (model.quantize.choose_auto for `auto`), with its weights' size; a model that cannot fit
+    says why."""
+    import torch
+
+    from model import quantize
+    from model.registry import find_supported
+
+    device = torch.device("cuda" if machine.gpus else "cpu")
+    free = int(machine.gpu_memory_gib * 2**30) if machine.gpus else None
+    rows = []
+    for name in names:
+        known = find_supported(name)
+        if known is None:
+            continue
+        parameters = int(known.size_gb * 1e9 / 2)
+        try:
+            if choice == quantize.AUTO:
+                scheme = quantize.choose_auto(device, parameters,
+                                              int(parameters * known.linear_share), free).scheme
+            else:
+                scheme = quantize.nearest_working(choice, device).scheme
+        except quantize.QuantizationError as error:
+            rows.append({"model": name, "quantization": None, "why": str(error)})
+            continue
+        rows.append({"model": name, "quantization": scheme,
+                     "size_gb": round(known.size_gb_in(scheme), 1)})
+    return rows
+
+
+def diagnose(remote: RemoteSettings | None = None,
+             quantization: str = "auto") -> dict[str, Any]:
     """The whole report, as plain data (`describe` words it). `remote`: the remote in use,
-    probed; None when there is none (it is then reported as not configured)."""
+    probed; None when there is none (it is then reported as not configured). `quantization`:
+    the --quantization asked for, shown per recommended model."""
     from model.machine import inspect_machine, recommend
 
     machine = inspect_machine()
@@ -129,6 +166,9 @@ def diagnose(remote: RemoteSettings | None = None) -> dict[str, Any]:
                    else unconfigured_remote()),
         "mercury_key_present": bool(os.environ.get(MERCURY_KEY_ENV)),
         "path": check_path(),
+        "quantization": {"asked": quantization, "models": quantization_choices(
+            machine, list(dict.fromkeys([advice.model, *([SEVEN_B] if machine.gpus else [])])),
+            quantization)},
         "recommendation": {
             "model": advice.model, "why": advice.why, "expect": advice.expect,
             "command": advice.command,
@@ -179,6 +219,13 @@ def describe(report: dict[str, Any]) -> str:
     else:
         lines.append(f"on PATH     no: point the editor at {path['this_install'] or 'it'} "
                      "(VS Code: diffusionLsp.serverPath; Neovim: cmd)")
+    where = gpus if device["gpus"] else "this CPU"
+    quantized = report.get("quantization", {"asked": "auto", "models": []})
+    for index, row in enumerate(quantized["models"]):
+        head = f"quantization {quantized['asked']}" if index == 0 else ""
+        choice = (f"{row['quantization']}, weights about {row['size_gb']:.1f} GB"
+                  if row["quantization"] else row["why"])
+        lines.append(f"{head:<11} {where}: {row['model']} {choice}")
     advice = report["recommendation"]
     lines += ["", f"recommended: {advice['model']}: {advice['why']}",
               f"  expect    {advice['expect']}"]

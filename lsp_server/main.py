@@ -63,7 +63,9 @@ def serve(args) -> int:
         ("path", args.model), ("family", args.family),
         ("familyOverrides", parse_overrides(args.family_override) or None),
         ("device", None if args.device == "auto" else args.device),
-        ("dtype", None if args.dtype == "auto" else args.dtype)) if value is not None}}
+        ("dtype", None if args.dtype == "auto" else args.dtype),
+        ("quantization", None if args.quantization == "auto" else args.quantization))
+        if value is not None}}
     model_override = override if override["model"] else {}
     try:
         import uvloop

@@ -9,6 +9,7 @@ previous value stays.
 from __future__ import annotations
 
 import re
+import typing
 from typing import Any, Literal
 
 import msgspec
@@ -31,6 +32,9 @@ class ModelSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     family_overrides: dict[str, str] = msgspec.field(default_factory=dict)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # the transformer's linear weights (model/quantize.py): none (the checkpoint's dtype),
+    # int8, int4, auto (the device's best that fits)
+    quantization: Literal["none", "int8", "int4", "auto"] = "auto"
     threads: int | None = None  # torch CPU threads; None = torch's choice
     # documents whose context (keys/values) is kept across completions; 0 = off
     context_cache_documents: int = 20
@@ -234,6 +238,19 @@ def _with_leaf(tree: dict, path: tuple[str, ...], value: Any) -> dict:
     return {**tree, path[0]: _with_leaf(inner if isinstance(inner, dict) else {}, path[1:], value)}
 
 
+def _known_values(path: tuple[str, ...]) -> str:
+    """"; known: a, b, c" for a setting whose values are a fixed list (a Literal), else ""."""
+    node: Any = Settings
+    for name in path:
+        fields = {f.encode_name: f.type for f in msgspec.structs.fields(node)}
+        node = fields.get(name)
+        if node is None:
+            return ""
+    if typing.get_origin(node) is not Literal:
+        return ""
+    return "; known: " + ", ".join(map(str, typing.get_args(node)))
+
+
 def merge(current: Settings, raw: Any) -> tuple[Settings, list[str]]:
     """`current` updated by the (partial) tree `raw`, leaf by leaf; a bad leaf is left out
     and described in the returned problems, its siblings still apply."""
@@ -251,7 +268,7 @@ def merge(current: Settings, raw: Any) -> tuple[Settings, list[str]]:
         try:
             decoded = msgspec.convert(candidate, Settings)
         except msgspec.ValidationError as error:
-            problems.append(f"{name}: {error}")
+            problems.append(f"{name}: {error}{_known_values(path)}")
             continue
         issues = _check_ranges(decoded)
         if issues:

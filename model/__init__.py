@@ -1,2 +1,10 @@
 """The diffusion model: families < tokenizer < loader < sampler < engine, tiny test
 checkpoints, training."""
+
+import logging
+
+# torchao (which transformers imports too, wherever it is installed) warns at import about its
+# libraries for other hardware (CUDA-only kernels on a CPU, no Triton), and torch about pytree
+# registrations it makes: nothing a user can act on, so kept out of every command's output
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the network's own
 
+from model import quantize
 from model.loader import LoadedModel
 from model.pinned import to_device, upload
 from model.scoring import Head, greedy_scores
@@ -121,11 +122,20 @@ def parse_switch(name: str, value: str | None, default: bool = False) -> bool:
 
 def switches(model: LoadedModel) -> Switches:
     """The switches in force for `model`: read from the environment on every call (so a
-    benchmark can flip them between holes), all off where the fast step does not run."""
+    benchmark can flip them between holes), all off where the fast step does not run. Fused
+    projections stay off for quantized weights (model.quantize: each projection is its own
+    packed tensor and kernel; stacking them would unpack them), said once."""
     if not enabled(model):
         return Switches()
-    return Switches(**{field: parse_switch(env, os.environ.get(env))
-                       for field, env in SWITCH_ENVS.items()})
+    on = Switches(**{field: parse_switch(env, os.environ.get(env))
+                     for field, env in SWITCH_ENVS.items()})
+    if on.fused_projections and model.quantization != quantize.NONE:
+        if (FUSED_PROJECTIONS_ENV, model.quantization) not in _warned:
+            _warned.add((FUSED_PROJECTIONS_ENV, model.quantization))
+            log.warning("%s is ignored for %s weights: quantized projections are not fused",
+                        FUSED_PROJECTIONS_ENV, model.quantization)
+        on = on._replace(fused_projections=False)
+    return on
 
 
 def round_up(rows: int, multiple: int) -> int:
@@ -328,6 +338,8 @@ class _Layers:
         (`HoleSteps`)."""
         if self.fused_weights is not None:
             return
+        if quantize.is_quantized(self.network.model.layers[0].self_attn.q_proj.weight):
+            raise ValueError("quantized projections cannot be fused (see `switches`)")
         fused = fuse_projections(self.network)
         self.weights = [layer_weights(layer) for layer in self.network.model.layers]
         self.fused_weights = [

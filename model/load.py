@@ -31,9 +31,12 @@ def tiny_fallback() -> Path:
 
 def load_for_cli(args) -> LoadedModel:
     """The model named by parsed command-line `args` (`model`, `family`, `family_override`,
-    `device`, `dtype`); the bundled one by default, the tiny stand-in without one."""
+    `device`, `dtype`, `quantization`); the bundled one by default, the tiny stand-in without
+    one."""
+    quantization = getattr(args, "quantization", "auto")
     if args.model is None and bundled_model_path() is None:
-        return load_model(tiny_fallback(), device=args.device, dtype=args.dtype)
+        return load_model(tiny_fallback(), device=args.device, dtype=args.dtype,
+                          quantization=quantization)
     overrides = parse_overrides(getattr(args, "family_override", None))
     return load_model(args.model, family=args.family, device=args.device, dtype=args.dtype,
-                      overrides=overrides)
+                      overrides=overrides, quantization=quantization)

@@ -9,15 +9,18 @@ SDPA never falls back to its causal kernel).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from model import quantize
 from model.cpu import auto_cpu_dtype
 from model.families import Family, resolve_family
 from model.paths import (  # noqa: F401 - where a model is found (torch-free), re-exported
@@ -34,6 +37,7 @@ from model.paths import (  # noqa: F401 - where a model is found (torch-free), r
 )
 from model.tokenizer import BPE_MERGES_FILE, BPE_VOCAB_FILE, qwen2_tokenizer_from_bpe_files
 
+log = logging.getLogger(__name__)
 # config.json keys that describe where the checkpoint came from, not its shape
 NON_SHAPE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype",
                   "diffusion_lsp", "diffusion_lsp_family", MIN_CONFIDENCE_KEY)
@@ -93,6 +97,10 @@ class LoadedModel:
     never_sample_ids: torch.Tensor = field(init=False)
     # model.fast_step.HoleSteps: the fixed-shape hole steps (CUDA graphs), made on first use
     hole_steps: object | None = field(default=None, init=False, repr=False)
+    # how the decoder layers' weights are stored (model.quantize): none | int8 | int4, and the
+    # line to say once where that is not what was asked (no kernel here, or auto's choice)
+    quantization: str = quantize.NONE
+    quantization_notice: str | None = None
 
     def __post_init__(self) -> None:
         if self.never_sample is None:
@@ -290,12 +298,16 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     overrides: dict[str, object] | None = None,
+    quantization: str = quantize.AUTO,
 ) -> LoadedModel:
     """Load tokenizer and weights into a bidirectional stock transformers model, ready for eval.
 
     `family` names the family (else config.json's `diffusion_lsp` block, else detection);
     `overrides` replace family fields (model.families.OVERRIDABLE) after the config block's.
+    `quantization` (model.quantize.CHOICES): the decoder layers' linear weights in 8 or 4 bits,
+    quantized layer by layer as they stream in (`load_quantized`), or `auto`'s choice.
     """
+    quantize.check_choice(quantization)
     path = resolve_model_path(name_or_path)
     config_file = path / CONFIG_FILE
     if not config_file.exists():
@@ -318,8 +330,43 @@ def load_model(
         network = network_class(config)
     torch_device = pick_device(device)
     parameters = sum(p.numel() for p in network.parameters())
-    torch_dtype = pick_dtype(dtype, torch_device, parameters)
-    state = load_state_dict(path, fam)
+    plan = quantization_plan(quantization, network, torch_device)
+    if plan.kernel is not None:
+        load_quantized(network, path, fam, torch_device, plan.kernel)
+        torch_dtype = plan.kernel.dtype
+    else:
+        torch_dtype = pick_dtype(dtype, torch_device, parameters)
+        state = load_state_dict(path, fam)
+        assign_weights(network, state, path, fam)
+        network.to(device=torch_device, dtype=torch_dtype)
+    network.eval()
+    make_bidirectional(network)
+    if plan.notice:  # a fallback is a warning; auto's choice is news
+        log.log(logging.INFO if plan.asked in (quantize.AUTO, plan.scheme) else logging.WARNING,
+                "%s", plan.notice)
+    return LoadedModel(network, tokenizer, fam, ids, torch_device, torch_dtype, path,
+                       quantization=plan.scheme, quantization_notice=plan.notice)
+
+
+def quantization_plan(choice: str, network: torch.nn.Module,
+                      device: torch.device) -> quantize.Plan:
+    """What `choice` means for `network` (on the meta device) on `device`: `auto` by size
+    and free memory, else the scheme or the nearest one with a kernel there."""
+    try:
+        if choice == quantize.AUTO:
+            parameters = sum(p.numel() for p in network.parameters())
+            return quantize.choose_auto(device, parameters,
+                                        quantize.linear_parameter_count(network))
+        return quantize.nearest_working(choice, device)
+    except quantize.QuantizationError as error:
+        raise ModelLoadError(str(error)) from error
+
+
+def assign_weights(network: torch.nn.Module, state: dict[str, torch.Tensor], path: Path,
+                   fam: Family) -> None:
+    """`state` (the checkpoint's tensors, renamed) assigned into `network` (built on the meta
+    device), refusing weights that do not fit; ties the head and rebuilds rotary buffers."""
+    config = network.config
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     check_shapes(network, state, path)
@@ -328,17 +375,102 @@ def load_model(
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
     if missing or result.unexpected_keys:
         raise ModelLoadError(
-            f"weights in {path} do not fit the {fam.name} family's {network_class.__name__}: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {result.unexpected_keys[:5]}"
+            f"weights in {path} do not fit the {fam.name} family's "
+            f"{type(network).__name__}: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
         )
     if config.tie_word_embeddings:
         network.tie_weights()
     _materialise_buffers(network, config)
-    network.to(device=torch_device, dtype=torch_dtype)
-    network.eval()
-    make_bidirectional(network)
-    return LoadedModel(network, tokenizer, fam, ids, torch_device, torch_dtype, path)
+
+
+class WeightIndex:
+    """Where each tensor of a checkpoint is (its renamed name -> shard file and name in it),
+    read one group at a time: a quantized load never holds more than one layer unquantized."""
+
+    def __init__(self, path: Path, fam: Family) -> None:
+        self.files = sorted(path.glob(WEIGHTS_GLOB))
+        if not self.files:
+            raise ModelLoadError(f"no weights in {path}: expected {WEIGHTS_GLOB} files")
+        self.where: dict[str, tuple[Path, str]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for file in self.files:
+            try:
+                with safe_open(str(file), framework="pt") as shard:
+                    for name in shard.keys():  # noqa: SIM118 - safe_open has no __iter__
+                        renamed = fam.rename_weight(name)
+                        self.where[renamed] = (file, name)
+                        self.shapes[renamed] = tuple(shard.get_slice(name).get_shape())
+            except Exception as exc:  # corrupt or truncated file
+                raise ModelLoadError(f"cannot read weights {file}: {exc}") from exc
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for file in self.files:
+            wanted = [n for n in names if self.where[n][0] == file]
+            if not wanted:
+                continue
+            try:
+                with safe_open(str(file), framework="pt") as shard:
+                    for name in wanted:
+                        out[name] = shard.get_tensor(self.where[name][1])
+            except Exception as exc:  # corrupt or truncated file
+                raise ModelLoadError(f"cannot read weights {file}: {exc}") from exc
+        return out
+
+
+def load_quantized(network: torch.nn.Module, path: Path, fam: Family, device: torch.device,
+                   kernel: quantize.Kernel) -> None:
+    """Fill `network` (on the meta device) with the checkpoint's weights, its decoder layers'
+    linear weights quantized by `kernel`: from the disk cache (model.quantized_cache) where a
+    whole copy is there, else streamed -- the embedding, norms and head first, then one decoder
+    layer at a time read, moved to `device` in `kernel.dtype` and quantized before the next is
+    read -- and kept in the cache for the next start."""
+    from model import quantized_cache
+
+    index = WeightIndex(path, fam)
+    key = quantized_cache.cache_key(
+        quantized_cache.checkpoint_fingerprint(path, index.files, path / CONFIG_FILE),
+        fam.name, kernel, device.type)
+    config = network.config
+    network.requires_grad_(False)  # an int8 weight cannot require gradients
+    if quantized_cache.load_cached(key, network, device):
+        if config.tie_word_embeddings:
+            network.tie_weights()
+        _materialise_buffers(network, config)
+        network.model.rotary_emb.to(device)  # inv_freq stays float32
+        return
+    names = [n for n in index.where if not (config.tie_word_embeddings and n == "lm_head.weight")]
+    expected = {name for name, _ in network.named_parameters()}
+    check_shapes(network, {n: torch.empty(index.shapes[n], device="meta") for n in names
+                           if n in expected}, path)
+    unexpected = sorted(set(names) - expected)
+    missing = sorted(expected - set(names) - ({"lm_head.weight"} if config.tie_word_embeddings
+                                              else set()))
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"weights in {path} do not fit the {fam.name} family's {type(network).__name__}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}")
+
+    def place(group: list[str]) -> dict[str, torch.Tensor]:
+        return {n: t.to(device=device, dtype=kernel.dtype) for n, t in index.read(group).items()}
+
+    layer_prefix = "model.layers."
+    network.load_state_dict(place([n for n in names if not n.startswith(layer_prefix)]),
+                            strict=False, assign=True)
+    for number, layer in enumerate(network.model.layers):
+        prefix = f"{layer_prefix}{number}."
+        group = place([n for n in names if n.startswith(prefix)])
+        layer.load_state_dict({n.removeprefix(prefix): t for n, t in group.items()},
+                              strict=True, assign=True)
+        del group
+        quantize.quantize_module(layer, kernel)
+    if config.tie_word_embeddings:
+        network.tie_weights()
+    _materialise_buffers(network, config)
+    network.model.rotary_emb.to(device)  # inv_freq stays float32
+    quantized_cache.save_cached(key, network)
 
 
 def _materialise_buffers(network: torch.nn.Module, config) -> None:
@@ -346,3 +478,32 @@ def _materialise_buffers(network: torch.nn.Module, config) -> None:
     rotary = network.model.rotary_emb
     fresh = type(rotary)(config=config)
     network.model.rotary_emb = fresh
+
+
+def quantized_copy(model: LoadedModel, scheme: str) -> LoadedModel:
+    """`model` with its decoder layers' linear weights in `scheme` (the nearest with a kernel
+    on its device), made one part at a time beside it: the same weights in bits, for
+    comparisons side by side (benchmarks; tests). Returns `model` itself for `none`."""
+    plan = quantize.nearest_working(quantize.check_choice(scheme), model.device)
+    if plan.kernel is None:
+        return model
+    source, dtype = model.network, plan.kernel.dtype
+    with torch.device("meta"):
+        network = type(source)(source.config)
+    network.requires_grad_(False)
+    inner = network.model
+    names = {id(module): name for name, module in network.named_modules()}
+    for part in (inner.embed_tokens, inner.norm, network.lm_head, *inner.layers):
+        state = source.get_submodule(names[id(part)]).state_dict()
+        part.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+        if part not in (inner.embed_tokens, inner.norm, network.lm_head):
+            quantize.quantize_module(part, plan.kernel)
+    if network.config.tie_word_embeddings:
+        network.tie_weights()
+    _materialise_buffers(network, network.config)
+    inner.rotary_emb.to(model.device)  # inv_freq stays float32
+    network.eval()
+    make_bidirectional(network)
+    return LoadedModel(network, model.tokenizer, model.family, model.ids, model.device, dtype,
+                       model.path, never_sample=model.never_sample, quantization=plan.scheme,
+                       quantization_notice=plan.notice)

@@ -11,6 +11,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 SCORES = ("confidence", "margin", "entropy")
+# how the decoder layers' weights are stored (model.quantize): the checkpoint's dtype, 8 or 4
+# bits, or what model.quantize.choose_auto picks for the device and model
+QUANTIZATIONS = ("none", "int8", "int4", "auto")
+# bytes a weight takes per scheme, scales included (none: bf16; int8: one scale per row, about
+# nothing; int4: a bf16 scale and zero per group of 128), for memory estimates
+BYTES_PER_WEIGHT = {"none": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 128}
 
 
 NO_TOP_K = 0

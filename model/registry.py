@@ -20,6 +20,19 @@ class SupportedModel:
     # the completion confidence floor calibrated for it (docs/benchmarks.md); None: not
     # calibrated yet (no floor)
     min_confidence: float | None = None
+    # of the weights, the share in the decoder layers' linear projections (what int8 / int4
+    # shrink; model.quantize): Qwen2.5-7B 6.53B of 7.62B, LLaDA-8B 6.98B of 8.0B
+    linear_share: float = 0.86
+
+    def size_gb_in(self, scheme: str) -> float:
+        """Its weights' size (GB, as size_gb) with the linear projections in `scheme`
+        (none | int8 | int4), the rest in bf16."""
+        from model.options import BYTES_PER_WEIGHT
+
+        if scheme not in BYTES_PER_WEIGHT:
+            raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(BYTES_PER_WEIGHT)}")
+        share = self.linear_share
+        return self.size_gb * (1 - share + share * BYTES_PER_WEIGHT[scheme] / 2)
 
 
 # 7-8B weights in bf16 take 15-16 GB; Dream's README asks for "a GPU with at least 20GB memory".
@@ -42,7 +55,8 @@ SUPPORTED_MODELS: tuple[SupportedModel, ...] = (
     SupportedModel("DreamOn-v0-7B", "Dream-org/DreamOn-v0-7B", "dreamon",
                    15.2, GPU_24GB, "same shape as Dream-Coder"),
     SupportedModel("Open-dCoder-0.5B", "fredzzp/open-dcoder-0.5B", "open-dcoder",
-                   1.0, "CPU (slow) or any GPU with >= 4 GB", "Qwen2.5-0.5B shape in bf16"),
+                   1.0, "CPU (slow) or any GPU with >= 4 GB", "Qwen2.5-0.5B shape in bf16",
+                   linear_share=0.72),  # 358M of 494M (the embedding is tied to the head)
     SupportedModel("LLaDA-8B-Base", "GSAI-ML/LLaDA-8B-Base", "llada",
                    16.0, GPU_24GB, "hub: 6 shards"),
     SupportedModel("LLaDA-8B-Instruct", "GSAI-ML/LLaDA-8B-Instruct", "llada",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from model import quantize
 from model.families import DREAM, STABLE_DIFFCODER, Family
 from model.loader import (
     BUNDLED_DIR,
@@ -21,6 +22,7 @@ from model.loader import (
     make_bidirectional,
     pick_device,
     pick_dtype,
+    quantization_plan,
     resolve_special_ids,
 )
 from model.tiny import FAMILY_SPECIAL_TOKENS, SAMPLE_CODE
@@ -62,10 +64,13 @@ def is_random(name_or_path: object) -> bool:
     return isinstance(name_or_path, str) and name_or_path.startswith(RANDOM_PREFIX)
 
 
-def random_model_of_shape(shape: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def random_model_of_shape(shape: str, device: str = "auto", dtype: str = "auto",
+                          quantization: str = "auto") -> LoadedModel:
     """A `dream`-family model of a published shape with random weights (a `stable-diffcoder`
     one for the BLOCK_SHAPES), made on `device` in `dtype` (auto: bf16 on CUDA; on a CPU what
-    `model.cpu` measured fastest)."""
+    `model.cpu` measured fastest), its decoder layers' linear weights in `quantization`
+    (model.quantize; made and quantized one layer at a time, so a 7B shape fits where its bf16
+    weights would not)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if shape not in SHAPES and shape not in BLOCK_SHAPES:
@@ -83,32 +88,42 @@ def random_model_of_shape(shape: str, device: str = "auto", dtype: str = "auto")
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         network = network_class(config)
-    torch_dtype = pick_dtype(dtype, torch_device, sum(p.numel() for p in network.parameters()))
-    network = random_weights(network, config, torch_device, torch_dtype)
+    plan = quantization_plan(quantize.check_choice(quantization), network, torch_device)
+    torch_dtype = (plan.kernel.dtype if plan.kernel is not None else
+                   pick_dtype(dtype, torch_device, sum(p.numel() for p in network.parameters())))
+    network = random_weights(network, config, torch_device, torch_dtype, plan.kernel)
     make_bidirectional(network)
     tokenizer = shape_tokenizer(shape, family)
     return LoadedModel(network, tokenizer, family,
                        resolve_special_ids(tokenizer, family, Path()),
-                       torch_device, torch_dtype, Path(f"{RANDOM_PREFIX}{shape}"))
+                       torch_device, torch_dtype, Path(f"{RANDOM_PREFIX}{shape}"),
+                       quantization=plan.scheme, quantization_notice=plan.notice)
 
 
-def load_random(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_random(name: str, device: str = "auto", dtype: str = "auto",
+                quantization: str = "auto") -> LoadedModel:
     """`random:SHAPE` -> that shape's random-weight model."""
-    return random_model_of_shape(name.removeprefix(RANDOM_PREFIX), device, dtype)
+    return random_model_of_shape(name.removeprefix(RANDOM_PREFIX), device, dtype, quantization)
 
 
 @torch.no_grad()
 def random_weights(network: torch.nn.Module, config, device: torch.device,
-                   dtype: torch.dtype) -> torch.nn.Module:
+                   dtype: torch.dtype, kernel: quantize.Kernel | None = None) -> torch.nn.Module:
     """`network` (built on the meta device) with N(0, INIT_STD) weights and unit norms, made
-    directly in `dtype` on `device`: seconds for 0.5B parameters, where transformers' own
+    directly in `dtype` on `device`, one part at a time (each decoder layer then quantized
+    by `kernel`, where given): seconds for 0.5B parameters, where transformers' own
     initialisation takes minutes on a 2-core CPU."""
-    network = network.to_empty(device=device).to(dtype)
-    for name, parameter in network.named_parameters():
-        if name.endswith("norm.weight"):
-            parameter.fill_(1.0)
-        else:
-            parameter.normal_(0.0, INIT_STD)
+    inner = network.model
+    network.requires_grad_(False)
+    for part in (inner.embed_tokens, inner.norm, network.lm_head, *inner.layers):
+        part.to_empty(device=device).to(dtype)
+        for name, parameter in part.named_parameters():
+            if name.endswith("norm.weight") or part is inner.norm:
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0.0, INIT_STD)
+        if kernel is not None and part not in (inner.embed_tokens, inner.norm, network.lm_head):
+            quantize.quantize_module(part, kernel)
     if config.tie_word_embeddings:
         network.tie_weights()
     network.model.rotary_emb = type(network.model.rotary_emb)(config=config).to(device)

@@ -309,3 +309,41 @@ def test_fused_projections_and_captured_passes_on_a_published_shape():
             captured, _ = fast_step.rows_pass(model, sequence, positions)
             assert relative_error(captured, plain) < 5e-2
     assert any(key.kind == "pass" for key in fast_step.hole_steps(model)._shapes)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_weights_agree_with_bf16_on_cuda(scheme, tmp_path, monkeypatch):
+    """The bundled model (trained weights) in int8 / int4 on CUDA (torchao's kernels) against
+    bf16: close hidden states, nearly the same greedy completions (int8: all but one of
+    HOLES), through the default CUDA path (the fast step, its graphs, the compiled layer)."""
+    from model import quantize, quantized_cache
+
+    monkeypatch.setenv(quantized_cache.CACHE_ENV, str(tmp_path))
+    plain = load_model(None, device="cuda", dtype="bfloat16", quantization="none")
+    model = load_model(None, device="cuda", quantization=scheme)
+    assert model.quantization == scheme, model.quantization_notice
+    assert quantize.is_quantized(model.network.model.layers[0].mlp.up_proj.weight)
+    ids = torch.tensor([plain.tokenizer.encode(PREFIX + SUFFIX).ids], device="cuda")
+    with torch.inference_mode():
+        want = plain.network.model(input_ids=ids).last_hidden_state.float()
+        got = model.network.model(input_ids=ids).last_hidden_state.float()
+    assert relative_error(got, want) < (0.05 if scheme == "int8" else 0.25)
+    options = InfillOptions(max_tokens=16, single_line=True, min_tokens=1)
+    same = [infill(model, p, s, options).text == infill(plain, p, s, options).text
+            for p, s in HOLES]
+    assert sum(same) >= len(HOLES) - (1 if scheme == "int8" else 3), same
+    reloaded = load_model(None, device="cuda", quantization=scheme)  # from the disk cache
+    assert infill(reloaded, *HOLES[0], options).text == infill(model, *HOLES[0], options).text
+
+
+def test_a_7b_shape_in_int4_fits_in_a_fraction_of_its_bf16_memory():
+    """Built layer by layer in int4, Qwen2.5-7B's shape stays well under its bf16 size."""
+    from model.shapes import random_model_of_shape
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = random_model_of_shape("qwen2.5-7b", "cuda", quantization="int4")
+    assert model.quantization == "int4"
+    assert torch.cuda.max_memory_allocated() < 8 * 2**30
+    result = infill(model, PREFIX, SUFFIX, InfillOptions(max_tokens=16, tokens_per_step=8))
+    assert result.steps >= 1

@@ -90,3 +90,29 @@ def test_the_gpu_check_runs_through_on_the_cpu(tmp_path):
     assert len(returned) <= RETURNED_FILES, returned
     assert "ckpt-last.pt.part00" in returned and "check.log" in returned, log[-3000:]
     assert all(p.stat().st_size < 16 << 20 for p in out.iterdir())
+
+
+def test_the_quantization_section_records_each_scheme(tmp_path, monkeypatch):
+    """hole64_7b.by_quantization.{int8,int4} with the fields the README's GPU figures are read
+    from, dry-run on the CPU with the tiny shape (peak GPU memory: none here)."""
+    pytest.importorskip("torchao")
+    from benchmarks import gpu_check
+    from model import quantized_cache
+
+    monkeypatch.setenv(quantized_cache.CACHE_ENV, str(tmp_path / "cache"))
+    if not DATA.exists():
+        pytest.skip(f"no HumanEval-infilling data at {DATA}")
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--out", str(out), "--shape", "tiny-qwen2", "--device", "cpu",
+                           "--holes", "1", "--data", str(DATA),
+                           "--sections", "quantization"]) == 0
+    result = json.loads(out.read_text())
+    assert not result.get("errors"), result.get("errors")
+    runs = result["hole64_7b"]["by_quantization"]
+    assert set(runs) == {"int8", "int4"}
+    for scheme, run in runs.items():
+        assert run["quantization"] == scheme
+        assert run["tokens_per_s_at_8"] > 0 and run["ms_per_step"] > 0
+        assert {"bound_ms_per_step", "peak_memory_gib"} <= run.keys()
+    assert runs["int4"]["bytes_per_step"] < runs["int8"]["bytes_per_step"]
+    assert gpu_check.SECTIONS.index("quantization") > gpu_check.SECTIONS.index("lsp")

@@ -69,9 +69,12 @@ class LocalBackend:
 
         self.min_confidence = min_confidence(loaded.path)
         self.preview_notice = PREVIEW_NOTICE if loaded.path == bundled_model_path() else None
+        if loaded.quantization_notice:
+            report(loaded.quantization_notice)  # said once, as the model loads
         parameters = sum(p.numel() for p in loaded.network.parameters())
-        return (f"{loaded.path.name} ({loaded.family.name}, {parameters / 1e6:.1f}M parameters) "
-                f"on {loaded.device.type}")
+        bits = "" if loaded.quantization == "none" else f", {loaded.quantization} weights"
+        return (f"{loaded.path.name} ({loaded.family.name}, {parameters / 1e6:.1f}M parameters"
+                f"{bits}) on {loaded.device.type}")
 
     def count_tokens(self, text: str) -> int:
         if self._tokenizer is None or not text:
@@ -234,6 +237,8 @@ def _load(settings: Settings):
     if settings.model.threads:
         torch.set_num_threads(settings.model.threads)
     if is_random(settings.model.path):  # a benchmark's random-weight model of a published shape
-        return load_random(settings.model.path, settings.model.device, settings.model.dtype)
+        return load_random(settings.model.path, settings.model.device, settings.model.dtype,
+                           settings.model.quantization)
     return load_model(settings.model.path, settings.model.family, settings.model.device,
-                      settings.model.dtype, overrides=settings.model.family_overrides)
+                      settings.model.dtype, overrides=settings.model.family_overrides,
+                      quantization=settings.model.quantization)
