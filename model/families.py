@@ -58,6 +58,8 @@ class Family:
     # ... and the tokenizer holds every one of these tokens (tells variants of one model_type
     # apart: DiffuCoder and DreamOn are both model_type "Dream")
     detect_tokens: tuple[str, ...] = ()
+    # ... or config.json's "architectures" names one of these (a class only this family uses)
+    detect_architectures: tuple[str, ...] = ()
     extra_end_tokens: tuple[str, ...] = field(default=())  # also end the hole (e.g. <|im_end|>)
     pad_token: str | None = None  # "nothing here": ends the hole, never text (DiffuCoder)
     expand_token: str | None = None  # committed: becomes two masks (DreamOn)
@@ -85,6 +87,8 @@ class Family:
         """True when `config` (config.json) and the tokenizer's `tokens` are this family's."""
         if str(config.get("model_type", "")) not in self.model_types:
             return False
+        if set(config.get("architectures") or ()) & set(self.detect_architectures):
+            return True
         vocabulary = set(tokens)
         return all(token in vocabulary for token in self.detect_tokens)
 
@@ -225,7 +229,7 @@ FIM_LAYOUTS = ("canvas", "suffix-first")
 # model mentions FIM; Seed-Coder's report (section 2.2) trained it suffix-first:
 # <[fim-suffix]> SUFFIX <[fim-prefix]> PREFIX <[fim-middle]> MIDDLE, as Zed's Zeta 2 prompts
 # Seed-Coder-8B. The answer ends at eos <[end▁of▁sentence]>. Detected as a "llama" checkpoint
-# whose tokenizer holds <[MASK_TOKEN]>.
+# whose tokenizer holds <[MASK_TOKEN]>, or whose architectures name StableDiffcoderForCausalLM.
 STABLE_DIFFCODER = Family(
     name="stable-diffcoder",
     architecture="llama",
@@ -236,6 +240,7 @@ STABLE_DIFFCODER = Family(
     shifted_logits=False,
     model_types=("llama",),
     detect_tokens=("<[MASK_TOKEN]>",),
+    detect_architectures=("StableDiffcoderForCausalLM",),
     block_length=4,
     fim_layout="suffix-first",
     fim_prefix_token="<[fim-prefix]>",

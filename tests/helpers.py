@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
+from model import fast_step
 from model.train.data import ExampleShape
 from model.train.train import ModelShape, TrainConfig
 
@@ -49,3 +51,43 @@ def sharp_logits(model, tokens: list[int], confidence: float = 20.0) -> torch.Te
 def word_token(model, word: str) -> int:
     """The first token id of `word` in the model's tokenizer."""
     return model.tokenizer.encode(word, add_special_tokens=False).ids[0]
+
+
+# -- tiny models on a busy machine; the fast step as on CUDA (tests/test_fast_step.py,
+# tests/test_quantize.py, tests/test_families.py, tests/test_block.py) ----------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on a busy 2-core machine run ~20x faster without OpenMP fan-out."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def as_on_cuda(monkeypatch, model, env: dict[str, str]) -> fast_step.HoleSteps:
+    """Every pass through `model.fast_step` as on CUDA, with the switches of `env` (eager
+    here: the graphs would replay these kernels); returns the fixed shapes it uses."""
+    steps = fast_step.HoleSteps(model, graphs=False)
+    monkeypatch.setattr(fast_step, "enabled", lambda m: True)
+    monkeypatch.setattr(fast_step, "hole_steps", lambda m: steps)
+    for variable in fast_step.SWITCH_ENVS.values():
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    return steps
+
+
+def hole_pass_both_ways(model, state) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of the window: transformers' hole-only pass, then the fixed-shape step."""
+    from model.sampler import _hole_pass, window
+
+    (reference,) = _hole_pass(model, [state])
+    state.context.age -= 1
+    start, end = window(state, model.family.shifted_logits)
+    steps = fast_step.HoleSteps(model, graphs=False)
+    hidden = steps.run(state.context.layers, state.context, state.sequence()[start:end], start)
+    masked = state.masked.nonzero().squeeze(-1) + state.hole_start
+    rows = masked - (1 if model.family.shifted_logits else 0) - start
+    return reference, hidden[rows]

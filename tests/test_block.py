@@ -14,7 +14,7 @@ from model.prompt_cache import PromptCache
 from model.sampler import InfillOptions, generate_exact, infill, layout_ids, new_state
 
 from .fixtures_block import EOS, MASK, official_model, write_stable_diffcoder
-from .test_families import one_thread  # noqa: F401 - autouse: tiny matmuls on one thread
+from .helpers import one_thread  # noqa: F401 - autouse: tiny matmuls on one thread
 
 PREFIX = "def add(a, b):\n    return "
 SUFFIX = "\n\nprint(add(1, 2))\n"
@@ -54,6 +54,18 @@ def test_the_published_checkpoint_loads_as_stable_diffcoder(pairs):
     assert type(model.network).__name__ == "LlamaForCausalLM"  # stock class, no remote code
     assert (model.ids.mask, model.ids.end_of_hole) == (MASK, EOS)
     assert model.family.block_length == 4 and not model.family.shifted_logits
+
+
+def test_its_architecture_alone_names_the_family():
+    """A Llama checkpoint saved by the published class is Stable-DiffCoder by its config,
+    whatever its tokenizer holds; a plain Llama one without the mask token is not."""
+    from model.families import STABLE_DIFFCODER, detect_family
+
+    config = {"model_type": "llama", "architectures": ["StableDiffcoderForCausalLM"]}
+    assert detect_family(config, []) is STABLE_DIFFCODER
+    assert detect_family({"model_type": "llama"}, ["<[MASK_TOKEN]>"]) is STABLE_DIFFCODER
+    with pytest.raises(ValueError, match="cannot tell the model family"):
+        detect_family({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, [])
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

@@ -25,19 +25,11 @@ from model.sampler import (
 )
 
 from .fixtures_families import FAMILY_SPECS, SPECS, leaking_tokens, write_checkpoint
+from .helpers import one_thread  # noqa: F401 - autouse: tiny matmuls on one thread
 
 PREFIX = "def add(a, b):\n    return "
 SUFFIX = "\n\nprint(add(1, 2))\n"
 SEEDS = range(16)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a busy 2-core machine run ~20x faster without OpenMP fan-out."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from model.sampler import (
 from model.scoring import greedy_scores
 
 from .fixtures_families import FAMILY_SPECS, write_checkpoint
+from .helpers import as_on_cuda, hole_pass_both_ways
 
 PREFIX = "def add(a, b):\n    total = a + b\n    return "
 SUFFIX = "\n\nprint(add(1, 2))\n"
@@ -52,33 +53,6 @@ def family_models(family_dirs) -> dict:
 def fresh(family_dirs, name: str):
     """A model of its own (fusing the projections changes the network it is given)."""
     return load_model(family_dirs[name], device="cpu", dtype="float32")
-
-
-def as_on_cuda(monkeypatch, model, env: dict[str, str]) -> fast_step.HoleSteps:
-    """Every pass through `model.fast_step` as on CUDA, with the switches of `env` (eager
-    here: the graphs would replay these kernels); returns the fixed shapes it uses."""
-    steps = fast_step.HoleSteps(model, graphs=False)
-    monkeypatch.setattr(fast_step, "enabled", lambda m: True)
-    monkeypatch.setattr(fast_step, "hole_steps", lambda m: steps)
-    for variable in fast_step.SWITCH_ENVS.values():
-        monkeypatch.delenv(variable, raising=False)
-    for variable, value in env.items():
-        monkeypatch.setenv(variable, value)
-    return steps
-
-
-def hole_pass_both_ways(model, state) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states of the window: transformers' hole-only pass, then the fixed-shape step."""
-    from model.sampler import _hole_pass
-
-    (reference,) = _hole_pass(model, [state])
-    state.context.age -= 1
-    start, end = window(state, model.family.shifted_logits)
-    steps = fast_step.HoleSteps(model, graphs=False)
-    hidden = steps.run(state.context.layers, state.context, state.sequence()[start:end], start)
-    masked = state.masked.nonzero().squeeze(-1) + state.hole_start
-    rows = masked - (1 if model.family.shifted_logits else 0) - start
-    return reference, hidden[rows]
 
 
 @pytest.mark.parametrize("name", FAMILY_SPECS)

@@ -14,8 +14,8 @@ from lsp_server import parse_check, suppress
 from lsp_server.parse_check import breaks_parse, inserted, parses
 from model.paths import MIN_CONFIDENCE_KEY, bundled_model_path, min_confidence
 from model.sampler import InfillOptions, infill
+from tests.lsp_helpers import remote_options
 from tests.remote_standin import StandIn
-from tests.test_server_remote import remote_options
 
 FUNCTION = "def mean(values):\n    total = sum(values)\n    \n    return total / len(values)\n"
 CURSOR = FUNCTION.index("    \n") + 4  # the blank line's end, inside the function

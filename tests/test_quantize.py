@@ -18,7 +18,7 @@ from model.prompt_cache import PromptCache
 from model.sampler import InfillOptions, infill
 
 from .fixtures_families import FAMILY_SPECS, write_checkpoint
-from .test_fast_step import as_on_cuda, hole_pass_both_ways
+from .helpers import as_on_cuda, hole_pass_both_ways
 
 pytest.importorskip("torchao")
 

@@ -11,8 +11,7 @@ import pytest_asyncio
 
 from benchmarks.lsp_client import edit, inline, open_document, stats
 from tests.edit_standin import SOURCE as EDIT_SOURCE
-from tests.test_server_diffusion import HOLES, actions, apply, previewing_server
-from tests.test_server_next_edit import inline_edit
+from tests.lsp_helpers import HOLES, actions, apply, inline_edit, previewing_server
 
 from .fixtures_block import write_stable_diffcoder
 

@@ -4,26 +4,19 @@ live previews of a hole denoising, and several holes filled at once by a code ac
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
 import pytest_asyncio
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 
-from benchmarks.lsp_client import edit, inline, open_document, plain, running_server, stats
+from benchmarks.lsp_client import edit, inline, open_document, running_server, stats
 from model.preview import PLACEHOLDER
+from tests.lsp_helpers import HOLES, actions, apply, previewing_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SOURCE = "def add(a, b):\n    return \n\n\nprint(add(1, 2))\n"
-HOLES = (
-    "def area(w, h):\n"
-    "    if w < 0:\n"
-    "        ...\n"
-    "    # TODO: compute the area\n"
-    "    return result\n"
-)
 CANCELLED = -32800
 
 
@@ -32,19 +25,6 @@ def tiny_dir(tmp_path_factory):
     from model.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("diffusion-model") / "tiny")
-
-
-@contextlib.asynccontextmanager
-async def previewing_server(settings: dict):
-    """The server with `settings`, its client keeping every preview in `client.previews`."""
-    async with running_server(settings) as client:
-        client.previews = []
-
-        @client.feature("diffusion/preview")
-        def on_preview(params) -> None:
-            client.previews.append(plain(params))
-
-        yield client
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -132,28 +112,6 @@ async def test_previews_are_off_by_default(tiny_dir):
 
 
 # -- several holes ---------------------------------------------------------------------------
-
-
-async def actions(client, uri: str, start: tuple[int, int], end: tuple[int, int],
-                  only: list[str] | None = None):
-    return await client.text_document_code_action_async(types.CodeActionParams(
-        text_document=types.TextDocumentIdentifier(uri=uri),
-        range=types.Range(start=types.Position(line=start[0], character=start[1]),
-                          end=types.Position(line=end[0], character=end[1])),
-        context=types.CodeActionContext(diagnostics=[], only=only)))
-
-
-def apply(text: str, edits) -> str:
-    lines = text.split("\n")
-    offsets = [0]
-    for line in lines:
-        offsets.append(offsets[-1] + len(line) + 1)
-    for e in sorted(edits, key=lambda e: (e.range.start.line, e.range.start.character),
-                    reverse=True):
-        a = offsets[e.range.start.line] + e.range.start.character
-        b = offsets[e.range.end.line] + e.range.end.character
-        text = text[:a] + e.new_text + text[b:]
-    return text
 
 
 async def test_fill_two_holes_lists_cheaply_and_resolves_to_one_edit(client):

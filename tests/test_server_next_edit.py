@@ -14,6 +14,7 @@ from pygls.exceptions import JsonRpcException
 from benchmarks.lsp_client import edit, inline, open_document, plain, running_server, stats
 from model import edit_wire
 from tests.edit_standin import SOURCE, EditStandIn, rename_uses
+from tests.lsp_helpers import inline_edit
 from tests.remote_standin import KEY
 
 URI = "untitled:shapes.py"
@@ -23,15 +24,6 @@ def mercury_options(url: str) -> dict:
     return {"backend": "remote", "completion": {"debounceMs": 0},
             "remote": {"url": url, "api": "mercury", "apiKey": KEY, "timeoutMs": 3000,
                        "retries": 0}}
-
-
-async def inline_edit(client, uri: str, version: int | None, line: int, character: int,
-                      **extra) -> list[dict]:
-    params = {"textDocument": {"uri": uri, "version": version},
-              "position": {"line": line, "character": character}, **extra}
-    result = plain(await client.protocol.send_request_async("textDocument/copilotInlineEdit",
-                                                            params))
-    return result["edits"]
 
 
 def applied(text: str, edits: list[dict]) -> str:

@@ -9,14 +9,10 @@ import socket
 import pytest
 
 from benchmarks.lsp_client import inline, open_document, running_server, stats
-from tests.remote_standin import KEY, StandIn
+from tests.lsp_helpers import remote_options
+from tests.remote_standin import StandIn
 
 SOURCE = "def add(a, b):\n    return \n\n\nprint(add(1, 2))\n"
-
-
-def remote_options(url: str, key: str = KEY, timeout_ms: int = 2000) -> dict:
-    return {"backend": "remote", "completion": {"debounceMs": 0},
-            "remote": {"url": url, "apiKey": key, "timeoutMs": timeout_ms, "retries": 1}}
 
 
 def closed_port() -> int:
