@@ -99,6 +99,10 @@ def bundled_row() -> hub.ModelRow | None:
                         hub.LocalModel("bundled", path, size_bytes=size))
 
 
+MIN_HARDWARE_WIDTH = 28  # `models`: the table's folding columns keep words readable
+MIN_STATE_WIDTH = 12
+
+
 def _quantized_size(name: str, scheme: str) -> float | None:
     """The weights' size in GB with `--quantization scheme` (None: not a known model)."""
     known = find_supported(name)
@@ -123,15 +127,16 @@ def run_models(args) -> int:
     from rich.table import Table
 
     table = Table(title=f"models (cache: {hf_hub_dir()})", title_justify="left")
-    for column in ("name", "repo", "family", "download", "int8", "int4"):  # never broken mid-name
+    # the name above its repository id, each on a line of its own: never broken mid-name
+    for column in ("model (repository)", "family", "download", "int8 / int4"):
         table.add_column(column, no_wrap=True)
-    for column in ("hardware", "on disk"):
-        table.add_column(column, overflow="fold")
+    table.add_column("hardware", overflow="fold", min_width=MIN_HARDWARE_WIDTH)
+    table.add_column("on disk", overflow="fold", min_width=MIN_STATE_WIDTH)
     for r in rows:
         int8, int4 = (_quantized_size(r.name, s) for s in ("int8", "int4"))
-        table.add_row(r.name if r.name != r.repo_id else "", r.repo_id, r.family, r.size,
-                      "-" if int8 is None else f"{int8:.1f} GB",
-                      "-" if int4 is None else f"{int4:.1f} GB", r.hardware, _state(r.local))
+        name = r.name if r.name == r.repo_id else f"{r.name}\n{r.repo_id}"
+        sizes = "-" if int8 is None or int4 is None else f"{int8:.1f} / {int4:.1f} GB"
+        table.add_row(name, r.family, r.size, sizes, r.hardware, _state(r.local))
     console = Console(file=sys.stdout, width=max(Console().width, 140))
     console.print(table)
     ready = [r for r in rows if r.local.state == "ready"]

@@ -89,7 +89,8 @@ def test_random_model_of_a_tiny_shape_runs_the_gpu_benchmark_path_on_cpu(tmp_pat
         pytest.skip("../shared eval data absent")
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     args = SimpleNamespace(name="vs-autoregressive", shape="tiny-qwen2", device="cpu",
-                           data=None, limit=1, max_tokens=4, tokens_per_step=2, threads=None)
+                           data=None, limit=1, max_tokens=4, tokens_per_step=2, threads=None,
+                           quantization="auto")
     assert bench.run_bench(args) == 0
     payload = json.loads((tmp_path / "vs-autoregressive-tiny-qwen2.json").read_text())
     # dtype auto: fp32 on a CPU for a model under 100M parameters (bf16 on CUDA)
