@@ -2,8 +2,9 @@
 
 Source: the `modeling.py` shipped with Efficient-Large-Model/Fast_dLLM_v2_7B (and _1.5B), NVlabs
 Fast-dLLM v2, Apache-2.0 (read as copied in Satgoy152/DualDiffusion
-FastDLLM_inferencing/Fast_dLLM_v2_7B/modeling.py; its generate agrees with NVlabs Fast-dLLM
-v2/generation_functions.py `batch_sample` for one sequence). Facts, not code, were carried over;
+FastDLLM_inferencing/Fast_dLLM_v2_7B/modeling.py, leaving out that copy's step hook and logits
+history; its denoising step is NVlabs Fast-dLLM v2/generation_functions.py `batch_sample`'s,
+whose stop rule differs). Facts, not code, were carried over;
 every rule below is written from the published one, in its order:
 
 - network: Qwen2 (q/k/v bias, RoPE, RMSNorm, SwiGLU); at inference the attention is SDPA under
