@@ -71,6 +71,9 @@ class Family:
     # bidirectional inside a block and causal across blocks (`model.block`); None: the whole
     # sequence attends both ways (the full-canvas families)
     block_length: int | None = None
+    # block diffusion denoised this many positions at a time inside a block, left to right
+    # (Fast-dLLM v2's `small_block_size`); None: the whole block at once
+    sub_block_length: int | None = None
     # how prefix and suffix surround the hole: "canvas" (prefix, masks, suffix) or a FIM
     # layout with the three tokens below (FIM_LAYOUTS); the hole then comes last
     fim_layout: str = "canvas"
@@ -248,10 +251,37 @@ STABLE_DIFFCODER = Family(
     fim_middle_token="<[fim-middle]>",
 )
 
+# Fast-dLLM v2 7B / 1.5B (NVlabs, Apache-2.0; Efficient-Large-Model/Fast_dLLM_v2_7B, _1.5B):
+# Qwen2.5-7B-Instruct / -1.5B-Instruct fine-tuned (~1B tokens) into a block-diffusion model.
+# config.json: "model_type": "Fast_dLLM_Qwen", "architectures": ["Fast_dLLM_QwenForCausalLM"]
+# (remote code whose weights are Qwen2's under Qwen2's names), "bd_size": 32. Its modeling.py
+# `generate`: `mask_id=151665` (the added token |<MASK>|), `stop_token=151645` (<|im_end|>),
+# `block_size=32`, `small_block_size=8`, `threshold` (the card's demo: 0.9; default 1), greedy;
+# attention block-causal at inference (`eval_block_diff_mask`: q // 32 >= k // 32); logits
+# shifted inside a block (`torch.cat([logits[:, :1], logits[:, :-1]])`). Its answer ends at
+# <|im_end|> (a chat model) or <|endoftext|>. No Fast-dLLM v2 source mentions infilling: the
+# Qwen2.5 tokenizer holds Qwen2.5-Coder's FIM tokens, but whether Fast-dLLM v2's base was
+# trained with them is unknown, so the layout is the plain text before the hole (canvas).
+FAST_DLLM_V2 = Family(
+    name="fast-dllm-v2",
+    architecture="qwen2",
+    mask_token="|<MASK>|",
+    end_of_hole_token="<|im_end|>",
+    bos_token=None,
+    eos_token=None,
+    shifted_logits=True,
+    model_types=("Fast_dLLM_Qwen",),
+    detect_tokens=("|<MASK>|",),
+    detect_architectures=("Fast_dLLM_QwenForCausalLM",),
+    extra_end_tokens=("<|endoftext|>",),
+    block_length=32,
+    sub_block_length=8,
+)
+
 # Detection tries families in this order: variants with marker tokens before their base.
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (DEFAULT, DREAMON, DIFFUCODER, DREAM, OPEN_DCODER, LLADA,
-                        STABLE_DIFFCODER)
+                        STABLE_DIFFCODER, FAST_DLLM_V2)
 }
 
 # Family fields a config.json block or --family-override may set, and how to read a string.

@@ -68,6 +68,15 @@ SUPPORTED_MODELS: tuple[SupportedModel, ...] = (
     SupportedModel("Stable-DiffCoder-8B-Instruct", "ByteDance-Seed/Stable-DiffCoder-8B-Instruct",
                    "stable-diffcoder", 16.5, GPU_24GB,
                    "Seed-Coder-8B shape in bf16; block diffusion, exact cache"),
+    # Qwen2.5-7B-Instruct / -1.5B-Instruct's shapes in bf16 (7.62B / 1.54B parameters, the
+    # 1.5B's embedding tied to its head), not read from the hub; exact mode only so far
+    SupportedModel("Fast_dLLM_v2_7B", "Efficient-Large-Model/Fast_dLLM_v2_7B", "fast-dllm-v2",
+                   15.2, GPU_24GB,
+                   "Qwen2.5-7B shape in bf16; block diffusion, exact mode only"),
+    SupportedModel("Fast_dLLM_v2_1.5B", "Efficient-Large-Model/Fast_dLLM_v2_1.5B",
+                   "fast-dllm-v2", 3.1, "CPU (slow) or any GPU with >= 6 GB",
+                   "Qwen2.5-1.5B shape in bf16; block diffusion, exact mode only",
+                   linear_share=0.85),  # 1.31B of 1.54B (the embedding is tied to the head)
 )
 
 

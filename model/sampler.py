@@ -113,6 +113,10 @@ def new_state_from_ids(model: LoadedModel, prefix_ids: list[int], suffix_ids: li
     (`model.block`) starts one block long: the first block ends where the prompt's aligned
     block does, and the hole grows a block at a time."""
     n, offset = options.first_length, None
+    if model.family.sub_block_length:
+        raise ValueError(f"family {model.family.name} runs in exact mode only "
+                         "(model.sampler.generate_exact): its completions (shifted logits, "
+                         "sub-blocks) are not on this sampler yet")
     if model.family.block_length:
         if suffix_ids:
             raise ValueError(f"family {model.family.name} denoises blocks after its prompt: "
@@ -247,6 +251,10 @@ def generate_exact(model: LoadedModel, input_ids: torch.Tensor | list[int], *,
     None looks for no end, as the reference does. Sampled runs (`temperature` > 0) draw from a
     generator seeded with `seed`: the reference's distribution, not its random numbers."""
     del tokenizer  # generate_block takes it and never reads it
+    if model.family.sub_block_length:
+        return _generate_exact_sub_blocks(model, input_ids, gen_length=gen_length,
+                                          block_length=block_length, mask_id=mask_id,
+                                          threshold=threshold, eos_id=eos_id)
     if shift:
         raise ValueError("shift=True (shifted logits) is not Stable-DiffCoder's setting and is "
                          "not supported")
@@ -281,3 +289,21 @@ def generate_exact(model: LoadedModel, input_ids: torch.Tensor | list[int], *,
         answer = answer[:first] + [eos_id] * (len(answer) - first)
     forwards = state.steps + (state.committed.writes if state.committed else 0)
     return torch.tensor([prompt + answer], dtype=torch.long), forwards
+
+
+def _generate_exact_sub_blocks(model: LoadedModel, input_ids: torch.Tensor | list[int], *,
+                               gen_length: int, block_length: int | None, mask_id: int | None,
+                               threshold: float | None,
+                               eos_id: int | None) -> tuple[torch.Tensor, int]:
+    """Fast-dLLM v2's greedy `generate` (`model.block.generate_sub_blocks`): `gen_length` is its
+    `max_new_tokens`, `eos_id` its `stop_token` (default: the family's end token),
+    `threshold` None its default 1 (one position a step); `steps` has no part in it."""
+    prompt = [int(t) for t in torch.as_tensor(input_ids).reshape(-1).tolist()]
+    ids, forwards = block.generate_sub_blocks(
+        model, prompt, gen_length=gen_length,
+        block_length=block_length or model.family.block_length,
+        sub_block_length=model.family.sub_block_length,
+        threshold=1.0 if threshold is None else threshold,
+        mask_id=model.ids.mask if mask_id is None else mask_id,
+        stop_id=model.ids.end_of_hole if eos_id is None else eos_id)
+    return torch.tensor([ids], dtype=torch.long), forwards

@@ -57,7 +57,8 @@ def test_llada_weights_survive_the_rename(tiny_dirs):
 
 
 def test_unknown_family_names_the_known_ones():
-    known = "default, diffucoder, dream, dreamon, llada, open-dcoder, stable-diffcoder"
+    known = ("default, diffucoder, dream, dreamon, fast-dllm-v2, llada, open-dcoder, "
+             "stable-diffcoder")
     with pytest.raises(ValueError, match=known):
         get_family("gpt")
     assert set(FAMILIES) == set(known.split(", "))
