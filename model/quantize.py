@@ -150,11 +150,11 @@ def nearest_working(scheme: str, device: torch.device, asked: str | None = None)
 # -- auto ------------------------------------------------------------------------------------
 
 CUDA_ROOM = 0.2  # auto on CUDA: weights may take at most this much less than the free memory
-CPU_AUTO_MIN_PARAMETERS = 100_000_000  # below: per-op overhead, not bytes: no quantization
-# auto on a CPU for larger networks: int8 where it was measured fastest while agreeing (a CPU
-# without native bf16, like this project's 2-core AVX2 one); with native bf16 the bf16 network
-# (model.cpu) was measured and int8 was not: it stays unquantized there
-CPU_AUTO = INT8
+# auto on a CPU: unquantized. Measured side by side on the idle 2-core AVX2 VM without native
+# bf16 (docs/benchmarks.md, 0.5B shape): int8 and int4 took as long as float32 for a typed
+# character (1.00x / 0.97x) and longer for a first request; with native bf16 the bf16 network
+# (model.cpu) was measured and int8 was not. `int8` / `int4` stay a choice (smaller weights).
+CPU_AUTO = NONE
 
 
 def weight_bytes(parameters: int, linear_parameters: int, scheme: str,
@@ -169,7 +169,7 @@ def choose_auto(device: torch.device, parameters: int, linear_parameters: int,
                 free_bytes: int | None = None) -> Plan:
     """`auto`: on CUDA the first of none / int8 / int4 whose weights leave CUDA_ROOM of the
     free memory for the document caches (QuantizationError naming what would fit where none
-    does); on a CPU CPU_AUTO for networks of at least CPU_AUTO_MIN_PARAMETERS, else none."""
+    does); on a CPU CPU_AUTO (none: not faster there yet)."""
     if device.type == "cuda":
         if free_bytes is None:
             free_bytes = torch.cuda.mem_get_info(device)[0]
@@ -186,11 +186,7 @@ def choose_auto(device: torch.device, parameters: int, linear_parameters: int,
             f"the model does not fit on {device}: even in int4 its weights take about "
             f"{gib(smallest)} and {gib(free_bytes)} are free (with room for caches it needs "
             f"about {gib(smallest / (1 - CUDA_ROOM))}); choose a smaller model or the CPU")
-    from model.cpu import has_native_bf16
-
-    large = parameters >= CPU_AUTO_MIN_PARAMETERS
-    scheme = CPU_AUTO if large and not has_native_bf16() else NONE
-    plan = nearest_working(scheme, device, AUTO)
+    plan = nearest_working(CPU_AUTO, device, AUTO)
     return Plan(AUTO, plan.scheme, plan.kernel, plan.notice)
 
 
