@@ -33,12 +33,13 @@ from model.cpu import describe
 from model.loader import LoadedModel, load_model, quantized_copy
 from model.passes import forward_holes
 from model.prompt_cache import PromptCache
-from model.quantize import INT4, INT8, NONE, torchao_version
+from model.quantize import CPU_INT8_WEIGHT_ONLY, INT4, INT8, NONE, kernel_for, torchao_version
 from model.sampler import InfillOptions, infill, new_state
 from model.shapes import random_model_of_shape
 
 NAME = "quantization"
 SCHEMES = (NONE, INT8, INT4)
+WEIGHT_ONLY = "int8 weight-only"  # the CPU int8 kernel before fbgemm's, for comparison
 SPEED_OPTIONS = InfillOptions(max_tokens=16, initial_tokens=16, tokens_per_step=4,
                               single_line=True, min_tokens=1)
 
@@ -101,6 +102,8 @@ def speed(shape: str, limit: int, data: Path | None) -> dict:
     """none / int8 / int4 of one random-weight model of `shape`, taking turns hole by hole."""
     base = random_model_of_shape(shape, "cpu", quantization=NONE)
     models = {NONE: base, INT8: quantized_copy(base, INT8), INT4: quantized_copy(base, INT4)}
+    if base.device.type == "cpu" and kernel_for(INT8, base.device) is not CPU_INT8_WEIGHT_ONLY:
+        models[WEIGHT_ONLY] = quantized_copy(base, INT8, CPU_INT8_WEIGHT_ONLY)
     try:
         holes = load_holes("single-line", limit, data)
         documents = [hole_document(h) for h in holes]
@@ -130,7 +133,12 @@ def speed(shape: str, limit: int, data: Path | None) -> dict:
         rows[scheme] = {key: round(statistics.median(values), 1)
                         for key, values in series.items()}
         rows[scheme]["dtype"] = str(models[scheme].dtype).removeprefix("torch.")
-    for scheme in (INT8, INT4):
+        kernel = (CPU_INT8_WEIGHT_ONLY if scheme == WEIGHT_ONLY
+                  else kernel_for(scheme, models[scheme].device))
+        rows[scheme]["kernel"] = kernel.description if kernel else "none"
+    for scheme in rows:
+        if scheme == NONE:
+            continue
         rows[scheme]["typing_vs_none"] = round(rows[scheme]["typing_ms"]
                                                / rows[NONE]["typing_ms"], 2)
     print(rows, flush=True)

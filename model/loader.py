@@ -435,8 +435,7 @@ def load_quantized(network: torch.nn.Module, path: Path, fam: Family, device: to
     config = network.config
     network.requires_grad_(False)  # an int8 weight cannot require gradients
     if quantized_cache.load_cached(key, network, device):
-        if config.tie_word_embeddings:
-            network.tie_weights()
+        quantize.tie_or_quantize_head(network, kernel)
         _materialise_buffers(network, config)
         network.model.rotary_emb.to(device)  # inv_freq stays float32
         return
@@ -466,8 +465,7 @@ def load_quantized(network: torch.nn.Module, path: Path, fam: Family, device: to
                               strict=True, assign=True)
         del group
         quantize.quantize_module(layer, kernel)
-    if config.tie_word_embeddings:
-        network.tie_weights()
+    quantize.tie_or_quantize_head(network, kernel)
     _materialise_buffers(network, config)
     network.model.rotary_emb.to(device)  # inv_freq stays float32
     quantized_cache.save_cached(key, network)
@@ -480,11 +478,14 @@ def _materialise_buffers(network: torch.nn.Module, config) -> None:
     network.model.rotary_emb = fresh
 
 
-def quantized_copy(model: LoadedModel, scheme: str) -> LoadedModel:
+def quantized_copy(model: LoadedModel, scheme: str,
+                   kernel: quantize.Kernel | None = None) -> LoadedModel:
     """`model` with its decoder layers' linear weights in `scheme` (the nearest with a kernel
-    on its device), made one part at a time beside it: the same weights in bits, for
-    comparisons side by side (benchmarks; tests). Returns `model` itself for `none`."""
+    on its device, or `kernel`), made one part at a time beside it: the same weights in bits,
+    for comparisons side by side (benchmarks; tests). Returns `model` itself for `none`."""
     plan = quantize.nearest_working(quantize.check_choice(scheme), model.device)
+    if kernel is not None:
+        plan = quantize.Plan(scheme, kernel.scheme, kernel)
     if plan.kernel is None:
         return model
     source, dtype = model.network, plan.kernel.dtype
@@ -498,8 +499,7 @@ def quantized_copy(model: LoadedModel, scheme: str) -> LoadedModel:
         part.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
         if part not in (inner.embed_tokens, inner.norm, network.lm_head):
             quantize.quantize_module(part, plan.kernel)
-    if network.config.tie_word_embeddings:
-        network.tie_weights()
+    quantize.tie_or_quantize_head(network, plan.kernel)
     _materialise_buffers(network, network.config)
     inner.rotary_emb.to(model.device)  # inv_freq stays float32
     network.eval()

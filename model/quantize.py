@@ -2,26 +2,36 @@
 
 Bits are a property of the loaded network: the decoder layers' linear projections get weights
 that are tensor subclasses whose `F.linear` runs a library kernel (torchao's, through
-`torchao.quantization.quantize_`, or torch's own aten int8 kernel through `Int8RowWeight`).
-Everything else -- transformers' modules, the fast step's own layer loop
+`torchao.quantization.quantize_`, or torch's own int8 kernels through `Int8RowWeight` /
+`Int8DynamicWeight`). Everything else -- transformers' modules, the fast step's own layer loop
 (model.fast_step calls `F.linear` on the same weights), the document cache, batches, holes,
-next edits -- sees an ordinary module. The LM head, the embedding (tied to the head in the
-0.5B models) and the norms keep the network's dtype: the head was not measured to be safe.
+next edits -- sees an ordinary module. Where a kernel says so (`Kernel.head`) the LM head is
+quantized too, untied from the embedding, which keeps its values (a lookup reads rows, not a
+matrix product); the norms keep the network's dtype.
 
-What each scheme means per device, chosen from benchmarks/quant_kernels.py (this project's
-2-core AVX2 CPU, no native bf16; docs/benchmarks.md has the table):
+What each scheme means per device, chosen from benchmarks/quant_kernels.py and `bench
+quantization` (this project's 2-core AVX2 CPU, no native bf16; docs/benchmarks.md has the
+tables):
 
     device  int8                                   int4
-    cpu     aten's _weight_int8pack_mm (int8        torchao PrototypeInt4WeightOnlyConfig
-            weights, one scale per output row;      (Int4OpaqueTensor: aten's
-            `Int8RowWeight`), bf16 activations      _weight_int4pack_mm_for_cpu), bf16
+    cpu     fbgemm's dynamic int8 linear           torchao PrototypeInt4WeightOnlyConfig
+            (`quantized::linear_dynamic`, torch's  (Int4OpaqueTensor: aten's
+            own x86 kernel; `Int8DynamicWeight`):  _weight_int4pack_mm_for_cpu), bf16
+            int8 weights, activations quantized
+            per call, float32 around it; the LM
+            head too. Where torch's quantized
+            engine is not fbgemm (ARM): aten's
+            _weight_int8pack_mm, bf16 activations
     cuda    torchao Int8WeightOnlyConfig, bf16      torchao Int4WeightOnlyConfig, tile-packed
                                                     (aten's _weight_int4pack_mm), bf16
 
 On the CPU torchao's own int8 weight-only tensor converts the whole weight to bf16 before a
-plain matrix product on every call (1.5x float32's time there, eager); aten's int8 kernel reads
-the int8 bytes (0.55x). Both take bf16 activations: their float32 paths ran 1.5-5.6x float32's
-time. The LM head stays as loaded: on this CPU a quantized network runs the head in bf16.
+plain matrix product on every call (1.5x float32's time there, eager), and aten's int8
+weight-only kernel, which reads the int8 bytes, still multiplies in bf16, which a CPU without
+native bf16 emulates: a typed character took as long as float32 (1.00x). fbgemm multiplies
+int8 by int8 with integer instructions every x86 CPU has, so it runs in a fraction of float32's
+time; it quantizes activations too (about twice the error of weight-only int8 per layer),
+which is why its agreement with the unquantized model is measured (docs/models.md).
 
 A scheme a device has no kernel for (torchao missing, an unknown device) falls back to the
 nearest that works (int4 -> int8 -> none), said once (`Plan.notice`).
@@ -30,6 +40,7 @@ nearest that works (int4 -> int8 -> none), said once (`Plan.notice`).
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +77,7 @@ class Kernel:
     config: str  # a torchao config class
     dtype: torch.dtype  # weights are quantized from, and activations run in, this dtype
     description: str
+    head: bool = False  # the LM head is quantized too (untied from the embedding)
 
     def make_config(self, in_features: int):  # noqa: ANN201 - a torchao config
         """The torchao config for a linear layer of `in_features` inputs (None: it cannot be
@@ -88,9 +100,12 @@ class Kernel:
 
 
 ATEN_INT8 = "aten._weight_int8pack_mm"
+FBGEMM_INT8 = "quantized.linear_dynamic"
+OWN_KERNELS = (ATEN_INT8, FBGEMM_INT8)  # torch's own: no torchao needed
 KERNELS = {
-    ("cpu", INT8): Kernel(INT8, "cpu", ATEN_INT8, torch.bfloat16,
-                          "aten int8 weight-only (per-row scales), bf16 activations"),
+    ("cpu", INT8): Kernel(INT8, "cpu", FBGEMM_INT8, torch.float32,
+                          "fbgemm dynamic int8 (int8 weights per row, activations quantized "
+                          "per call, int32 sums), LM head too", head=True),
     ("cpu", INT4): Kernel(INT4, "cpu", "PrototypeInt4WeightOnlyConfig", torch.bfloat16,
                           "torchao int4 (aten _weight_int4pack_mm_for_cpu), bf16 activations"),
     ("cuda", INT8): Kernel(INT8, "cuda", "Int8WeightOnlyConfig", torch.bfloat16,
@@ -98,6 +113,10 @@ KERNELS = {
     ("cuda", INT4): Kernel(INT4, "cuda", "Int4WeightOnlyConfig", torch.bfloat16,
                            "torchao int4 tile-packed (aten _weight_int4pack_mm), bf16"),
 }
+# where fbgemm is not torch's quantized engine (ARM CPUs: qnnpack), int8 on a CPU is aten's
+# weight-only kernel, with bf16 activations
+CPU_INT8_WEIGHT_ONLY = Kernel(INT8, "cpu", ATEN_INT8, torch.bfloat16,
+                              "aten int8 weight-only (per-row scales), bf16 activations")
 FALLBACK = {INT4: INT8, INT8: NONE}
 
 
@@ -111,11 +130,19 @@ def torchao_version() -> str | None:
     return str(torchao.__version__)
 
 
+def fbgemm_available() -> bool:
+    """Whether torch's quantized engine here runs fbgemm's dynamic int8 linear (x86)."""
+    return (torch.backends.quantized.engine in ("x86", "fbgemm")
+            and hasattr(torch.ops.quantized, "linear_dynamic"))
+
+
 def kernel_for(scheme: str, device: torch.device) -> Kernel | None:
     """The kernel `scheme` runs with on `device`; None where it has none here (torchao's
-    kernels need torchao; aten's int8 kernel only torch)."""
+    kernels need torchao; torch's own kernels only torch)."""
     kernel = None if scheme == NONE else KERNELS.get((device.type, scheme))
-    if kernel is None or (kernel.config != ATEN_INT8 and torchao_version() is None):
+    if kernel is not None and kernel.config == FBGEMM_INT8 and not fbgemm_available():
+        kernel = CPU_INT8_WEIGHT_ONLY
+    if kernel is None or (kernel.config not in OWN_KERNELS and torchao_version() is None):
         return None
     return kernel
 
@@ -237,14 +264,48 @@ class Int8RowWeight(torch.Tensor):
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
-            y = torch.ops.aten._weight_int8pack_mm(rows, weight.as_subclass(torch.Tensor),
-                                                   weight.scale)
-            y = y.reshape(*x.shape[:-1], y.shape[-1])
+            y = weight.matmul_rows(rows).reshape(*x.shape[:-1], weight.shape[0])
             return y if bias is None else y + bias
         if func is torch.Tensor.detach:
             return cls(args[0].as_subclass(torch.Tensor).detach(), args[0].scale)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
+
+    def matmul_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, K) times the weight's transpose: (M, N), in the rows' dtype."""
+        return torch.ops.aten._weight_int8pack_mm(rows, self.as_subclass(torch.Tensor),
+                                                  self.scale)
+
+
+class Int8DynamicWeight(Int8RowWeight):
+    """`Int8RowWeight` whose `F.linear` runs fbgemm's dynamic int8 kernel
+    (`quantized::linear_dynamic`, torch's own x86 kernel): each call quantizes the float32
+    activations to 8 bits (one scale for the call's rows; 7 bits of range, `reduce_range`,
+    so that AVX2's 16-bit pair sums cannot saturate), multiplies int8 by int8 into int32 and
+    scales back. It reads a quarter of float32's bytes and runs integer dot products, which a
+    CPU without native bf16 lacks for bf16. The packed form fbgemm reads is made on first use
+    and never saved (`__getstate__`): the disk cache keeps the int8 values and scales."""
+
+    def matmul_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        packed = self.__dict__.get("_packed")
+        if packed is None:
+            qdata = self.as_subclass(torch.Tensor)
+            with warnings.catch_warnings():  # quantized tensors are deprecated; the kernel is not
+                warnings.simplefilter("ignore", UserWarning)
+                weight = torch._make_per_channel_quantized_tensor(
+                    qdata, self.scale.double(), torch.zeros(qdata.shape[0], dtype=torch.long), 0)
+            packed = self.__dict__["_packed"] = torch.ops.quantized.linear_prepack(weight, None)
+        y = torch.ops.quantized.linear_dynamic(rows.float(), packed, True)
+        return y.to(rows.dtype)
+
+    def __getstate__(self) -> dict:
+        return {"scale": self.scale}
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int8DynamicWeight:
+        """Symmetric per-row int8 of a float (N, K) weight, scales in float32."""
+        quantized = Int8RowWeight.quantize(weight.float())
+        return cls(quantized.as_subclass(torch.Tensor), quantized.scale)
 
 
 def quantize_module(module: nn.Module, kernel: Kernel) -> int:
@@ -253,9 +314,9 @@ def quantize_module(module: nn.Module, kernel: Kernel) -> int:
     size fits stays as it is."""
     done = 0
     for _, linear in quantizable(module):
-        if kernel.config == ATEN_INT8:
-            linear.weight = nn.Parameter(Int8RowWeight.quantize(linear.weight),
-                                         requires_grad=False)
+        if kernel.config in OWN_KERNELS:
+            kind = Int8DynamicWeight if kernel.config == FBGEMM_INT8 else Int8RowWeight
+            linear.weight = nn.Parameter(kind.quantize(linear.weight), requires_grad=False)
             done += 1
             continue
         config = kernel.make_config(linear.in_features)
@@ -266,6 +327,27 @@ def quantize_module(module: nn.Module, kernel: Kernel) -> int:
         quantize_(linear, config, filter_fn=None)
         done += 1
     return done
+
+
+def quantize_head(network: nn.Module, kernel: Kernel) -> bool:
+    """The LM head in `kernel`'s bits where the kernel says it is safe (`Kernel.head`),
+    untied from the embedding (which keeps its values: a lookup cannot read int8 rows; the
+    loader does not tie a quantized head again). Returns whether it was quantized."""
+    if not kernel.head or is_quantized(network.lm_head.weight):
+        return False
+    head = network.lm_head
+    head.weight = nn.Parameter(head.weight.detach(), requires_grad=False)  # its own, untied
+    quantize_module(head, kernel)
+    return True
+
+
+def tie_or_quantize_head(network: nn.Module, kernel: Kernel | None) -> None:
+    """Once a network's weights are in: its head tied to the embedding where its config says
+    so (never a quantized head again), then quantized where `kernel` says (`quantize_head`)."""
+    if network.config.tie_word_embeddings and not is_quantized(network.lm_head.weight):
+        network.tie_weights()
+    if kernel is not None:
+        quantize_head(network, kernel)
 
 
 def is_quantized(weight: torch.Tensor) -> bool:

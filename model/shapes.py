@@ -124,8 +124,7 @@ def random_weights(network: torch.nn.Module, config, device: torch.device,
                 parameter.normal_(0.0, INIT_STD)
         if kernel is not None and part not in (inner.embed_tokens, inner.norm, network.lm_head):
             quantize.quantize_module(part, kernel)
-    if config.tie_word_embeddings:
-        network.tie_weights()
+    quantize.tie_or_quantize_head(network, kernel)
     network.model.rotary_emb = type(network.model.rotary_emb)(config=config).to(device)
     return network.eval()
 

@@ -137,10 +137,13 @@ def quantized_linears(model) -> set[type]:
 def test_every_family_loads_quantized_and_completes(family_dirs, name, scheme):
     plain = load_model(family_dirs[name], device="cpu", quantization="none")
     model = load_model(family_dirs[name], device="cpu", quantization=scheme)
-    assert model.quantization == scheme and model.dtype == torch.bfloat16
+    kernel = quantize.kernel_for(scheme, torch.device("cpu"))
+    assert model.quantization == scheme and model.dtype == kernel.dtype
     assert all(quantize.is_quantized(t) for t in quantized_linears(model)) or \
         all(t is not torch.nn.Parameter for t in quantized_linears(model))
-    assert not quantize.is_quantized(model.network.lm_head.weight)  # the head stays as it was
+    # the head in bits only where the kernel says so, and then untied from the embedding
+    assert quantize.is_quantized(model.network.lm_head.weight) == kernel.head
+    assert not quantize.is_quantized(model.network.model.embed_tokens.weight)
     options = InfillOptions(max_tokens=8, initial_tokens=8, tokens_per_step=2)
     got, want = infill(model, PREFIX, SUFFIX, options), infill(plain, PREFIX, SUFFIX, options)
     assert got.steps == want.steps and "<|" not in got.text
@@ -181,8 +184,9 @@ def test_the_streamed_load_holds_one_layer_at_a_time(family_dirs, monkeypatch):
     monkeypatch.setattr(quantize, "quantize_module", lambda module, kernel: (
         events.append(("quantize",)), quantize_module(module, kernel))[1])
     load_model(family_dirs["llada"], device="cpu", quantization="int8")
+    head = [("quantize",)] if quantize.kernel_for("int8", torch.device("cpu")).head else []
     assert events == [("read", ["rest"]), ("read", ["0"]), ("quantize",), ("read", ["1"]),
-                      ("quantize",)]
+                      ("quantize",), *head]
 
 
 # -- the disk cache -------------------------------------------------------------------------------
@@ -340,12 +344,42 @@ def test_a_quantized_copy_is_what_loading_quantized_gives(family_dirs):
 
 
 def test_int8_on_a_cpu_needs_only_torch(monkeypatch, family_dirs):
-    """torchao is needed for int4 and for CUDA; a CPU's int8 is aten's kernel."""
+    """torchao is needed for int4 and for CUDA; a CPU's int8 is torch's own kernel."""
     monkeypatch.setattr(quantize, "torchao_version", lambda: None)
     assert quantize.nearest_working(quantize.INT8, CPU).scheme == quantize.INT8
     plan = quantize.nearest_working(quantize.INT4, CPU)
     assert plan.scheme == quantize.INT8 and "torchao is not installed" in plan.notice
     assert quantize.nearest_working(quantize.INT8, torch.device("cuda")).scheme == quantize.NONE
+
+
+def test_cpu_int8_is_fbgemms_dynamic_kernel_where_torch_has_it(monkeypatch):
+    """x86: fbgemm's dynamic int8 linear, head included; elsewhere aten's weight-only one."""
+    if quantize.fbgemm_available():
+        kernel = quantize.kernel_for(quantize.INT8, CPU)
+        assert kernel.config == quantize.FBGEMM_INT8 and kernel.head
+        assert kernel.dtype == torch.float32
+    monkeypatch.setattr(quantize, "fbgemm_available", lambda: False)
+    assert quantize.kernel_for(quantize.INT8, CPU) is quantize.CPU_INT8_WEIGHT_ONLY
+
+
+@pytest.mark.skipif(not quantize.fbgemm_available(), reason="torch's quantized engine is not fbgemm")
+def test_the_dynamic_int8_weight_computes_a_linear_and_saves_without_its_packing(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=generator) * 0.05
+    x = torch.randn(5, 3, 64, generator=generator)
+    bias = torch.randn(96, generator=generator)
+    quantized = quantize.Int8DynamicWeight.quantize(weight)
+    want = torch.nn.functional.linear(x, weight, bias)
+    got = torch.nn.functional.linear(x, quantized, bias)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert float((got - want).norm() / want.norm()) < 0.02  # int8 weights and activations
+    assert "_packed" in quantized.__dict__  # packed for fbgemm on first use ...
+    torch.save({"w": quantized}, tmp_path / "w.pt")
+    loaded = torch.load(tmp_path / "w.pt", weights_only=False)["w"]
+    assert type(loaded) is quantize.Int8DynamicWeight and "_packed" not in loaded.__dict__
+    torch.testing.assert_close(torch.nn.functional.linear(x, loaded, bias), got)  # ... not saved
+    half = torch.nn.functional.linear(x.to(torch.bfloat16), quantized)
+    assert half.dtype == torch.bfloat16  # activations in another dtype come back in it
 
 
 def test_doctor_shows_what_auto_loads_with_its_memory():
