@@ -362,7 +362,8 @@ def test_cpu_int8_is_fbgemms_dynamic_kernel_where_torch_has_it(monkeypatch):
     assert quantize.kernel_for(quantize.INT8, CPU) is quantize.CPU_INT8_WEIGHT_ONLY
 
 
-@pytest.mark.skipif(not quantize.fbgemm_available(), reason="torch's quantized engine is not fbgemm")
+@pytest.mark.skipif(not quantize.fbgemm_available(),
+                    reason="torch's quantized engine is not fbgemm")
 def test_the_dynamic_int8_weight_computes_a_linear_and_saves_without_its_packing(tmp_path):
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 64, generator=generator) * 0.05
