@@ -163,7 +163,7 @@ def bench_model(model: LoadedModel, holes: list[dict], options: InfillOptions | 
 
 async def bench_lsp(holes: list[dict], model_path: str | None, options: InfillOptions,
                     device: str = "auto", next_edits: bool = False,
-                    against: Path | None = None) -> dict:
+                    against: Path | None = None, quantization: str = "auto") -> dict:
     """The same two requests per hole, through a real LSP client and the server process. With
     `next_edits`, the typed character also asks for a next edit first, as the editors' clients
     do after every change, and the completion is timed while it is in flight. With `against`
@@ -173,7 +173,7 @@ async def bench_lsp(holes: list[dict], model_path: str | None, options: InfillOp
 
     settings = {"completion": {"multiline": "never", "maxTokensSingleLine": options.max_tokens,
                                "tokensPerStep": options.tokens_per_step}}
-    settings["model"] = {"device": device}
+    settings["model"] = {"device": device, "quantization": quantization}
     if model_path:
         settings["model"]["path"] = model_path
     checkouts = {"this": None} if against is None else {"this": None, "against": against}
@@ -253,7 +253,8 @@ def run_typing_bench(args) -> int:
         against = getattr(args, "against", None)
         lsp = asyncio.run(bench_lsp(holes, model_path, options,
                                     next_edits=getattr(args, "next_edits", False),
-                                    against=Path(against) if against else None))
+                                    against=Path(against) if against else None,
+                                    quantization=args.quantization))
         for label, figures in (("over LSP", lsp), (f"  {against}", lsp.get("against"))):
             if figures is not None:
                 print(f"{label:<11} first request p50 {figures['first_p50_ms']:7.0f} ms   "

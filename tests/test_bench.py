@@ -57,3 +57,31 @@ def test_cache_agreement_covers_every_family_and_mode(tiny_models, tmp_path, mon
         assert modes["exact"]["text_differs_from_exact"] == 0
         assert 0 <= modes["default"]["text_differs_from_no_cache"] <= run["holes"] == 1
     assert "cache changes text" in capsys.readouterr().out
+
+
+def test_bench_typing_serves_the_quantization_it_is_given(monkeypatch):
+    """`bench typing --quantization int8` times a server that loads int8, not `auto`."""
+    import asyncio
+    import contextlib
+
+    from benchmarks import lsp_client, typing_latency
+
+    seen = {}
+
+    @contextlib.asynccontextmanager
+    async def running_server(settings, checkout=None):
+        seen.update(settings)
+        yield object()
+
+    async def stats(client):
+        return {}
+
+    monkeypatch.setattr(lsp_client, "running_server", running_server)
+    async def type_one(client, index, hole, next_edits):
+        return {"first_ms": 1.0, "typing_ms": 1.0}
+
+    monkeypatch.setattr(lsp_client, "stats", stats)
+    monkeypatch.setattr(typing_latency, "type_one", type_one)
+    options = typing_latency.server_options()
+    asyncio.run(typing_latency.bench_lsp([{}], "/some/model", options, quantization="int8"))
+    assert seen["model"] == {"device": "auto", "quantization": "int8", "path": "/some/model"}
