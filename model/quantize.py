@@ -277,14 +277,41 @@ class Int8RowWeight(torch.Tensor):
                                                   self.scale)
 
 
+ROW_MAGNITUDE_SPREAD = 8.0  # a row whose largest activation is this far above the median's
+
+
+def magnitude_groups(rows: torch.Tensor) -> list[torch.Tensor]:
+    """`rows` (M, K) split into groups of row indices that can share one activation scale: the
+    rows whose largest absolute value is at most ROW_MAGNITUDE_SPREAD times the median row's
+    (the usual case: one group), then the rows above it, each group spanning at most that
+    factor."""
+    peaks = rows.abs().amax(dim=1)
+    bulk_limit = float(peaks.median()) * ROW_MAGNITUDE_SPREAD
+    if float(peaks.max()) <= bulk_limit:
+        return [torch.arange(rows.shape[0], device=rows.device)]
+    groups = [torch.nonzero(peaks <= bulk_limit).flatten()]
+    order = torch.argsort(peaks)
+    outliers = [int(i) for i in order if float(peaks[i]) > bulk_limit]
+    start = 0
+    for end in range(1, len(outliers) + 1):
+        if end == len(outliers) or \
+                float(peaks[outliers[end]]) > ROW_MAGNITUDE_SPREAD * float(peaks[outliers[start]]):
+            groups.append(torch.tensor(outliers[start:end], device=rows.device))
+            start = end
+    return groups
+
+
 class Int8DynamicWeight(Int8RowWeight):
     """`Int8RowWeight` whose `F.linear` runs fbgemm's dynamic int8 kernel
     (`quantized::linear_dynamic`, torch's own x86 kernel): each call quantizes the float32
     activations to 8 bits (one scale for the call's rows; 7 bits of range, `reduce_range`,
     so that AVX2's 16-bit pair sums cannot saturate), multiplies int8 by int8 into int32 and
     scales back. It reads a quarter of float32's bytes and runs integer dot products, which a
-    CPU without native bf16 lacks for bf16. The packed form fbgemm reads is made on first use
-    and never saved (`__getstate__`): the disk cache keeps the int8 values and scales."""
+    CPU without native bf16 lacks for bf16. One scale for all rows would let one row of large
+    activations (a network's "massive activations", at its first token) flatten every other
+    row to zero, so rows of very different magnitudes are multiplied in separate calls
+    (`magnitude_groups`). The packed form fbgemm reads is made on first use and never saved
+    (`__getstate__`): the disk cache keeps the int8 values and scales."""
 
     def matmul_rows(self, rows: torch.Tensor) -> torch.Tensor:
         packed = self.__dict__.get("_packed")
@@ -295,7 +322,13 @@ class Int8DynamicWeight(Int8RowWeight):
                 weight = torch._make_per_channel_quantized_tensor(
                     qdata, self.scale.double(), torch.zeros(qdata.shape[0], dtype=torch.long), 0)
             packed = self.__dict__["_packed"] = torch.ops.quantized.linear_prepack(weight, None)
-        y = torch.ops.quantized.linear_dynamic(rows.float(), packed, True)
+        wide = rows.float()
+        groups = magnitude_groups(wide)
+        if len(groups) == 1:
+            return torch.ops.quantized.linear_dynamic(wide, packed, True).to(rows.dtype)
+        y = wide.new_empty(wide.shape[0], self.shape[0])
+        for group in groups:
+            y[group] = torch.ops.quantized.linear_dynamic(wide[group], packed, True)
         return y.to(rows.dtype)
 
     def __getstate__(self) -> dict:

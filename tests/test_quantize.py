@@ -383,6 +383,24 @@ def test_the_dynamic_int8_weight_computes_a_linear_and_saves_without_its_packing
     assert half.dtype == torch.bfloat16  # activations in another dtype come back in it
 
 
+@pytest.mark.skipif(not quantize.fbgemm_available(),
+                    reason="torch's quantized engine is not fbgemm")
+def test_a_row_of_massive_activations_does_not_flatten_the_others():
+    """A first token's activations hundreds of times larger than the rest (as trained
+    transformers have) get their own activation scale: every row stays within int8's error."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(128, 96, generator=generator) * 0.05
+    x = torch.randn(12, 96, generator=generator)
+    x[0] *= 300
+    x[4] *= 20
+    want = torch.nn.functional.linear(x, weight)
+    got = torch.nn.functional.linear(x, quantize.Int8DynamicWeight.quantize(weight))
+    error = (got - want).norm(dim=1) / want.norm(dim=1)
+    assert float(error.max()) < 0.05, error
+    assert len(quantize.magnitude_groups(x)) == 3
+    assert len(quantize.magnitude_groups(torch.randn(12, 96, generator=generator))) == 1
+
+
 def test_doctor_shows_what_auto_loads_with_its_memory():
     from types import SimpleNamespace
 
