@@ -177,11 +177,13 @@ def nearest_working(scheme: str, device: torch.device, asked: str | None = None)
 # -- auto ------------------------------------------------------------------------------------
 
 CUDA_ROOM = 0.2  # auto on CUDA: weights may take at most this much less than the free memory
-# auto on a CPU: unquantized. Measured side by side on the idle 2-core AVX2 VM without native
-# bf16 (docs/benchmarks.md, 0.5B shape): int8 and int4 took as long as float32 for a typed
-# character (1.00x / 0.97x) and longer for a first request; with native bf16 the bf16 network
-# (model.cpu) was measured and int8 was not. `int8` / `int4` stay a choice (smaller weights).
-CPU_AUTO = NONE
+# auto on a CPU: int8 through fbgemm where that is the kernel, the CPU has no native bf16 and the
+# network is large enough for the weights' bytes to dominate a step; else unquantized. Measured
+# side by side on the 2-core AVX2 VM (docs/benchmarks.md, 0.5B shape): fbgemm's int8 took about
+# half of float32's time for a typed character while aten's weight-only int8 and torchao's
+# int4 took about as long as float32; int8 gave the bundled model's completions (docs/models.md).
+# With native bf16 the bf16 network (model.cpu) was measured and int8 was not: none there.
+CPU_INT8_FROM = 100_000_000  # linear parameters from which auto quantizes on such a CPU
 
 
 def weight_bytes(parameters: int, linear_parameters: int, scheme: str,
@@ -196,7 +198,7 @@ def choose_auto(device: torch.device, parameters: int, linear_parameters: int,
                 free_bytes: int | None = None) -> Plan:
     """`auto`: on CUDA the first of none / int8 / int4 whose weights leave CUDA_ROOM of the
     free memory for the document caches (QuantizationError naming what would fit where none
-    does); on a CPU CPU_AUTO (none: not faster there yet)."""
+    does); on a CPU `cpu_auto`'s choice."""
     if device.type == "cuda":
         if free_bytes is None:
             free_bytes = torch.cuda.mem_get_info(device)[0]
@@ -213,8 +215,22 @@ def choose_auto(device: torch.device, parameters: int, linear_parameters: int,
             f"the model does not fit on {device}: even in int4 its weights take about "
             f"{gib(smallest)} and {gib(free_bytes)} are free (with room for caches it needs "
             f"about {gib(smallest / (1 - CUDA_ROOM))}); choose a smaller model or the CPU")
-    plan = nearest_working(CPU_AUTO, device, AUTO)
-    return Plan(AUTO, plan.scheme, plan.kernel, plan.notice)
+    scheme = cpu_auto(linear_parameters)
+    plan = nearest_working(scheme, device, AUTO)
+    notice = plan.notice or (f"quantization auto: int8 on this CPU ({plan.kernel.description})"
+                             if plan.scheme == INT8 else None)
+    return Plan(AUTO, plan.scheme, plan.kernel, notice)
+
+
+def cpu_auto(linear_parameters: int) -> str:
+    """`auto` on a CPU: int8 where fbgemm runs it, the CPU lacks native bf16 and the network
+    has CPU_INT8_FROM linear parameters or more (measured faster there); else none."""
+    from model.cpu import has_native_bf16
+
+    if (linear_parameters >= CPU_INT8_FROM and fbgemm_available()
+            and not has_native_bf16()):
+        return INT8
+    return NONE
 
 
 def gib(count: float) -> str:
