@@ -80,6 +80,20 @@ def test_end_of_hole_token_shortens_the_hole(tiny_model):
     assert final_text(model, state) == (text, 2)
 
 
+def test_positions_chosen_after_an_end_in_the_same_step_stay_end_of_hole(tiny_model):
+    """An end closes the hole at once: the model never sees text after an end it committed
+    (several holes always did this; one hole committed those positions' tokens)."""
+    model = tiny_model
+    state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=6, threshold=0.5))
+    word, end = word_token(model, "x"), model.ids.end_of_hole
+    logits = sharp_logits(model, [word, end, word, word, word, word])
+    logits[0] = 0.0
+    logits[0, word] = 1.0  # position 0 stays masked (unsure of its word): not finished
+    apply_step(model, state, logits)
+    assert state.hole.tolist()[1:] == [end] * 5 and state.masked.tolist() == [True] + [False] * 5
+    assert [position for position, _ in state.trace[0].committed] == [1]
+
+
 def test_end_token_closes_later_masks_without_a_step(tiny_model):
     """End committed at position 1 (alone): positions 2.. need no forward pass."""
     model = tiny_model
