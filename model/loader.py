@@ -95,8 +95,6 @@ class LoadedModel:
     never_sample: torch.Tensor | None = None
     # (k,) the same ids as a list, for an in-place fill that touches k columns, not V
     never_sample_ids: torch.Tensor = field(init=False)
-    # model.fast_step.HoleSteps: the fixed-shape hole steps (CUDA graphs), made on first use
-    hole_steps: object | None = field(default=None, init=False, repr=False)
     # what `never_sample_on` and `blank_ids` computed: never-sampled ids per device, and the
     # ids that decode to blank space (made on first use, never changed after)
     _on_device: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False,

@@ -533,3 +533,32 @@ def test_exact_mode_lets_the_hole_end_at_once_as_the_references_do(tiny_model):
     apply_step(model, state, sharp_logits(model, [end, end, end, end]))
     assert state.hole.tolist() == [end] * 4 and state.finish_reason == "end"
     assert state.closed_at is None  # nothing was closed: every position was decoded
+
+
+def test_finishing_a_hole_is_asked_apart_from_growing_it(tiny_model):
+    """`why_finished` only says; `finish_or_grow` grows a hole full of unfinished text."""
+    from model.hole import finish_or_grow, why_finished
+
+    model = tiny_model
+    state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=4, max_tokens=16))
+    word = word_token(model, "x")
+    state.hole[:] = word
+    state.masked[:] = False
+    assert why_finished(model, state) is None and state.hole.numel() == 4
+    finish_or_grow(model, state)
+    assert state.hole.numel() == 4 + state.options.extend_by and not state.finished
+
+
+def test_banning_on_another_device_leaves_the_models_ids_where_they_are(tiny_model):
+    """Logits elsewhere (a GPU; here the meta device) get their own copy of the never-sampled
+    ids, kept per device; the model's own stay on its device for every other caller."""
+    from model.sampler import sampleable
+
+    state = new_state(tiny_model, PREFIX, SUFFIX, InfillOptions())
+    with torch.inference_mode():
+        logits = torch.zeros((2, tiny_model.vocab_size), device="meta")
+    sampleable(tiny_model, state, logits)
+    assert tiny_model.never_sample_ids.device.type == "cpu"
+    assert tiny_model.never_sample_on(torch.device("meta")).device.type == "meta"
+    assert tiny_model.never_sample_on(torch.device("meta")) is tiny_model.never_sample_on(
+        torch.device("meta"))
