@@ -378,11 +378,11 @@ def speed(model: LoadedModel, holes: list[dict], result: dict) -> None:
         compiled = layers.function, layers.fused_function
         layers.function, layers.fused_function = (fast_step.decoder_layer,
                                                   fast_step.fused_decoder_layer)
-        graphs, model.hole_steps = model.hole_steps, None
+        graphs, layers.steps = layers.steps, None
         try:
             plain = bench_hole(model, holes, 8)
         finally:
-            (layers.function, layers.fused_function), model.hole_steps = compiled, graphs
+            (layers.function, layers.fused_function), layers.steps = compiled, graphs
         entry["uncompiled_tokens_per_step_8"] = plain
         say(f"hole64 8/step without torch.compile: {plain['ms_per_step']:.2f} ms/step, "
             f"{plain['tokens_per_s']:.0f} tokens/s")
@@ -443,7 +443,7 @@ def by_quantization(shape: str, device: str, holes: list[dict], result: dict) ->
 def fast_path(model: LoadedModel) -> dict:
     """What the fast step does for `model` here: on at all, compiled, each switch."""
     on = fast_step.enabled(model)
-    steps = model.hole_steps
+    steps = fast_step.layers_of(model.network).steps if on else None
     return {"enabled": on, "switches": fast_step.switches(model)._asdict(),
             "compiled": on and fast_step.layers_of(model.network).compiled,
             "max_graphs": fast_step.MAX_GRAPHS,

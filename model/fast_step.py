@@ -316,6 +316,7 @@ class _Layers:
         self.weights = [layer_weights(layer) for layer in layers]
         self.fused_weights: list[LayerWeights] | None = None
         self.generation = 0  # how often the weights moved (`fuse`): older graphs are stale
+        self.steps: HoleSteps | None = None  # `hole_steps`: the hole steps over these layers
         attention = layers[0].self_attn
         self.eps = float(layers[0].input_layernorm.variance_epsilon)
         self.scaling = float(attention.scaling)
@@ -385,7 +386,8 @@ def allow_recompiles() -> None:
 
 
 def layers_of(network: torch.nn.Module) -> _Layers:
-    """The network's `_Layers`, made on first use and kept on the network."""
+    """The network's `_Layers`, made on first use and kept on the network (with its
+    `HoleSteps`: `hole_steps`)."""
     layers = getattr(network, "_diffusion_lsp_layers", None)
     if layers is None:
         layers = _Layers(network, next(network.parameters()).device)
@@ -667,7 +669,9 @@ def capture(run: Callable[[], T], device: torch.device) -> tuple[torch.cuda.CUDA
 
 
 def hole_steps(model: LoadedModel) -> HoleSteps:
-    """The model's HoleSteps, made on first use."""
-    if model.hole_steps is None:
-        model.hole_steps = HoleSteps(model)
-    return model.hole_steps
+    """The model's HoleSteps, made on first use and kept with its network's `_Layers` (the one
+    thing this module keeps: copies of a LoadedModel share their network's graphs)."""
+    layers = layers_of(model.network)
+    if layers.steps is None:
+        layers.steps = HoleSteps(model)
+    return layers.steps

@@ -11,6 +11,7 @@ two masks and a committed <|delete|> disappears (`edit_hole`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -122,6 +123,7 @@ class HoleState:
     # full-canvas hole); the hole then grows one block at a time
     block_offset: int | None = None
     committed: BlockRows | None = None  # exact keys/values of every finished block and prompt
+    code_start: bool = False  # the hole's first token may not be blank space (code goes there)
 
     @property
     def blockwise(self) -> bool:
@@ -151,9 +153,16 @@ def encode(model: LoadedModel, text: str) -> list[int]:
 
 def layout_ids(model: LoadedModel, prefix: str, suffix: str) -> tuple[list[int], list[int]]:
     """Token ids before and after the hole, with the family's bos/eos around them."""
+    prefix_ids, suffix_ids = layout_pieces(model, [prefix, suffix])
+    return prefix_ids, suffix_ids
+
+
+def layout_pieces(model: LoadedModel, pieces: Sequence[str]) -> list[list[int]]:
+    """Token ids of the pieces of text around `len(pieces) - 1` holes (one hole: the prefix
+    and the suffix), with the family's bos before the first and eos after the last; a FIM
+    layout (one hole only) puts them all before the hole."""
     family, ids = model.family, model.ids
-    prefix_ids = encode(model, prefix)
-    suffix_ids = encode(model, suffix)
+    encoded = [encode(model, piece) for piece in pieces]
     if family.fim_layout == "suffix-first":  # <fim_suffix> S <fim_prefix> P <fim_middle> hole
         fim = ids.fim
         if fim is None:
@@ -161,15 +170,18 @@ def layout_ids(model: LoadedModel, prefix: str, suffix: str) -> tuple[list[int],
                              f"({family.fim_suffix_token}, {family.fim_prefix_token}, "
                              f"{family.fim_middle_token}): it cannot fill a hole between a "
                              "prefix and a suffix")
-        return [fim.suffix, *suffix_ids, fim.prefix, *prefix_ids, fim.middle], []
-    needs_bos = family.always_bos or (family.shifted_logits and not prefix_ids)
+        if len(encoded) != 2:
+            raise ValueError(f"family {family.name}'s FIM layout has room for one hole")
+        prefix_ids, suffix_ids = encoded
+        return [[fim.suffix, *suffix_ids, fim.prefix, *prefix_ids, fim.middle], []]
+    needs_bos = family.always_bos or (family.shifted_logits and not encoded[0])
     if needs_bos and ids.bos is not None:
-        prefix_ids = [ids.bos, *prefix_ids]
+        encoded[0] = [ids.bos, *encoded[0]]
     if ids.eos is not None:
-        suffix_ids = [*suffix_ids, ids.eos]
-    if family.shifted_logits and not prefix_ids:
+        encoded[-1] = [*encoded[-1], ids.eos]
+    if family.shifted_logits and not encoded[0]:
         raise ValueError(f"family {family.name} needs a token before the hole and has no bos")
-    return prefix_ids, suffix_ids
+    return encoded
 
 
 def is_end(model: LoadedModel, token: int) -> bool:
@@ -255,20 +267,20 @@ def edit_hole(model: LoadedModel, state: HoleState, edits: list[tuple[int, int]]
     state.context = None
 
 
-def block_finished(model: LoadedModel, state: HoleState) -> None:
+def block_finish_reason(model: LoadedModel, state: HoleState) -> str | None:
     """Exact mode of a block-diffusion family (Stable-DiffCoder's `generate_block`): the end
     token is looked for only once a block is full, and only in its generated part; the hole
-    then ends at that block's end. A full block without one is followed by the next."""
+    then ends at that block's end. None: the block is not full, or it is and the next one
+    follows."""
     if bool(state.masked.any()):
-        return
+        return None
     size = state.options.block_length or state.hole.numel()
     start = max(0, state.block * size - (state.block_offset or 0))  # the block: start..end
     if model.ids.end_of_hole in state.hole[start:].tolist():
-        state.finish_reason = "end"
-    elif state.hole.numel() >= state.options.max_tokens:
-        state.finish_reason = "max_tokens"
-    else:
-        grow_hole(model, state)
+        return "end"
+    if state.hole.numel() >= state.options.max_tokens:
+        return "max_tokens"
+    return None
 
 
 def grow_hole(model: LoadedModel, state: HoleState) -> None:
@@ -280,34 +292,37 @@ def grow_hole(model: LoadedModel, state: HoleState) -> None:
     state.masked = torch.cat([state.masked, torch.ones(grow, dtype=torch.bool)])
 
 
-def check_finished(model: LoadedModel, state: HoleState) -> None:
+def why_finished(model: LoadedModel, state: HoleState) -> str | None:
+    """Why the hole is finished after a step (a finish reason of `Infill`), or None: masks are
+    left, or the hole is full of text unfinished (then it grows: `finish_or_grow`)."""
     options = state.options
     if options.exact and state.blockwise:
-        block_finished(model, state)
-        return
+        return block_finish_reason(model, state)
     text = open_text(model, state)
     if any(stop in text for stop in options.stop):
-        state.finish_reason = "stop"
-        return
+        return "stop"
     if options.single_line and NEWLINE in text:
-        state.finish_reason = "newline"
-        return
+        return "newline"
     if text_settled_by_end(model, state):
-        state.finish_reason = "end"
-        return
+        return "end"
     if bool(state.masked.any()):
-        return
+        return None
     if state.closed_at is not None:
-        state.finish_reason = "end"
-        return
+        return "end"
     if state.hole.numel() >= options.max_tokens or (options.fixed_length
-                                                     and not state.blockwise):
-        state.finish_reason = "max_tokens"
-        return
+                                                    and not state.blockwise):
+        return "max_tokens"
     if model.ids.expand is not None:  # the model sizes its own hole (DreamOn): it is done
-        state.finish_reason = "end"
-        return
-    grow_hole(model, state)
+        return "end"
+    return None
+
+
+def finish_or_grow(model: LoadedModel, state: HoleState) -> None:
+    """After a step: the hole is finished (`why_finished`), or, with no mask left, grown
+    (`grow_hole`)."""
+    state.finish_reason = why_finished(model, state)
+    if state.finish_reason is None and not bool(state.masked.any()):
+        grow_hole(model, state)
 
 
 def final_text(model: LoadedModel, state: HoleState) -> tuple[str, int]:

@@ -95,8 +95,11 @@ class LoadedModel:
     never_sample: torch.Tensor | None = None
     # (k,) the same ids as a list, for an in-place fill that touches k columns, not V
     never_sample_ids: torch.Tensor = field(init=False)
-    # model.fast_step.HoleSteps: the fixed-shape hole steps (CUDA graphs), made on first use
-    hole_steps: object | None = field(default=None, init=False, repr=False)
+    # what `never_sample_on` and `blank_ids` computed: never-sampled ids per device, and the
+    # ids that decode to blank space (made on first use, never changed after)
+    _on_device: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False,
+                                                          repr=False)
+    _blank_ids: torch.Tensor | None = field(default=None, init=False, repr=False)
     # how the decoder layers' weights are stored (model.quantize): none | int8 | int4, and the
     # line to say once where that is not what was asked (no kernel here, or auto's choice)
     quantization: str = quantize.NONE
@@ -110,6 +113,24 @@ class LoadedModel:
     @property
     def vocab_size(self) -> int:
         return int(self.network.config.vocab_size)
+
+    def never_sample_on(self, device: torch.device) -> torch.Tensor:
+        """`never_sample_ids` on `device` (logits on a GPU are banned there), copied once."""
+        if device == self.never_sample_ids.device:
+            return self.never_sample_ids
+        if device not in self._on_device:
+            self._on_device[device] = self.never_sample_ids.to(device)
+        return self._on_device[device]
+
+    def blank_ids(self) -> torch.Tensor:
+        """(k,) ids of the tokens that decode to blank space only (none of them an end)."""
+        if self._blank_ids is None:
+            decode, ends = self.tokenizer.decode, self.ids.ends
+            self._blank_ids = torch.tensor(
+                [i for i in range(self.tokenizer.get_vocab_size())
+                 if not decode([i], skip_special_tokens=False).strip() and i not in ends],
+                dtype=torch.long)
+        return self._blank_ids
 
 
 def pick_device(device: str = "auto") -> torch.device:

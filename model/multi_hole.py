@@ -12,76 +12,67 @@ Length, per hole:
   model pads a hole with <|endofhole|>; a committed end closes the rest of its hole only);
 - DreamOn (a family with expand/delete tokens) starts each hole at `initial_tokens` and edits
   its length as the model says: a committed <|expand|> becomes two masks, a <|delete|>
-  disappears (Wu et al., 2025, DreamOn), never past `max_tokens`.
+  disappears (Wu et al., 2025, DreamOn), never past `max_tokens`, each hole with its own
+  expand budget (as one hole has).
 
-Full passes only (no context cache): the holes are spread through the sequence. Scoring and
-sampling reuse `model.sampler`'s functions, so a hole here is scored as a single hole is.
+Each hole is a span: a `model.hole.HoleState` with the one-hole rules (its bans, closing at an
+end, DreamOn's edits, stop words and single-line, its finish and its text), and a step is the
+one-hole sampler's step over all spans at once (`model.sampler.apply_spans_step`: one
+selection across the holes, under the options' rule). Full passes only (no context cache):
+the holes are spread through the sequence. Step budgets and blocks schedule one hole: several
+holes commit by the threshold or `tokens_per_step`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from model.hole import HoleState, final_text, layout_pieces
 from model.loader import LoadedModel
+from model.passes import forward_holes
 from model.preview import expected_steps, hole_preview
-from model.sampler import (
-    InfillOptions,
-    encode,
-    sample_and_score,
-    select_commits,
-    unit_scores,
-    with_end_runs,
-)
-
-
-@dataclass
-class Span:
-    """One hole: its tokens (mask id where still masked)."""
-
-    tokens: list[int]
-    masked: list[bool]
-    closed: bool = False  # a committed end closed it: every later position is end-of-hole
-
-    @property
-    def open_masks(self) -> int:
-        return sum(self.masked)
+from model.sampler import InfillOptions, apply_spans_step, new_state_from_ids
 
 
 @dataclass
 class MultiHoleState:
-    """Holes between fixed pieces: pieces[i] comes before spans[i]; pieces[-1] after the last."""
+    """Holes between fixed pieces: pieces[i] comes before spans[i]; pieces[-1] after the last.
+    A span's own prefix and suffix are the pieces on either side of it."""
 
     pieces: list[list[int]]  # token ids; bos in the first, eos in the last where the family has
-    spans: list[Span]
+    spans: list[HoleState]  # one per hole, sharing the options and the generator
     options: InfillOptions
-    generator: torch.Generator | None = None
     steps: int = 0
     committed: int = 0  # tokens committed by steps, all holes together
-    expansions_left: int = 0  # DreamOn's expand budget, shared by the holes
     finish_reason: str | None = None
-    blank_ids: torch.Tensor | None = None  # (k,) ids a hole may not start with (code_start)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def sequence(self) -> tuple[list[int], list[tuple[int, int, int]]]:
-        """(ids, masked) where masked lists (sequence position, span, position in span)."""
-        ids: list[int] = []
-        where: list[tuple[int, int, int]] = []
+    def live(self) -> list[HoleState]:
+        """The holes still being denoised."""
+        return [span for span in self.spans if not span.finished]
+
+    def canvas(self) -> HoleState:
+        """The whole sequence as one hole for a forward pass (`model.passes`): the first piece
+        before it, the last after it, every span and inner piece in between; masked where a
+        hole still being denoised is. Its logits come in span order."""
+        hole, masked = [], []
         for index, span in enumerate(self.spans):
-            ids += self.pieces[index]
-            for offset, (token, is_masked) in enumerate(zip(span.tokens, span.masked,
-                                                            strict=True)):
-                if is_masked:
-                    where.append((len(ids), index, offset))
-                ids.append(token)
-        ids += self.pieces[-1]
-        return ids, where
+            if index:
+                piece = torch.tensor(self.pieces[index], dtype=torch.long)
+                hole.append(piece)
+                masked.append(torch.zeros(piece.numel(), dtype=torch.bool))
+            hole.append(span.hole)
+            masked.append(span.masked & (not span.finished))
+        return HoleState(self.pieces[0], self.pieces[-1], torch.cat(hole), torch.cat(masked),
+                         dataclasses.replace(self.options, reuse_context=False))
 
 
 @dataclass
@@ -95,176 +86,58 @@ class MultiInfill:
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds
 
 
-_BLANK: dict[int, torch.Tensor] = {}  # id(tokenizer) -> its whitespace-only token ids
-
-
-def blank_ids(model: LoadedModel) -> torch.Tensor:
-    """(k,) ids of tokens that decode to whitespace only (once per tokenizer)."""
-    key = id(model.tokenizer)
-    if key not in _BLANK:
-        vocab = model.tokenizer.get_vocab_size()
-        _BLANK[key] = torch.tensor(
-            [i for i in range(vocab)
-             if not model.tokenizer.decode([i], skip_special_tokens=False).strip()
-             and i not in model.ids.ends], dtype=torch.long)
-    return _BLANK[key]
-
-
 def new_multi_state(model: LoadedModel, pieces: Sequence[str], options: InfillOptions,
                     code_start: bool = False) -> MultiHoleState:
-    """The state for `len(pieces) - 1` holes, each between two consecutive pieces. With
-    `code_start`, no hole starts with blank space (a marker's hole begins after its line's
-    indentation: code goes there)."""
+    """The state for `len(pieces) - 1` holes, each between two consecutive pieces, laid out as
+    one hole is (`layout_pieces`). Each hole is `max_tokens` masks (DreamOn's: its first
+    guess, then its own edits). With `code_start`, no hole starts with blank space (a
+    marker's hole begins after its line's indentation: code goes there)."""
     if len(pieces) < 2:
         raise ValueError("several holes need at least two pieces (the text around one hole)")
-    family, ids = model.family, model.ids
-    encoded = [encode(model, piece) for piece in pieces]
-    if (family.always_bos or (family.shifted_logits and not encoded[0])) and ids.bos is not None:
-        encoded[0] = [ids.bos, *encoded[0]]
-    if ids.eos is not None:
-        encoded[-1] = [*encoded[-1], ids.eos]
-    if family.shifted_logits and not encoded[0]:
-        raise ValueError(f"family {family.name} needs a token before the hole and has no bos")
-    dreamon = ids.expand is not None
-    length = min(options.initial_tokens, options.max_tokens) if dreamon else options.max_tokens
-    spans = [Span([ids.mask] * length, [True] * length) for _ in pieces[1:]]
-    return MultiHoleState(encoded, spans, options,
-                          generator=torch.Generator().manual_seed(options.seed),
-                          expansions_left=options.max_tokens * len(spans) if dreamon else 0,
-                          blank_ids=blank_ids(model) if code_start else None)
+    if options.steps is not None or options.block_length is not None:
+        raise ValueError("several holes commit by the threshold or tokens_per_step: a step "
+                         "budget (steps) and blocks schedule one hole")
+    encoded = layout_pieces(model, pieces)
+    if model.ids.expand is None:  # the hole's whole budget at once, as it never grows
+        options = dataclasses.replace(options, initial_tokens=options.max_tokens)
+    generator = torch.Generator().manual_seed(options.seed)
+    spans = []
+    for before, after in zip(encoded, encoded[1:], strict=False):
+        span = new_state_from_ids(model, before, after, options)
+        span.generator, span.code_start = generator, code_start
+        spans.append(span)
+    return MultiHoleState(encoded, spans, options)
 
 
-@torch.inference_mode()
-def hole_logits(model: LoadedModel, state: MultiHoleState) -> tuple[torch.Tensor, list]:
-    """One full forward pass: logits (m, V) at every still-masked position of every hole, and
-    where each is (sequence position, span, position in span)."""
-    ids, where = state.sequence()
-    shift = 1 if model.family.shifted_logits else 0
-    hidden = model.network.model(
-        input_ids=torch.tensor([ids], dtype=torch.long, device=model.device),
-    ).last_hidden_state[0]  # (L, H)
-    rows = torch.tensor([position - shift for position, _, _ in where], dtype=torch.long)
-    logits = model.network.lm_head(hidden[rows.to(hidden.device)]).float().cpu()  # (m, V)
-    return logits, where
+def hole_logits(model: LoadedModel, state: MultiHoleState) -> list[torch.Tensor]:
+    """One full forward pass over the whole sequence: the logits (m_i, V) of every
+    still-masked position of each hole still being denoised (`MultiHoleState.live`)."""
+    logits = forward_holes(model, [state.canvas()])[0]  # (m, V), in span order
+    return list(logits.split([int(span.masked.sum()) for span in state.live()]))
 
 
-@torch.inference_mode()
-def sampleable_rows(model: LoadedModel, state: MultiHoleState, logits: torch.Tensor,
-                    where: list) -> torch.Tensor:
-    """Special and added tokens made impossible (as `model.sampler.sampleable`); DreamOn's
-    expand too at a hole that reached `max_tokens`, or once the expand budget is spent; and
-    the end tokens at each hole's first `min_tokens` positions."""
-    logits.index_fill_(-1, model.never_sample_ids, float("-inf"))
-    least = state.options.min_tokens
-    early = [row for row, (_, _, offset) in enumerate(where) if offset < least]
-    if early:  # min_tokens: the first positions of every hole may not end it
-        ends = torch.tensor(sorted(model.ids.ends), dtype=torch.long)
-        logits[torch.tensor(early)[:, None], ends[None, :]] = float("-inf")
-    first = [row for row, (_, _, offset) in enumerate(where) if offset == 0]
-    if first and state.blank_ids is not None and state.blank_ids.numel():
-        logits[torch.tensor(first)[:, None], state.blank_ids[None, :]] = float("-inf")
-    expand = model.ids.expand
-    if expand is not None:
-        full = [len(span.tokens) >= state.options.max_tokens or state.expansions_left <= 0
-                for span in state.spans]
-        rows = [row for row, (_, index, _) in enumerate(where) if full[index]]
-        if rows:
-            logits[torch.tensor(rows), expand] = float("-inf")
-    return logits
-
-
-def _close(model: LoadedModel, span: Span, offset: int) -> None:
-    """Masks from `offset` on become end-of-hole: this hole ends there."""
-    for position in range(offset, len(span.tokens)):
-        if span.masked[position]:
-            span.tokens[position] = model.ids.end_of_hole
-            span.masked[position] = False
-    span.closed = True
-
-
-def _edit(model: LoadedModel, state: MultiHoleState, span: Span) -> None:
-    """DreamOn's length edits in one hole (`model.sampler.edit_hole`, per span): a committed
-    expand becomes two masks (while the hole is under max_tokens and the budget lasts), a
-    committed delete disappears, and with `delete_pads_right` so do the masks after it."""
-    ids, family = model.ids, model.family
-    deletes = [p for p, t in enumerate(span.tokens) if not span.masked[p] and t == ids.delete]
-    drop = set(deletes)
-    if deletes and family.delete_pads_right:
-        drop |= {p for p in range(deletes[0], len(span.tokens)) if span.masked[p]}
-    tokens, masked = [], []
-    room = state.options.max_tokens - (len(span.tokens) - len(drop))
-    for position, (token, is_masked) in enumerate(zip(span.tokens, span.masked, strict=True)):
-        if position in drop:
-            continue
-        if not is_masked and token == ids.expand:
-            copies = 2 if room > 0 and state.expansions_left > 0 else 1
-            room -= copies - 1
-            state.expansions_left -= copies - 1
-            tokens += [ids.mask] * copies
-            masked += [True] * copies
-            continue
-        tokens.append(token)
-        masked.append(is_masked)
-    span.tokens, span.masked = tokens, masked
-    if deletes and family.delete_pads_right:
-        span.closed = True
-
-
-def multi_step(model: LoadedModel, state: MultiHoleState, logits: torch.Tensor,
-               where: list) -> None:
-    """Commit tokens across all holes from one forward pass (logits (m, V), `where` as
-    `hole_logits` gives them): the threshold (or a fixed count) over every masked position."""
-    options = state.options
-    logits = sampleable_rows(model, state, logits, where)
-    tokens, raw = sample_and_score(logits, options.score, options.temperature, state.generator,
-                                   options.top_p, options.top_k)
-    chosen = select_commits(unit_scores(raw, options.score, logits.shape[-1]), options)
-    if options.end_runs:
-        # positions spread out per hole, so that an end run never reaches into another hole
-        spread = torch.tensor([position + 2 * index for position, index, _ in where])
-        chosen = with_end_runs(model, chosen, spread, tokens)
+def multi_step(model: LoadedModel, state: MultiHoleState, logits: Sequence[torch.Tensor]) -> None:
+    """Commit tokens across all holes from one forward pass (`hole_logits`): the one-hole step
+    over every hole still being denoised. The holes are done when each is finished: at
+    `max_tokens` if one ended there, else at their ends."""
+    state.committed += apply_spans_step(model, state.live(), logits)
     state.steps += 1
-    state.committed += chosen.numel()
-    touched = set()
-    for row in sorted(chosen.tolist()):
-        _, index, offset = where[row]
-        span = state.spans[index]
-        if not span.masked[offset]:  # closed by an earlier end this step
-            continue
-        token = int(tokens[row])
-        span.tokens[offset], span.masked[offset] = token, False
-        touched.add(index)
-        if token in model.ids.ends:
-            _close(model, span, offset + 1)
-    for index in touched:
-        span = state.spans[index]
-        if any(not m and t in model.ids.hole_edits for t, m in zip(span.tokens, span.masked,
-                                                                   strict=True)):
-            _edit(model, state, span)
-    if not any(span.open_masks for span in state.spans):
-        full = any(not span.closed and len(span.tokens) >= options.max_tokens
-                   for span in state.spans)
+    if not state.live():
+        full = any(span.finish_reason == "max_tokens" for span in state.spans)
         state.finish_reason = "max_tokens" if full else "end"
 
 
 def hole_texts(model: LoadedModel, state: MultiHoleState) -> tuple[list[str], list[int]]:
-    """Each hole's text (up to its first end or mask) and its count of real tokens."""
-    texts, counts = [], []
-    for span in state.spans:
-        real = []
-        for token, is_masked in zip(span.tokens, span.masked, strict=True):
-            if is_masked or token in model.ids.ends:
-                break
-            real.append(token)
-        texts.append(model.tokenizer.decode(real, skip_special_tokens=False))
-        counts.append(len(real))
-    return texts, counts
+    """Each hole's text (`model.hole.final_text`) and its count of real tokens."""
+    texts, counts = zip(*(final_text(model, span) for span in state.spans), strict=True)
+    return list(texts), list(counts)
 
 
 def multi_preview(model: LoadedModel, state: MultiHoleState) -> tuple[int, int, list[str]]:
     """(step, expected steps, each hole as it stands) -- `model.preview` for several holes."""
-    texts = [hole_preview(model, span.tokens, span.masked) for span in state.spans]
-    masked = sum(span.open_masks for span in state.spans)
+    texts = [hole_preview(model, span.hole.tolist(), span.masked.tolist())
+             for span in state.spans]
+    masked = sum(int(span.masked.sum()) for span in state.live())
     return state.steps, expected_steps(state.steps, state.committed, masked,
                                        state.options.tokens_per_step), texts
 
@@ -292,9 +165,9 @@ def infill_holes(
         if should_stop is not None and should_stop():
             break
         before = time.perf_counter()
-        logits, where = hole_logits(model, state)
+        logits = hole_logits(model, state)
         forward_s += time.perf_counter() - before
-        multi_step(model, state, logits, where)
+        multi_step(model, state, logits)
         if on_step is not None and not state.finished:
             on_step(state)
     texts, counts = hole_texts(model, state)

@@ -227,28 +227,31 @@ def forward_holes(model: LoadedModel, states: Sequence[HoleState],
         if state.blockwise:
             hidden[i] = block_pass(model, state)
     full = [i for i, s in enumerate(states) if i not in hidden and needs_full_pass(s)]
-    guided = [i for i, s in enumerate(states) if s.options.cfg_scale > 0]
-    twins = [unconditioned(model, states[i]) for i in guided]
     for i in full:  # a first pass that reuses its document's context (model.prompt_cache)
         if states[i].reuse is not None and states[i].context is None:
             hidden[i] = states[i].reuse.run(model, states[i])
     full = [i for i in full if i not in hidden]
-    if full:
+    # LLaDA's classifier-free guidance (generate.py): each guided hole runs twice, as it is
+    # and with its prompt masked (`unconditioned`), the twins batched with the full passes
+    guided = [i for i, s in enumerate(states) if s.options.cfg_scale > 0]
+    twins = [unconditioned(model, states[i]) for i in guided]
+    unguided_rows: list[torch.Tensor] = []
+    if full or twins:
         passed = _full_pass(model, [states[i] for i in full] + twins)
         hidden.update(zip(full, passed[: len(full)], strict=True))
-        hidden.update(zip([-1 - i for i in guided], passed[len(full):], strict=True))
+        unguided_rows = passed[len(full):]  # (m_i, H) per guided hole, in order
     cached = [i for i in range(len(states)) if i not in hidden]
     if cached:
         hidden.update(zip(cached, _hole_pass(model, [states[i] for i in cached]), strict=True))
-    order = list(range(len(states))) + [-1 - i for i in guided]
-    rows = torch.cat([hidden[i] for i in order])  # (M, H)
-    logits = model.network.lm_head(rows).float()  # (M, V), on the model's device
-    split = dict(zip(order, logits.split([hidden[i].shape[0] for i in order]), strict=True))
-    for i in guided:
+    rows = [hidden[i] for i in range(len(states))] + unguided_rows
+    logits = model.network.lm_head(torch.cat(rows)).float()  # (M, V), on the model's device
+    split = list(logits.split([r.shape[0] for r in rows]))
+    conditioned, unguided = split[: len(states)], split[len(states):]
+    for i, unconditioned_logits in zip(guided, unguided, strict=True):
         states[i].guidance_passes += 1
-        split[i] = guide(split[i], split[-1 - i], states[i].options.cfg_scale)
-    return [split[i].cpu() if samples_on_host(states[i].options) else split[i]
-            for i in range(len(states))]
+        conditioned[i] = guide(conditioned[i], unconditioned_logits, states[i].options.cfg_scale)
+    return [rows.cpu() if samples_on_host(state.options) else rows
+            for state, rows in zip(states, conditioned, strict=True)]
 
 
 def unconditioned(model: LoadedModel, state: HoleState) -> HoleState:

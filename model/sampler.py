@@ -30,11 +30,11 @@ from model.hole import (
     HoleState,
     Infill,
     StepTrace,
-    check_finished,
     close_hole,
     edit_hole,
     encode,
     final_text,
+    finish_or_grow,
     is_end,
     layout_ids,
     open_text,
@@ -69,10 +69,10 @@ from model.scoring import (
     Head,
     Scored,
     ban_early_ends,
-    bans_early_ends,
     filter_logits,
     gumbel_tokens,
     pick,
+    pick_spans,
     raw_scores,
     sample_and_score,
     sampleable,
@@ -80,6 +80,7 @@ from model.scoring import (
     select_commits,
     step_head,
     unit_scores,
+    with_bans,
     with_end_runs,
 )
 
@@ -90,15 +91,15 @@ __all__ = [
     "ALGORITHMS", "DREAM_EPS", "ENTROPY_EPS", "NEWLINE", "NO_TOP_K", "NO_TOP_P", "SCORES",
     "ContextCache", "Head", "HoleState", "Infill", "InfillOptions", "Rule", "Scored",
     "StepTrace", "_full_pass", "_hole_pass", "advance_schedule", "apply_step",
-    "ban_early_ends", "block_span", "check_finished", "close_hole", "denoise_step",
-    "edit_hole", "encode", "filter_logits", "final_text", "forward_holes", "generate_exact",
-    "guide",
+    "apply_spans_step", "ban_early_ends", "block_span", "close_hole", "commit",
+    "denoise_step", "edit_hole", "encode", "filter_logits", "final_text", "finish_or_grow",
+    "forward_holes", "generate_exact", "guide",
     "gumbel_tokens", "infill", "is_end", "layout_ids", "logit_positions", "needs_full_pass",
-    "new_state", "new_state_from_ids", "open_text", "pick", "raw_scores", "result",
+    "new_state", "new_state_from_ids", "open_text", "pick", "pick_spans", "raw_scores", "result",
     "sample_and_score", "sampleable",
     "samples_on_host", "score_logits", "select_commits", "step_head", "steps_per_block",
     "text_settled_by_end", "timesteps", "transfer_count", "transfer_fraction", "unconditioned",
-    "uniform_counts", "unit_scores", "window", "with_end_runs",
+    "uniform_counts", "unit_scores", "window", "with_bans", "with_end_runs",
 ]
 
 
@@ -140,45 +141,67 @@ def new_state_from_ids(model: LoadedModel, prefix_ids: list[int], suffix_ids: li
 
 
 def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor | Scored) -> None:
-    """Commit tokens from one forward pass. logits: (m, V) for the m masked positions, in order
-    (consumed: ids that may not be sampled are set to -inf in place), or the step already
-    `Scored` where it ran (those bans applied there: `model.scoring.step_head`)."""
+    """Commit tokens from one forward pass: `apply_spans_step` with one span. logits: (m, V)
+    for the m masked positions, in order (consumed: ids that may not be sampled are set to
+    -inf in place), or the step already `Scored` where it ran (those bans applied there:
+    `model.scoring.step_head`)."""
+    apply_spans_step(model, [state], [logits])
+
+
+def apply_spans_step(model: LoadedModel, spans: Sequence[HoleState],
+                     logits: Sequence[torch.Tensor | Scored]) -> int:
+    """The one denoising step over the spans of one sequence (one hole is one span; several
+    holes: `model.multi_hole`): each span's bans (`with_bans`), one selection across them all
+    (`pick_spans`), then each span's commits, closing, edits and finish (`commit`). logits:
+    per span, as `apply_step` takes them. Returns how many positions were committed."""
+    masked = [span.masked.nonzero().squeeze(-1) for span in spans]  # (m_i,) each
+    logits = [with_bans(model, span, rows, positions)
+              for span, rows, positions in zip(spans, logits, masked, strict=True)]
+    picks = pick_spans(spans, logits, masked)
+    return sum(commit(model, span, positions, *picked)
+               for span, positions, picked in zip(spans, masked, picks, strict=True))
+
+
+def closes(model: LoadedModel, options: InfillOptions, token: int) -> bool:
+    """Whether a committed `token` ends the hole (an end token, or a newline single-line)."""
+    return is_end(model, token) or (options.single_line
+                                     and NEWLINE in model.tokenizer.decode([token]))
+
+
+def commit(model: LoadedModel, state: HoleState, masked_positions: torch.Tensor,
+           chosen: torch.Tensor, tokens: torch.Tensor, confidences: torch.Tensor) -> int:
+    """Commit the `chosen` (indices into `masked_positions`) of a hole's step in hole order,
+    with the run of ends before a chosen end (`with_end_runs`): a committed end (or newline,
+    single-line) closes the hole there, and a position chosen after it stays end-of-hole.
+    Then DreamOn's edits, and the hole finished or grown. Returns how many positions were
+    committed."""
     options = state.options
-    masked_positions = state.masked.nonzero().squeeze(-1)  # (m,)
-    if not isinstance(logits, Scored):
-        logits = sampleable(model, state, logits)
-        if bans_early_ends(options):
-            logits = ban_early_ends(model, logits, masked_positions, options)
-    chosen, tokens, confidences = pick(state, logits, masked_positions)
     if options.end_runs and not options.exact:
         chosen = with_end_runs(model, chosen, masked_positions, tokens)
     committed = []
     scores = state.confidences
     scores += [math.nan] * (state.hole.numel() - len(scores))
-    for index in chosen.tolist():
+    for index in sorted(chosen.tolist(), key=lambda i: int(masked_positions[i])):
         position, token = int(masked_positions[index]), int(tokens[index])
+        if not state.masked[position]:  # an end chosen before it this step closed the hole
+            continue
         state.hole[position] = token
         # the references find masks by their id: a mask "committed" stays one (exact mode)
         state.masked[position] = token == model.ids.mask
         scores[position] = float(confidences[index])
         committed.append((position, token))
-    state.steps += 1
-    for position, token in sorted(committed):
-        if options.exact:  # the references leave later masks to the schedule
-            break
-        if state.closed_at is not None and position >= state.closed_at:
-            continue
-        ends_line = options.single_line and NEWLINE in model.tokenizer.decode([token])
-        if is_end(model, token) or ends_line:
+        if not options.exact and closes(model, options, token):  # the references do not
             close_hole(state, model, position + 1)
+    state.steps += 1
     edits = sorted((p, t) for p, t in committed if t in model.ids.hole_edits)
     if edits:
         edit_hole(model, state, edits)
     state.trace.append(StepTrace(committed, state.hole.tolist()))
-    check_finished(model, state)
+    finish_or_grow(model, state)
     if options.steps is not None:
         state.block_step += 1
     advance_schedule(state)
+    return len(committed)
 
 
 def denoise_step(model: LoadedModel, states: Sequence[HoleState],

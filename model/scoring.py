@@ -15,6 +15,7 @@ tokens and confidences (`Scored`) instead of logits, and chooses as it would hav
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -135,62 +136,90 @@ def select_commits(scores: torch.Tensor, options: InfillOptions) -> torch.Tensor
 
 
 def pick(state: HoleState, logits: torch.Tensor | Scored,
-         masked_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The one selection rule: which masked positions to commit this step, and their tokens.
+         masked_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pick_spans` of one hole: (indices into `masked_positions`, tokens (m,), confidences
+    (m,))."""
+    return pick_spans([state], [logits], [masked_positions])[0]
 
-    logits (m, V) are the masked positions' in order (or the step already `Scored`); only the
-    current block's are candidates. Returns (indices into `masked_positions`, tokens (m,),
-    confidences (m,)) -- tokens of non-candidates are -1, their confidence NaN; a confidence is
-    the token's score in [0, 1] (`unit_scores`: p(token) under the default `confidence`
-    score). Random draws, in this order, from the state's generator: the tokens
-    (temperature), then the positions (origin / random / alg_temp).
+
+def pick_spans(spans: Sequence[HoleState], logits: Sequence[torch.Tensor | Scored],
+               masked: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor,
+                                                            torch.Tensor]]:
+    """The one selection rule: which masked positions to commit this step, and their tokens,
+    across the spans of one sequence (one hole: one span) -- one threshold, count or draw over
+    all of them, with the first span's options, generator and schedule (the spans share them).
+
+    Per span: logits (m, V) are its masked positions' in order (or the step already `Scored`),
+    `masked` those positions (m,); only the current block's are candidates. Returns per span
+    (indices into its masked positions, tokens (m,), confidences (m,)) -- tokens of
+    non-candidates are -1, their confidence NaN; a confidence is the token's score in [0, 1]
+    (`unit_scores`: p(token) under the default `confidence` score). Random draws, in this
+    order, from the generator: the tokens (temperature), then the positions (origin / random
+    / alg_temp).
     """
+    state = spans[0]
     options, rule = state.options, state.options.rule
-    start, end = block_span(state)
-    candidates = ((masked_positions >= start) & (masked_positions < end)).nonzero().squeeze(-1)
-    tokens = torch.full((masked_positions.numel(),), -1, dtype=torch.long)
-    confidences = torch.full((masked_positions.numel(),), math.nan)
-    if candidates.numel() == 0:
-        return candidates, tokens, confidences
-    if isinstance(logits, Scored):
-        picked, raw, vocab = logits.tokens[candidates], logits.raw[candidates], logits.vocab
+    candidates = []
+    for span, positions in zip(spans, masked, strict=True):
+        start, end = block_span(span)
+        candidates.append(((positions >= start) & (positions < end)).nonzero().squeeze(-1))
+    tokens = [torch.full((m.numel(),), -1, dtype=torch.long) for m in masked]
+    confidences = [torch.full((m.numel(),), math.nan) for m in masked]
+    sizes = [c.numel() for c in candidates]
+    if sum(sizes) == 0:
+        return list(zip(candidates, tokens, confidences, strict=True))
+    if isinstance(logits[0], Scored):
+        picked = torch.cat([s.tokens[c] for s, c in zip(logits, candidates, strict=True)])
+        raw = torch.cat([s.raw[c] for s, c in zip(logits, candidates, strict=True)])
+        vocab = logits[0].vocab
     else:
-        picked, raw = sample_and_score(logits[candidates], rule.score, options.temperature,
-                                       state.generator, options.top_p, options.top_k,
-                                       rule.noise)
-        if picked.device.type != "cpu":  # scored on the GPU: one copy of (2, m) comes back
+        rows = (logits[0][candidates[0]] if len(spans) == 1 else  # (M, V)
+                torch.cat([x[c] for x, c in zip(logits, candidates, strict=True)]))
+        picked, raw = sample_and_score(rows, rule.score, options.temperature, state.generator,
+                                       options.top_p, options.top_k, rule.noise)
+        if picked.device.type != "cpu":  # scored on the GPU: one copy of (2, M) comes back
             # token ids < 2**24 are exact in float32
             picked, raw = torch.stack([picked.to(raw.dtype), raw]).cpu()
             picked = picked.long()
-        vocab = logits.shape[-1]
-    tokens[candidates] = picked
-    confidences[candidates] = unit_scores(raw, rule.score, vocab).float()
-    generator = state.generator
+        vocab = rows.shape[-1]
+    scores = unit_scores(raw, rule.score, vocab).float()
+    for c, picked_i, scores_i, tokens_i, confidences_i in zip(
+            candidates, picked.split(sizes), scores.split(sizes), tokens, confidences,
+            strict=True):
+        tokens_i[c] = picked_i
+        confidences_i[c] = scores_i
+    chosen = _choose(state, raw, vocab)  # indices into the spans' candidates, concatenated
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [(c[chosen[(chosen >= o) & (chosen < o + n)] - o], t, f)
+            for c, o, n, t, f in zip(candidates, offsets, sizes, tokens, confidences,
+                                     strict=True)]
+
+
+def _choose(state: HoleState, raw: torch.Tensor, vocab: int) -> torch.Tensor:
+    """`pick_spans`' choice among the candidates with raw scores `raw` (M,): indices (k,)."""
+    options, rule, generator = state.options, state.options.rule, state.generator
     if rule.order == "origin":
         steps = steps_per_block(options) or 1
         chance = transfer_fraction(state.block_step, steps)
-        draws = torch.rand(candidates.numel(), generator=generator)
-        return candidates[(draws < chance).nonzero().squeeze(-1)], tokens, confidences
+        draws = torch.rand(raw.numel(), generator=generator)
+        return (draws < chance).nonzero().squeeze(-1)
     if rule.order == "random":
-        raw = torch.rand(candidates.numel(), generator=generator)
+        raw = torch.rand(raw.numel(), generator=generator)
     count = transfer_count(state)
     if count is not None and options.threshold_gates_steps:  # the best, and all >= threshold
         scores = unit_scores(raw, rule.score, vocab)
         keep = scores >= options.threshold
         keep[scores.argmax()] = True
-        chosen = keep.nonzero().squeeze(-1)
-    elif count is None:
-        chosen = select_commits(unit_scores(raw, rule.score, vocab), options)
-    else:
-        count = min(count, candidates.numel())
-        if count == 0:
-            chosen = candidates[:0]
-        elif options.alg_temp > 0:
-            weights = torch.softmax(raw / options.alg_temp, dim=-1)
-            chosen = torch.multinomial(weights, count, generator=generator)
-        else:
-            chosen = raw.topk(count).indices
-    return candidates[chosen], tokens, confidences
+        return keep.nonzero().squeeze(-1)
+    if count is None:
+        return select_commits(unit_scores(raw, rule.score, vocab), options)
+    count = min(count, raw.numel())
+    if count == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if options.alg_temp > 0:
+        weights = torch.softmax(raw / options.alg_temp, dim=-1)
+        return torch.multinomial(weights, count, generator=generator)
+    return raw.topk(count).indices
 
 
 def sampleable(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> torch.Tensor:
@@ -198,7 +227,8 @@ def sampleable(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> to
     tokens (`LoadedModel.never_sample`), and DreamOn's expand once the hole has reached
     `max_tokens` or used its expansion budget (DreamOn eval/generator.py: `logits[:,
     expand_id] -= 1e9` when `cur_generation_window_length == max_tokens or expand_budget ==
-    0`; the budget is what stops an expand / delete cycle).
+    0`; the budget is what stops an expand / delete cycle), and blank space at the first
+    position of a `code_start` hole (a marker's hole begins after its line's indentation).
 
     In place: it runs every step, and filling the k banned columns costs ~400x less than a
     masked copy of the whole (m, V) (0.012 vs 4.7 ms for 16 rows of a 152k vocabulary on one
@@ -208,12 +238,25 @@ def sampleable(model: LoadedModel, state: HoleState, logits: torch.Tensor) -> to
     token); `final_text` then leaves the specials out of the text."""
     with torch.inference_mode():
         if not state.options.exact:
-            banned = model.never_sample_ids
-            if banned.device != logits.device:  # logits on the GPU: keep a copy there
-                banned = model.never_sample_ids = banned.to(logits.device)
-            logits.index_fill_(-1, banned, float("-inf"))
+            logits.index_fill_(-1, model.never_sample_on(logits.device), float("-inf"))
         if expand_banned(model, state):
             logits[:, model.ids.expand] = float("-inf")
+        if state.code_start and bool(state.masked[0]):  # row 0 is the hole's first position
+            blank = to_device(model.blank_ids(), logits.device)
+            logits[0].index_fill_(-1, blank, float("-inf"))
+    return logits
+
+
+def with_bans(model: LoadedModel, state: HoleState, logits: torch.Tensor | Scored,
+              masked_positions: torch.Tensor) -> torch.Tensor | Scored:
+    """The logits (m, V) of a hole's masked positions with everything it may not take made
+    impossible (`sampleable`, `ban_early_ends`); a step `Scored` where it ran had its bans
+    there (`step_head`)."""
+    if isinstance(logits, Scored):
+        return logits
+    logits = sampleable(model, state, logits)
+    if bans_early_ends(state.options):
+        logits = ban_early_ends(model, logits, masked_positions, state.options)
     return logits
 
 

@@ -122,7 +122,8 @@ def test_bundled_model_gives_the_cpu_texts_on_cuda(bundled_pair):
     same = sum(infill(cpu, p, s, options).text == infill(gpu, p, s, options).text
                for p, s in HOLES)
     assert same >= len(HOLES) - 1
-    assert gpu.hole_steps is not None and gpu.hole_steps.replays > 0
+    assert fast_step.layers_of(gpu.network).steps is not None
+    assert fast_step.hole_steps(gpu).replays > 0
 
 
 def test_sampling_with_temperature_is_seeded_on_cuda(bundled_pair):
@@ -228,7 +229,7 @@ def test_each_switch_gives_the_same_completions_on_cuda(switch, monkeypatch):
     switched(monkeypatch, {})
     plain = [r for o in options for r in completions(gpu, o)]
     switched(monkeypatch, SWITCHES[switch])
-    gpu.hole_steps = None
+    fast_step.layers_of(gpu.network).steps = None
     on = [r for o in options for r in completions(gpu, o)]
     # other kernels (an n-row head, padded passes, one q/k/v product) may round a last bit
     # apart and flip a rare near-tie: all but one completion the same, as on CUDA vs the CPU
@@ -236,12 +237,13 @@ def test_each_switch_gives_the_same_completions_on_cuda(switch, monkeypatch):
                == (b.text, b.steps, b.full_passes, b.reused_tokens)
                for a, b in zip(on, plain, strict=True))
     assert same >= len(plain) - 1, (same, len(plain))
-    kinds = {(key.kind, key.fused, key.head is not None) for key in gpu.hole_steps._shapes}
+    steps = fast_step.hole_steps(gpu)
+    kinds = {(key.kind, key.fused, key.head is not None) for key in steps._shapes}
     on_switches = fast_step.switches(gpu)
     assert on_switches.graph_head == any(head for _, _, head in kinds)
     assert on_switches.fused_projections == any(fused for _, fused, _ in kinds)
     assert on_switches.graph_passes == any(kind == "pass" for kind, _, _ in kinds)
-    assert gpu.hole_steps.captures >= len(kinds) and gpu.hole_steps.replays > 0
+    assert steps.captures >= len(kinds) and steps.replays > 0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

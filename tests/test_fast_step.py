@@ -444,3 +444,14 @@ def test_the_layer_may_compile_more_variants_than_torch_allows_by_default(monkey
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     fast_step.allow_recompiles()
     assert torch._dynamo.config.recompile_limit == fast_step.RECOMPILE_LIMIT > 8
+
+
+def test_copies_of_a_model_share_its_networks_hole_steps(tiny_models):
+    """One cache per network: a LoadedModel copied with other ids (exact mode's) captures no
+    second set of graphs."""
+    import dataclasses
+
+    model = tiny_models["default"]
+    copy = dataclasses.replace(model, ids=dataclasses.replace(model.ids, end_of_hole=-1))
+    assert fast_step.hole_steps(copy) is fast_step.hole_steps(model)
+    assert fast_step.layers_of(model.network).steps is fast_step.hole_steps(model)

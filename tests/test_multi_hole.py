@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from model.multi_hole import (
     hole_logits,
@@ -61,14 +62,15 @@ def test_one_step_commits_across_holes_and_an_end_closes_only_its_hole(tiny_mode
     options = InfillOptions(max_tokens=3, threshold=0.9)
     state = new_multi_state(tiny_model, PIECES, options)
     a, end = word_token(tiny_model, "return"), tiny_model.ids.end_of_hole
-    logits, where = hole_logits(tiny_model, state)
-    assert logits.shape == (6, tiny_model.vocab_size) and [w[1] for w in where] == [0] * 3 + [1] * 3
+    logits = hole_logits(tiny_model, state)
+    assert [rows.shape for rows in logits] == [(3, tiny_model.vocab_size)] * 2
     forced = sharp_logits(tiny_model, [a, end, a, a, a, a], 30.0)
     forced[[2, 4, 5]] = 0.0  # hole 0's last and hole 1's last two stay masked this step
-    multi_step(tiny_model, state, forced, where)
+    multi_step(tiny_model, state, list(forced.split([3, 3])))
     first, second = state.spans
-    assert first.tokens == [a, end, end] and first.masked == [False] * 3 and first.closed
-    assert second.masked == [False, True, True] and not second.closed
+    assert first.hole.tolist() == [a, end, end] and not first.masked.any()
+    assert first.closed_at == 2
+    assert second.masked.tolist() == [False, True, True] and second.closed_at is None
     assert not state.finished and state.steps == 1
     step, steps, texts = multi_preview(tiny_model, state)
     assert step == 1 and steps >= 2
@@ -78,8 +80,8 @@ def test_one_step_commits_across_holes_and_an_end_closes_only_its_hole(tiny_mode
 def test_holes_finish_when_no_mask_is_left(tiny_model):
     state = new_multi_state(tiny_model, PIECES, InfillOptions(max_tokens=2))
     a, end = word_token(tiny_model, "return"), tiny_model.ids.end_of_hole
-    _, where = hole_logits(tiny_model, state)
-    multi_step(tiny_model, state, sharp_logits(tiny_model, [a, a, end, end], 30.0), where)
+    hole_logits(tiny_model, state)
+    multi_step(tiny_model, state, list(sharp_logits(tiny_model, [a, a, end, end], 30.0).split(2)))
     assert state.finish_reason == "max_tokens"  # hole 0 used its whole budget
     texts, counts = hole_texts(tiny_model, state)
     assert texts == [tiny_model.tokenizer.decode([a, a]), ""] and counts == [2, 0]
@@ -106,15 +108,14 @@ def test_should_stop_cancels_between_steps(tiny_model):
 def test_dreamon_expand_and_delete_edit_one_hole(dreamon):
     expand, delete = (dreamon.tokenizer.token_to_id(t) for t in ("<|expand|>", "<|delete|>"))
     state = new_multi_state(dreamon, PIECES, InfillOptions(max_tokens=6, initial_tokens=2))
-    assert [len(span.tokens) for span in state.spans] == [2, 2]
-    _, where = hole_logits(dreamon, state)
+    assert [span.hole.numel() for span in state.spans] == [2, 2]
     a = word_token(dreamon, "return")
     forced = sharp_logits(dreamon, [expand, a, delete, a], 30.0)
     forced[[1, 3]] = 0.0  # only the expand and the delete are committed
-    multi_step(dreamon, state, forced, where)
+    multi_step(dreamon, state, list(forced.split(2)))
     first, second = state.spans
-    assert first.tokens == [dreamon.ids.mask] * 3 and all(first.masked)  # expand: two masks
-    assert second.tokens == [] and second.closed  # delete, and the mask after it: gone
+    assert first.hole.tolist() == [dreamon.ids.mask] * 3 and first.masked.all()  # two masks
+    assert second.hole.tolist() == [] and second.closed_at == 0  # the delete, the mask after
     result = infill_holes(dreamon, PIECES, InfillOptions(max_tokens=6, initial_tokens=2))
     assert len(result.texts) == 2
 
@@ -126,21 +127,51 @@ def test_fewer_than_two_pieces_is_refused(tiny_model):
 
 def test_min_tokens_keeps_every_hole_from_ending_at_once(tiny_model):
     state = new_multi_state(tiny_model, PIECES, InfillOptions(max_tokens=3, min_tokens=1))
-    logits, where = hole_logits(tiny_model, state)
     end = tiny_model.ids.end_of_hole
     forced = sharp_logits(tiny_model, [end] * 6, 30.0)
     forced[:, word_token(tiny_model, "return")] = 1.0
-    multi_step(tiny_model, state, forced, where)
-    assert [span.tokens[0] != end for span in state.spans] == [True, True]
+    multi_step(tiny_model, state, list(forced.split(3)))
+    assert [int(span.hole[0]) != end for span in state.spans] == [True, True]
 
 
 def test_code_start_keeps_holes_from_starting_with_blank_space(tiny_model):
     state = new_multi_state(tiny_model, PIECES, InfillOptions(max_tokens=2, tokens_per_step=4),
                             code_start=True)
-    logits, where = hole_logits(tiny_model, state)
     space = tiny_model.tokenizer.encode("\n", add_special_tokens=False).ids[0]
     forced = sharp_logits(tiny_model, [space] * 4, 30.0)
     forced[:, word_token(tiny_model, "return")] = 1.0
-    multi_step(tiny_model, state, forced, where)
-    assert [span.tokens[0] for span in state.spans] == [word_token(tiny_model, "return")] * 2
-    assert state.spans[0].tokens[1] == space  # later positions may be blank
+    multi_step(tiny_model, state, list(forced.split(2)))
+    assert [int(span.hole[0]) for span in state.spans] == [word_token(tiny_model, "return")] * 2
+    assert int(state.spans[0].hole[1]) == space  # later positions may be blank
+
+
+def test_several_holes_follow_the_options_rule(tiny_model):
+    """The rule of `options.algorithm` ranks positions across the holes, as for one hole: under
+    topk_margin, a position torn between two tokens (p = 0.5 each, margin 0) is not committed,
+    although its confidence passes the threshold (the old joint step ranked by confidence)."""
+    a, b = word_token(tiny_model, "return"), word_token(tiny_model, "print")
+    state = new_multi_state(tiny_model, PIECES, InfillOptions(max_tokens=2, threshold=0.4,
+                                                              algorithm="topk_margin"))
+    forced = torch.zeros(4, tiny_model.vocab_size)
+    forced[0, [a, b]] = 30.0  # torn: confidence 0.5, margin 0
+    forced[3, a] = 3.0  # unsure (p ~ 0.05) but the widest margin
+    multi_step(tiny_model, state, list(forced.split(2)))
+    first, second = state.spans
+    assert first.masked.tolist() == [True, True]
+    assert second.masked.tolist() == [True, False] and int(second.hole[1]) == a
+
+
+def test_several_holes_refuse_a_step_budget(tiny_model):
+    with pytest.raises(ValueError, match="schedule one hole"):
+        new_multi_state(tiny_model, PIECES, InfillOptions(max_tokens=4, steps=2))
+
+
+def test_several_holes_cut_at_stop_words_as_one_hole_does(tiny_model):
+    a, b = word_token(tiny_model, "return"), word_token(tiny_model, "print")
+    stop = tiny_model.tokenizer.decode([b])
+    state = new_multi_state(tiny_model, PIECES, InfillOptions(max_tokens=3, stop=(stop,)))
+    multi_step(tiny_model, state, list(sharp_logits(tiny_model, [a, b, a, a, a, a],
+                                                    30.0).split(3)))
+    texts, _ = hole_texts(tiny_model, state)
+    assert texts[0] == tiny_model.tokenizer.decode([a])
+    assert state.spans[0].finish_reason == "stop"

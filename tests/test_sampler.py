@@ -80,6 +80,20 @@ def test_end_of_hole_token_shortens_the_hole(tiny_model):
     assert final_text(model, state) == (text, 2)
 
 
+def test_positions_chosen_after_an_end_in_the_same_step_stay_end_of_hole(tiny_model):
+    """An end closes the hole at once: the model never sees text after an end it committed
+    (several holes always did this; one hole committed those positions' tokens)."""
+    model = tiny_model
+    state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=6, threshold=0.5))
+    word, end = word_token(model, "x"), model.ids.end_of_hole
+    logits = sharp_logits(model, [word, end, word, word, word, word])
+    logits[0] = 0.0
+    logits[0, word] = 1.0  # position 0 stays masked (unsure of its word): not finished
+    apply_step(model, state, logits)
+    assert state.hole.tolist()[1:] == [end] * 5 and state.masked.tolist() == [True] + [False] * 5
+    assert [position for position, _ in state.trace[0].committed] == [1]
+
+
 def test_end_token_closes_later_masks_without_a_step(tiny_model):
     """End committed at position 1 (alone): positions 2.. need no forward pass."""
     model = tiny_model
@@ -519,3 +533,32 @@ def test_exact_mode_lets_the_hole_end_at_once_as_the_references_do(tiny_model):
     apply_step(model, state, sharp_logits(model, [end, end, end, end]))
     assert state.hole.tolist() == [end] * 4 and state.finish_reason == "end"
     assert state.closed_at is None  # nothing was closed: every position was decoded
+
+
+def test_finishing_a_hole_is_asked_apart_from_growing_it(tiny_model):
+    """`why_finished` only says; `finish_or_grow` grows a hole full of unfinished text."""
+    from model.hole import finish_or_grow, why_finished
+
+    model = tiny_model
+    state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=4, max_tokens=16))
+    word = word_token(model, "x")
+    state.hole[:] = word
+    state.masked[:] = False
+    assert why_finished(model, state) is None and state.hole.numel() == 4
+    finish_or_grow(model, state)
+    assert state.hole.numel() == 4 + state.options.extend_by and not state.finished
+
+
+def test_banning_on_another_device_leaves_the_models_ids_where_they_are(tiny_model):
+    """Logits elsewhere (a GPU; here the meta device) get their own copy of the never-sampled
+    ids, kept per device; the model's own stay on its device for every other caller."""
+    from model.sampler import sampleable
+
+    state = new_state(tiny_model, PREFIX, SUFFIX, InfillOptions())
+    with torch.inference_mode():
+        logits = torch.zeros((2, tiny_model.vocab_size), device="meta")
+    sampleable(tiny_model, state, logits)
+    assert tiny_model.never_sample_ids.device.type == "cpu"
+    assert tiny_model.never_sample_on(torch.device("meta")).device.type == "meta"
+    assert tiny_model.never_sample_on(torch.device("meta")) is tiny_model.never_sample_on(
+        torch.device("meta"))
