@@ -620,8 +620,34 @@ def concurrent(model: LoadedModel, holes: list[dict], result: dict) -> None:
             say(f"{editors} editors: p50 {entry['p50_ms']:.0f} ms, p95 {entry['p95_ms']:.0f} ms;"
                 f" one alone p50 {entry['single_p50_ms']:.0f} ms; {entry['tokens_per_s']:.0f} "
                 f"tokens/s ({entry['aggregate_over_single']:.1f}x one alone)")
+        if model.device.type == "cuda":  # the other packed attention, for the choice
+            flex_attention_run(engine, holes, options, single["ms"], result)
     finally:
         engine.close()
+
+
+def flex_attention_run(engine: object, holes: list[dict], options: InfillOptions,
+                       single: list[float], result: dict) -> None:
+    """concurrent16 again with FlexAttention's document mask instead of one SDPA call a hole
+    (`packed_step.ATTENTIONS`): `concurrent16.flex_attention`. A failure is kept there."""
+    from benchmarks.load_test import editors_load, load_figures
+
+    saved = os.environ.get(packed_step.ATTENTION_ENV)
+    os.environ[packed_step.ATTENTION_ENV] = packed_step.FLEX
+    try:
+        editors_load(engine, holes, 4, 1, options, "flex-warm-")  # compiles: untimed
+        run = editors_load(engine, holes, 16, CONCURRENT_REQUESTS, options, "flex-16-")
+        figures = load_figures([run], single)
+        say(f"16 editors, FlexAttention: p50 {figures['p50_ms']:.0f} ms, "
+            f"{figures['tokens_per_s']:.0f} tokens/s")
+    except Exception as error:  # noqa: BLE001 - the per-hole figures stand regardless
+        figures = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    finally:
+        if saved is None:
+            os.environ.pop(packed_step.ATTENTION_ENV, None)
+        else:
+            os.environ[packed_step.ATTENTION_ENV] = saved
+    result["concurrent16"]["flex_attention"] = figures
 
 
 def lsp(shape: str, device: str, data: Path | None, limit: int, result: dict) -> None:

@@ -40,6 +40,9 @@ from model.loader import LoadedModel
 from model.pinned import to_device
 
 PACKED_ENV = "DIFFUSION_LSP_PACKED_STEPS"  # "0": batched hole steps through transformers
+ATTENTION_ENV = "DIFFUSION_LSP_PACKED_ATTENTION"  # how the packed rows attend (ATTENTIONS)
+PER_HOLE, FLEX = "per_hole", "flex"
+ATTENTIONS = (PER_HOLE, FLEX)  # one SDPA call a hole | FlexAttention with a document mask
 # where the packed batch is used by default (`enabled`): measured on the 2-core CPU, the
 # packed batch against transformers' padded one (benchmarks/results/packed_step.json)
 DEFAULT_DEVICES = ("cuda", "cpu")
@@ -62,14 +65,59 @@ def enabled(model: LoadedModel) -> bool:
     return fast_step.parse_switch(PACKED_ENV, value, default) and fast_step.supported(model)
 
 
+def attention_kind() -> str:
+    """The packed attention in force (DIFFUSION_LSP_PACKED_ATTENTION; default per-hole SDPA,
+    the fastest measured on a CPU; the GPU check measures both)."""
+    value = (os.environ.get(ATTENTION_ENV) or PER_HOLE).strip().lower()
+    return value if value in ATTENTIONS else PER_HOLE
+
+
+class DocumentMask:
+    """FlexAttention's block mask of one packed step: query row r of hole i sees key rows of
+    hole i only (its context, then its window); keys packed [context_0, window_0, context_1,
+    ...]. Made once a step, shared by every layer."""
+
+    _compiled: dict[str, object] = {}  # by device type
+
+    def __init__(self, spans: Sequence[tuple[int, int]], contexts: Sequence[int],
+                 device: torch.device) -> None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        queries = torch.cat([torch.full((width,), hole, dtype=torch.int32)
+                             for hole, (_, width) in enumerate(spans)]).to(device)
+        keys = torch.cat([torch.full((rows + width,), hole, dtype=torch.int32)
+                          for hole, ((_, width), rows) in enumerate(
+                              zip(spans, contexts, strict=True))]).to(device)
+
+        def same_hole(batch, head, query, key):  # noqa: ANN001, ANN202 - FlexAttention's
+            return queries[query] == keys[key]
+
+        self.block_mask = create_block_mask(same_hole, None, None, queries.numel(),
+                                            keys.numel(), device=device)
+
+    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 scaling: float) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        kind = q.device.type
+        if kind not in DocumentMask._compiled:  # eager FlexAttention is a slow reference
+            # dynamic shapes on CUDA (the batch changes every step); on a CPU torch 2.13's
+            # inductor emits C++ that does not compile for a dynamic FlexAttention
+            DocumentMask._compiled[kind] = torch.compile(flex_attention,
+                                                         dynamic=kind == "cuda")
+        return DocumentMask._compiled[kind](q, keys, values, block_mask=self.block_mask,
+                                            scale=scaling, enable_gqa=True)
+
+
 def packed_attention(hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor, spans: Sequence[tuple[int, int]],
                      contexts: Sequence[tuple[torch.Tensor, torch.Tensor]],
                      weights: LayerWeights, scaling: float, heads: int,
-                     kv_heads: int) -> torch.Tensor:
+                     kv_heads: int, document: DocumentMask | None = None) -> torch.Tensor:
     """hidden plus the attention's output over packed rows: q (1, N, heads * D), k, v
     (1, N, kv_heads * D); each span (offset, width) of rows attends to its own context's keys
-    and values (1, kv_heads, C_i, D) and its own rows, nothing else."""
+    and values (1, kv_heads, C_i, D) and its own rows, nothing else: one SDPA call a hole, or
+    with a `document` mask one FlexAttention call over all holes' keys packed."""
     _, rows, _ = hidden.shape
     dim = cos.shape[-1]
     group = heads // kv_heads
@@ -77,6 +125,14 @@ def packed_attention(hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     k = k.view(1, rows, kv_heads, dim).transpose(1, 2)
     v = v.view(1, rows, kv_heads, dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if document is not None:
+        pieces = [(context, (offset, offset + width))
+                  for (offset, width), context in zip(spans, contexts, strict=True)]
+        keys = torch.cat([t for (ck, _), (a, b) in pieces for t in (ck, k[:, :, a:b])], dim=-2)
+        values = torch.cat([t for (_, cv), (a, b) in pieces for t in (cv, v[:, :, a:b])],
+                           dim=-2)
+        out = document(q, keys, values, scaling).transpose(1, 2).reshape(1, rows, heads * dim)
+        return hidden + F.linear(out, weights.o, weights.o_bias)
     outputs = []
     for (offset, width), (keys, values) in zip(spans, contexts, strict=True):
         end = offset + width
@@ -93,7 +149,8 @@ def packed_attention(hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 def packed_layer(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  spans: Sequence[tuple[int, int]],
                  contexts: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: LayerWeights,
-                 eps: float, scaling: float, heads: int, kv_heads: int) -> torch.Tensor:
+                 eps: float, scaling: float, heads: int, kv_heads: int,
+                 document: DocumentMask | None = None) -> torch.Tensor:
     """`fast_step.decoder_layer` over packed rows (1, N, H): projections and MLP on all rows
     at once (fused ones where the weights are fused), attention per span."""
     dim = cos.shape[-1]
@@ -106,7 +163,7 @@ def packed_layer(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         k = F.linear(x, weights.k, weights.k_bias)
         v = F.linear(x, weights.v, weights.v_bias)
     hidden = packed_attention(hidden, q, k, v, cos, sin, spans, contexts, weights, scaling,
-                              heads, kv_heads)
+                              heads, kv_heads, document)
     x = rms_norm(hidden, weights.post_norm, eps)
     if weights.gate_up is not None:
         gate, up = F.linear(x, weights.gate_up).chunk(2, dim=-1)
@@ -135,9 +192,14 @@ def packed_hole_step(model: LoadedModel, windows: Sequence[Window],
                            for w, width in zip(windows, widths, strict=True)])
     hidden = inner.embed_tokens(to_device(ids[None], model.device))  # (1, N, H)
     cos, sin = inner.rotary_emb(hidden, to_device(positions[None], model.device))  # (1, N, D)
+    document = None
+    if attention_kind() == FLEX:
+        document = DocumentMask(spans, [w.context[0][0].shape[-2] for w in windows],
+                                model.device)
     for index, weights in enumerate(stack):
         hidden = packed_layer(hidden, cos, sin, spans,
                               [window.context[index] for window in windows], weights,
-                              layers.eps, layers.scaling, layers.heads, layers.kv_heads)
+                              layers.eps, layers.scaling, layers.heads, layers.kv_heads,
+                              document)
     hidden = inner.norm(hidden)[0]  # (N, H)
     return list(hidden.split(widths))

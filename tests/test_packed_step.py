@@ -90,6 +90,21 @@ def test_packed_rows_are_each_holes_own_pass(family_models, name, monkeypatch):
     assert all(state.context.age == 2 for state in states)
 
 
+@pytest.mark.slow
+def test_flex_attentions_document_mask_gives_the_same_rows(family_models, monkeypatch):
+    """The other packed attention (FlexAttention with a document mask, compiled; the GPU
+    check measures both) computes the per-hole calls' rows."""
+    model = family_models["llada"]
+    states = [new_state(model, prefix, suffix, options) for prefix, suffix, options in HOLES]
+    for state in states:
+        forward_holes(model, [state])
+    per_hole = passes._hole_pass(model, states)
+    monkeypatch.setenv(packed_step.ATTENTION_ENV, packed_step.FLEX)
+    flex = passes._hole_pass(model, states)
+    for got, want in zip(flex, per_hole, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", FAMILY_SPECS)
 def test_greedy_completions_are_the_same_alone_and_in_any_batch(family_models, name, spy):
     model = family_models[name]
