@@ -76,7 +76,7 @@ from model.shapes import random_model_of_shape
 HOLE_TOKENS = 64
 TOKENS_PER_STEP = (1, 2, 4, 8)
 CONCURRENT = (4, 16, 64)  # editors against one engine (`concurrent`)
-CONCURRENT_REQUESTS = 3  # timed completions per editor at each level
+CONCURRENT_REQUESTS = {"cuda": 3, "cpu": 1}  # timed completions per editor at each level
 CONCURRENT_DOCUMENT_BYTES = 16 << 30  # the document cache of 64 editors' 7B contexts
 COPY_BYTES = 2 << 30  # the device-to-device copy that measures usable bandwidth
 SWITCH_RUNS = {  # run name -> the switches on in it (the rest off)
@@ -602,15 +602,15 @@ def concurrent(model: LoadedModel, holes: list[dict], result: dict) -> None:
     from model.engine import Engine
 
     options = hole_options(8)
+    requests = CONCURRENT_REQUESTS.get(model.device.type, 1)  # the CPU's dry run: quick
     engine = Engine(model, max_batch=max(CONCURRENT), max_queued=max(CONCURRENT),
                     prompt_cache=PromptCache(max_documents=4 * max(CONCURRENT),
                                              max_bytes=CONCURRENT_DOCUMENT_BYTES))
     try:
-        single = editors_load(engine, holes, 1, 2 * CONCURRENT_REQUESTS, options, "alone-")
+        single = editors_load(engine, holes, 1, 2 * requests, options, "alone-")
         alone = load_figures([single], single["ms"])["tokens_per_s"]
         for editors in CONCURRENT:
-            run = editors_load(engine, holes, editors, CONCURRENT_REQUESTS, options,
-                               f"{editors}-")
+            run = editors_load(engine, holes, editors, requests, options, f"{editors}-")
             entry = load_figures([run], single["ms"]) | {
                 "editors": editors, "tokens_per_step": 8, "hole_tokens": HOLE_TOKENS,
                 "document_cache": True, "single_tokens_per_s": alone,
@@ -621,13 +621,13 @@ def concurrent(model: LoadedModel, holes: list[dict], result: dict) -> None:
                 f" one alone p50 {entry['single_p50_ms']:.0f} ms; {entry['tokens_per_s']:.0f} "
                 f"tokens/s ({entry['aggregate_over_single']:.1f}x one alone)")
         if model.device.type == "cuda":  # the other packed attention, for the choice
-            flex_attention_run(engine, holes, options, single["ms"], result)
+            flex_attention_run(engine, holes, options, requests, single["ms"], result)
     finally:
         engine.close()
 
 
 def flex_attention_run(engine: object, holes: list[dict], options: InfillOptions,
-                       single: list[float], result: dict) -> None:
+                       requests: int, single: list[float], result: dict) -> None:
     """concurrent16 again with FlexAttention's document mask instead of one SDPA call a hole
     (`packed_step.ATTENTIONS`): `concurrent16.flex_attention`. A failure is kept there."""
     from benchmarks.load_test import editors_load, load_figures
@@ -636,7 +636,7 @@ def flex_attention_run(engine: object, holes: list[dict], options: InfillOptions
     os.environ[packed_step.ATTENTION_ENV] = packed_step.FLEX
     try:
         editors_load(engine, holes, 4, 1, options, "flex-warm-")  # compiles: untimed
-        run = editors_load(engine, holes, 16, CONCURRENT_REQUESTS, options, "flex-16-")
+        run = editors_load(engine, holes, 16, requests, options, "flex-16-")
         figures = load_figures([run], single)
         say(f"16 editors, FlexAttention: p50 {figures['p50_ms']:.0f} ms, "
             f"{figures['tokens_per_s']:.0f} tokens/s")

@@ -80,7 +80,7 @@ def test_the_gpu_check_runs_through_on_the_cpu(tmp_path):
                                                "graph_passes": False}  # unset, and a CPU
     for editors in (4, 16, 64):  # editors against one engine, batched steps packed
         run = result[f"concurrent{editors}"]
-        assert run["editors"] == editors and run["completions"] == 3 * editors
+        assert run["editors"] == editors and run["completions"] == editors  # 1 each on a CPU
         assert run["p95_ms"] >= run["p50_ms"] > 0 and run["single_p50_ms"] > 0
         assert run["tokens_per_s"] > 0 and run["aggregate_over_single"] > 0
         assert run["hole_tokens"] == 64 and run["tokens_per_step"] == 8
