@@ -10,11 +10,11 @@ product per weight for the whole batch), and only attention is per hole, each ho
 against its own cached context (`model.hole.ContextCache`) and its own window -- the
 variable-length batching of vLLM / FlashAttention's varlen, done with one SDPA call a hole.
 
-Why per-hole SDPA calls: measured on the 2-core CPU (0.5B shape's heads, 4 and 16 holes of
-65 rows over 200-400 context rows; /tmp numbers in docs/benchmarks.md), one SDPA call a hole
-was the fastest of per-hole calls, one padded SDPA with a padding mask (1.4-2.4x slower), one
-SDPA over the packed rows with a block-diagonal mask (4-20x, it computes every masked pair)
-and FlexAttention with a document mask, compiled (5-8x on a CPU). On a GPU the per-hole
+Why per-hole SDPA calls: measured on the 2-core CPU (`python -m benchmarks.packed_attention`:
+the 0.5B shape's heads, 4 and 16 holes of 17-65 rows over 200-400 context rows; table in
+docs/benchmarks.md), one SDPA call a hole was the fastest of per-hole calls, one padded SDPA
+with a padding mask, one SDPA over the packed rows with a block-diagonal mask (it computes
+every masked pair) and FlexAttention with a document mask, compiled. On a GPU the per-hole
 calls cost a kernel launch each per layer: the GPU check re-measures (`concurrent*`), and
 FlexAttention's document masks or FlashAttention's varlen are the candidates there.
 
@@ -44,7 +44,7 @@ ATTENTION_ENV = "DIFFUSION_LSP_PACKED_ATTENTION"  # how the packed rows attend (
 PER_HOLE, FLEX = "per_hole", "flex"
 ATTENTIONS = (PER_HOLE, FLEX)  # one SDPA call a hole | FlexAttention with a document mask
 # where the packed batch is used by default (`enabled`): measured on the 2-core CPU, the
-# packed batch against transformers' padded one (benchmarks/results/packed_step.json)
+# packed batch against transformers' padded one (`bench load`: load-qwen2.5-0.5b.json)
 DEFAULT_DEVICES = ("cuda", "cpu")
 
 
