@@ -247,9 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--max-batch", type=int, default=16,
                          help="holes one replica denoises in one batch, at most "
                               "(default: %(default)s)")
-    service.add_argument("--max-queued", type=int, default=64,
-                         help="requests waiting for a replica's batch, at most; past that the "
-                              "service answers 429 with Retry-After (default: %(default)s)")
+    service.add_argument("--max-queued", type=int, default=256,
+                         help="requests waiting for a replica, at most; past that the service "
+                              "answers 429 with Retry-After (default: %(default)s)")
     service.add_argument("--batching", choices=["engine", "serve"], default="engine",
                          help="engine: requests join the engine's step batches as they come; "
                               "serve: Ray Serve's @serve.batch groups them first "

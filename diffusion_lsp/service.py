@@ -12,12 +12,13 @@ Two deployments, one application:
 Batching. The engine batches at the level of denoising steps: a request joins the batch at the
 next step and leaves it as soon as its hole is filled (continuous batching; several holes'
 hole-only steps packed into one pass, model/packed_step.py). So, by default
-(`batching="engine"`), each replica hands every request straight to its engine, whose batch is
-bounded by `max_batch` and by memory; what does not fit waits in the engine's queue, at most
-`max_queued`; past that the replica refuses at once and the gateway answers 429 with
-Retry-After (`/metrics`: `queue_full`). Ray Serve passes a replica up to `max_batch` +
-2 x `max_queued` requests (`max_ongoing_requests`), so the engine's bound is the one that
-decides; Ray's router queue beyond that (503, MAX_QUEUED_REQUESTS) is the last line. With
+(`batching="engine"`), each replica accepts up to `max_batch` requests at once
+(`max_ongoing_requests`) and hands each straight to its engine, whose batch is bounded by
+`max_batch` and by memory (what does not fit waits in the engine, at most `max_batch`);
+requests beyond that wait in Ray Serve's router, which sends each to whichever replica frees
+up first, at most `max_queued` of them (`max_queued_requests`); past that the gateway answers
+429 with Retry-After at once (`/metrics`: `queue_full`), as it does should an engine's own
+queue be full (`model.engine.QueueFull`). With
 `batching="serve"`, Ray Serve's `@serve.batch` first collects up to `max_batch` requests (waiting
 `batch_wait_s` at most) and submits them to the engine together: they start in the same step,
 and the batch answers when its slowest hole is done. The load test compares both.
@@ -70,7 +71,6 @@ APP_NAME = "diffusion-lsp"
 DEFAULT_MAX_BATCH = 16
 SERVE_BATCH_WAIT_S = 0.005  # batching="serve": how long a batch waits to fill up, at most
 REQUEST_TIMEOUT_S = 60.0  # the proxy answers 408 past this; clients give up much sooner
-MAX_QUEUED_REQUESTS = 256  # requests waiting for a replica, at most; then 503 + Retry-After
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a larger body is refused (413) before it is read
 # the whole body must arrive within this (a client that trickles it in, slowloris-style, gets
 # 408 and its connection back); an editor's request arrives in milliseconds
@@ -86,7 +86,7 @@ SERVE_SHUTDOWN_S = 10.0  # waiting for Serve to drain and stop, at most; then Ra
 OBJECT_STORE_BYTES = 128 * 1024 * 1024  # the local Ray instance: holes are small
 PROGRESS, FILLED = b"P", b"F"  # what a replica's stream part holds: a step, or the answer
 BUSY = b"B"  # a replica's answer when its engine's queue is full: BUSY + Retry-After seconds
-DEFAULT_MAX_QUEUED = 64  # per replica: requests waiting for a place in its engine's batch
+DEFAULT_MAX_QUEUED = 256  # requests waiting for a replica, at most; then 429 + Retry-After
 COMPLETION_PATHS = {wire.FIM_PATH: wire.decode_fim, wire.COMPLETIONS_PATH: wire.decode_completions}
 
 
@@ -108,7 +108,7 @@ class ServiceConfig:
     max_replicas: int | None = None
     cpus_per_replica: float = 1.0
     max_batch: int = DEFAULT_MAX_BATCH
-    max_queued: int = DEFAULT_MAX_QUEUED  # per replica; then 429 (model.engine.QueueFull)
+    max_queued: int = DEFAULT_MAX_QUEUED  # waiting for a replica; then 429 + Retry-After
     batching: str = "engine"  # engine | serve
     model_name: str = wire.SERVICE_NAME  # what the API calls the model
     token_sha256: str | None = None
@@ -138,8 +138,8 @@ def infiller_options(config: ServiceConfig, gpus_in_cluster: float) -> dict[str,
     actor = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": config.cpus_per_replica}
     options: dict[str, Any] = {
         "ray_actor_options": actor,
-        "max_ongoing_requests": config.max_batch + 2 * config.max_queued,
-        "max_queued_requests": MAX_QUEUED_REQUESTS,
+        "max_ongoing_requests": config.max_batch,
+        "max_queued_requests": config.max_queued,
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S,
         "graceful_shutdown_wait_loop_s": GRACEFUL_SHUTDOWN_WAIT_S,
     }
@@ -315,8 +315,9 @@ class Infiller:
                               quantization=config.quantization)
 
         # loaded, warmed up and run on the engine's own thread (Engine.start says why)
+        # Ray passes at most max_batch at once: the engine's queue holds what memory holds back
         self.engine = Engine.start(load, max_batch=config.max_batch,
-                                   max_queued=config.max_queued).result()
+                                   max_queued=config.max_batch).result()
         loaded = self.engine.model
         self.tokenizer = loaded.tokenizer
         parameters = sum(p.numel() for p in loaded.network.parameters())
@@ -658,10 +659,8 @@ class Gateway:
 
     def _failure(self, error: Exception) -> Any:
         name = type(error).__name__
-        if name == "BackPressureError":
-            return _json(wire.error_body("the service is overloaded; retry shortly",
-                                         "server_error", "overloaded"), 503,
-                         {"Retry-After": "1"})
+        if name == "BackPressureError":  # Ray's router queue is full (max_queued)
+            return self._busy(BUSY + b"1")
         log.warning("completion failed: %s", error)
         return _json(wire.error_body(f"the model failed: {name}", "server_error"), 500)
 
