@@ -20,7 +20,10 @@ soon as it has it, so a run stopped by its time limit keeps what it got. Section
 - refresh: the same at 8 tokens a step with the context refresh off (refresh_every 0) against
   the default, all switches off and all on; and how many of the bundled model's completions
   change with the refresh off (server defaults and 8 tokens a step), on HumanEval holes.
-- concurrent: 16 holes submitted to the engine at once (batched) against one alone.
+- concurrent: 4, 16 and 64 editors against one engine (`concurrent4/16/64`), each typing in
+  its own document (document cache on), closed loop (benchmarks/load_test.py's
+  `editors_load`): 64-token holes at 8 tokens a step; p50, p95, one editor alone's p50 and
+  the aggregate tokens/s, its batched hole steps packed into one pass (model.packed_step).
 - lsp: the server as its own process over stdio on the same shape; a document is opened, a
   completion asked for, one character typed, and the completion after it timed (p50).
 - profile: the kernels of a hole-only step and of a full pass, by device time
@@ -54,10 +57,9 @@ import torch
 
 from benchmarks.model_speed import card_bandwidth
 from benchmarks.report import RESULTS, EvalDataMissing, load_holes
-from model import fast_step, quantize
+from model import fast_step, packed_step, quantize
 from model.loader import LoadedModel, load_model
 from model.options import hole_options as server_hole_options
-from model.percentile import percentile
 from model.prompt_cache import PromptCache
 from model.sampler import (
     InfillOptions,
@@ -73,7 +75,9 @@ from model.shapes import random_model_of_shape
 
 HOLE_TOKENS = 64
 TOKENS_PER_STEP = (1, 2, 4, 8)
-CONCURRENT = 16
+CONCURRENT = (4, 16, 64)  # editors against one engine (`concurrent`)
+CONCURRENT_REQUESTS = {"cuda": 3, "cpu": 1}  # timed completions per editor at each level
+CONCURRENT_DOCUMENT_BYTES = 16 << 30  # the document cache of 64 editors' 7B contexts
 COPY_BYTES = 2 << 30  # the device-to-device copy that measures usable bandwidth
 SWITCH_RUNS = {  # run name -> the switches on in it (the rest off)
     "off": (),
@@ -592,28 +596,58 @@ def profile_steps(model: LoadedModel, holes: list[dict], result: dict) -> None:
 
 
 def concurrent(model: LoadedModel, holes: list[dict], result: dict) -> None:
+    """`concurrent4/16/64`: N editors against one engine (`load_test.editors_load`), beside
+    one editor alone in the same run; each level saved as soon as it is measured."""
+    from benchmarks.load_test import editors_load, load_figures
     from model.engine import Engine
 
     options = hole_options(8)
-    batch = [holes[i % len(holes)] for i in range(CONCURRENT)]
-    engine = Engine(model, max_batch=CONCURRENT)
+    requests = CONCURRENT_REQUESTS.get(model.device.type, 1)  # the CPU's dry run: quick
+    engine = Engine(model, max_batch=max(CONCURRENT), max_queued=max(CONCURRENT),
+                    prompt_cache=PromptCache(max_documents=4 * max(CONCURRENT),
+                                             max_bytes=CONCURRENT_DOCUMENT_BYTES))
     try:
-        engine.submit(batch[0]["prompt"], batch[0]["suffix"], options).result()
-        single = [engine.submit(h["prompt"], h["suffix"], options).result().timings["total_ms"]
-                  for h in batch[:8]]
-        requests = [engine.submit(h["prompt"], h["suffix"], options) for h in batch]
-        together = [r.result(600).timings["total_ms"] for r in requests]
+        single = editors_load(engine, holes, 1, 2 * requests, options, "alone-")
+        alone = load_figures([single], single["ms"])["tokens_per_s"]
+        for editors in CONCURRENT:
+            run = editors_load(engine, holes, editors, requests, options, f"{editors}-")
+            entry = load_figures([run], single["ms"]) | {
+                "editors": editors, "tokens_per_step": 8, "hole_tokens": HOLE_TOKENS,
+                "document_cache": True, "single_tokens_per_s": alone,
+                "packed_steps": packed_step.enabled(model)}
+            entry["aggregate_over_single"] = entry["tokens_per_s"] / alone
+            result[f"concurrent{editors}"] = entry
+            say(f"{editors} editors: p50 {entry['p50_ms']:.0f} ms, p95 {entry['p95_ms']:.0f} ms;"
+                f" one alone p50 {entry['single_p50_ms']:.0f} ms; {entry['tokens_per_s']:.0f} "
+                f"tokens/s ({entry['aggregate_over_single']:.1f}x one alone)")
+        if model.device.type == "cuda":  # the other packed attention, for the choice
+            flex_attention_run(engine, holes, options, requests, single["ms"], result)
     finally:
         engine.close()
-    result["concurrent16"] = {
-        "p50_ms": percentile(together, 50), "p95_ms": percentile(together, 95),
-        "single_p50_ms": percentile(single, 50), "tokens_per_step": 8,
-        "hole_tokens": HOLE_TOKENS,
-        "tokens_per_s": CONCURRENT * HOLE_TOKENS / max(together) * 1e3,
-    }
-    say(f"16 concurrent: p50 {result['concurrent16']['p50_ms']:.0f} ms, p95 "
-        f"{result['concurrent16']['p95_ms']:.0f} ms; one alone p50 "
-        f"{result['concurrent16']['single_p50_ms']:.0f} ms")
+
+
+def flex_attention_run(engine: object, holes: list[dict], options: InfillOptions,
+                       requests: int, single: list[float], result: dict) -> None:
+    """concurrent16 again with FlexAttention's document mask instead of one SDPA call a hole
+    (`packed_step.ATTENTIONS`): `concurrent16.flex_attention`. A failure is kept there."""
+    from benchmarks.load_test import editors_load, load_figures
+
+    saved = os.environ.get(packed_step.ATTENTION_ENV)
+    os.environ[packed_step.ATTENTION_ENV] = packed_step.FLEX
+    try:
+        editors_load(engine, holes, 4, 1, options, "flex-warm-")  # compiles: untimed
+        run = editors_load(engine, holes, 16, requests, options, "flex-16-")
+        figures = load_figures([run], single)
+        say(f"16 editors, FlexAttention: p50 {figures['p50_ms']:.0f} ms, "
+            f"{figures['tokens_per_s']:.0f} tokens/s")
+    except Exception as error:  # noqa: BLE001 - the per-hole figures stand regardless
+        figures = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    finally:
+        if saved is None:
+            os.environ.pop(packed_step.ATTENTION_ENV, None)
+        else:
+            os.environ[packed_step.ATTENTION_ENV] = saved
+    result["concurrent16"]["flex_attention"] = figures
 
 
 def lsp(shape: str, device: str, data: Path | None, limit: int, result: dict) -> None:

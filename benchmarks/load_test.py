@@ -1,4 +1,15 @@
-"""Load test of `diffusion-lsp service`: N simulated editors against the service on loopback.
+"""Load tests: N editors against one replica's engine (`bench load`), and against the service.
+
+`diffusion-lsp bench load` (`run_load_bench`): 1 / 2 / 4 simulated editors against one engine
+in this process -- what one replica of the service runs -- on a random-weight model of a
+published shape (default: the 0.5B one on a CPU). Each editor types in its own document,
+closed loop: one completion in flight, the next asked the moment it is answered, one more
+character typed each time, so the document's cached context is reused (model.prompt_cache)
+and every hole has the same number of tokens (ends banned). Batched steps are measured both
+ways side by side, in rounds whose order rotates: packed into one pass (model.packed_step)
+and through transformers' padded batch. Per level: p50 / p95 of a completion, the p50 of one
+editor alone, and the aggregate tokens/s (all editors' tokens over the wall time), against one
+by one (one editor). The GPU check's `concurrent4/16/64` run the same loop (`editors_load`).
 
 For each replica count, the service is started by its own command (Ray Serve, a fresh local Ray
 instance) on a free loopback port with a bearer token. Then, for each N, N editors run for a
@@ -22,11 +33,14 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -46,6 +60,146 @@ FALLBACK_HOLES = [  # when the HumanEval-infilling data is not beside the repo
     {"prompt": "for i in range(10):\n    ", "suffix": "\nprint('done')\n",
      "split": "multi-line"},
 ]
+
+
+TYPED = "result = value + 1  # typed"  # one more character of it in each request
+ENGINE_EDITORS = (1, 2, 4)
+ENGINE_TIMEOUT_S = 600.0
+BATCHING_MODES = {"packed": "1", "transformers": "0"}  # DIFFUSION_LSP_PACKED_STEPS
+
+
+def editors_load(engine: Any, pool: list[dict], editors: int, requests: int, options: Any,
+                 tag: str = "") -> dict:
+    """`editors` editors typing in their own documents against `engine`, closed loop, each
+    asking `requests` timed completions (after one untimed one that caches its document).
+    Returns the completions' milliseconds and tokens, and the wall time of the timed part."""
+    samples: list[tuple[float, int]] = []
+    start = threading.Barrier(editors + 1)
+    failures: list[BaseException] = []
+
+    def editor(index: int) -> None:
+        hole = pool[index % len(pool)]
+        document = f"{tag}editor-{index}"
+        try:
+            engine.submit(hole["prompt"], hole["suffix"], options,
+                          document=document).result(ENGINE_TIMEOUT_S)
+        except BaseException as error:  # noqa: BLE001 - said by the caller
+            failures.append(error)
+        start.wait()
+        for typed in range(1, requests + 1):
+            began = time.perf_counter()
+            try:
+                result = engine.submit(hole["prompt"] + TYPED[:typed % len(TYPED)],
+                                       hole["suffix"], options,
+                                       document=document).result(ENGINE_TIMEOUT_S)
+            except BaseException as error:  # noqa: BLE001 - said by the caller
+                failures.append(error)
+                return
+            samples.append(((time.perf_counter() - began) * 1e3, result.tokens))
+
+    threads = [threading.Thread(target=editor, args=(index,), daemon=True)
+               for index in range(editors)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    if failures:
+        raise RuntimeError(f"{len(failures)} completion(s) failed: {failures[0]!r}")
+    return {"ms": [ms for ms, _ in samples], "tokens": sum(t for _, t in samples),
+            "wall_s": wall}
+
+
+def load_figures(runs: list[dict], single: list[float]) -> dict:
+    """p50 / p95 / aggregate tokens/s of one level's runs (each `editors_load`'s), beside
+    the p50 of one editor alone (`single`: its completions' ms)."""
+    ms = [value for run in runs for value in run["ms"]]
+    return {"p50_ms": round(percentile(ms, 50), 1), "p95_ms": round(percentile(ms, 95), 1),
+            "single_p50_ms": round(percentile(single, 50), 1), "completions": len(ms),
+            "tokens_per_s": round(sum(r["tokens"] for r in runs)
+                                  / sum(r["wall_s"] for r in runs), 1)}
+
+
+def run_load_bench(args: argparse.Namespace) -> int:
+    """`diffusion-lsp bench load`: see the module's docstring."""
+    import torch
+
+    from benchmarks.report import publish
+    from model.engine import Engine
+    from model.load import load_for_cli
+    from model.options import InfillOptions
+    from model.packed_step import PACKED_ENV
+    from model.prompt_cache import PromptCache
+    from model.shapes import random_model_of_shape
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = args.shape or (None if args.model else "qwen2.5-0.5b")
+
+    def load():
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return (random_model_of_shape(shape, args.device, quantization=args.quantization)
+                if shape else load_for_cli(args))
+
+    engine = Engine.start(load, max_batch=max(ENGINE_EDITORS), warm_up=True,
+                          prompt_cache=PromptCache(max_documents=256)).result()
+    model = engine.model
+    tokens_per_step = args.tokens_per_step or 4
+    options = InfillOptions(max_tokens=args.max_tokens, initial_tokens=args.max_tokens,
+                            min_tokens=args.max_tokens, tokens_per_step=tokens_per_step)
+    try:
+        pool = load_holes("multi-line", max(ENGINE_EDITORS),
+                          Path(args.data) if args.data else None)
+    except OSError:
+        pool = FALLBACK_HOLES
+    requests = args.limit
+    levels = [(1, "packed")] + [(n, mode) for n in ENGINE_EDITORS[1:] for mode in BATCHING_MODES]
+    runs: dict[tuple[int, str], list[dict]] = {level: [] for level in levels}
+    saved = os.environ.get(PACKED_ENV)
+    try:
+        for round_ in range(args.rounds):
+            turn = round_ % len(levels)
+            for editors, mode in levels[turn:] + levels[:turn]:
+                os.environ[PACKED_ENV] = BATCHING_MODES[mode]
+                runs[(editors, mode)].append(editors_load(
+                    engine, pool, editors, requests, options, f"{mode}-{round_}-"))
+                print(f"round {round_ + 1}: {editors} editor(s), {mode}: "
+                      f"{statistics.median(runs[(editors, mode)][-1]['ms']):.0f} ms p50",
+                      flush=True)
+    finally:
+        engine.close()
+        if saved is None:
+            os.environ.pop(PACKED_ENV, None)
+        else:
+            os.environ[PACKED_ENV] = saved
+    single = [ms for run in runs[(1, "packed")] for ms in run["ms"]]
+    rows = []
+    for editors, mode in levels:
+        figures = load_figures(runs[(editors, mode)], single)
+        rows.append({"editors": editors, "batching": mode if editors > 1 else "alone",
+                     **figures})
+    alone = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["aggregate_over_one_by_one"] = round(row["tokens_per_s"] / alone, 2)
+    payload = {"benchmark": "load", "model": shape or str(model.path),
+               "parameters": sum(p.numel() for p in model.network.parameters()),
+               "device": model.device.type, "dtype": str(model.dtype),
+               "machine": machine() | {"cores": os.cpu_count(),
+                                       "load_average": os.getloadavg()},
+               "hole_tokens": args.max_tokens, "tokens_per_step": tokens_per_step,
+               "requests_per_editor_per_round": requests, "rounds": args.rounds,
+               "document_cache": True, "rows": rows}
+    print(f"{'editors':>7} {'batching':>12} {'p50 ms':>8} {'p95 ms':>8} {'single p50':>10} "
+          f"{'tokens/s':>9} {'vs alone':>8}")
+    for row in rows:
+        print(f"{row['editors']:>7} {row['batching']:>12} {row['p50_ms']:>8.0f} "
+              f"{row['p95_ms']:>8.0f} {row['single_p50_ms']:>10.0f} {row['tokens_per_s']:>9.1f} "
+              f"{row['aggregate_over_one_by_one']:>7.2f}x")
+    publish(f"load-{shape}" if shape else "load", payload, lambda: None)
+    return 0
 
 
 def free_port() -> int:

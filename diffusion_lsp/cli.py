@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="speed benchmarks of the model (no LSP)")
     bench.add_argument("name", choices=["latency", "throughput", "vs-autoregressive", "lsp",
                                         "cache-agreement", "typing", "cpu", "multi-hole",
-                                        "next-edit", "confidence", "quantization"],
+                                        "next-edit", "confidence", "quantization", "load"],
                        help="lsp: end to end through a real LSP client (the server over stdio); "
                             "cache-agreement: how often the context cache changes completions "
                             "(tiny checkpoints of every family and the bundled model); "
@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(docs/next-edits.md); confidence: the confidence floor's "
                             "trade-off on held-out holes, and what is offered over LSP; "
                             "quantization: none / int8 / int4 side by side, speed and "
-                            "agreement (docs/benchmarks.md)")
+                            "agreement (docs/benchmarks.md); load: 1 / 2 / 4 editors against one "
+                            "replica's engine, batched steps packed and through transformers "
+                            "side by side (--limit: completions per editor and round)")
     bench.add_argument("--limit", type=int, default=40,
                        help="holes per split (default: %(default)s)")
     bench.add_argument("--max-tokens", type=int, default=32,
@@ -211,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "instead of the stand-in")
     bench.add_argument("--part", choices=["quality", "speed", "both"], default=None,
                        help="quantization: which half (default: both)")
+    bench.add_argument("--rounds", type=int, default=2,
+                       help="load: rounds of every level, their order rotated (default: "
+                            "%(default)s)")
     bench.add_argument("--remote-only", action="store_true",
                        help="next-edit: measure the remote only")
     bench.add_argument("--next-edits", action="store_true",
@@ -242,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--max-batch", type=int, default=16,
                          help="holes one replica denoises in one batch, at most "
                               "(default: %(default)s)")
+    service.add_argument("--max-queued", type=int, default=256,
+                         help="requests waiting for a replica, at most; past that the service "
+                              "answers 429 with Retry-After (default: %(default)s)")
     service.add_argument("--batching", choices=["engine", "serve"], default="engine",
                          help="engine: requests join the engine's step batches as they come; "
                               "serve: Ray Serve's @serve.batch groups them first "
@@ -329,6 +337,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
         from benchmarks.quantization import run_quantization_bench
 
         return run_quantization_bench(args)
+    if args.command == "bench" and args.name == "load":
+        from benchmarks.load_test import run_load_bench
+
+        return run_load_bench(args)
     if args.command == "bench" and args.name == "cpu":
         from benchmarks.cpu_profile import run_cpu_bench
 

@@ -10,10 +10,15 @@ Two deployments, one application:
                                  one model + one Engine each
 
 Batching. The engine batches at the level of denoising steps: a request joins the batch at the
-next step and leaves it as soon as its hole is filled (continuous batching). So, by default
+next step and leaves it as soon as its hole is filled (continuous batching; several holes'
+hole-only steps packed into one pass, model/packed_step.py). So, by default
 (`batching="engine"`), each replica accepts up to `max_batch` requests at once
-(`max_ongoing_requests`) and hands each straight to its engine; requests beyond that wait in
-Ray Serve's router, which sends each to whichever replica frees up first. With
+(`max_ongoing_requests`) and hands each straight to its engine, whose batch is bounded by
+`max_batch` and by memory (what does not fit waits in the engine, at most `max_batch`);
+requests beyond that wait in Ray Serve's router, which sends each to whichever replica frees
+up first, at most `max_queued` of them (`max_queued_requests`); past that the gateway answers
+429 with Retry-After at once (`/metrics`: `queue_full`), as it does should an engine's own
+queue be full (`model.engine.QueueFull`). With
 `batching="serve"`, Ray Serve's `@serve.batch` first collects up to `max_batch` requests (waiting
 `batch_wait_s` at most) and submits them to the engine together: they start in the same step,
 and the batch answers when its slowest hole is done. The load test compares both.
@@ -66,7 +71,6 @@ APP_NAME = "diffusion-lsp"
 DEFAULT_MAX_BATCH = 16
 SERVE_BATCH_WAIT_S = 0.005  # batching="serve": how long a batch waits to fill up, at most
 REQUEST_TIMEOUT_S = 60.0  # the proxy answers 408 past this; clients give up much sooner
-MAX_QUEUED_REQUESTS = 256  # requests waiting for a replica, at most; then 503 + Retry-After
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a larger body is refused (413) before it is read
 # the whole body must arrive within this (a client that trickles it in, slowloris-style, gets
 # 408 and its connection back); an editor's request arrives in milliseconds
@@ -81,6 +85,8 @@ GRACEFUL_SHUTDOWN_WAIT_S = 0.5
 SERVE_SHUTDOWN_S = 10.0  # waiting for Serve to drain and stop, at most; then Ray is stopped
 OBJECT_STORE_BYTES = 128 * 1024 * 1024  # the local Ray instance: holes are small
 PROGRESS, FILLED = b"P", b"F"  # what a replica's stream part holds: a step, or the answer
+BUSY = b"B"  # a replica's answer when its engine's queue is full: BUSY + Retry-After seconds
+DEFAULT_MAX_QUEUED = 256  # requests waiting for a replica, at most; then 429 + Retry-After
 COMPLETION_PATHS = {wire.FIM_PATH: wire.decode_fim, wire.COMPLETIONS_PATH: wire.decode_completions}
 
 
@@ -102,6 +108,7 @@ class ServiceConfig:
     max_replicas: int | None = None
     cpus_per_replica: float = 1.0
     max_batch: int = DEFAULT_MAX_BATCH
+    max_queued: int = DEFAULT_MAX_QUEUED  # waiting for a replica; then 429 + Retry-After
     batching: str = "engine"  # engine | serve
     model_name: str = wire.SERVICE_NAME  # what the API calls the model
     token_sha256: str | None = None
@@ -121,6 +128,8 @@ class ServiceConfig:
             raise ValueError("replicas must be at least 1")
         if self.max_batch < 1:
             raise ValueError("max batch must be at least 1")
+        if self.max_queued < 0:
+            raise ValueError("max queued must be at least 0")
 
 
 def infiller_options(config: ServiceConfig, gpus_in_cluster: float) -> dict[str, Any]:
@@ -130,7 +139,7 @@ def infiller_options(config: ServiceConfig, gpus_in_cluster: float) -> dict[str,
     options: dict[str, Any] = {
         "ray_actor_options": actor,
         "max_ongoing_requests": config.max_batch,
-        "max_queued_requests": MAX_QUEUED_REQUESTS,
+        "max_queued_requests": config.max_queued,
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S,
         "graceful_shutdown_wait_loop_s": GRACEFUL_SHUTDOWN_WAIT_S,
     }
@@ -203,6 +212,7 @@ class Metrics:
     completion_tokens: int = 0
     steps: int = 0
     inflight: int = 0
+    queue_full: int = 0  # requests answered 429: their replica's queue was full
     by_replica: Counter[str] = field(default_factory=Counter)
 
     def record(self, endpoint: str, status: int) -> None:
@@ -226,6 +236,7 @@ class Metrics:
             "requests": [{"endpoint": e, "status": s, "count": n}
                          for (e, s), n in sorted(self.requests.items())],
             "inflight": self.inflight,
+            "queue_full": self.queue_full,
             "completions": self.completions,
             "completion_tokens": self.completion_tokens,
             "denoising_steps": self.steps,
@@ -256,6 +267,8 @@ class Metrics:
                           f"{prefix}_{name}_count {self.completions}"]
         for name, value, kind, what in (
                 ("inflight_requests", self.inflight, "gauge", "Completions in progress."),
+                ("queue_full_total", self.queue_full, "counter",
+                 "Requests answered 429: the replica's queue was full."),
                 ("completion_tokens_total", self.completion_tokens, "counter",
                  "Tokens of completed holes."),
                 ("denoising_steps_total", self.steps, "counter",
@@ -302,7 +315,9 @@ class Infiller:
                               quantization=config.quantization)
 
         # loaded, warmed up and run on the engine's own thread (Engine.start says why)
-        self.engine = Engine.start(load, max_batch=config.max_batch).result()
+        # Ray passes at most max_batch at once: the engine's queue holds what memory holds back
+        self.engine = Engine.start(load, max_batch=config.max_batch,
+                                   max_queued=config.max_batch).result()
         loaded = self.engine.model
         self.tokenizer = loaded.tokenizer
         parameters = sum(p.numel() for p in loaded.network.parameters())
@@ -321,13 +336,19 @@ class Infiller:
         return self.description
 
     async def fill(self, body: bytes) -> bytes:
+        """`Filled` bytes, or BUSY + seconds when the engine's queue is full."""
+        from model.engine import QueueFull
+
         hole = self._decoder.decode(body)
-        if self._batched is not None:
-            filled = await self._batched(hole)
-            if isinstance(filled, BaseException):
-                raise filled
-            return filled
-        return await self._fill_one(hole)
+        try:
+            if self._batched is not None:
+                filled = await self._batched(hole)
+                if isinstance(filled, BaseException):
+                    raise filled
+                return filled
+            return await self._fill_one(hole)
+        except QueueFull as full:
+            return BUSY + str(full.retry_after_s).encode()
 
     async def _fill_many(self, holes: list[wire.Hole]) -> list[bytes | BaseException]:
         """batching="serve": one batch from @serve.batch, submitted to the engine at once."""
@@ -354,8 +375,14 @@ class Infiller:
             loop.call_soon_threadsafe(steps.put_nowait, state_preview(model, state))
 
         began = time.perf_counter()
-        request = self.engine.submit(hole.prefix, hole.suffix, infill_options(hole),
-                                     on_step=on_step)
+        from model.engine import QueueFull
+
+        try:
+            request = self.engine.submit(hole.prefix, hole.suffix, infill_options(hole),
+                                         on_step=on_step)
+        except QueueFull as full:
+            yield BUSY + str(full.retry_after_s).encode()
+            return
         finished = asyncio.wrap_future(request.future)
         try:
             while not finished.done() or not steps.empty():
@@ -406,6 +433,17 @@ def _replica_name() -> str:
 
 
 # -- the HTTP gateway ----------------------------------------------------------------------------
+
+
+BUSY_MESSAGE = "the model's queue is full; retry after the Retry-After seconds"
+
+
+class _Busy(Exception):
+    """A replica answered BUSY in the middle of a next edit."""
+
+    def __init__(self, answer: bytes) -> None:
+        super().__init__("busy")
+        self.answer = answer
 
 
 class Refused(Exception):
@@ -520,6 +558,8 @@ class Gateway:
             return self._failure(error)
         finally:
             self.metrics.inflight -= 1
+        if answer.startswith(BUSY):
+            return self._busy(answer)
         filled = msgspec.json.decode(answer, type=Filled)
         latency_ms = (time.perf_counter() - began) * 1e3
         self.metrics.record_completion(latency_ms, filled.stats, filled.completion_tokens)
@@ -541,6 +581,11 @@ class Gateway:
             self.metrics.inflight += 1
             try:
                 async for part in parts:
+                    if part.startswith(BUSY):
+                        self.metrics.queue_full += 1
+                        yield wire.sse(wire.error_body(BUSY_MESSAGE, "server_error",
+                                                       "overloaded"))
+                        break
                     if part.startswith(PROGRESS):
                         step, steps, text = msgspec.json.decode(part[len(PROGRESS):])
                         yield wire.step_chunk(request_id, model_name, step, steps, text)
@@ -581,7 +626,10 @@ class Gateway:
             encoded = msgspec.json.encode(wire.Hole(
                 request.model, prefix, suffix, hole.max_tokens, (), 0.0,
                 min_tokens=0 if hole.may_be_empty else None))
-            filled = msgspec.json.decode(await self.infiller.fill.remote(encoded), type=Filled)
+            answer = await self.infiller.fill.remote(encoded)
+            if answer.startswith(BUSY):
+                raise _Busy(answer)
+            filled = msgspec.json.decode(answer, type=Filled)
             usage[0] += filled.prompt_tokens
             usage[1] += filled.completion_tokens
             return filled.text, filled.stats.steps
@@ -590,6 +638,8 @@ class Gateway:
         try:
             region, _ = await next_edit.rewrite(site, next_edit.DEFAULT_STRATEGY,
                                                 next_edit.estimate_tokens, fill)
+        except _Busy as busy:
+            return self._busy(busy.answer)
         except Exception as error:  # noqa: BLE001 - every replica failure becomes a 5xx
             return self._failure(error)
         finally:
@@ -600,12 +650,17 @@ class Gateway:
                                            usage[0], usage[1])
         return _json(msgspec.json.encode(response))
 
+    def _busy(self, answer: bytes) -> Any:
+        """429 with the replica's Retry-After: its engine's queue was full."""
+        self.metrics.queue_full += 1
+        retry_after = answer[len(BUSY):].decode() or "1"
+        return _json(wire.error_body(BUSY_MESSAGE, "server_error", "overloaded"), 429,
+                     {"Retry-After": retry_after})
+
     def _failure(self, error: Exception) -> Any:
         name = type(error).__name__
-        if name == "BackPressureError":
-            return _json(wire.error_body("the service is overloaded; retry shortly",
-                                         "server_error", "overloaded"), 503,
-                         {"Retry-After": "1"})
+        if name == "BackPressureError":  # Ray's router queue is full (max_queued)
+            return self._busy(BUSY + b"1")
         log.warning("completion failed: %s", error)
         return _json(wire.error_body(f"the model failed: {name}", "server_error"), 500)
 
@@ -659,7 +714,7 @@ def app(args: dict[str, Any]) -> Application:
     if unknown := sorted(set(args) - known):
         raise ValueError(f"unknown argument(s) {unknown}; known: {sorted(known)}")
     fields = dict(args)
-    for name in ("replicas", "min_replicas", "max_replicas", "max_batch"):
+    for name in ("replicas", "min_replicas", "max_replicas", "max_batch", "max_queued"):
         if fields.get(name) is not None:
             fields[name] = int(fields[name])
     if fields.get("cpus_per_replica") is not None:
@@ -708,7 +763,8 @@ def run_service(args: argparse.Namespace) -> int:
             family_overrides=tuple(parse_overrides(args.family_override).items()),
             replicas=args.replicas, min_replicas=args.min_replicas,
             max_replicas=args.max_replicas, cpus_per_replica=args.cpus_per_replica,
-            max_batch=args.max_batch, batching=args.batching, token_sha256=token_digest(token))
+            max_batch=args.max_batch, max_queued=args.max_queued, batching=args.batching,
+            token_sha256=token_digest(token))
     except ValueError as error:
         print(f"diffusion-lsp service: {error}", file=sys.stderr)
         return 2

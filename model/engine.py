@@ -11,6 +11,12 @@ thread (every torch call stays on one thread, see `Engine.start`), at most
 `restarts_per_minute` times in any minute; past that the engine stops (`EngineStopped`) and
 every waiting and later caller is told so at once.
 
+The batch is bounded by count (`max_batch`) and by memory (`max_batch_bytes`: what the active
+holes hold, `hole_bytes`; by default half the accelerator's free memory, DEFAULT_CPU_BATCH_BYTES
+on a CPU): a request that does not fit waits, first come first served, and joins when holes
+leave. At most `max_queued` requests wait; past that `submit` raises `QueueFull` at once (the
+service answers 429 with Retry-After), so a burst is refused, not queued without end.
+
 Completions come first: a request submitted with `background=True` (a next edit's rewrite) is
 stepped only while no foreground request is active; one that was running waits, its state
 kept, while foreground holes are denoised, and goes on after them.
@@ -48,6 +54,10 @@ from model.sampler import result as state_result
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_QUEUED = 64  # requests waiting for a place in the batch, at most; then QueueFull
+DEFAULT_CPU_BATCH_BYTES = 4 << 30  # the batch's memory bound on a CPU ...
+CUDA_FREE_SHARE = 0.5  # ... and on an accelerator: this share of its free memory at first use
+QUEUE_RETRY_AFTER_S = 1  # what a refused caller is told to wait (the service's Retry-After)
 _STOP = object()  # queue sentinel
 # one small infill that runs both a full and a hole-only pass
 WARM_UP_HOLE = ("def warm_up():\n    return ", "\n")
@@ -65,6 +75,16 @@ class EngineStopped(RuntimeError):
     """The worker died more often than it may be restarted; the engine serves no more."""
 
 
+class QueueFull(RuntimeError):
+    """The engine's queue holds `max_queued` requests already: this one is refused at once
+    (retry after `retry_after_s` seconds)."""
+
+    def __init__(self, waiting: int, retry_after_s: int = QUEUE_RETRY_AFTER_S) -> None:
+        super().__init__(f"the model is busy: {waiting} requests wait already; retry in "
+                         f"{retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
 class WorkerRestarted(RuntimeError):
     """The worker died (a bug outside a denoising step) while this request was in flight; it
     is being restarted, and later requests are served."""
@@ -74,6 +94,28 @@ def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` is the accelerator running out of memory (torch raises
     `torch.OutOfMemoryError`, a RuntimeError, for CUDA and for other devices alike)."""
     return isinstance(error, torch.OutOfMemoryError)
+
+
+def hole_bytes(model: LoadedModel, state: HoleState) -> int:
+    """Memory a hole holds while it is in the batch, at most: every layer's keys and values of
+    its whole sequence (twice: its context cache, and a step's copy beside its window), its
+    window's activations through the MLP, and its logits (float32, one row a hole token)."""
+    config = model.network.config
+    element = torch.empty((), dtype=model.dtype).element_size()
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hole = max(state.options.max_tokens, state.hole.numel()) + 1
+    rows = len(state.prefix_ids) + len(state.suffix_ids) + hole
+    keys_values = 2 * 2 * config.num_hidden_layers * config.num_key_value_heads * dim * rows
+    activations = hole * (4 * config.hidden_size + 3 * config.intermediate_size)
+    return (keys_values + activations) * element + hole * config.vocab_size * 4
+
+
+def batch_budget(device: torch.device) -> int:
+    """The batch's memory bound where none is given (see the module's docstring)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_FREE_SHARE)
+    return DEFAULT_CPU_BATCH_BYTES
 
 
 def free_memory(device: torch.device) -> None:
@@ -128,14 +170,17 @@ class Engine:
     def __init__(
         self, model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH, warm_up: bool = False,
         prompt_cache: PromptCache | None = None, restarts_per_minute: int = RESTARTS_PER_MINUTE,
-        backoff_s: float = RESTART_BACKOFF_S,
+        backoff_s: float = RESTART_BACKOFF_S, max_queued: int = DEFAULT_MAX_QUEUED,
+        max_batch_bytes: int | None = None,
     ) -> None:
         """Serve `model` from a new worker thread. Prefer `Engine.start` where the model is not
         loaded yet: it loads in the worker itself, which on a CPU is much faster (see there).
         With a `prompt_cache`, requests that name their document reuse its context
         (`model.prompt_cache`). A dying worker is restarted after `backoff_s` (doubled for
-        each restart in the last minute), at most `restarts_per_minute` times a minute."""
-        self._setup(max_batch, prompt_cache, restarts_per_minute, backoff_s)
+        each restart in the last minute), at most `restarts_per_minute` times a minute.
+        `max_queued`, `max_batch_bytes`: the bounds of the module's docstring."""
+        self._setup(max_batch, prompt_cache, restarts_per_minute, backoff_s, max_queued,
+                    max_batch_bytes)
         self.model = model
         self._thread = threading.Thread(target=self._serve, name="diffusion-engine", daemon=True)
         self._thread.start()
@@ -146,7 +191,8 @@ class Engine:
     def start(cls, load: Callable[[], LoadedModel], max_batch: int = DEFAULT_MAX_BATCH,
               warm_up: bool = True, prompt_cache: PromptCache | None = None,
               restarts_per_minute: int = RESTARTS_PER_MINUTE,
-              backoff_s: float = RESTART_BACKOFF_S) -> Future:
+              backoff_s: float = RESTART_BACKOFF_S, max_queued: int = DEFAULT_MAX_QUEUED,
+              max_batch_bytes: int | None = None) -> Future:
         """A future of an engine whose worker thread loads the model itself (and warms it up)
         before serving; the future holds the load's exception if it fails.
 
@@ -157,7 +203,8 @@ class Engine:
         loaded and run in the same thread in 109 ms.
         """
         engine = cls.__new__(cls)
-        engine._setup(max_batch, prompt_cache, restarts_per_minute, backoff_s)
+        engine._setup(max_batch, prompt_cache, restarts_per_minute, backoff_s, max_queued,
+                      max_batch_bytes)
         ready: Future = Future()
 
         def load_then_serve() -> None:
@@ -177,8 +224,13 @@ class Engine:
         return ready
 
     def _setup(self, max_batch: int, prompt_cache: PromptCache | None,
-               restarts_per_minute: int, backoff_s: float) -> None:
+               restarts_per_minute: int, backoff_s: float, max_queued: int = DEFAULT_MAX_QUEUED,
+               max_batch_bytes: int | None = None) -> None:
         self.max_batch = max_batch
+        self.max_queued = max_queued
+        self.max_batch_bytes = max_batch_bytes  # None: `batch_budget` at the first admission
+        self._held: deque[Request] = deque()  # taken from the queue, waiting for memory
+        self.rejected = 0  # requests refused with QueueFull
         self.prompt_cache = prompt_cache  # touched by the worker thread only
         self._queue: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
@@ -212,6 +264,9 @@ class Engine:
             raise self.failure
         if self._closed:
             raise RuntimeError("engine is closed")
+        if (waiting := self.waiting) >= self.max_queued:
+            self.rejected += 1
+            raise QueueFull(waiting)
         began = time.perf_counter()
         state = new_state(self.model, prefix, suffix, options or InfillOptions())
         request = Request(next(self._ids), state, submitted=began, document=document,
@@ -265,12 +320,23 @@ class Engine:
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
+    @property
+    def waiting(self) -> int:
+        """Requests (and tasks) waiting for a place in the batch."""
+        return self._queue.qsize() + len(self._held)
+
     # -- worker --------------------------------------------------------------------------------
 
     def _take_new(self, active: list[Request], block: bool) -> bool:
-        """Move queued requests into `active`; False when told to stop. Background requests
-        do not take a foreground one's place in the batch (`stepping` picks who runs)."""
+        """Move queued requests into `active` while they fit (`_fits`), first come first
+        served; False when told to stop. Background requests do not take a foreground one's
+        place in the batch (`stepping` picks who runs)."""
         while sum(not r.background for r in active) < self.max_batch:
+            if self._held:
+                if not self._fits(active, self._held[0]):
+                    return True
+                self._admit(active, self._held.popleft())
+                continue
             try:
                 item = self._queue.get(block=block and not active)
             except queue.Empty:
@@ -280,11 +346,27 @@ class Engine:
             if isinstance(item, Task):
                 self._run_task(item)
                 continue
-            item.started = time.perf_counter()
-            active.append(item)  # first: should attaching fail, the death fails it too
-            if self.prompt_cache is not None:
-                self.prompt_cache.attach(self.model, item.document, item.state)
+            if not self._fits(active, item):
+                self._held.append(item)
+                return True
+            self._admit(active, item)
         return True
+
+    def _fits(self, active: list[Request], request: Request) -> bool:
+        """Whether `request` fits the batch's memory bound beside `active` (alone, it always
+        fits: a hole over the bound runs by itself)."""
+        if not active:
+            return True
+        if self.max_batch_bytes is None:
+            self.max_batch_bytes = batch_budget(self.model.device)
+        held = sum(hole_bytes(self.model, r.state) for r in active)
+        return held + hole_bytes(self.model, request.state) <= self.max_batch_bytes
+
+    def _admit(self, active: list[Request], request: Request) -> None:
+        request.started = time.perf_counter()
+        active.append(request)  # first: should attaching fail, the death fails it too
+        if self.prompt_cache is not None:
+            self.prompt_cache.attach(self.model, request.document, request.state)
 
     def _run_task(self, task: Task) -> None:
         """Run a task now; its future gets the value, the error, or `Cancelled` (unless its
@@ -364,6 +446,8 @@ class Engine:
                 request.future.set_exception(error)
 
     def _fail_queued(self, error: EngineStopped) -> None:
+        self._fail(list(self._held), error)
+        self._held.clear()
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -378,9 +462,12 @@ class Engine:
             if running:
                 running = self._take_new(active, block=True)
             if not running:
-                for request in active:
+                for request in [*active, *self._held]:
                     request.cancel()
+                active += self._held  # they leave below, cancelled
+                self._held.clear()
             active[:] = self._drop_cancelled(active)
+            self._held = deque(self._drop_cancelled(list(self._held)))
             if not active:
                 continue
             self._step(self.stepping(active))

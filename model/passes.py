@@ -4,7 +4,8 @@ A hole's first pass runs its whole sequence (or, with the document's cached cont
 pass: `model.prompt_cache`); later ones run only the hole's window against the context's cached
 keys and values (the dual cache of Fast-dLLM), refreshed every `refresh_every` steps. Several
 holes share one batched pass; one hole alone on CUDA runs through `model.fast_step` (its own
-layer loop, the hole step replayed as a CUDA graph).
+layer loop, the hole step replayed as a CUDA graph), several holes' hole-only steps through
+`model.packed_step` (their rows packed into one pass, attention per hole).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from model import fast_step
+from model import fast_step, packed_step
 from model.block import block_pass
 from model.hole import ContextCache, HoleState
 from model.loader import LoadedModel
@@ -128,6 +129,8 @@ def _hole_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Te
     shifted = model.family.shifted_logits
     if len(states) == 1 and fast_step.enabled(model):
         return [_fixed_shape_hole_pass(model, states[0])]
+    if len(states) > 1 and packed_step.enabled(model):
+        return _packed_hole_pass(model, states)
     windows = [window(s, shifted) for s in states]
     widths = [end - start for start, end in windows]
     contexts = [s.context.layers[0][0].shape[-2] for s in states]
@@ -176,6 +179,22 @@ def _fixed_shape_hole_pass(model: LoadedModel, state: HoleState) -> torch.Tensor
                                              fused)  # (W, H)
     state.context.age += 1
     return _rows_at(hidden, logit_positions(state, shifted) - start)
+
+
+def _packed_hole_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
+    """`_hole_pass` of several holes through `model.packed_step`: their windows' rows packed
+    into one pass, attention per hole over its own context. Returns (m_i, H)."""
+    shifted = model.family.shifted_logits
+    spans = [window(state, shifted) for state in states]
+    hidden = packed_step.packed_hole_step(model, [
+        packed_step.Window(state.sequence()[start:end], start, state.context.layers)
+        for state, (start, end) in zip(states, spans, strict=True)],
+        fast_step.switches(model).fused_projections)
+    rows = []
+    for state, (start, _), own in zip(states, spans, hidden, strict=True):
+        state.context.age += 1
+        rows.append(_rows_at(own, logit_positions(state, shifted) - start))
+    return rows
 
 
 def _scored_step(model: LoadedModel, states: Sequence[HoleState]) -> Scored | None:

@@ -3,8 +3,9 @@
 #   1. correct on CUDA: the suite's CUDA tests (pytest -m cuda, tests/test_cuda.py);
 #   2. speed: benchmarks/gpu_check.py on a random-weight Qwen2.5-7B (Dream-Coder-7B's shape):
 #      one 64-token hole at 1, 2, 4, 8 tokens a step, the HBM bound, the autoregressive twin,
-#      the fast step's switches and the context refresh side by side at 8 a step, 16
-#      concurrent holes, and over LSP the request after one typed character;
+#      the fast step's switches and the context refresh side by side at 8 a step, 4 / 16 / 64
+#      editors against one engine (batched steps packed), and over LSP the request after one
+#      typed character;
 #   3. training of the bundled model with the time left (scripts/gpu-train.sh; its corpus is
 #      built on the CPU cores meanwhile), resuming runs/gpu when it was carried in.
 # OUT receives gpu.json, check.log and the training kit (8 files at most, 16 MiB each).

@@ -85,3 +85,28 @@ def test_bench_typing_serves_the_quantization_it_is_given(monkeypatch):
     options = typing_latency.server_options()
     asyncio.run(typing_latency.bench_lsp([{}], "/some/model", options, quantization="int8"))
     assert seen["model"] == {"device": "auto", "quantization": "int8", "path": "/some/model"}
+
+
+@pytest.mark.slow
+def test_bench_load_drives_1_2_4_editors_both_ways_and_writes_the_table(tmp_path, monkeypatch,
+                                                                        capsys):
+    """`bench load` on a tiny shape: every level measured, packed and through transformers
+    side by side, with p50 / p95 / one editor's p50 / aggregate tokens/s."""
+    from benchmarks.load_test import run_load_bench
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    args = SimpleNamespace(model=None, shape="tiny-qwen2", device="cpu", quantization="none",
+                           threads=None, data=str(tmp_path / "no-data"), limit=2,
+                           max_tokens=8, tokens_per_step=4, rounds=1)
+    assert run_load_bench(args) == 0
+    payload = json.loads((tmp_path / "load-tiny-qwen2.json").read_text())
+    rows = {(r["editors"], r["batching"]): r for r in payload["rows"]}
+    assert set(rows) == {(1, "alone"), (2, "packed"), (2, "transformers"), (4, "packed"),
+                         (4, "transformers")}
+    for (editors, _), row in rows.items():
+        assert row["completions"] == editors * 2  # requests a round
+        assert row["p95_ms"] >= row["p50_ms"] > 0 and row["single_p50_ms"] > 0
+        assert row["tokens_per_s"] > 0 and row["aggregate_over_one_by_one"] > 0
+    assert rows[(1, "alone")]["aggregate_over_one_by_one"] == 1.0
+    assert payload["document_cache"] and payload["machine"]["cpu"]
+    assert "vs alone" in capsys.readouterr().out

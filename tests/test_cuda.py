@@ -160,6 +160,55 @@ def test_engine_batches_on_cuda_as_alone(bundled_pair):
     assert engine.batched_rows > engine.forward_passes  # steps were shared
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", FAMILY_SPECS)
+def test_packed_steps_are_each_holes_own_pass_on_cuda(family_dirs, name, dtype, monkeypatch):
+    """Several holes' hole-only steps packed into one pass (model.packed_step) give each
+    hole's hidden states as its own pass through transformers does (logits within float
+    tolerance: random tiny networks are close to ties everywhere)."""
+    from model import packed_step, passes
+
+    model = load_model(family_dirs[name], device="cuda", dtype=dtype)
+    assert packed_step.enabled(model)
+    states = [new_state(model, prefix, suffix, InfillOptions(initial_tokens=tokens,
+                                                             refresh_every=0))
+              for (prefix, suffix), tokens in zip(HOLES, (8, 12, 16, 24, 9, 33), strict=True)]
+    for state in states:
+        forward_holes(model, [state])
+    monkeypatch.setenv(fast_step.DISABLE_ENV, "0")  # one hole alone: transformers' pass
+    reference = [_hole_pass(model, [state])[0] for state in states]
+    monkeypatch.delenv(fast_step.DISABLE_ENV)
+    packed = passes._hole_pass(model, states)
+    for got, want in zip(packed, reference, strict=True):
+        assert relative_error(got, want) < (1e-4 if dtype == "float32" else 2e-2)
+
+
+def test_the_engine_packs_its_steps_on_cuda_and_gives_the_texts_of_one_by_one(bundled_pair):
+    """The bundled model in fp32: holes at different steps and of different lengths share
+    packed steps; their greedy texts are those of each alone (near-ties may flip a rare
+    token, so all but one must match)."""
+    from model import packed_step
+
+    _, gpu = bundled_pair
+    sizes: list[int] = []
+    original = packed_step.packed_hole_step
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packed_step, "packed_hole_step",
+                      lambda model, windows, fused=False: sizes.append(len(windows))
+                      or original(model, windows, fused))
+        engine = Engine(gpu, max_batch=8)
+        try:
+            alone = [engine.submit(p, s, InfillOptions(max_tokens=8 + 4 * i, min_tokens=1))
+                     .result(120).text for i, (p, s) in enumerate(HOLES)]
+            requests = [engine.submit(p, s, InfillOptions(max_tokens=8 + 4 * i, min_tokens=1))
+                        for i, (p, s) in enumerate(HOLES)]
+            together = [r.result(120).text for r in requests]
+        finally:
+            engine.close()
+    assert sum(a == b for a, b in zip(alone, together, strict=True)) >= len(HOLES) - 1
+    assert max(sizes) >= 3
+
+
 async def test_the_language_server_completes_on_cuda(tmp_path):
     from benchmarks.lsp_client import inline, open_document, running_server, stats
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from model.engine import Cancelled, Engine
-from model.sampler import InfillOptions, infill
+from model.engine import Cancelled, Engine, QueueFull, hole_bytes
+from model.sampler import InfillOptions, infill, new_state
 
 HOLES = [
     ("def f(x):\n    return ", "\n"),
@@ -287,3 +287,53 @@ def test_a_completion_is_denoised_before_a_background_hole_that_came_first(engin
     completion.result(30)
     assert background.result(30).steps > 0  # it went on afterwards, from where it was
     assert steps_of_background_when_completed == [0]
+
+
+def _blocked(engine) -> threading.Event:
+    """Hold the worker inside a task until the returned event is set."""
+    release, inside = threading.Event(), threading.Event()
+
+    def hold(model, should_stop):
+        inside.set()
+        release.wait(30)
+
+    engine.call(hold)
+    assert inside.wait(30)
+    return release
+
+
+def test_past_the_queue_bound_a_request_is_refused_at_once_and_the_queued_are_served(
+        tiny_model):
+    engine = Engine(tiny_model, max_queued=2)
+    try:
+        release = _blocked(engine)
+        queued = [engine.submit(p, s, OPTIONS) for p, s in HOLES[:2]]
+        with pytest.raises(QueueFull) as refused:
+            engine.submit(*HOLES[2], OPTIONS)
+        assert refused.value.retry_after_s >= 1 and engine.rejected == 1
+        release.set()
+        assert [r.result(30).text for r in queued] == [
+            infill(tiny_model, p, s, OPTIONS).text for p, s in HOLES[:2]]
+        assert engine.submit(*HOLES[2], OPTIONS).result(30).text  # room again
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("holes_that_fit", [1, 3])
+def test_the_batch_is_bounded_by_memory_and_what_does_not_fit_waits(tiny_model,
+                                                                     holes_that_fit):
+    states = [new_state(tiny_model, p, s, OPTIONS) for p, s in HOLES]
+    budget = holes_that_fit * max(hole_bytes(tiny_model, state) for state in states)
+    engine = Engine(tiny_model, max_batch_bytes=budget)
+    sizes: list[int] = []
+    stepping = engine.stepping
+    engine.stepping = lambda active: sizes.append(len(active)) or stepping(active)
+    try:
+        release = _blocked(engine)
+        requests = [engine.submit(p, s, OPTIONS) for p, s in HOLES]
+        release.set()
+        together = [r.result(30).text for r in requests]
+    finally:
+        engine.close()
+    assert together == [infill(tiny_model, p, s, OPTIONS).text for p, s in HOLES]
+    assert max(sizes) == holes_that_fit

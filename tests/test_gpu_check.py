@@ -78,7 +78,13 @@ def test_the_gpu_check_runs_through_on_the_cpu(tmp_path):
     assert bundled["holes"] > 0 and 0 <= bundled["changed_server_defaults"] <= bundled["holes"]
     assert result["fast_path"]["switches"] == {"graph_head": False, "fused_projections": False,
                                                "graph_passes": False}  # unset, and a CPU
-    assert {"p50_ms", "p95_ms", "single_p50_ms"} <= result["concurrent16"].keys()
+    for editors in (4, 16, 64):  # editors against one engine, batched steps packed
+        run = result[f"concurrent{editors}"]
+        assert run["editors"] == editors and run["completions"] == editors  # 1 each on a CPU
+        assert run["p95_ms"] >= run["p50_ms"] > 0 and run["single_p50_ms"] > 0
+        assert run["tokens_per_s"] > 0 and run["aggregate_over_single"] > 0
+        assert run["hole_tokens"] == 64 and run["tokens_per_step"] == 8
+        assert run["document_cache"] and run["packed_steps"]
     assert result["lsp_typing_p50_ms"] > 0 and result["lsp"]["answered"] >= 1
     assert result["profile"]["hole_step"] and result["profile"]["full_pass"]
     block = result["block8b"]  # the 8B block-diffusion shape (tiny here), beside Dream 7B

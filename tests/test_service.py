@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import msgspec
@@ -39,6 +40,23 @@ TOKEN = "service-test-token"
 TOKEN_ENV = "DIFFUSION_LSP_TOKEN"
 START_TIMEOUT_S = 240  # Ray, two replicas loading the model, on a busy 2-core machine
 STOP_TIMEOUT_S = 60
+
+
+EIGHT_HOLES = [  # (prefix, suffix): eight holes, each asked one by one and all at once
+    ("def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"),
+    ("import os\n\npath = ", "\nprint(path)\n"),
+    ("class Point:\n    def __init__(self, x, y):\n        self.x = ", "\n"),
+    ("numbers = [1, 2, 3]\ntotal = ", "\nprint(total)\n"),
+    ("for i in range(10):\n    ", "\nprint('done')\n"),
+    ("def is_even(n):\n    return ", "\n"),
+    ("with open('f.txt') as handle:\n    text = ", "\n"),
+    ("def greet(name):\n    print(", ")\n"),
+]
+
+
+def _fim(prefix: str, suffix: str) -> dict:
+    return {"model": "diffusion-lsp", "prompt": prefix, "suffix": suffix, "max_tokens": 16,
+            "temperature": 0}
 
 
 # -- pure pieces ---------------------------------------------------------------------------------
@@ -171,6 +189,87 @@ def test_a_trickling_body_times_out():
 
 
 # -- the real service ----------------------------------------------------------------------------
+
+
+# -- a replica in this process (no Ray): the gateway and the Infiller as the service runs them --
+
+
+class _InProcess:
+    """A replica called the Ray Serve way (`await replica.fill.remote(body)`), in this process."""
+
+    def __init__(self, replica) -> None:
+        self.replica = replica
+
+    def __getattr__(self, name: str):
+        return SimpleNamespace(remote=getattr(self.replica, name))
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_dirs):
+    """The gateway in front of one real replica (its model and engine) in this process: the
+    bundled model, as users get it; the tiny random one where none is installed."""
+    from diffusion_lsp.service import Gateway, Infiller
+
+    model = None if bundled_model_path() else str(tiny_dirs["default"])
+    config = ServiceConfig(model=model, device="cpu")
+    replica = Infiller(config, "cpu")
+    yield Gateway(_InProcess(replica), config, 1), replica
+    replica.engine.close()
+
+
+async def _ask(gateway, body: dict):
+    request, _ = _request([msgspec.json.encode(body)], {"content-type": "application/json"})
+    return await gateway(request)
+
+
+def _texts(answers) -> list[str]:
+    assert [a.status_code for a in answers] == [200] * len(answers)
+    return [msgspec.json.decode(a.body)["choices"][0]["text"] for a in answers]
+
+
+def test_the_service_gives_the_same_completions_to_8_holes_one_by_one_and_all_at_once(
+        in_process):
+    gateway, replica = in_process
+
+    async def one_by_one() -> list:
+        return [await _ask(gateway, _fim(*hole)) for hole in EIGHT_HOLES]
+
+    async def all_at_once() -> list:
+        return await asyncio.gather(*(_ask(gateway, _fim(*hole)) for hole in EIGHT_HOLES))
+
+    passes, rows = replica.engine.forward_passes, replica.engine.batched_rows
+    alone = _texts(asyncio.run(one_by_one()))
+    assert replica.engine.batched_rows - rows == replica.engine.forward_passes - passes
+    passes, rows = replica.engine.forward_passes, replica.engine.batched_rows
+    together = _texts(asyncio.run(all_at_once()))
+    assert replica.engine.batched_rows - rows > replica.engine.forward_passes - passes  # batched
+    assert together == alone
+
+
+def test_past_the_queue_the_service_answers_429_with_retry_after_and_counts_it(
+        in_process, monkeypatch):
+    gateway, replica = in_process
+    monkeypatch.setattr(replica.engine, "max_queued", 0)  # every request finds the queue full
+    answer = asyncio.run(_ask(gateway, _fim(*EIGHT_HOLES[0])))
+    assert answer.status_code == 429 and answer.headers["retry-after"] == "1"
+    assert msgspec.json.decode(answer.body)["error"]["code"] == "overloaded"
+    assert gateway.metrics.snapshot()["queue_full"] == 1
+    assert "diffusion_lsp_queue_full_total 1" in gateway.metrics.prometheus()
+    monkeypatch.undo()
+    assert asyncio.run(_ask(gateway, _fim(*EIGHT_HOLES[0]))).status_code == 200
+
+    class BackPressureError(Exception):  # Ray's, when its router queue (max_queued) is full
+        pass
+
+    assert gateway._failure(BackPressureError()).status_code == 429
+    assert gateway.metrics.snapshot()["queue_full"] == 2
+
+
+def test_ray_bounds_a_replicas_batch_and_the_queue_and_a_bad_bound_is_refused():
+    options = infiller_options(ServiceConfig(max_batch=8, max_queued=4), 0)
+    assert options["max_ongoing_requests"] == 8 and options["max_queued_requests"] == 4
+    with pytest.raises(ValueError, match="queued"):
+        ServiceConfig(max_queued=-1)
 
 
 def _free_port() -> int:
@@ -344,6 +443,23 @@ def test_a_missing_or_wrong_token_is_401(service, headers, path):
 
 
 @pytest.mark.slow
+def test_8_holes_get_the_same_completions_one_by_one_and_all_at_once(service):
+    async def ask(client, hole):
+        answer = await client.post(service["url"] + "/v1/fim/completions", json=_fim(*hole))
+        assert answer.status_code == 200, answer.text
+        return answer.json()["choices"][0]["text"]
+
+    async def run() -> tuple[list[str], list[str]]:
+        async with httpx.AsyncClient(headers=AUTH, timeout=120) as client:
+            alone = [await ask(client, hole) for hole in EIGHT_HOLES]
+            together = await asyncio.gather(*(ask(client, hole) for hole in EIGHT_HOLES))
+        return alone, list(together)
+
+    alone, together = asyncio.run(run())
+    assert together == alone
+
+
+@pytest.mark.slow
 def test_both_replicas_serve_concurrent_requests_and_metrics_count_them(service):
     async def burst() -> list[int]:
         async with httpx.AsyncClient(headers=AUTH, timeout=120) as client:
@@ -459,7 +575,7 @@ def _replica_pids(service) -> set[int]:
 
 @pytest.mark.slow
 def test_a_thousand_concurrent_connections_kill_no_replica(service):
-    """1,000 connections at once, each with a completion: every one is answered (200, 503 with
+    """1,000 connections at once, each with a completion: every one is answered (200, 429 with
     Retry-After when the queue is full, or 408 when a loaded machine's gateway gets to a body
     later than BODY_READ_TIMEOUT_S), and the same replica processes serve after."""
     before = _replica_pids(service)
@@ -480,9 +596,9 @@ def test_a_thousand_concurrent_connections_kill_no_replica(service):
 
     outcomes = asyncio.run(flood())
     statuses = [outcome[0] if isinstance(outcome, tuple) else outcome for outcome in outcomes]
-    assert set(statuses) <= {200, 503, 408}, {s: statuses.count(s) for s in set(statuses)}
+    assert set(statuses) <= {200, 429, 408}, {s: statuses.count(s) for s in set(statuses)}
     assert statuses.count(200) >= 100
-    assert all(retry == "1" for status, retry in outcomes if status == 503)
+    assert all(retry == "1" for status, retry in outcomes if status == 429)
     assert _replica_pids(service) == before  # none died (Ray would restart it as another)
     assert httpx.post(service["url"] + "/v1/fim/completions", json=FIM, headers=AUTH,
                       timeout=60).status_code == 200
