@@ -152,8 +152,7 @@ def run_lsp_bench(args) -> int:
         for row in run["rows"]:
             text = row.pop("document")
             cursor = ctx.locate(text, row["line"], row["character"])
-            context = ctx.build_context(text, cursor, count, budgets.prefix_tokens,
-                                        budgets.suffix_tokens)
+            context = ctx.build_context(text, cursor, count, budgets)
             length = 1 + count(context.prefix) + 16 + count(context.suffix) + 1
             row["context_tokens"] = length
             row["forward_ms"] = full_forward_ms(model, length)

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import random
@@ -48,11 +48,13 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from lsp_server.backends.remote import is_loopback
 from model import edit_wire, next_edit, wire
 from model.families import parse_overrides
 from model.options import QUANTIZATIONS
@@ -174,15 +176,6 @@ def authorized(header: str | None, digest: str | None) -> bool:
     return hmac.compare_digest(presented, digest)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def binding_problem(host: str, token: str | None) -> str | None:
     """Why the service must not listen on `host`; None when it may."""
     if token or is_loopback(host):
@@ -217,6 +210,15 @@ class Metrics:
 
     def record(self, endpoint: str, status: int) -> None:
         self.requests[(endpoint, status)] += 1
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """One completion or edit in progress for the `inflight` gauge, however it ends."""
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
 
     def record_completion(self, latency_ms: float, stats: wire.DiffusionStats,
                           tokens: int) -> None:
@@ -551,13 +553,11 @@ class Gateway:
             log.debug("request for model %r served by %r", hole.model, self.config.model_name)
         if hole.stream:
             return self.stream(hole, began)
-        self.metrics.inflight += 1
         try:
-            answer = await self.infiller.fill.remote(msgspec.json.encode(hole))
+            with self.metrics.in_flight():
+                answer = await self.infiller.fill.remote(msgspec.json.encode(hole))
         except Exception as error:  # noqa: BLE001 - every replica failure becomes a 5xx
             return self._failure(error)
-        finally:
-            self.metrics.inflight -= 1
         if answer.startswith(BUSY):
             return self._busy(answer)
         filled = msgspec.json.decode(answer, type=Filled)
@@ -578,34 +578,33 @@ class Gateway:
         model_name = self.config.model_name
 
         async def events():
-            self.metrics.inflight += 1
-            try:
-                async for part in parts:
-                    if part.startswith(BUSY):
-                        self.metrics.queue_full += 1
-                        yield wire.sse(wire.error_body(BUSY_MESSAGE, "server_error",
-                                                       "overloaded"))
-                        break
-                    if part.startswith(PROGRESS):
-                        step, steps, text = msgspec.json.decode(part[len(PROGRESS):])
-                        yield wire.step_chunk(request_id, model_name, step, steps, text)
-                        continue
-                    filled = msgspec.json.decode(part[len(FILLED):], type=Filled)
-                    self.metrics.record_completion((time.perf_counter() - began) * 1e3,
-                                                   filled.stats, filled.completion_tokens)
-                    response = wire.completion_response(
-                        model_name, filled.text, filled.prompt_tokens,
-                        filled.completion_tokens, filled.stats)
-                    response.id = request_id
-                    yield wire.final_chunk(response)
-                yield wire.SSE_DONE
-            except Exception as error:  # noqa: BLE001 - the status is sent: say it in the stream
-                log.warning("streamed completion failed: %s", error)
-                yield wire.sse(wire.error_body(f"the model failed: {type(error).__name__}",
-                                               "server_error"))
-            finally:
-                self.metrics.inflight -= 1
-                parts.cancel()
+            with self.metrics.in_flight():
+                try:
+                    async for part in parts:
+                        if part.startswith(BUSY):
+                            self.metrics.queue_full += 1
+                            yield wire.sse(wire.error_body(BUSY_MESSAGE, "server_error",
+                                                           "overloaded"))
+                            break
+                        if part.startswith(PROGRESS):
+                            step, steps, text = msgspec.json.decode(part[len(PROGRESS):])
+                            yield wire.step_chunk(request_id, model_name, step, steps, text)
+                            continue
+                        filled = msgspec.json.decode(part[len(FILLED):], type=Filled)
+                        self.metrics.record_completion((time.perf_counter() - began) * 1e3,
+                                                       filled.stats, filled.completion_tokens)
+                        response = wire.completion_response(
+                            model_name, filled.text, filled.prompt_tokens,
+                            filled.completion_tokens, filled.stats)
+                        response.id = request_id
+                        yield wire.final_chunk(response)
+                    yield wire.SSE_DONE
+                except Exception as error:  # noqa: BLE001 - the status is sent: say it in the stream
+                    log.warning("streamed completion failed: %s", error)
+                    yield wire.sse(wire.error_body(f"the model failed: {type(error).__name__}",
+                                                   "server_error"))
+                finally:
+                    parts.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -634,16 +633,14 @@ class Gateway:
             usage[1] += filled.completion_tokens
             return filled.text, filled.stats.steps
 
-        self.metrics.inflight += 1
         try:
-            region, _ = await next_edit.rewrite(site, next_edit.DEFAULT_STRATEGY,
-                                                next_edit.estimate_tokens, fill)
+            with self.metrics.in_flight():
+                region, _ = await next_edit.rewrite(site, next_edit.DEFAULT_STRATEGY,
+                                                    next_edit.estimate_tokens, fill)
         except _Busy as busy:
             return self._busy(busy.answer)
         except Exception as error:  # noqa: BLE001 - every replica failure becomes a 5xx
             return self._failure(error)
-        finally:
-            self.metrics.inflight -= 1
         log.debug("edit: %.0f ms", (time.perf_counter() - began) * 1e3)
         response = edit_wire.edit_response(self.config.model_name,
                                            prompt.region if region is None else region,

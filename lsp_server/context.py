@@ -14,10 +14,12 @@ an estimate for remote backends).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from lsp_server.documents import LINE_END, column_from_units, count_lines, line_span
+from lsp_server.settings import ContextSettings
 
 CountTokens = Callable[[str], int]
 
@@ -331,21 +333,45 @@ def cut_hole(prefix: str, suffix: str, count_tokens: CountTokens, prefix_tokens:
             cut_suffix(after, suffix_tokens, count_tokens))
 
 
-def build_context(text: str, cursor: Cursor, count_tokens: CountTokens, prefix_tokens: int,
-                  suffix_tokens: int, snippet_tokens: int = 0,
-                  others: Iterable[tuple[str, str]] = (), max_snippets: int = 0,
-                  snippet_lines: int = 16, language_id: str | None = None) -> Context:
+def build_context(text: str, cursor: Cursor, count_tokens: CountTokens,
+                  budget: ContextSettings, *, others: Iterable[tuple[str, str]] = (),
+                  language_id: str | None = None) -> Context:
+    """What the model sees for the hole at `cursor`: the text around it cut to `budget`'s
+    prefix and suffix tokens, and the snippets of `others` ((name, text) pairs) most like the
+    lines before the cursor, as comments in `language_id` within `budget.snippet_tokens`."""
     # one character more than the window: cut_hole then sees whether the text went on
     prefix, suffix = cut_hole(text[max(0, cursor.offset - WINDOW_CHARS - 1):cursor.offset],
                               text[cursor.offset:cursor.offset + WINDOW_CHARS], count_tokens,
-                              prefix_tokens, suffix_tokens)
+                              budget.prefix_tokens, budget.suffix_tokens)
     rendered = ""
     chosen: list[Snippet] = []
-    if snippet_tokens > 0 and max_snippets > 0:
+    if budget.snippet_tokens > 0 and budget.max_snippets > 0:
         query = "\n".join(prefix.split("\n")[-QUERY_LINES:])
-        chosen = pick_snippets(query, others, max_snippets, snippet_lines)
-        rendered = render_snippets(chosen, language_id, snippet_tokens, count_tokens)
+        chosen = pick_snippets(query, others, budget.max_snippets, budget.snippet_lines)
+        rendered = render_snippets(chosen, language_id, budget.snippet_tokens, count_tokens)
     return Context(rendered + prefix, suffix, rendered.count("Compare this snippet from"))
+
+
+class OpenDocument(Protocol):
+    """What a request and its snippets need of an open document (pygls' `TextDocument` has it)."""
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def language_id(self) -> str | None: ...
+
+
+def snippet_sources(uri: str, language_id: str | None, recent: Iterable[str],
+                    documents: Mapping[str, OpenDocument]) -> list[tuple[str, str]]:
+    """(file name, text) of the recently used open documents (`recent`, most recent first)
+    in `language_id`, other than `uri`: where snippets are looked for."""
+    found = []
+    for other in recent:
+        candidate = documents.get(other) if other != uri else None
+        if candidate is not None and candidate.language_id == language_id:
+            found.append((other.rsplit("/", 1)[-1], candidate.source))
+    return found
 
 
 def opens_block(line_before: str) -> bool:

@@ -10,6 +10,8 @@ Markers (each replaced exactly, nothing around it):
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,8 +19,12 @@ from dataclasses import dataclass
 import msgspec
 from lsprotocol import types
 
+from lsp_server.backends.base import HolesJob
 from lsp_server.context import PositionError, cut_hole, normalize_line_ends, sanitize, units_of
 from lsp_server.documents import LINE_END, count_lines, line_span, offset_at
+from lsp_server.settings import Settings
+
+log = logging.getLogger("diffusion_lsp")
 
 ELLIPSIS = re.compile(r"^[ \t]*(\.\.\.)[ \t]*\r?$", re.MULTILINE)
 TODO_COMMENT = re.compile(r"^[ \t]*((?:#|//|--)[ \t]*TODO\b[^\r\n]*?)[ \t]*\r?$",
@@ -51,6 +57,12 @@ def compile_patterns(patterns: Sequence[str]) -> tuple[list[re.Pattern], list[st
         except re.error as error:
             problems.append(f"holes.patterns: {pattern!r} is not a regular expression ({error})")
     return compiled, problems
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_patterns(patterns: tuple[str, ...]) -> tuple[list[re.Pattern], list[str]]:
+    """`compile_patterns`, remembered for the few pattern lists a session uses."""
+    return compile_patterns(patterns)
 
 
 def _all_markers(text: str, start: int, end: int, patterns: Sequence[re.Pattern]
@@ -194,6 +206,37 @@ class ActionData(msgspec.Struct):
     version: int | None
     markers: list[tuple[int, int]]
     texts: list[str]
+
+    def listed(self) -> list[Marker]:
+        """The markers as they were when the action was listed."""
+        return [Marker(start, end, "listed") for start, end in self.markers]
+
+
+def offer(uri: str, version: int | None, text: str, span: tuple[int, int],
+          settings: Settings) -> ActionData | None:
+    """The data of the action filling the markers in `span` of `text`, or None when there is
+    none to fill or more than `holes.maxHoles` (overlapping markers are left out, and logged)."""
+    patterns, _ = compiled_patterns(tuple(settings.holes.patterns))
+    markers, dropped = find_markers(text, *span, patterns)
+    if dropped:
+        log.info("%d overlapping hole marker(s) in %s left out", dropped, uri)
+    if not markers or len(markers) > settings.holes.max_holes:
+        return None
+    return ActionData(uri, version, [(m.start, m.end) for m in markers],
+                      [text[m.start:m.end] for m in markers])
+
+
+def holes_job(text: str, data: ActionData, count_tokens: Callable[[str], int],
+              settings: Settings) -> HolesJob:
+    """What the backend fills for the action's markers in `text`: all of them jointly, each
+    within `holes.maxTokens`, under the completion's sampler settings."""
+    completion = settings.completion
+    return HolesJob(
+        pieces=tuple(pieces_for(text, data.listed(), count_tokens,
+                                settings.context.prefix_tokens, settings.context.suffix_tokens)),
+        markers=tuple(data.texts), max_tokens=settings.holes.max_tokens,
+        threshold=completion.threshold, tokens_per_step=completion.tokens_per_step,
+        sampler=completion.sampler)
 
 
 def read_action_data(data: object) -> ActionData | None:

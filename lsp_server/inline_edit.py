@@ -1,8 +1,7 @@
 """Next edit suggestions over LSP, wire-compatible with copilot-language-server
 (docs/next-edits.md): `textDocument/copilotInlineEdit` and the notifications Copilot's clients
 send. Thin handlers over lsp_server/next_edit.py (history, region, rewrite -> edits) and the
-backend's `next_edit`; they register with the server's `handles` when lsp_server/main.py
-(the program) imports this module.
+backend's `next_edit`; `register` registers them on a server.
 """
 
 from __future__ import annotations
@@ -19,14 +18,8 @@ from lsp_server import context as ctx
 from lsp_server import next_edit as nes
 from lsp_server.backends import NextEditJob
 from lsp_server.documents import encoding_name
-from lsp_server.server import (
-    ACCEPT_COMPLETION,
-    CHECKED_PARAMS,
-    COMMANDS,
-    EXPERIMENTAL,
-    DiffusionServer,
-    handles,
-)
+from lsp_server.inline_completion import on_accept
+from lsp_server.server import DiffusionServer
 from model.edit_wire import EditPrompt
 
 log = logging.getLogger("diffusion_lsp")
@@ -59,11 +52,6 @@ class InlineEditParams(msgspec.Struct):
 
     textDocument: TextDocumentRef  # noqa: N815 - the wire's name
     position: Place
-
-
-CHECKED_PARAMS[INLINE_EDIT] = InlineEditParams
-EXPERIMENTAL.update({"inlineEdit": {"method": INLINE_EDIT, "acceptCommand": ACCEPT_NEXT_EDIT},
-                     "diffusionLsp": {"nextEdits": True}})
 
 
 async def suggest(ls: DiffusionServer, uri: str, version: int | None,
@@ -174,7 +162,6 @@ def plain(value: Any) -> Any:
     return value
 
 
-@handles(INLINE_EDIT)
 async def on_inline_edit(ls: DiffusionServer, params: Any) -> dict:
     """`{textDocument: {uri, version}, position}` in, `{edits: [{range, text, textDocument:
     {uri, version}, command}]}` out (params were checked against InlineEditParams when the
@@ -185,27 +172,22 @@ async def on_inline_edit(ls: DiffusionServer, params: Any) -> dict:
     return {"edits": edits}
 
 
-@handles(DID_SHOW_INLINE_EDIT)
 def on_show_inline_edit(ls: DiffusionServer, params: Any = None) -> None:
     ls.feedback.shown(nes.item_id(params))
 
 
-@handles(DID_SHOW_COMPLETION)
 def on_show_completion(ls: DiffusionServer, params: Any = None) -> None:
     ls.feedback.shown(nes.item_id(params))
 
 
-@handles(DID_PARTIALLY_ACCEPT)
 def on_partial_accept(ls: DiffusionServer, params: Any = None) -> None:
     ls.feedback.accepted(nes.item_id(params), partial=True)
 
 
-@handles(DID_DISMISS)
 def on_dismiss(ls: DiffusionServer, params: Any = None) -> None:
     ls.feedback.rejected(nes.item_id(params))
 
 
-@handles(DID_FOCUS)
 def on_focus(ls: DiffusionServer, params: Any = None) -> None:
     """Copilot clients say which document has the focus (it is a viewed document)."""
     uri = getattr(getattr(params, "textDocument", None), "uri", None)
@@ -213,9 +195,18 @@ def on_focus(ls: DiffusionServer, params: Any = None) -> None:
         ls.touch(uri)
 
 
-def on_accept(ls: DiffusionServer, *arguments: Any) -> None:
-    """A suggestion's command: the client applied it."""
-    ls.feedback.accepted(arguments[0] if arguments and isinstance(arguments[0], str) else None)
-
-
-COMMANDS.extend([(ACCEPT_NEXT_EDIT, on_accept), (ACCEPT_COMPLETION, on_accept)])
+def register(server: DiffusionServer) -> None:
+    """Register the next-edit handlers on `server`: the request (its params checked against
+    InlineEditParams as the message is read), the notifications, the accept command, and the
+    `capabilities.experimental` entries Copilot's clients look for."""
+    server.protocol.checked_params[INLINE_EDIT] = InlineEditParams
+    server.protocol.experimental.update({
+        "inlineEdit": {"method": INLINE_EDIT, "acceptCommand": ACCEPT_NEXT_EDIT},
+        "diffusionLsp": {"nextEdits": True}})
+    for method, handler in ((INLINE_EDIT, on_inline_edit),
+                            (DID_SHOW_INLINE_EDIT, on_show_inline_edit),
+                            (DID_SHOW_COMPLETION, on_show_completion),
+                            (DID_PARTIALLY_ACCEPT, on_partial_accept), (DID_DISMISS, on_dismiss),
+                            (DID_FOCUS, on_focus)):
+        server.feature(method)(handler)
+    server.command(ACCEPT_NEXT_EDIT)(on_accept)

@@ -1,8 +1,5 @@
-"""The language server as a program: the server with every handler (server.py's and those of
-the modules that handle more methods: inline_edit.py's next edits), logging, stdio or TCP.
-
-The one module that puts the handlers together: server.py defines `handles`, the modules
-register with it, and nothing imports back up."""
+"""The language server as a program: the server with every handler (`handlers.register`),
+logging, stdio or TCP."""
 
 from __future__ import annotations
 
@@ -12,19 +9,9 @@ import logging
 import os
 import sys
 
-from lsp_server import (
-    inline_edit,  # noqa: F401 - registers the next-edit handlers
-    transport,
-)
+from lsp_server import handlers, transport
 from lsp_server.logfile import make_handler
-from lsp_server.server import (
-    COMMANDS,
-    HANDLERS,
-    SERVING,
-    UNREPORTED,
-    DiffusionServer,
-    report_to_user,
-)
+from lsp_server.server import SERVING, UNREPORTED, DiffusionServer, report_to_user
 from model.families import parse_overrides
 
 
@@ -32,10 +19,7 @@ def make_server(model_override: dict | None = None) -> DiffusionServer:
     """A fresh server state (settings, documents, backend, stats) with every handler; it is
     the one told of process-wide problems (`report_to_user`) from now on."""
     server = DiffusionServer()
-    for method, options, handler in HANDLERS:
-        server.feature(method, options)(handler)
-    for command, handler in COMMANDS:
-        server.command(command)(handler)
+    handlers.register(server)
     server.model_override = model_override or {}
     server.apply_settings(None)
     server.pending_reports.extend(UNREPORTED)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lsp_server.context import indentation, opens_block
+from lsp_server.context import Cursor, indentation, opens_block
 
 OPENERS = {"(": ")", "[": "]", "{": "}"}
 CLOSERS = {v: k for k, v in OPENERS.items()}
 MIN_REPEAT_CHARS = 4  # a repeated suffix line shorter than this ("}", ")") is not a repeat
+BELOW_LINES = 8  # lines after the cursor's line the clean-up compares against
+BELOW_CHARS = 4096  # text after the cursor's line looked at for them
+INDENT_CHARS = 8192  # text on each side of the cursor its indentation step is read from
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,17 @@ class Surroundings:
     indent_unit: str  # "\t" or some spaces: the document's indentation step
     multiline: bool
     max_lines: int = 12
+
+
+def surroundings(text: str, cursor: Cursor, multiline: bool, max_lines: int) -> Surroundings:
+    """Where a completion at `cursor` of the document's `text` goes, as the clean-up sees it:
+    the cursor's line, the lines below it and the indentation step near it."""
+    below_start = text.find("\n", cursor.offset)
+    below = text[below_start + 1:below_start + 1 + BELOW_CHARS].split("\n")[:BELOW_LINES] if (
+        below_start >= 0) else []
+    lines_near = text[max(0, cursor.offset - INDENT_CHARS):cursor.offset + INDENT_CHARS]
+    return Surroundings(cursor.line_before, cursor.line_after, tuple(below),
+                        detect_indent_unit(lines_near.split("\n")), multiline, max_lines)
 
 
 def choose_multiline(line_before: str, line_after: str, setting: str = "auto") -> bool:

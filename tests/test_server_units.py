@@ -19,7 +19,7 @@ from lsp_server.postprocess import (
     trim_line_suffix,
     trim_repeated_lines,
 )
-from lsp_server.settings import Settings, merge
+from lsp_server.settings import ContextSettings, Settings, merge
 
 
 def words(text: str) -> int:
@@ -106,7 +106,8 @@ def test_cut_suffix_keeps_the_first_lines():
 def test_build_context_on_a_huge_document_looks_at_a_window():
     text = "x = 1\n" * 1_000_000 + "def f():\n    return \n"
     cursor = ctx.locate(text, 1_000_001, 11)
-    context = ctx.build_context(text, cursor, words, 50, 20)
+    context = ctx.build_context(text, cursor, words,
+                                ContextSettings(prefix_tokens=50, suffix_tokens=20))
     assert context.prefix.endswith("def f():\n    return ")
     assert len(context.prefix) < 2000
 
@@ -124,8 +125,10 @@ def test_snippets_from_similar_documents():
     assert rendered.startswith("# Compare this snippet from util.py:\n# def load_settings(path):")
     assert ctx.render_snippets(chosen, "python", 3, words) == ""  # over budget
     assert ctx.render_snippets(chosen, "no-such-language", 200, words) == ""
-    context = ctx.build_context(query, ctx.locate(query, 2, 11), words, 100, 20, 200, others,
-                                2, 8, "python")
+    budget = ContextSettings(prefix_tokens=100, suffix_tokens=20, snippet_tokens=200,
+                             max_snippets=2, snippet_lines=8)
+    context = ctx.build_context(query, ctx.locate(query, 2, 11), words, budget, others=others,
+                                language_id="python")
     assert context.snippets == 1 and context.prefix.endswith(query)
 
 

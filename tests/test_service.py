@@ -87,6 +87,17 @@ def test_no_binding_beyond_loopback_without_a_token():
     assert binding_problem("::1", None) is None
     assert "DIFFUSION_LSP_TOKEN" in binding_problem("0.0.0.0", None)
     assert binding_problem("0.0.0.0", "t") is None
+    assert binding_problem("localhost", None) is None and binding_problem("127.0.0.2", None) is None
+    assert "DIFFUSION_LSP_TOKEN" in binding_problem("example.com", None)
+
+
+def test_inflight_counts_work_in_progress_however_it_ends():
+    metrics = Metrics()
+    with metrics.in_flight(), metrics.in_flight():
+        assert metrics.snapshot()["inflight"] == 2
+    with pytest.raises(RuntimeError), metrics.in_flight():
+        raise RuntimeError("a replica failed")
+    assert metrics.inflight == 0 and "diffusion_lsp_inflight_requests 0" in metrics.prometheus()
 
 
 def test_the_command_refuses_to_listen_beyond_loopback_without_a_token():

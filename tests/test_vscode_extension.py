@@ -96,6 +96,19 @@ def npm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, check=False)
 
 
+def test_statistics_and_the_doctor_are_two_commands():
+    """The statistics command shows `diffusion/stats` only (it used to run the doctor first, a
+    machine survey of seconds); the doctor is its own command (src/reports.ts, unit-tested by
+    the extension's own tests)."""
+    manifest = json.loads((EXTENSION / "package.json").read_text())
+    titles = {c["command"]: c["title"] for c in manifest["contributes"]["commands"]}
+    assert "doctor" not in titles["diffusionLsp.showStats"].lower()
+    assert "doctor" in titles["diffusionLsp.doctor"].lower()
+    source = (EXTENSION / "src" / "extension.ts").read_text()
+    assert 'command("diffusionLsp.showStats", showStats);' in source
+    assert 'command("diffusionLsp.doctor", showDoctor);' in source
+
+
 @pytest.mark.slow
 def test_extension_unit_tests_pass_and_it_packages():
     if shutil.which("npm") is None or shutil.which("node") is None:

@@ -61,6 +61,16 @@ FINISH_FROM_API = {"length": "max_tokens", "stop": "end"}
 T = TypeVar("T")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine: traffic to it never leaves."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Endpoints:
     """Where the API lives. `remote.url` may end in `/v1` (as Inception writes it) or not."""
@@ -85,12 +95,7 @@ class Endpoints:
 
     @property
     def loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(self.host)
 
     @property
     def secure(self) -> bool:

@@ -18,12 +18,11 @@ import {
 import { NextEdits } from "./nextEdit";
 import { isPreview, PREVIEW } from "./preview";
 import { PreviewView } from "./previewView";
+import { type DoctorReport, doctorReport, type Report, statsReport } from "./reports";
 import { doctorCommand, nodeLookup, resolveServer, SECTION, serverSettings, type Tree } from "./settings";
 import { clickCommand, type Status, statusView } from "./status";
 
 const STATUS = "diffusion/status";
-const STATS = "diffusion/stats";
-const DOCTOR = "diffusion/doctor";
 const DOCTOR_TIMEOUT_MS = 60_000;
 /** Settings whose change needs a new server process. */
 const RESTART_KEYS = ["serverPath", "pythonPath"];
@@ -146,11 +145,6 @@ async function setEnabled(enable: boolean | undefined): Promise<void> {
   await config.update("enable", value, target);
 }
 
-interface DoctorReport {
-  text?: string;
-  recommendation?: { model: string; expect: string };
-}
-
 /** `diffusion-lsp doctor` of the server's installation, run directly (the server is not up). */
 function runDoctor(): Promise<DoctorReport> {
   const folders = (vscode.workspace.workspaceFolders ?? []).map((folder) => folder.uri.fsPath);
@@ -174,28 +168,27 @@ function runDoctor(): Promise<DoctorReport> {
   });
 }
 
-/** The status command: what `diffusion-lsp doctor` says (machine, models, remote, PATH, the
- * recommendation), then the server's statistics; the doctor alone when the server is down. */
-async function showDoctor(): Promise<void> {
-  const running = client !== undefined && client.isRunning() ? client : undefined;
-  try {
-    const report = running
-      ? await running.sendRequest<DoctorReport>(DOCTOR)
-      : await runDoctor();
-    output.info(`doctor:\n${report.text ?? JSON.stringify(report, null, 2)}`);
-    if (report.recommendation) {
-      item.tooltip = `${item.tooltip ?? ""}\nrecommended here: ${report.recommendation.model}`;
-    }
-  } catch (error) {
-    output.error(`doctor: ${error instanceof Error ? error.message : String(error)}`);
-  }
-  if (running) {
-    const stats = await running.sendRequest(STATS);
-    output.info(`stats: ${JSON.stringify(stats, null, 2)}`);
-  } else {
-    output.warn("the server is not running: no statistics");
-  }
+function show(report: Report): void {
+  output[report.level](report.text);
   output.show();
+}
+
+/** The statistics command: the server's `diffusion/stats` only. */
+async function showStats(): Promise<void> {
+  show(await statsReport(running()));
+}
+
+/** The doctor command: what `diffusion-lsp doctor` says, from the server or the installation. */
+async function showDoctor(): Promise<void> {
+  const shown = await doctorReport(running(), runDoctor);
+  if (shown.report?.recommendation) {
+    item.tooltip = `${item.tooltip ?? ""}\nrecommended here: ${shown.report.recommendation.model}`;
+  }
+  show(shown);
+}
+
+function running(): LanguageClient | undefined {
+  return client !== undefined && client.isRunning() ? client : undefined;
 }
 
 export async function activate(context: vscode.ExtensionContext): Promise<void> {
@@ -211,7 +204,8 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   command("diffusionLsp.disable", () => setEnabled(false));
   command("diffusionLsp.restart", restart);
   command("diffusionLsp.showOutput", () => output.show());
-  command("diffusionLsp.showStats", showDoctor);
+  command("diffusionLsp.showStats", showStats);
+  command("diffusionLsp.doctor", showDoctor);
   command("diffusionLsp.previewsShown", () => previews.shown);
   command("diffusionLsp.preview.dismiss", () => previews.dismiss());
   const nextEdits = new NextEdits(

@@ -18,6 +18,7 @@ import {
 } from "../src/settings";
 import { changesText, editLines, HINT } from "../src/nextEditLayout";
 import { decorationText, isPreview, LINE_BREAK, type Preview, PreviewGate, previewChunks } from "../src/preview";
+import { DOCTOR, doctorReport, type Requester, STATS, statsReport } from "../src/reports";
 import { clickCommand, statusView } from "../src/status";
 
 const root = path.join(__dirname, "..", "..");
@@ -188,4 +189,49 @@ test("a next edit of several lines is drawn as its lines, the Tab hint first", (
 test("a save (a change event with no changes) is not a text change", () => {
   assert.equal(changesText({ contentChanges: [] }), false);
   assert.equal(changesText({ contentChanges: [{ text: "x" }] }), true);
+});
+
+/** A language client that answers each method from `answers` and records what it was asked. */
+function requester(answers: { [method: string]: unknown }): Requester & { asked: string[] } {
+  const asked: string[] = [];
+  return {
+    asked,
+    async sendRequest<T>(method: string): Promise<T> {
+      asked.push(method);
+      if (!(method in answers)) {
+        throw new Error(`no ${method}`);
+      }
+      return answers[method] as T;
+    },
+  };
+}
+
+test("the statistics command asks the server for its statistics only, never the doctor", async () => {
+  const server = requester({ [STATS]: { requests: 3 }, [DOCTOR]: { text: "machine ..." } });
+  const shown = await statsReport(server);
+  assert.deepEqual(server.asked, [STATS]);
+  assert.equal(shown.level, "info");
+  assert.ok(shown.text.includes('"requests": 3') && !shown.text.includes("machine"), shown.text);
+  assert.deepEqual(await statsReport(undefined), {
+    level: "warn",
+    text: "the server is not running: no statistics",
+  });
+  assert.equal((await statsReport(requester({}))).level, "error");
+});
+
+test("the doctor command asks the running server, else runs the installation's doctor", async () => {
+  const server = requester({ [STATS]: { requests: 3 }, [DOCTOR]: { text: "server ready" } });
+  const fromServer = await doctorReport(server, async () => ({ text: "not this one" }));
+  assert.deepEqual(server.asked, [DOCTOR]);
+  assert.equal(fromServer.text, "doctor:\nserver ready");
+  const installed = await doctorReport(undefined, async () => ({
+    text: "python 3.11",
+    recommendation: { model: "dream", expect: "1 s" },
+  }));
+  assert.equal(installed.text, "doctor:\npython 3.11");
+  assert.equal(installed.report?.recommendation?.model, "dream");
+  const failed = await doctorReport(undefined, async () => {
+    throw new Error("diffusion-lsp: not found");
+  });
+  assert.deepEqual(failed, { level: "error", text: "doctor: diffusion-lsp: not found" });
 });
