@@ -13,7 +13,7 @@ soon as it has it, so a run stopped by its time limit keeps what it got. Section
   bandwidth, and the same over the bandwidth a device-to-device copy reaches here); the same
   network as an autoregressive model (causal, its KV cache, greedy, CUDA graph a token) on the
   same 64 tokens after the same prefix. `fast_path` says which of the fast step's switches
-  were on (model.fast_step.Switches).
+  were on (model.decoding.fast_step.switches.Switches).
 - switches: the same hole at 8 tokens a step with each of the fast step's switches on alone,
   all off and all on, side by side in one run (`compare`: the runs' order rotated from hole
   to hole, one untimed round first so that every run's graphs are captured).
@@ -54,22 +54,17 @@ import torch
 
 from benchmarks.model_speed import card_bandwidth
 from benchmarks.report import RESULTS, EvalDataMissing, load_holes
-from model import fast_step, quantize
-from model.loader import LoadedModel, load_model
-from model.options import hole_options as server_hole_options
-from model.percentile import percentile
-from model.prompt_cache import PromptCache
-from model.sampler import (
-    InfillOptions,
-    denoise_step,
-    final_text,
-    forward_holes,
-    infill,
-    layout_ids,
-    new_state,
-    window,
-)
-from model.shapes import random_model_of_shape
+from diffusion_contract.options import InfillOptions
+from diffusion_contract.options import hole_options as server_hole_options
+from diffusion_contract.percentile import percentile
+from model.decoding import fast_step
+from model.decoding.hole import final_text, layout_ids
+from model.decoding.passes import forward_holes, window
+from model.decoding.prompt_cache import PromptCache
+from model.decoding.sampler import denoise_step, infill, new_state
+from model.network import quantize
+from model.network.loader import LoadedModel, load_model
+from model.network.shapes import random_model_of_shape
 
 HOLE_TOKENS = 64
 TOKENS_PER_STEP = (1, 2, 4, 8)
@@ -143,7 +138,7 @@ def copy_bandwidth(device: torch.device) -> float | None:
 
 def fill(model: LoadedModel, hole: dict, options: InfillOptions, cache: PromptCache | None,
          document: str | None) -> dict:
-    """The sampler's loop (model.sampler.infill), each step timed: every step ends with its
+    """The sampler's loop (model.decoding.sampler.infill), each step timed: every step ends with its
     tokens on the CPU, so the host clock times the GPU's work too. (The cache keeps the
     context after the first step, inside the first step's time, as in the loop.)"""
     sync(model)

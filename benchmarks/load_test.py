@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.report import RESULTS, load_holes, machine  # noqa: E402
-from model.loader import bundled_model_path  # noqa: E402
-from model.percentile import percentile  # noqa: E402
+from diffusion_contract.percentile import percentile  # noqa: E402
+from model.network.loader import bundled_model_path  # noqa: E402
 
 TOKEN = "load-test-token"  # a throwaway token for this run's own loopback service
 START_TIMEOUT_S = 300

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from diffusion_contract.edit_wire import EditPrompt
 from lsp_server import context as ctx
 from lsp_server import next_edit as nes
 from lsp_server.backends import NextEditJob
@@ -27,7 +28,6 @@ from lsp_server.server import (
     DiffusionServer,
     handles,
 )
-from model.edit_wire import EditPrompt
 
 log = logging.getLogger("diffusion_lsp")
 

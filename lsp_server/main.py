@@ -25,7 +25,7 @@ from lsp_server.server import (
     DiffusionServer,
     report_to_user,
 )
-from model.families import parse_overrides
+from model.network.families import parse_overrides
 
 
 def make_server(model_override: dict | None = None) -> DiffusionServer:

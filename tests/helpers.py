@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import fast_step
+from model.decoding import fast_step
 from model.train.data import ExampleShape
 from model.train.train import ModelShape, TrainConfig
 
@@ -67,7 +67,7 @@ def one_thread():
 
 
 def as_on_cuda(monkeypatch, model, env: dict[str, str]) -> fast_step.HoleSteps:
-    """Every pass through `model.fast_step` as on CUDA, with the switches of `env` (eager
+    """Every pass through `model.decoding.fast_step` as on CUDA, with the switches of `env` (eager
     here: the graphs would replay these kernels); returns the fixed shapes it uses."""
     steps = fast_step.HoleSteps(model, graphs=False)
     monkeypatch.setattr(fast_step, "enabled", lambda m: True)
@@ -81,7 +81,7 @@ def as_on_cuda(monkeypatch, model, env: dict[str, str]) -> fast_step.HoleSteps:
 
 def hole_pass_both_ways(model, state) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states of the window: transformers' hole-only pass, then the fixed-shape step."""
-    from model.sampler import _hole_pass, window
+    from model.decoding.passes import _hole_pass, window
 
     (reference,) = _hole_pass(model, [state])
     state.context.age -= 1

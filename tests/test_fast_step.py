@@ -1,4 +1,4 @@
-"""The fixed-shape hole step (model/fast_step.py) computes what the sampler's hole-only pass
+"""The fixed-shape hole step (model/decoding/fast_step/) computes what the sampler's hole-only pass
 through transformers computes, on every published family's tiny checkpoint (CPU, eager: the
 CUDA graph replays these same kernels, tests/test_cuda.py); so do its switches (the graph
 head, fused projections, captured passes), run here eagerly as the graphs would run them."""
@@ -10,26 +10,23 @@ import logging
 import pytest
 import torch
 
-from model import fast_step
-from model.loader import load_model
-from model.prompt_cache import PromptCache
-from model.sampler import (
-    InfillOptions,
+from diffusion_contract.options import InfillOptions
+from model.decoding import fast_step
+from model.decoding.passes import forward_holes, window
+from model.decoding.prompt_cache import PromptCache
+from model.decoding.sampler import apply_step, infill, new_state
+from model.decoding.scoring import (
     Scored,
-    apply_step,
     ban_early_ends,
-    forward_holes,
-    infill,
-    new_state,
+    greedy_scores,
     pick,
     sample_and_score,
     sampleable,
     step_head,
-    window,
 )
-from model.scoring import greedy_scores
+from model.network.loader import load_model
+from model.network.published import FAMILY_SPECS, write_checkpoint
 
-from .fixtures_families import FAMILY_SPECS, write_checkpoint
 from .helpers import as_on_cuda, hole_pass_both_ways
 
 PREFIX = "def add(a, b):\n    total = a + b\n    return "
@@ -77,7 +74,7 @@ def test_buffers_follow_a_new_context_and_a_wider_window(family_models):
         state = new_state(model, prefix, SUFFIX, InfillOptions(initial_tokens=tokens,
                                                                refresh_every=0))
         forward_holes(model, [state])
-        from model.sampler import _hole_pass
+        from model.decoding.passes import _hole_pass
 
         (reference,) = _hole_pass(model, [state])
         start, end = window(state, model.family.shifted_logits)
@@ -104,7 +101,7 @@ def test_the_sampler_uses_it_only_on_cuda(family_models, monkeypatch):
 @pytest.mark.parametrize("name", FAMILY_SPECS)
 def test_whole_completions_through_the_layer_loop_give_the_same_text(family_models, name,
                                                                       monkeypatch):
-    """Whole completions with every pass through `model.fast_step` as on CUDA (full passes,
+    """Whole completions with every pass through `model.decoding.fast_step` as on CUDA (full passes,
     the document cache's partial pass, hole-only steps; eager here) against the sampler
     through transformers, as it runs on a CPU: same texts, same passes, same reuse."""
     model = family_models[name]
@@ -165,7 +162,7 @@ def test_switch_values_and_their_defaults(caplog):
     assert fast_step.parse_switch("X", "") is False
     assert fast_step.parse_switch("X", " On ") is True and fast_step.parse_switch("X", "1")
     assert fast_step.parse_switch("X", "0", default=True) is False
-    with caplog.at_level(logging.WARNING, logger="model.fast_step"):
+    with caplog.at_level(logging.WARNING, logger="model.decoding.fast_step"):
         assert fast_step.parse_switch("X", "maybe") is False  # logged, the default kept
         assert fast_step.parse_switch("X", "maybe", default=True) is True
     assert len([r for r in caplog.records if "maybe" in r.getMessage()]) == 1  # once

@@ -1,4 +1,5 @@
-"""What `pip install .` installs: the product's packages only (lsp_server, model, diffusion_lsp),
+"""What `pip install .` installs: the product's packages only (lsp_server, model, diffusion_lsp,
+diffusion_contract),
 never a generic top-level name such as benchmarks/ or service, which would shadow or be shadowed
 by another project's; `bench` and `eval` find benchmarks/ in the source checkout they run from,
 or say in one line that they need one."""
@@ -14,7 +15,7 @@ import pytest
 from diffusion_lsp import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-INSTALLED = {"lsp_server", "model", "diffusion_lsp"}
+INSTALLED = {"lsp_server", "model", "diffusion_lsp", "diffusion_contract"}
 
 
 def find_config() -> dict:

@@ -7,19 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.sampler import (
-    InfillOptions,
-    apply_step,
-    filter_logits,
-    forward_holes,
-    infill,
-    layout_ids,
-    new_state,
-    score_logits,
-    select_commits,
-    transfer_fraction,
-    uniform_counts,
-)
+from diffusion_contract.options import InfillOptions
+from model.decoding.hole import layout_ids
+from model.decoding.passes import forward_holes
+from model.decoding.sampler import apply_step, infill, new_state
+from model.decoding.schedules import transfer_fraction, uniform_counts
+from model.decoding.scoring import filter_logits, score_logits, select_commits
 from tests.helpers import sharp_logits, word_token
 
 from .conftest import FAMILY_NAMES
@@ -75,7 +68,7 @@ def test_end_of_hole_token_shortens_the_hole(tiny_model):
     assert state.finished and state.finish_reason == "end"
     assert state.steps == 1
     text = model.tokenizer.decode([word, word])
-    from model.sampler import final_text
+    from model.decoding.hole import final_text
 
     assert final_text(model, state) == (text, 2)
 
@@ -114,7 +107,7 @@ def test_single_line_stops_at_newline(tiny_model):
                       InfillOptions(initial_tokens=6, threshold=0.5, single_line=True))
     word, newline = word_token(model, "x"), word_token(model, "\n")
     apply_step(model, state, sharp_logits(model, [word, newline, word, word, word, word]))
-    from model.sampler import final_text
+    from model.decoding.hole import final_text
 
     assert state.finish_reason == "newline"
     assert final_text(model, state)[0] == model.tokenizer.decode([word])
@@ -126,7 +119,7 @@ def test_stop_word_ends_the_text(tiny_model):
                       InfillOptions(initial_tokens=4, threshold=0.5, stop=("x",)))
     a, x = word_token(model, "a"), word_token(model, "x")
     apply_step(model, state, sharp_logits(model, [a, x, a, a]))
-    from model.sampler import final_text
+    from model.decoding.hole import final_text
 
     assert state.finish_reason == "stop"
     assert final_text(model, state)[0] == "a"

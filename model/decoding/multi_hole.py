@@ -15,7 +15,7 @@ Length, per hole:
   disappears (Wu et al., 2025, DreamOn), never past `max_tokens`.
 
 Full passes only (no context cache): the holes are spread through the sequence. Scoring and
-sampling reuse `model.sampler`'s functions, so a hole here is scored as a single hole is.
+sampling reuse `model.decoding.sampler`'s functions, so a hole here is scored as a single hole is.
 """
 
 from __future__ import annotations
@@ -26,16 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.loader import LoadedModel
-from model.preview import expected_steps, hole_preview
-from model.sampler import (
-    InfillOptions,
-    encode,
-    sample_and_score,
-    select_commits,
-    unit_scores,
-    with_end_runs,
-)
+from diffusion_contract.options import InfillOptions
+from model.decoding.hole import encode
+from model.decoding.preview import expected_steps, hole_preview
+from model.decoding.scoring import sample_and_score, select_commits, unit_scores, with_end_runs
+from model.network.loader import LoadedModel
 
 
 @dataclass
@@ -151,7 +146,7 @@ def hole_logits(model: LoadedModel, state: MultiHoleState) -> tuple[torch.Tensor
 @torch.inference_mode()
 def sampleable_rows(model: LoadedModel, state: MultiHoleState, logits: torch.Tensor,
                     where: list) -> torch.Tensor:
-    """Special and added tokens made impossible (as `model.sampler.sampleable`); DreamOn's
+    """Special and added tokens made impossible (as `model.decoding.scoring.sampleable`); DreamOn's
     expand too at a hole that reached `max_tokens`, or once the expand budget is spent; and
     the end tokens at each hole's first `min_tokens` positions."""
     logits.index_fill_(-1, model.never_sample_ids, float("-inf"))
@@ -183,7 +178,7 @@ def _close(model: LoadedModel, span: Span, offset: int) -> None:
 
 
 def _edit(model: LoadedModel, state: MultiHoleState, span: Span) -> None:
-    """DreamOn's length edits in one hole (`model.sampler.edit_hole`, per span): a committed
+    """DreamOn's length edits in one hole (`model.decoding.hole.edit_hole`, per span): a committed
     expand becomes two masks (while the hole is under max_tokens and the budget lasts), a
     committed delete disappears, and with `delete_pads_right` so do the masks after it."""
     ids, family = model.ids, model.family
@@ -262,7 +257,8 @@ def hole_texts(model: LoadedModel, state: MultiHoleState) -> tuple[list[str], li
 
 
 def multi_preview(model: LoadedModel, state: MultiHoleState) -> tuple[int, int, list[str]]:
-    """(step, expected steps, each hole as it stands) -- `model.preview` for several holes."""
+    """(step, expected steps, each hole as it stands) -- `model.decoding.preview` for several
+    holes."""
     texts = [hole_preview(model, span.tokens, span.masked) for span in state.spans]
     masked = sum(span.open_masks for span in state.spans)
     return state.steps, expected_steps(state.steps, state.committed, masked,
@@ -305,11 +301,11 @@ def infill_holes(
 
 def holes_in_turn(model: LoadedModel, pieces: Sequence[str], options: InfillOptions,
                   should_stop: Callable[[], bool] | None = None) -> MultiInfill:
-    """A block-diffusion family (`model.block`) denoises after its prompt only, so its holes
-    are filled one at a time, left to right, each by the one-hole sampler in the family's FIM
+    """A block-diffusion family (`model.decoding.block`) denoises after its prompt only, so its
+    holes are filled one at a time, left to right, each by the one-hole sampler in the family's FIM
     layout: a hole sees the holes before it filled and the text after it (later holes
     empty). No per-step previews here."""
-    from model.sampler import infill
+    from model.decoding.sampler import infill
 
     started = time.perf_counter()
     texts: list[str] = []

@@ -1,11 +1,12 @@
 """Masked-diffusion infilling: fill a hole between a prefix and a suffix in a few parallel steps.
 
-The hole starts as `n` mask tokens. Each step is one forward pass (`model.passes`) over prefix
-+ hole + suffix; the step commits the positions its rule picks (`model.scoring`, under a step
-budget `model.schedules`), and a committed token never changes; the hole closes, grows or is
-edited as its tokens say (`model.hole`). Options: `model.options`.
+The hole starts as `n` mask tokens. Each step is one forward pass (`model.decoding.passes`) over
+prefix + hole + suffix; the step commits the positions its rule picks (`model.decoding.scoring`,
+under a step budget `model.decoding.schedules`), and a committed token never changes; the hole
+closes, grows or is edited as its tokens say (`model.decoding.hole`). Options:
+`diffusion_contract.options`.
 
-A block-diffusion family (`model.block`) runs the same steps on a hole after its prompt,
+A block-diffusion family (`model.decoding.block`) runs the same steps on a hole after its prompt,
 one block at a time against an exact cache; `generate_exact` is its published sampler.
 
 The functions are pure over a `HoleState`; `forward_holes` runs the network for any number of
@@ -23,8 +24,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model import block
-from model.hole import (
+from diffusion_contract.options import ALGORITHMS, NO_TOP_K, NO_TOP_P, SCORES, InfillOptions, Rule
+from model.decoding import block
+from model.decoding.hole import (
     NEWLINE,
     ContextCache,
     HoleState,
@@ -41,9 +43,7 @@ from model.hole import (
     result,
     text_settled_by_end,
 )
-from model.loader import LoadedModel
-from model.options import ALGORITHMS, NO_TOP_K, NO_TOP_P, SCORES, InfillOptions, Rule
-from model.passes import (
+from model.decoding.passes import (
     _full_pass,
     _hole_pass,
     forward_holes,
@@ -54,7 +54,7 @@ from model.passes import (
     unconditioned,
     window,
 )
-from model.schedules import (
+from model.decoding.schedules import (
     DREAM_EPS,
     advance_schedule,
     block_span,
@@ -64,7 +64,7 @@ from model.schedules import (
     transfer_fraction,
     uniform_counts,
 )
-from model.scoring import (
+from model.decoding.scoring import (
     ENTROPY_EPS,
     Head,
     Scored,
@@ -82,9 +82,10 @@ from model.scoring import (
     unit_scores,
     with_end_runs,
 )
+from model.network.loader import LoadedModel
 
 if TYPE_CHECKING:
-    from model.prompt_cache import PromptCache
+    from model.decoding.prompt_cache import PromptCache
 
 __all__ = [
     "ALGORITHMS", "DREAM_EPS", "ENTROPY_EPS", "NEWLINE", "NO_TOP_K", "NO_TOP_P", "SCORES",
@@ -110,13 +111,13 @@ def new_state(model: LoadedModel, prefix: str, suffix: str, options: InfillOptio
 def new_state_from_ids(model: LoadedModel, prefix_ids: list[int], suffix_ids: list[int],
                        options: InfillOptions) -> HoleState:
     """A hole between token ids laid out already. A block-diffusion family's hole
-    (`model.block`) starts one block long: the first block ends where the prompt's aligned
+    (`model.decoding.block`) starts one block long: the first block ends where the prompt's aligned
     block does, and the hole grows a block at a time."""
     n, offset = options.first_length, None
     if model.family.sub_block_length:
         raise ValueError(f"family {model.family.name} runs in exact mode only "
-                         "(model.sampler.generate_exact): its completions (shifted logits, "
-                         "sub-blocks) are not on this sampler yet")
+                         "(model.decoding.sampler.generate_exact): its completions (shifted "
+                         "logits, sub-blocks) are not on this sampler yet")
     if model.family.block_length:
         if suffix_ids:
             raise ValueError(f"family {model.family.name} denoises blocks after its prompt: "
@@ -142,7 +143,7 @@ def new_state_from_ids(model: LoadedModel, prefix_ids: list[int], suffix_ids: li
 def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor | Scored) -> None:
     """Commit tokens from one forward pass. logits: (m, V) for the m masked positions, in order
     (consumed: ids that may not be sampled are set to -inf in place), or the step already
-    `Scored` where it ran (those bans applied there: `model.scoring.step_head`)."""
+    `Scored` where it ran (those bans applied there: `model.decoding.scoring.step_head`)."""
     options = state.options
     masked_positions = state.masked.nonzero().squeeze(-1)  # (m,)
     if not isinstance(logits, Scored):
@@ -209,7 +210,7 @@ def infill(
     """Fill the hole between `prefix` and `suffix`. `should_stop` is polled before each step.
     With a `cache` and a `document` key, the first pass reuses the document's context from its
     last completion, and this completion's context is kept for the next. `on_step` sees the
-    state after every step but the last (a live preview: `model.preview`). Timings:
+    state after every step but the last (a live preview: `model.decoding.preview`). Timings:
     `forward_ms` is the time in denoising steps (forward passes and commits)."""
     options = options or InfillOptions()
     started = time.perf_counter()
@@ -241,8 +242,8 @@ def generate_exact(model: LoadedModel, input_ids: torch.Tensor | list[int], *,
                    threshold: float | None = 0.95, shift: bool = False,
                    eos_id: int | None = None, seed: int = 0) -> tuple[torch.Tensor, int]:
     """Stable-DiffCoder's `generate_block` (modeling_stable_diffcoder.py), reproduced token for
-    token and forward for forward on `model.sampler`'s steps: returns the same (1, L) ids (the
-    prompt, then the answer; cut at the end of the block where `eos_id` appeared, every
+    token and forward for forward on `model.decoding.sampler`'s steps: returns the same (1, L) ids
+    (the prompt, then the answer; cut at the end of the block where `eos_id` appeared, every
     position from that eos on set to it) and the same forward count (`nfe`: denoising forwards
     plus one write per finished block; the prefill is not counted).
 
@@ -295,8 +296,8 @@ def _generate_exact_sub_blocks(model: LoadedModel, input_ids: torch.Tensor | lis
                                gen_length: int, block_length: int | None, mask_id: int | None,
                                threshold: float | None,
                                eos_id: int | None) -> tuple[torch.Tensor, int]:
-    """Fast-dLLM v2's greedy `generate` (`model.block.generate_sub_blocks`): `gen_length` is its
-    `max_new_tokens`, `eos_id` its `stop_token` (default: the family's end token),
+    """Fast-dLLM v2's greedy `generate` (`model.decoding.block.generate_sub_blocks`): `gen_length`
+    is its `max_new_tokens`, `eos_id` its `stop_token` (default: the family's end token),
     `threshold` None its default 1 (one position a step); `steps` has no part in it."""
     prompt = [int(t) for t in torch.as_tensor(input_ids).reshape(-1).tolist()]
     ids, forwards = block.generate_sub_blocks(

@@ -4,7 +4,7 @@ Bits are a property of the loaded network: the decoder layers' linear projection
 that are tensor subclasses whose `F.linear` runs a library kernel (torchao's, through
 `torchao.quantization.quantize_`, or torch's own aten int8 kernel through `Int8RowWeight`).
 Everything else -- transformers' modules, the fast step's own layer loop
-(model.fast_step calls `F.linear` on the same weights), the document cache, batches, holes,
+(model.decoding.fast_step calls `F.linear` on the same weights), the document cache, batches, holes,
 next edits -- sees an ordinary module. The LM head, the embedding (tied to the head in the
 0.5B models) and the norms keep the network's dtype: the head was not measured to be safe.
 
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.options import BYTES_PER_WEIGHT, QUANTIZATIONS
+from diffusion_contract.options import BYTES_PER_WEIGHT, QUANTIZATIONS
 
 NONE, INT8, INT4, AUTO = QUANTIZATIONS
 SCHEMES = (NONE, INT8, INT4)
@@ -153,7 +153,8 @@ CUDA_ROOM = 0.2  # auto on CUDA: weights may take at most this much less than th
 # auto on a CPU: unquantized. Measured side by side on the idle 2-core AVX2 VM without native
 # bf16 (docs/benchmarks.md, 0.5B shape): int8 and int4 took as long as float32 for a typed
 # character (1.00x / 0.97x) and longer for a first request; with native bf16 the bf16 network
-# (model.cpu) was measured and int8 was not. `int8` / `int4` stay a choice (smaller weights).
+# (model.catalog.cpu) was measured and int8 was not. `int8` / `int4` stay a choice (smaller
+# weights).
 CPU_AUTO = NONE
 
 

@@ -13,11 +13,11 @@ launch a step; the decode graphs of vLLM and llama.cpp are the same idea), and f
 from COMPILE_PARAMETERS up the layer is compiled by torch.compile, which fuses its elementwise
 work (norms, rotary embedding, SiLU, residual adds) into a few kernels. Full passes and the
 document cache's partial pass (`rows_pass`) run the same loop, uncaptured. A step's inputs
-reach the GPU through pinned memory, queued without a host sync (`model.pinned`).
+reach the GPU through pinned memory, queued without a host sync (`model.decoding.pinned`).
 
 Three switches, each an environment variable (`Switches`; 1 / 0, unset: off; on CUDA only):
 - DIFFUSION_LSP_GRAPH_HEAD: a greedy hole step runs its LM head (over the hole's rows only)
-  and its scoring (`model.scoring.greedy_scores`) inside the captured graph too; the step
+  and its scoring (`model.decoding.scoring.greedy_scores`) inside the captured graph too; the step
   returns each position's token and confidence, and the one host sync is that (2, n) copy.
 - DIFFUSION_LSP_FUSED_PROJECTIONS: q/k/v in one matrix product and gate/up in one
   (`fuse_projections`: the modules' weights become views of the fused ones, so nothing is held
@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the network's own
 
-from model import quantize
-from model.loader import LoadedModel
-from model.pinned import to_device, upload
-from model.scoring import Head, greedy_scores
+from model.decoding.pinned import to_device, upload
+from model.decoding.scoring import Head, greedy_scores
+from model.network import quantize
+from model.network.loader import LoadedModel
 
 CONTEXT_BUCKET = 256  # context rows are padded up to a multiple of this: few graphs to capture
 QUERY_BUCKET = 64  # a captured pass's queries are padded up to a multiple of this ...
@@ -123,7 +123,7 @@ def parse_switch(name: str, value: str | None, default: bool = False) -> bool:
 def switches(model: LoadedModel) -> Switches:
     """The switches in force for `model`: read from the environment on every call (so a
     benchmark can flip them between holes), all off where the fast step does not run. Fused
-    projections stay off for quantized weights (model.quantize: each projection is its own
+    projections stay off for quantized weights (model.network.quantize: each projection is its own
     packed tensor and kernel; stacking them would unpack them), said once."""
     if not enabled(model):
         return Switches()
@@ -427,7 +427,7 @@ def rows_pass(model: LoadedModel, ids: torch.Tensor, positions: torch.Tensor,
               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """One pass of tokens `ids` (Q,) at sequence `positions` (Q,) against `past` rows (per
     layer (1, kv_heads, R, D); None: none), every row seeing every row: the sampler's full
-    pass (no past) and the document cache's partial pass (model.prompt_cache), without
+    pass (no past) and the document cache's partial pass (model.decoding.prompt_cache), without
     transformers' per-call masks and caches. Returns hidden states (Q, H) and every layer's
     keys and values, the past's R rows then the Q new ones. With DIFFUSION_LSP_GRAPH_PASSES
     these are views of a captured pass's buffers (`HoleSteps.pass_rows`), valid until its next
@@ -520,9 +520,9 @@ class HoleSteps:
         """Hidden states (W, H) of the window `window_ids` (W,) at sequence positions start..,
         against `context_layers` (per layer (1, kv_heads, C, D)); `context` is their owner,
         whose identity says when the buffers must be refilled. With a `head` (and its `bans`,
-        `model.scoring.step_head`), the graph head's scores instead: (2, n) tokens and raw
-        confidences of the hole's n positions (`model.scoring.greedy_scores`). On the device,
-        rewritten by the shape's next run."""
+        `model.decoding.scoring.step_head`), the graph head's scores instead: (2, n) tokens and raw
+        confidences of the hole's n positions (`model.decoding.scoring.greedy_scores`). On the
+        device, rewritten by the shape's next run."""
         width = window_ids.numel()
         rows = context_layers[0][0].shape[-2]
         self._follow_weights(fused)
