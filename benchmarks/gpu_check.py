@@ -13,7 +13,7 @@ soon as it has it, so a run stopped by its time limit keeps what it got. Section
   bandwidth, and the same over the bandwidth a device-to-device copy reaches here); the same
   network as an autoregressive model (causal, its KV cache, greedy, CUDA graph a token) on the
   same 64 tokens after the same prefix. `fast_path` says which of the fast step's switches
-  were on (model.decoding.fast_step.switches.Switches).
+  were on (model.decoding.fast_step.switchboard.Switches).
 - switches: the same hole at 8 tokens a step with each of the fast step's switches on alone,
   all off and all on, side by side in one run (`compare`: the runs' order rotated from hole
   to hole, one untimed round first so that every run's graphs are captured).
@@ -58,6 +58,7 @@ from diffusion_contract.options import InfillOptions
 from diffusion_contract.options import hole_options as server_hole_options
 from diffusion_contract.percentile import percentile
 from model.decoding import fast_step
+from model.decoding.fast_step import graphs
 from model.decoding.hole import final_text, layout_ids
 from model.decoding.passes import forward_holes, window
 from model.decoding.prompt_cache import PromptCache
@@ -231,13 +232,13 @@ def kept_graphs(count: int) -> Iterator[None]:
     """At least `count` captured shapes (and COMPARED_BUFFER_BYTES of their buffers) kept while
     runs are compared: fast_step's bounds fit one configuration's; several side by side would
     evict each other's and time recaptures."""
-    saved = fast_step.MAX_GRAPHS, fast_step.MAX_BUFFER_BYTES
-    fast_step.MAX_GRAPHS = max(saved[0], count)
-    fast_step.MAX_BUFFER_BYTES = max(saved[1], COMPARED_BUFFER_BYTES)
+    saved = graphs.MAX_GRAPHS, graphs.MAX_BUFFER_BYTES
+    graphs.MAX_GRAPHS = max(saved[0], count)
+    graphs.MAX_BUFFER_BYTES = max(saved[1], COMPARED_BUFFER_BYTES)
     try:
         yield
     finally:
-        fast_step.MAX_GRAPHS, fast_step.MAX_BUFFER_BYTES = saved
+        graphs.MAX_GRAPHS, graphs.MAX_BUFFER_BYTES = saved
 
 
 def compare(model: LoadedModel, holes: list[dict],
