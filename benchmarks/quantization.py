@@ -35,6 +35,7 @@ from model.decoding.passes import forward_holes
 from model.decoding.prompt_cache import PromptCache
 from model.decoding.sampler import infill, new_state
 from model.network.loader import LoadedModel, load_model, quantized_copy
+from model.network.published import FAMILY_SPECS, write_checkpoint
 from model.network.quantize import INT4, INT8, NONE, torchao_version
 from model.network.shapes import random_model_of_shape
 
@@ -81,11 +82,6 @@ def quality(limit: int, data: Path | None) -> dict:
         holes = load_holes("single-line", limit, data)
     except FileNotFoundError as error:
         return {"skipped": f"no HumanEval-infilling data ({error})"}
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from model.network.published import FAMILY_SPECS, write_checkpoint
-
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         paths = {"bundled": None}

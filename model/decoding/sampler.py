@@ -11,7 +11,7 @@ one block at a time against an exact cache; `generate_exact` is its published sa
 
 The functions are pure over a `HoleState`; `forward_holes` runs the network for any number of
 states at once, so the single-request loop (`infill`) and the engine's batched loop share one
-step function (`apply_step`). The names of the pieces are importable from here too.
+step function (`apply_step`).
 """
 
 from __future__ import annotations
@@ -24,62 +24,28 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffusion_contract.options import ALGORITHMS, NO_TOP_K, NO_TOP_P, SCORES, InfillOptions, Rule
+from diffusion_contract.options import InfillOptions
 from model.decoding import block
 from model.decoding.hole import (
     NEWLINE,
-    ContextCache,
     HoleState,
     Infill,
     StepTrace,
     check_finished,
     close_hole,
     edit_hole,
-    encode,
-    final_text,
     is_end,
     layout_ids,
-    open_text,
     result,
-    text_settled_by_end,
 )
-from model.decoding.passes import (
-    _full_pass,
-    _hole_pass,
-    forward_holes,
-    guide,
-    logit_positions,
-    needs_full_pass,
-    samples_on_host,
-    unconditioned,
-    window,
-)
-from model.decoding.schedules import (
-    DREAM_EPS,
-    advance_schedule,
-    block_span,
-    steps_per_block,
-    timesteps,
-    transfer_count,
-    transfer_fraction,
-    uniform_counts,
-)
+from model.decoding.passes import forward_holes
+from model.decoding.schedules import advance_schedule
 from model.decoding.scoring import (
-    ENTROPY_EPS,
-    Head,
     Scored,
     ban_early_ends,
     bans_early_ends,
-    filter_logits,
-    gumbel_tokens,
     pick,
-    raw_scores,
-    sample_and_score,
     sampleable,
-    score_logits,
-    select_commits,
-    step_head,
-    unit_scores,
     with_end_runs,
 )
 from model.network.loader import LoadedModel
@@ -87,20 +53,6 @@ from model.network.loader import LoadedModel
 if TYPE_CHECKING:
     from model.decoding.prompt_cache import PromptCache
 
-__all__ = [
-    "ALGORITHMS", "DREAM_EPS", "ENTROPY_EPS", "NEWLINE", "NO_TOP_K", "NO_TOP_P", "SCORES",
-    "ContextCache", "Head", "HoleState", "Infill", "InfillOptions", "Rule", "Scored",
-    "StepTrace", "_full_pass", "_hole_pass", "advance_schedule", "apply_step",
-    "ban_early_ends", "block_span", "check_finished", "close_hole", "denoise_step",
-    "edit_hole", "encode", "filter_logits", "final_text", "forward_holes", "generate_exact",
-    "guide",
-    "gumbel_tokens", "infill", "is_end", "layout_ids", "logit_positions", "needs_full_pass",
-    "new_state", "new_state_from_ids", "open_text", "pick", "raw_scores", "result",
-    "sample_and_score", "sampleable",
-    "samples_on_host", "score_logits", "select_commits", "step_head", "steps_per_block",
-    "text_settled_by_end", "timesteps", "transfer_count", "transfer_fraction", "unconditioned",
-    "uniform_counts", "unit_scores", "window", "with_end_runs",
-]
 
 
 def new_state(model: LoadedModel, prefix: str, suffix: str, options: InfillOptions) -> HoleState:

@@ -1,4 +1,5 @@
-"""Tiny random checkpoints in each published family's OFFICIAL on-disk format.
+"""Tiny random checkpoints in each published family's OFFICIAL on-disk format (the tests'
+family fixtures, and benchmarks/quantization.py's tiny models).
 
 Written from the published formats, not from this project's family table (so a wrong entry
 in model/network/families.py shows up as a test failure): config.json with the published keys and
