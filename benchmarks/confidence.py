@@ -1,7 +1,7 @@
 """`diffusion-lsp bench confidence`: the confidence floor's trade-off, and what is offered.
 
 A completion's confidence is the probability its least sure token was committed with
-(`model.hole.Confidence.lowest`). The floor is chosen on one half of HumanEval-infilling's
+(`model.decoding.hole.Confidence.lowest`). The floor is chosen on one half of HumanEval-infilling's
 single-line holes and reported on the other (held-out) half, split by problem: even-numbered
 problems calibrate, odd-numbered ones are held out.
 
@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 from benchmarks.report import load_holes, machine, publish
+from diffusion_contract.options import hole_options
 from lsp_server.parse_check import breaks_parse, inserted, parses
-from model.loader import LoadedModel
-from model.options import hole_options
-from model.sampler import infill
+from model.decoding.sampler import infill
+from model.network.loader import LoadedModel
 
 FLOORS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MAX_RIGHT_LOST = 0.10  # the calibrated floor loses at most this share of the right suggestions
@@ -150,8 +150,8 @@ async def offered_over_lsp(holes: list[dict], settings: dict) -> dict:
 
 
 def run_confidence_bench(args) -> int:
-    from model.load import load_for_cli
-    from model.paths import min_confidence
+    from model.catalog.paths import min_confidence
+    from model.network.load import load_for_cli
 
     data = Path(args.data) if args.data else None
     calibration, held_out = halves(load_holes("single-line", 2 * args.limit, data))

@@ -10,7 +10,7 @@ float32, bfloat16 and (where torch has it) int8 weights with dynamic activation 
 - the vocabulary projection (lm_head) over HOLE_TOKENS rows,
 
 and profiles the hole and full passes in the dtype `auto` picks (torch.profiler, top
-operators by self CPU time). This is the measurement behind `model.cpu.auto_cpu_dtype`.
+operators by self CPU time). This is the measurement behind `model.catalog.cpu.auto_cpu_dtype`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch
 from transformers import DynamicCache
 
 from benchmarks.report import machine, save
-from model.cpu import cpu_flags, describe
-from model.loader import LoadedModel
-from model.shapes import random_model_of_shape
+from model.catalog.cpu import cpu_flags, describe
+from model.network.loader import LoadedModel
+from model.network.shapes import random_model_of_shape
 
 FULL_TOKENS = 320
 HOLE_TOKENS = 16
@@ -156,7 +156,7 @@ def profile(model: LoadedModel) -> dict:
 
 
 def run_cpu_bench(args) -> int:
-    from model.load import load_for_cli
+    from model.network.load import load_for_cli
 
     if args.threads:
         torch.set_num_threads(args.threads)

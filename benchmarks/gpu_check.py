@@ -13,7 +13,7 @@ soon as it has it, so a run stopped by its time limit keeps what it got. Section
   bandwidth, and the same over the bandwidth a device-to-device copy reaches here); the same
   network as an autoregressive model (causal, its KV cache, greedy, CUDA graph a token) on the
   same 64 tokens after the same prefix. `fast_path` says which of the fast step's switches
-  were on (model.fast_step.Switches).
+  were on (model.decoding.fast_step.switchboard.Switches).
 - switches: the same hole at 8 tokens a step with each of the fast step's switches on alone,
   all off and all on, side by side in one run (`compare`: the runs' order rotated from hole
   to hole, one untimed round first so that every run's graphs are captured).
@@ -23,7 +23,7 @@ soon as it has it, so a run stopped by its time limit keeps what it got. Section
 - concurrent: 4, 16 and 64 editors against one engine (`concurrent4/16/64`), each typing in
   its own document (document cache on), closed loop (benchmarks/load_test.py's
   `editors_load`): 64-token holes at 8 tokens a step; p50, p95, one editor alone's p50 and
-  the aggregate tokens/s, its batched hole steps packed into one pass (model.packed_step).
+  the aggregate tokens/s, its batched hole steps packed into one pass (model.decoding.packed_step).
 - lsp: the server as its own process over stdio on the same shape; a document is opened, a
   completion asked for, one character typed, and the completion after it timed (p50).
 - profile: the kernels of a hole-only step and of a full pass, by device time
@@ -57,21 +57,17 @@ import torch
 
 from benchmarks.model_speed import card_bandwidth
 from benchmarks.report import RESULTS, EvalDataMissing, load_holes
-from model import fast_step, packed_step, quantize
-from model.loader import LoadedModel, load_model
-from model.options import hole_options as server_hole_options
-from model.prompt_cache import PromptCache
-from model.sampler import (
-    InfillOptions,
-    denoise_step,
-    final_text,
-    forward_holes,
-    infill,
-    layout_ids,
-    new_state,
-    window,
-)
-from model.shapes import random_model_of_shape
+from diffusion_contract.options import InfillOptions
+from diffusion_contract.options import hole_options as server_hole_options
+from model.decoding import fast_step, packed_step
+from model.decoding.fast_step import graphs
+from model.decoding.hole import final_text, layout_ids
+from model.decoding.passes import forward_holes, window
+from model.decoding.prompt_cache import PromptCache
+from model.decoding.sampler import denoise_step, infill, new_state
+from model.network import quantize
+from model.network.loader import LoadedModel, load_model
+from model.network.shapes import random_model_of_shape
 
 HOLE_TOKENS = 64
 TOKENS_PER_STEP = (1, 2, 4, 8)
@@ -147,7 +143,7 @@ def copy_bandwidth(device: torch.device) -> float | None:
 
 def fill(model: LoadedModel, hole: dict, options: InfillOptions, cache: PromptCache | None,
          document: str | None) -> dict:
-    """The sampler's loop (model.sampler.infill), each step timed: every step ends with its
+    """The sampler's loop (model.decoding.sampler.infill), each step timed: every step ends with its
     tokens on the CPU, so the host clock times the GPU's work too. (The cache keeps the
     context after the first step, inside the first step's time, as in the loop.)"""
     sync(model)
@@ -240,13 +236,13 @@ def kept_graphs(count: int) -> Iterator[None]:
     """At least `count` captured shapes (and COMPARED_BUFFER_BYTES of their buffers) kept while
     runs are compared: fast_step's bounds fit one configuration's; several side by side would
     evict each other's and time recaptures."""
-    saved = fast_step.MAX_GRAPHS, fast_step.MAX_BUFFER_BYTES
-    fast_step.MAX_GRAPHS = max(saved[0], count)
-    fast_step.MAX_BUFFER_BYTES = max(saved[1], COMPARED_BUFFER_BYTES)
+    saved = graphs.MAX_GRAPHS, graphs.MAX_BUFFER_BYTES
+    graphs.MAX_GRAPHS = max(saved[0], count)
+    graphs.MAX_BUFFER_BYTES = max(saved[1], COMPARED_BUFFER_BYTES)
     try:
         yield
     finally:
-        fast_step.MAX_GRAPHS, fast_step.MAX_BUFFER_BYTES = saved
+        graphs.MAX_GRAPHS, graphs.MAX_BUFFER_BYTES = saved
 
 
 def compare(model: LoadedModel, holes: list[dict],

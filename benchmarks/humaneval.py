@@ -117,7 +117,7 @@ def exact_match(completion: str, task: dict) -> bool:
 def infill_options(split: str, max_tokens: int | None = None):
     """As the language server asks: every middle is at least one token (min_tokens=1), since
     no task's missing lines are empty."""
-    from model.sampler import InfillOptions
+    from diffusion_contract.options import InfillOptions
 
     return InfillOptions(max_tokens=max_tokens or MAX_TOKENS[split],
                          initial_tokens=min(INITIAL_TOKENS[split], max_tokens or 10**9),
@@ -288,8 +288,8 @@ def run_eval(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from model.engine import Engine
-    from model.load import load_for_cli
-    from model.loader import ModelLoadError
+    from model.network.load import load_for_cli
+    from model.network.loader import ModelLoadError
 
     console = Console(stderr=True)
     try:

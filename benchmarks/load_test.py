@@ -4,9 +4,9 @@
 in this process -- what one replica of the service runs -- on a random-weight model of a
 published shape (default: the 0.5B one on a CPU). Each editor types in its own document,
 closed loop: one completion in flight, the next asked the moment it is answered, one more
-character typed each time, so the document's cached context is reused (model.prompt_cache)
+character typed each time, so the document's cached context is reused (model.decoding.prompt_cache)
 and every hole has the same number of tokens (ends banned). Batched steps are measured both
-ways side by side, in rounds whose order rotates: packed into one pass (model.packed_step)
+ways side by side, in rounds whose order rotates: packed into one pass (model.decoding.packed_step)
 and through transformers' padded batch. Per level: p50 / p95 of a completion, the p50 of one
 editor alone, and the aggregate tokens/s (all editors' tokens over the wall time), against one
 by one (one editor). The GPU check's `concurrent4/16/64` run the same loop (`editors_load`).
@@ -48,8 +48,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.report import RESULTS, load_holes, machine  # noqa: E402
-from model.loader import bundled_model_path  # noqa: E402
-from model.percentile import percentile  # noqa: E402
+from diffusion_contract.percentile import percentile  # noqa: E402
+from model.network.loader import bundled_model_path  # noqa: E402
 
 TOKEN = "load-test-token"  # a throwaway token for this run's own loopback service
 START_TIMEOUT_S = 300
@@ -127,12 +127,12 @@ def run_load_bench(args: argparse.Namespace) -> int:
     import torch
 
     from benchmarks.report import publish
+    from diffusion_contract.options import InfillOptions
+    from model.decoding.packed_step import PACKED_ENV
+    from model.decoding.prompt_cache import PromptCache
     from model.engine import Engine
-    from model.load import load_for_cli
-    from model.options import InfillOptions
-    from model.packed_step import PACKED_ENV
-    from model.prompt_cache import PromptCache
-    from model.shapes import random_model_of_shape
+    from model.network.load import load_for_cli
+    from model.network.shapes import random_model_of_shape
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -27,7 +27,7 @@ from benchmarks.report import (
     pyplot,
     save_figure,
 )
-from model.percentile import percentile
+from diffusion_contract.percentile import percentile
 
 SPLITS = {"single-line": "never", "multi-line": "auto"}  # split -> completion.multiline
 
@@ -131,7 +131,7 @@ def preview_cost(run: dict) -> dict:
 def run_lsp_bench(args) -> int:
     from lsp_server import context as ctx
     from lsp_server.settings import Settings
-    from model.load import load_for_cli
+    from model.network.load import load_for_cli
 
     data = Path(args.data) if args.data else None
     runs = []

@@ -24,11 +24,13 @@ from benchmarks.report import (
     save,
     save_figure,
 )
+from diffusion_contract.options import InfillOptions
+from diffusion_contract.percentile import percentile
+from model.decoding.hole import layout_ids
+from model.decoding.sampler import infill
 from model.engine import Engine
-from model.loader import LoadedModel
-from model.percentile import percentile
-from model.sampler import InfillOptions, infill, layout_ids
-from model.shapes import random_model_of_shape
+from model.network.loader import LoadedModel
+from model.network.shapes import random_model_of_shape
 
 
 @torch.inference_mode()
@@ -174,8 +176,8 @@ def bench_vs_autoregressive(model: LoadedModel, holes: list[dict], max_tokens: i
     """Diffusion fills the hole with exactly `max_tokens` real tokens (end tokens banned, so the
     step count is fixed by `tokens_per_step`); AR decodes the same number after the same prefix.
     Each also warm: the context's keys/values cached beforehand (diffusion: the document's
-    context, `model.prompt_cache`; AR: the prefix's), as while the user types."""
-    from model.prompt_cache import PromptCache
+    context, `model.decoding.prompt_cache`; AR: the prefix's), as while the user types."""
+    from model.decoding.prompt_cache import PromptCache
 
     options = InfillOptions(max_tokens=max_tokens, initial_tokens=max_tokens,
                             tokens_per_step=tokens_per_step, min_tokens=max_tokens)
@@ -215,7 +217,7 @@ def bench_vs_autoregressive(model: LoadedModel, holes: list[dict], max_tokens: i
 
 
 # ---------------------------------------------------------------------------------------------
-# random-weight models of a published shape: model.shapes
+# random-weight models of a published shape: model.network.shapes
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # SXM memory bandwidth, vendor datasheets
 
@@ -293,10 +295,10 @@ AGREEMENT_REFERENCE = {"algorithm": "entropy", "steps": 8}
 
 
 def agreement_models(include_bundled: bool, workdir: Path) -> dict[str, LoadedModel]:
-    """A tiny random checkpoint of every family (model/tiny.py), and the bundled model."""
-    from model.families import FAMILIES
-    from model.loader import bundled_model_path, load_model
-    from model.tiny import write_tiny_model
+    """A tiny random checkpoint of every family (model/network/tiny.py), and the bundled model."""
+    from model.network.families import FAMILIES
+    from model.network.loader import bundled_model_path, load_model
+    from model.network.tiny import write_tiny_model
 
     models = {f"tiny-{name}": load_model(write_tiny_model(workdir / name, family=name),
                                          device="cpu")
@@ -351,7 +353,7 @@ def run_cache_agreement(args) -> int:
     with tempfile.TemporaryDirectory() as workdir:
         models = agreement_models(args.model is None, Path(workdir))
         if args.model is not None:
-            from model.load import load_for_cli
+            from model.network.load import load_for_cli
 
             models[str(args.model)] = load_for_cli(args)
         runs = []
@@ -377,7 +379,7 @@ def run_cache_agreement(args) -> int:
 
 
 def run_bench(args) -> int:
-    from model.load import load_for_cli
+    from model.network.load import load_for_cli
 
     if args.name == "cache-agreement":
         return run_cache_agreement(args)

@@ -4,7 +4,7 @@ The set: HumanEval problems (from the single-line infilling split, whose records
 one line of a solution) with TWO separate, non-adjacent lines of one solution removed. Each
 hole is a line's text after its indentation.
 
-- joint: both holes masked in one sequence and denoised together (`model.multi_hole`), each
+- joint: both holes masked in one sequence and denoised together (`model.decoding.multi_hole`), each
   seeing the other as it sharpens;
 - sequential: the first hole filled with the second line missing, then the second with the
   first filled in (one hole at a time, as a left-to-right tool would).
@@ -89,7 +89,7 @@ def filled(task: dict, fills: list[str]) -> str:
 
 
 def fill_joint(model, task: dict, options) -> tuple[list[str], int]:
-    from model.multi_hole import infill_holes
+    from model.decoding.multi_hole import infill_holes
 
     text, (h1, h2) = task["text"], task["holes"]
     # as the server's code action asks: no hole starts with blank space (the one-hole runs
@@ -100,7 +100,7 @@ def fill_joint(model, task: dict, options) -> tuple[list[str], int]:
 
 
 def fill_sequential(model, task: dict, options) -> tuple[list[str], int]:
-    from model.sampler import infill
+    from model.decoding.sampler import infill
 
     text, (h1, h2) = task["text"], task["holes"]
     one = infill(model, text[:h1[0]], text[h1[1]:h2[0]] + text[h2[1]:], options)
@@ -112,7 +112,7 @@ def fill_sequential(model, task: dict, options) -> tuple[list[str], int]:
 def evaluate(model, tasks: list[dict], name: str) -> dict:
     from dataclasses import replace
 
-    from model.sampler import InfillOptions
+    from diffusion_contract.options import InfillOptions
 
     joint_options = InfillOptions(max_tokens=HOLE_TOKENS, min_tokens=1)
     line_options = replace(joint_options, single_line=True, initial_tokens=16)
@@ -150,9 +150,9 @@ def evaluate(model, tasks: list[dict], name: str) -> dict:
 
 
 def models_to_run(args) -> list[tuple[str, object]]:
-    from model.load import load_for_cli
-    from model.loader import load_model
-    from model.tiny import write_tiny_model
+    from model.network.load import load_for_cli
+    from model.network.loader import load_model
+    from model.network.tiny import write_tiny_model
 
     loaded = [(str(args.model or "bundled"), load_for_cli(args))]
     if args.tiny_families:

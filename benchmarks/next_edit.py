@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.report import machine, publish
-from model.percentile import percentile
+from diffusion_contract.percentile import percentile
 
 KINDS = ("rename", "add-parameter", "signature")
 MAX_BODY_LINES = 8  # the function's lines kept (the editable region is 13 lines)

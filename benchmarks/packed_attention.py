@@ -1,7 +1,7 @@
 """`python -m benchmarks.packed_attention`: how a packed step's holes should attend, measured.
 
 Each hole's window rows attend to its own context's keys and values and its own rows
-(model/packed_step.py). Four ways to compute that for a batch, timed side by side on one
+(model/decoding/packed_step.py). Four ways to compute that for a batch, timed side by side on one
 layer's attention of the 0.5B shape (14 query heads, 2 key/value heads, head_dim 64), in
 rounds whose order rotates: one SDPA call a hole (`per_hole`, what packed_step does); one
 SDPA over the holes padded to one batch with a padding mask (`padded`); one SDPA over all

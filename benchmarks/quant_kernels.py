@@ -1,12 +1,12 @@
 """Weight-quantization kernels on this CPU, side by side: what `int8` / `int4` can mean here.
 
 The 0.5B shape's layer stack (Open-dCoder-0.5B = Qwen2.5-0.5B: 24 layers of q, k, v, o,
-gate, up, down projections; model.shapes) multiplies HOLE_ROWS rows (a 16-token hole) through
-every projection, the way a hole step reads the weights. Each candidate is timed in the same
+gate, up, down projections; model.network.shapes) multiplies HOLE_ROWS rows (a 16-token hole)
+through every projection, the way a hole step reads the weights. Each candidate is timed in the same
 run, median of REPEATS after a warm-up, and its output compared with float32's:
 
 - float32 / bfloat16 `F.linear` (float32 is what `dtype: auto` picks on a CPU without native
-  bf16 dot products, model.cpu), bfloat16 also under torch.compile;
+  bf16 dot products, model.catalog.cpu), bfloat16 also under torch.compile;
 - torch's own CPU kernels: `aten._weight_int8pack_mm` (int8 weights, one scale per output
   channel) and `aten._weight_int4pack_mm_for_cpu` (int4, groups of INT4_GROUP);
 - `torch.ao.quantization.quantize_dynamic` (fbgemm int8 weights and activations);
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.report import machine, save
-from model.cpu import auto_cpu_dtype, describe
-from model.shapes import SHAPES
+from model.catalog.cpu import auto_cpu_dtype, describe
+from model.network.shapes import SHAPES
 
 SHAPE = "qwen2.5-0.5b"
 HOLE_ROWS = 16

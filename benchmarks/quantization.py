@@ -5,11 +5,11 @@ Quality (`--part quality`), per model and scheme, over HumanEval-infilling singl
 first pass's predictions at the hole's masked positions, and the share of completions
 identical to the unquantized model's (greedy, the server's single-line options). Models: the
 bundled one (trained weights) and every family's tiny official-format checkpoint
-(tests/fixtures_families.py: random weights, so their agreement is a lower bound).
+(model/network/published.py: random weights, so their agreement is a lower bound).
 
 Speed (`--part speed`): a random-weight model of `--shape` (default qwen2.5-0.5b,
 Open-dCoder-0.5B's) in none / int8 / int4, the same weights quantized
-(model.loader.quantized_copy), timed side by side in one run, taking turns hole by hole:
+(model.network.loader.quantized_copy), timed side by side in one run, taking turns hole by hole:
 the first request on a document and the request after a typed character (the document's
 context cached), 16-token holes at 4 tokens a step; ms a step is the typed request's latency
 over its steps.
@@ -29,13 +29,22 @@ import torch
 
 from benchmarks.report import EVAL_DATA, load_holes, machine, save
 from benchmarks.typing_latency import hole_document, server_options
-from model.cpu import describe
-from model.loader import LoadedModel, load_model, quantized_copy
-from model.passes import forward_holes
-from model.prompt_cache import PromptCache
-from model.quantize import CPU_INT8_WEIGHT_ONLY, INT4, INT8, NONE, kernel_for, torchao_version
-from model.sampler import InfillOptions, infill, new_state
-from model.shapes import random_model_of_shape
+from diffusion_contract.options import InfillOptions
+from model.catalog.cpu import describe
+from model.decoding.passes import forward_holes
+from model.decoding.prompt_cache import PromptCache
+from model.decoding.sampler import infill, new_state
+from model.network.loader import LoadedModel, load_model, quantized_copy
+from model.network.published import FAMILY_SPECS, write_checkpoint
+from model.network.quantize import (
+    CPU_INT8_WEIGHT_ONLY,
+    INT4,
+    INT8,
+    NONE,
+    kernel_for,
+    torchao_version,
+)
+from model.network.shapes import random_model_of_shape
 
 NAME = "quantization"
 SCHEMES = (NONE, INT8, INT4)
@@ -81,11 +90,6 @@ def quality(limit: int, data: Path | None) -> dict:
         holes = load_holes("single-line", limit, data)
     except FileNotFoundError as error:
         return {"skipped": f"no HumanEval-infilling data ({error})"}
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.fixtures_families import FAMILY_SPECS, write_checkpoint
-
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         paths = {"bundled": None}

@@ -1,5 +1,5 @@
 """What every benchmark shares: where results go, the holes it runs, the machine it ran on,
-percentiles (`model.percentile`), and plots.
+percentiles (`diffusion_contract.percentile`), and plots.
 
 Every benchmark prints a table, saves JSON (and a PNG when matplotlib is installed) under
 benchmarks/results/ and names the machine, because figures here are only comparable side by

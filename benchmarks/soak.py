@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.report import REPO, machine, publish, pyplot, save, save_figure
-from model.percentile import percentile
+from diffusion_contract.percentile import percentile
 
 REQUESTS = 10_000
 DOCUMENTS = 20
@@ -121,7 +121,7 @@ async def soak(requests: int, documents: int, model: str | None, seed: int,
 
     rng = random.Random(seed)
     if model == "tiny":
-        from model.tiny import write_tiny_model
+        from model.network.tiny import write_tiny_model
 
         model = str(write_tiny_model(TINY_DIR))
     settings = dict(SETTINGS, **({"model": {"path": model}} if model else {}))

@@ -43,13 +43,15 @@ from benchmarks.report import (
     pyplot,
     save_figure,
 )
-from model.cpu import describe
-from model.families import DREAM
-from model.loader import TOKENIZER_FILE, LoadedModel, load_model
-from model.percentile import percentile
-from model.prompt_cache import PromptCache
-from model.sampler import InfillOptions, infill, layout_ids
-from model.shapes import SHAPES, random_model_of_shape
+from diffusion_contract.options import InfillOptions
+from diffusion_contract.percentile import percentile
+from model.catalog.cpu import describe
+from model.decoding.hole import layout_ids
+from model.decoding.prompt_cache import PromptCache
+from model.decoding.sampler import infill
+from model.network.families import DREAM
+from model.network.loader import TOKENIZER_FILE, LoadedModel, load_model
+from model.network.shapes import SHAPES, random_model_of_shape
 
 DOCUMENTS_FOR_MEMORY = 20  # the issue's "20 open documents"
 SINGLE_LINE_TOKENS = 32  # the server's completion.maxTokensSingleLine default
@@ -80,7 +82,7 @@ def server_options(max_tokens: int = SINGLE_LINE_TOKENS,
 
 def write_shape_checkpoint(shape: str, directory: Path) -> Path:
     """A dream-family checkpoint of `shape` with random weights in `directory` (see module):
-    `model.shapes`' model of that shape, saved as the loader reads it."""
+    `model.network.shapes`' model of that shape, saved as the loader reads it."""
     model = random_model_of_shape(shape, "cpu")
     tied = model.network.config.tie_word_embeddings
     state = {k: v.contiguous() for k, v in model.network.state_dict().items()
@@ -239,7 +241,7 @@ def summary(rows: list[dict], server: dict, next_edits: bool) -> dict:
 
 
 def run_typing_bench(args) -> int:
-    from model.load import load_for_cli
+    from model.network.load import load_for_cli
 
     holes = load_holes("single-line", args.limit, Path(args.data) if args.data else None)
     options = server_options(args.max_tokens, args.tokens_per_step)

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
+from diffusion_contract.options import COMMIT_SETTINGS, QUANTIZATIONS, SAMPLER_SETTINGS
 from lsp_server.settings import ContextSettings
-from model.options import COMMIT_SETTINGS, QUANTIZATIONS, SAMPLER_SETTINGS
 
 CONTEXT = ContextSettings()  # the server's context budgets, the default for `infill` too
 PACKAGE = Path(__file__).resolve().parent
@@ -85,8 +85,8 @@ def _add_quantization_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampler_args(parser: argparse.ArgumentParser) -> None:
-    """The sampler's settings (model/options.py; docs/models.md, "Sampler settings"), one flag
-    each; unset = the sampler's default."""
+    """The sampler's settings (diffusion_contract/options.py; docs/models.md, "Sampler settings"),
+    one flag each; unset = the sampler's default."""
     group = parser.add_argument_group("sampler (how a step commits; the reference samplers "
                                       "Dream, LLaDA)")
     for setting in (*COMMIT_SETTINGS, *SAMPLER_SETTINGS):
@@ -358,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a --model that cannot load is said at once, in the terminal, before anything heavy
         # is imported, and the server does not start (a model.path from the editor's settings
         # is reported over LSP, as before)
-        from model.paths import model_problem
+        from model.catalog.paths import model_problem
 
         problem = model_problem(args.model) if args.model is not None else None
         if problem is not None:

@@ -1,5 +1,5 @@
 """The `infill` and `demo` commands: plain-script use of the model, no LSP involved. The model
-they run is `model.load.load_for_cli`'s."""
+they run is `model.network.load.load_for_cli`'s."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.load import load_for_cli
-from model.loader import LoadedModel, ModelLoadError
-from model.options import COMMIT_SETTINGS, SAMPLER_SETTINGS
-from model.paths import PREVIEW_NOTICE, bundled_model_path
-from model.sampler import Infill, InfillOptions, denoise_step, final_text, new_state
+from diffusion_contract.options import COMMIT_SETTINGS, SAMPLER_SETTINGS, InfillOptions
+from model.catalog.paths import PREVIEW_NOTICE, bundled_model_path
+from model.decoding.hole import Infill, final_text
+from model.decoding.sampler import denoise_step, new_state
+from model.network.load import load_for_cli
+from model.network.loader import LoadedModel, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,8 @@ def infill_records(model: LoadedModel, lines: Iterable[bytes], options: InfillOp
 def fill_one(model: LoadedModel, parsed, options: InfillOptions, budget: Budget,
              count_tokens, previews: bool) -> dict:
     from lsp_server.context import cut_hole
-    from model.preview import state_preview
-    from model.sampler import infill
+    from model.decoding.preview import state_preview
+    from model.decoding.sampler import infill
 
     key, prefix, suffix = parsed
     began = time.perf_counter()
@@ -179,7 +180,7 @@ def fill_several(model: LoadedModel, parsed, options: InfillOptions, budget: Bud
                  count_tokens, previews: bool) -> dict:
     """Every hole of a record masked in one sequence and denoised jointly."""
     from lsp_server.context import cut_hole
-    from model.multi_hole import infill_holes, multi_preview
+    from model.decoding.multi_hole import infill_holes, multi_preview
 
     key, text, spans = parsed
     began = time.perf_counter()

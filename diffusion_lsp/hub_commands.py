@@ -1,13 +1,14 @@
-"""The `pull` and `models` commands: the terminal side of model/hub.py (progress, tables)."""
+"""The `pull` and `models` commands: the terminal side of model/catalog/hub.py (progress,
+tables)."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from model import hub
-from model.paths import GET_A_REAL_MODEL, WEIGHTS_GLOB, bundled_model_path, hf_hub_dir
-from model.registry import find_supported
+from model.catalog import hub
+from model.catalog.paths import GET_A_REAL_MODEL, WEIGHTS_GLOB, bundled_model_path, hf_hub_dir
+from model.catalog.registry import find_supported
 
 
 def run_pull(args) -> int:

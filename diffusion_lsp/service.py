@@ -3,7 +3,7 @@
 Two deployments, one application:
 
     HTTP ─▶ Ray Serve proxy ─▶ Gateway (1 replica, no CPU reserved)
-                                 auth, routing, JSON (model/wire.py), metrics
+                                 auth, routing, JSON (diffusion_contract/wire.py), metrics
                                    │ DeploymentHandle: the least-loaded of two random replicas
                                    ▼
                                Infiller (N replicas: one per GPU, or CPU replicas)
@@ -11,7 +11,7 @@ Two deployments, one application:
 
 Batching. The engine batches at the level of denoising steps: a request joins the batch at the
 next step and leaves it as soon as its hole is filled (continuous batching; several holes'
-hole-only steps packed into one pass, model/packed_step.py). So, by default
+hole-only steps packed into one pass, model/decoding/packed_step.py). So, by default
 (`batching="engine"`), each replica accepts up to `max_batch` requests at once
 (`max_ongoing_requests`) and hands each straight to its engine, whose batch is bounded by
 `max_batch` and by memory (what does not fit waits in the engine, at most `max_batch`);
@@ -54,17 +54,18 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from diffusion_contract import edit_wire, wire
+from diffusion_contract.options import QUANTIZATIONS
+from diffusion_contract.percentile import percentile
 from lsp_server.backends.remote import is_loopback
-from model import edit_wire, next_edit, wire
-from model.families import parse_overrides
-from model.options import QUANTIZATIONS
-from model.percentile import percentile
+from model.decoding import next_edit
+from model.network.families import parse_overrides
 
 if TYPE_CHECKING:  # Ray, starlette and the model are imported where they are used
     from ray.serve import Application
     from starlette.responses import Response
 
-    from model.sampler import InfillOptions
+    from diffusion_contract.options import InfillOptions
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,10 @@ class ServiceConfig:
 
     model: str | None = None  # a model directory; None = the bundled model
     family: str | None = None
-    family_overrides: tuple[tuple[str, str], ...] = ()  # (field, value): model.families
+    family_overrides: tuple[tuple[str, str], ...] = ()  # (field, value): model.network.families
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"
-    quantization: str = "auto"  # none | int8 | int4 | auto (model.quantize)
+    quantization: str = "auto"  # none | int8 | int4 | auto (model.network.quantize)
     replicas: int | None = None  # fixed count; None = one per GPU, else 1
     min_replicas: int | None = None  # with max_replicas: autoscale between them
     max_replicas: int | None = None
@@ -188,7 +189,7 @@ def binding_problem(host: str, token: str | None) -> str | None:
 
 
 def quantile(values: list[float], q: float) -> float:
-    """The q-quantile (0 <= q <= 1) of `values` (`model.percentile`); 0 for none."""
+    """The q-quantile (0 <= q <= 1) of `values` (`diffusion_contract.percentile`); 0 for none."""
     return percentile(values, q * 100) if values else 0.0
 
 
@@ -288,7 +289,7 @@ class Metrics:
 def infill_options(hole: wire.Hole) -> InfillOptions:
     """The sampler's options for a hole that came over the wire (the sampler's defaults for
     what the request leaves out)."""
-    from model.options import MIN_TOKENS, hole_options
+    from diffusion_contract.options import MIN_TOKENS, hole_options
 
     sampler = dict(hole.sampler)
     if "seed" not in sampler:
@@ -307,7 +308,7 @@ class Infiller:
         import torch
 
         from model.engine import Engine
-        from model.loader import load_model
+        from model.network.loader import load_model
 
         def load():
             if device == "cpu":
@@ -366,7 +367,7 @@ class Infiller:
         """A hole's intermediate states, then its answer, as they come (Ray streams what this
         generator yields): `PROGRESS` + JSON `[step, steps, text]` after each step but the
         last, then `FILLED` + the `Filled` bytes. Closing the stream cancels the hole."""
-        from model.preview import state_preview
+        from model.decoding.preview import state_preview
 
         hole = self._decoder.decode(body)
         loop = asyncio.get_running_loop()
@@ -611,7 +612,7 @@ class Gateway:
 
     async def edit(self, body: bytes) -> Any:
         """`POST /v1/edit/completions` (Inception's next-edit contract): the editable region
-        re-denoised hole by hole (model/next_edit.py), each hole filled by a replica."""
+        re-denoised hole by hole (model/decoding/next_edit.py), each hole filled by a replica."""
         began = time.perf_counter()
         try:
             request, prompt = edit_wire.decode_edit(body)
@@ -728,11 +729,11 @@ def _model_path(args: argparse.Namespace) -> str | None:
     """--model, or the bundled model, or (with a warning) the tiny random-weight stand-in."""
     if args.model is not None:
         return str(args.model)
-    from model.loader import bundled_model_path
+    from model.network.loader import bundled_model_path
 
     if bundled_model_path() is not None:
         return None
-    from model.load import tiny_fallback
+    from model.network.load import tiny_fallback
 
     return str(tiny_fallback())
 

@@ -83,8 +83,8 @@ def check_path(environ: dict[str, str] | None = None) -> dict[str, Any]:
 def check_models() -> tuple[list[dict[str, Any]], str]:
     """Every model on disk (the bundled one, then the Hugging Face cache `pull` writes to),
     with its state; and the cache's path. No network."""
-    from model import hub
-    from model.paths import BUNDLED_DIR, bundled_model_path, hf_hub_dir
+    from model.catalog import hub
+    from model.catalog.paths import BUNDLED_DIR, bundled_model_path, hf_hub_dir
 
     bundled = bundled_model_path()
     models = [{"name": "bundled", "where": "bundled", "state": "ready" if bundled else "absent",
@@ -112,12 +112,12 @@ SEVEN_B = "DiffuCoder-7B-cpGRPO"  # the 7B model whose quantized fit `doctor` sh
 def quantization_choices(machine: Any, names: list[str],
                          choice: str = "auto") -> list[dict[str, Any]]:
     """What `--quantization choice` loads for each model of `names` on this machine's device
-    (model.quantize.choose_auto for `auto`), with its weights' size; a model that cannot fit
+    (model.network.quantize.choose_auto for `auto`), with its weights' size; a model that cannot fit
     says why."""
     import torch
 
-    from model import quantize
-    from model.registry import find_supported
+    from model.catalog.registry import find_supported
+    from model.network import quantize
 
     device = torch.device("cuda" if machine.gpus else "cpu")
     free = int(machine.gpu_memory_gib * 2**30) if machine.gpus else None
@@ -146,7 +146,7 @@ def diagnose(remote: RemoteSettings | None = None,
     """The whole report, as plain data (`describe` words it). `remote`: the remote in use,
     probed; None when there is none (it is then reported as not configured). `quantization`:
     the --quantization asked for, shown per recommended model."""
-    from model.machine import inspect_machine, recommend
+    from model.catalog.machine import inspect_machine, recommend
 
     machine = inspect_machine()
     advice = recommend(machine)

@@ -14,13 +14,13 @@ from typing import Any
 
 import msgspec
 
+from diffusion_contract.edit_wire import EditPrompt
 from lsp_server import context as ctx
 from lsp_server import next_edit as nes
 from lsp_server.backends import NextEditJob
 from lsp_server.documents import encoding_name
 from lsp_server.inline_completion import on_accept
 from lsp_server.server import DiffusionServer
-from model.edit_wire import EditPrompt
 
 log = logging.getLogger("diffusion_lsp")
 

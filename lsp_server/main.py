@@ -12,7 +12,7 @@ import sys
 from lsp_server import handlers, transport
 from lsp_server.logfile import make_handler
 from lsp_server.server import SERVING, UNREPORTED, DiffusionServer, report_to_user
-from model.families import parse_overrides
+from model.network.families import parse_overrides
 
 
 def make_server(model_override: dict | None = None) -> DiffusionServer:

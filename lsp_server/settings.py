@@ -14,25 +14,26 @@ from typing import Any, Literal
 
 import msgspec
 
-from model.families import OVERRIDABLE
-from model.options import (
+from diffusion_contract.options import (
     COMMIT_SETTINGS,
     SAMPLER_SETTINGS,
     settings_problem,
     settings_struct,
 )
+from model.network.families import OVERRIDABLE
 
 SECTION = "diffusionLsp"
 
 
 class ModelSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     path: str | None = None  # model directory or HF cache name; None = the bundled model
-    family: str | None = None  # a name in model.families.FAMILIES; None = config.json / detect
-    # family fields to replace, e.g. {"mask_token": "<M>"} (model.families.OVERRIDABLE)
+    # a name in model.network.families.FAMILIES; None = config.json / detect
+    family: str | None = None
+    # family fields to replace, e.g. {"mask_token": "<M>"} (model.network.families.OVERRIDABLE)
     family_overrides: dict[str, str] = msgspec.field(default_factory=dict)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # the transformer's linear weights (model/quantize.py): none (the checkpoint's dtype),
+    # the transformer's linear weights (model/network/quantize.py): none (the checkpoint's dtype),
     # int8, int4, auto (the device's best that fits)
     quantization: Literal["none", "int8", "int4", "auto"] = "auto"
     threads: int | None = None  # torch CPU threads; None = torch's choice
@@ -40,9 +41,9 @@ class ModelSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     context_cache_documents: int = 20
 
 
-# The sampler's settings as InfillOptions declares them (model/options.py), camelCase here:
-# how many positions a step commits, and the reference samplers' (Dream, LLaDA; docs/models.md,
-# "Sampler settings", maps each model card's values onto these).
+# The sampler's settings as InfillOptions declares them (diffusion_contract/options.py), camelCase
+# here: how many positions a step commits, and the reference samplers' (Dream, LLaDA;
+# docs/models.md, "Sampler settings", maps each model card's values onto these).
 CommitSettings = settings_struct("CommitSettings", COMMIT_SETTINGS, rename="camel",
                                  forbid_unknown_fields=True, module=__name__)
 SamplerSettings = settings_struct("SamplerSettings", SAMPLER_SETTINGS, rename="camel",
@@ -94,7 +95,7 @@ class NextEditSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=Tru
     max_snippets: int = 4  # recently viewed snippets sent (Inception: 3-5)
     snippet_lines: int = 20
     history_edits: int = 5  # diffs sent, the latest
-    # the local rewrite (model/next_edit.py); "region" by measurement (docs/next-edits.md)
+    # the local rewrite (model/decoding/next_edit.py); "region" by measurement (docs/next-edits.md)
     strategy: Literal["doubt", "region"] = "region"
     threshold: float = 0.9
     # after empty answers, skip more and more requests before asking the model again
@@ -199,7 +200,7 @@ def _check_ranges(settings: Settings) -> list[str]:
 
 def _sampler_problems(completion: CompletionSettings) -> list[str]:
     """What the sampler refuses in the completion settings, checked by the sampler itself
-    (model.options.settings_problem), with the settings' camelCase names."""
+    (diffusion_contract.options.settings_problem), with the settings' camelCase names."""
     given = {**msgspec.structs.asdict(completion.sampler),
              "threshold": completion.threshold, "tokens_per_step": completion.tokens_per_step}
     for max_tokens in (completion.max_tokens, completion.max_tokens_single_line):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 
-from model.percentile import percentile
+from diffusion_contract.percentile import percentile
 
 WINDOW = 1000  # latencies kept for the percentiles
 

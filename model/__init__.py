@@ -1,5 +1,7 @@
-"""The diffusion model: families < tokenizer < loader < sampler < engine, tiny test
-checkpoints, training."""
+"""The diffusion model (knows tensors, no LSP), by concern: catalog/ (which models, where,
+this machine) < network/ (families, tokenizers, the loader, quantized weights) < decoding/
+(the sampler and its pieces, the CUDA fast step) < engine.py (one worker serving many
+holes); train/ (the bundled model's training)."""
 
 import logging
 

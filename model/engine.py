@@ -39,17 +39,12 @@ from typing import Any
 
 import torch
 
-from model.loader import LoadedModel
-from model.prompt_cache import PromptCache
-from model.sampler import (
-    HoleState,
-    Infill,
-    InfillOptions,
-    denoise_step,
-    infill,
-    new_state,
-)
-from model.sampler import result as state_result
+from diffusion_contract.options import InfillOptions
+from model.decoding.hole import HoleState, Infill
+from model.decoding.hole import result as state_result
+from model.decoding.prompt_cache import PromptCache
+from model.decoding.sampler import denoise_step, infill, new_state
+from model.network.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +171,7 @@ class Engine:
         """Serve `model` from a new worker thread. Prefer `Engine.start` where the model is not
         loaded yet: it loads in the worker itself, which on a CPU is much faster (see there).
         With a `prompt_cache`, requests that name their document reuse its context
-        (`model.prompt_cache`). A dying worker is restarted after `backoff_s` (doubled for
+        (`model.decoding.prompt_cache`). A dying worker is restarted after `backoff_s` (doubled for
         each restart in the last minute), at most `restarts_per_minute` times a minute.
         `max_queued`, `max_batch_bytes`: the bounds of the module's docstring."""
         self._setup(max_batch, prompt_cache, restarts_per_minute, backoff_s, max_queued,

@@ -5,8 +5,8 @@ after".
 The holes are HumanEval-infilling's (tests/data): each task's middle as one hole (`infill`),
 and the middle plus the prompt's last line as two holes filled jointly (`infill_holes`), under
 a few sampler settings, on the bundled model and on tiny checkpoints in each family's published
-format (tests/fixtures_families.py). Only `model.sampler.infill` and `model.multi_hole.infill_holes`
-are called, so any checkout that has both can run it.
+format (model/network/published.py). Only `model.decoding.sampler.infill` and
+`model.decoding.multi_hole.infill_holes` are called, so any checkout that has both can run it.
 
     python scripts/same_completions.py OUT.json
     python scripts/same_completions.py --compare BEFORE.json AFTER.json
@@ -44,7 +44,7 @@ def holes() -> list[tuple[str, str, str]]:
 
 
 def settings():
-    from model.options import InfillOptions, hole_options
+    from diffusion_contract.options import InfillOptions, hole_options
 
     one = {
         "default": InfillOptions(max_tokens=24),
@@ -74,8 +74,8 @@ def pieces(prefix: str, suffix: str) -> list[str]:
 
 
 def run(model, name: str, out: dict) -> None:
-    from model.multi_hole import infill_holes
-    from model.sampler import infill
+    from model.decoding.multi_hole import infill_holes
+    from model.decoding.sampler import infill
 
     one, several = settings()
     for task, prefix, suffix in holes():
@@ -92,8 +92,8 @@ def run(model, name: str, out: dict) -> None:
 def collect(path: Path) -> None:
     import torch
 
-    from model.loader import load_model
-    from tests.fixtures_families import write_checkpoint
+    from model.network.loader import load_model
+    from model.network.published import write_checkpoint
 
     torch.set_num_threads(1)
     out: dict = {}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from model.loader import LoadedModel, load_model
-from model.tiny import write_tiny_model
+from model.network.loader import LoadedModel, load_model
+from model.network.tiny import write_tiny_model
 from tests.neovim_helpers import MIN_VERSION, find_nvim, nvim_version
 
 FAMILY_NAMES = ("default", "dream", "llada")

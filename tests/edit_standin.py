@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from model import edit_wire
+from diffusion_contract import edit_wire
 from tests.remote_standin import Seen, StandIn
 
 # the document the next-edit tests rename a parameter in

@@ -13,8 +13,8 @@ import sys
 
 import torch
 
+import model.decoding.sampler as sampler_module
 import model.engine as engine_module
-import model.sampler as sampler_module
 from diffusion_lsp.cli import main
 
 STEP_ERROR = "INJECT_STEP_ERROR"  # the forward pass raises a RuntimeError

@@ -1,6 +1,6 @@
 """A tiny random Stable-DiffCoder checkpoint in its published on-disk format.
 
-Written from the published format, not from model/families.py: config.json with the keys and
+Written from the published format, not from model/network/families.py: config.json with the keys and
 values of ByteDance-Seed/Stable-DiffCoder-8B-Base's config.json apart from sizes ("model_type":
 "llama", "architectures": ["StableDiffcoderForCausalLM"], its "auto_map", "bos_token_id": 0,
 "eos_token_id": 2, "vocab_size": 155136, rope_theta 5e5, ...), plain Llama weight names in
@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from model.tiny import SAMPLE_CODE
-from model.tokenizer import train_tokenizer
+from model.network.tiny import SAMPLE_CODE
+from model.network.tokenizer import train_tokenizer
 
 from .stable_diffcoder_reference import StableDiffcoderForCausalLM
 

@@ -1,6 +1,6 @@
 """A tiny random Fast-dLLM v2 checkpoint in its published on-disk format.
 
-Written from the published format, not from model/families.py: config.json with Qwen2.5-7B-
+Written from the published format, not from model/network/families.py: config.json with Qwen2.5-7B-
 Instruct's keys and values apart from sizes (Fast_dLLM_v2_7B is that model fine-tuned: "bos"
 151643, "eos" 151645, rope_theta 1e6, untied, "vocab_size" 152064, ...) plus what Fast-dLLM v2's
 remote code adds: "model_type": "Fast_dLLM_Qwen" (its `Fast_dLLM_QwenConfig`), "architectures":
@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from .fixtures_families import _qwen2_tokens, write_tokenizer
+from model.network.published import _qwen2_tokens, write_tokenizer
 
 VOCAB = 152064
 MASK, STOP = 151665, 151645

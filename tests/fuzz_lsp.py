@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--batch", type=int, default=50, help="cases per hypothesis run")
     args = parser.parse_args(argv)
-    from model.tiny import write_tiny_model
+    from model.network.tiny import write_tiny_model
 
     folder = Path(tempfile.mkdtemp(prefix="fuzz-lsp-"))
     run = start(folder / "server.log", write_tiny_model(folder / "tiny"))

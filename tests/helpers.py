@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import fast_step
+from model.decoding import fast_step
+from model.decoding.fast_step import graphs, layer, switchboard
 from model.train.data import ExampleShape
 from model.train.train import ModelShape, TrainConfig
 
@@ -66,12 +67,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def patch_fast_step(monkeypatch, name: str, value) -> None:
+    """Set a name of the fast step both where its module reads it and where the package hands
+    it on (`model.decoding.fast_step` re-exports its parts' public names)."""
+    homes = [part for part in (switchboard, layer, graphs) if hasattr(part, name)]
+    assert homes, f"no fast_step part defines {name}"
+    for target in (*homes, fast_step):
+        monkeypatch.setattr(target, name, value)
+
+
 def as_on_cuda(monkeypatch, model, env: dict[str, str]) -> fast_step.HoleSteps:
-    """Every pass through `model.fast_step` as on CUDA, with the switches of `env` (eager
+    """Every pass through `model.decoding.fast_step` as on CUDA, with the switches of `env` (eager
     here: the graphs would replay these kernels); returns the fixed shapes it uses."""
     steps = fast_step.HoleSteps(model, graphs=False)
-    monkeypatch.setattr(fast_step, "enabled", lambda m: True)
-    monkeypatch.setattr(fast_step, "hole_steps", lambda m: steps)
+    patch_fast_step(monkeypatch, "enabled", lambda m: True)
+    patch_fast_step(monkeypatch, "hole_steps", lambda m: steps)
     for variable in fast_step.SWITCH_ENVS.values():
         monkeypatch.delenv(variable, raising=False)
     for variable, value in env.items():
@@ -81,7 +91,7 @@ def as_on_cuda(monkeypatch, model, env: dict[str, str]) -> fast_step.HoleSteps:
 
 def hole_pass_both_ways(model, state) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states of the window: transformers' hole-only pass, then the fixed-shape step."""
-    from model.sampler import _hole_pass, window
+    from model.decoding.passes import _hole_pass, window
 
     (reference,) = _hole_pass(model, [state])
     state.context.age -= 1

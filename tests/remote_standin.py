@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from model import wire
+from diffusion_contract import wire
 
 KEY = "sk_standin_0123456789abcdef"  # a made-up key: it must never reach a log line
 KEY_ENV = "DIFFUSION_LSP_TEST_KEY"

@@ -4,8 +4,8 @@ Source: the model's `modeling_stable_diffcoder.py` (ByteDance-Seed/Stable-DiffCo
 the Hugging Face hub, MIT licence, (c) 2026 ByteDance Ltd.), class `StableDiffcoderForCausalLM`
 (a `LlamaForCausalLM` subclass that adds `generate_block` and its helpers, nothing to the
 network), read through the project's search tool. What it does, rule by rule, and written here
-in this project's words so that the tests compare `model.sampler.generate_exact` against the
-published behaviour rather than against itself:
+in this project's words so that the tests compare `model.decoding.sampler.generate_exact` against
+the published behaviour rather than against itself:
 
 - x = prompt + gen_length masks (mask id 5); gen_length % block_length == 0 and steps % blocks
   == 0 are asserted; steps per block = steps // (gen_length // block_length).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from benchmarks.next_edit import KINDS, applied, build_cases, edit_params, oracle, summarize
-from model.edit_wire import EditPrompt
+from diffusion_contract.edit_wire import EditPrompt
 
 MODULE = '''
 def scale(width, height, factor):

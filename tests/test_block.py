@@ -8,10 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.block import WRITE_CHUNK, BlockCache, block_causal_mask, run_rows
-from model.loader import load_model
-from model.prompt_cache import PromptCache
-from model.sampler import InfillOptions, generate_exact, infill, layout_ids, new_state
+from diffusion_contract.options import InfillOptions
+from model.decoding.block import WRITE_CHUNK, BlockCache, block_causal_mask, run_rows
+from model.decoding.hole import layout_ids
+from model.decoding.prompt_cache import PromptCache
+from model.decoding.sampler import generate_exact, infill, new_state
+from model.network.loader import load_model
 
 from .fixtures_block import EOS, MASK, official_model, write_stable_diffcoder
 from .helpers import one_thread  # noqa: F401 - autouse: tiny matmuls on one thread
@@ -59,7 +61,7 @@ def test_the_published_checkpoint_loads_as_stable_diffcoder(pairs):
 def test_its_architecture_alone_names_the_family():
     """A Llama checkpoint saved by the published class is Stable-DiffCoder by its config,
     whatever its tokenizer holds; a plain Llama one without the mask token is not."""
-    from model.families import STABLE_DIFFCODER, detect_family
+    from model.network.families import STABLE_DIFFCODER, detect_family
 
     config = {"model_type": "llama", "architectures": ["StableDiffcoderForCausalLM"]}
     assert detect_family(config, []) is STABLE_DIFFCODER

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from model.loader import load_model
-from model.tiny import SAMPLE_CODE
-from model.tokenizer import qwen2_tokenizer_from_bpe_files, train_tokenizer
+from model.network.loader import load_model
+from model.network.tiny import SAMPLE_CODE
+from model.network.tokenizer import qwen2_tokenizer_from_bpe_files, train_tokenizer
 from tests.helpers import split_tokenizer_json
 
 SAMPLE = ("def f(x):\n    return x + 12345  # it's ünïcode\n"

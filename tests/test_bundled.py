@@ -13,8 +13,9 @@ import math
 import pytest
 import torch
 
-from model.loader import BUNDLED_DIR, bundled_model_path, load_model
-from model.sampler import InfillOptions, infill
+from diffusion_contract.options import InfillOptions
+from model.decoding.sampler import infill
+from model.network.loader import BUNDLED_DIR, bundled_model_path, load_model
 from model.train.tokenizer import SPECIAL_TOKENS
 
 pytestmark = pytest.mark.skipif(

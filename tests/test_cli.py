@@ -98,7 +98,8 @@ def test_infill_family_overrides_from_the_command_line(tiny_dirs, tmp_path):
 
 
 def test_infill_takes_a_model_cards_sampler_settings(tiny_dirs, tiny_models, tmp_path):
-    from model.sampler import InfillOptions, infill
+    from diffusion_contract.options import InfillOptions
+    from model.decoding.sampler import infill
 
     prefix, suffix = "def f(x):\n    return ", "\n"
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"

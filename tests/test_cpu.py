@@ -10,8 +10,8 @@ import torch
 import benchmarks.report as report
 from benchmarks.cpu_profile import run_cpu_bench
 from benchmarks.typing_latency import bench_model, server_options, write_shape_checkpoint
-from model.cpu import BF16_MIN_PARAMETERS, auto_cpu_dtype, cpu_flags
-from model.loader import load_model, pick_dtype
+from model.catalog.cpu import BF16_MIN_PARAMETERS, auto_cpu_dtype, cpu_flags
+from model.network.loader import load_model, pick_dtype
 
 HALF_B = 494_032_768  # Qwen2.5-0.5B's parameters
 HOLES = [

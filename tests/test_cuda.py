@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from benchmarks.gpu_check import relative_error
-from model import fast_step
+from diffusion_contract.options import InfillOptions
+from model.decoding import fast_step
+from model.decoding.passes import _hole_pass, forward_holes, window
+from model.decoding.prompt_cache import PromptCache
+from model.decoding.sampler import infill, new_state
 from model.engine import Engine
-from model.loader import load_model
-from model.prompt_cache import PromptCache
-from model.sampler import InfillOptions, _hole_pass, forward_holes, infill, new_state, window
-
-from .fixtures_families import FAMILY_SPECS, write_checkpoint
+from model.network.loader import load_model
+from model.network.published import FAMILY_SPECS, write_checkpoint
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -163,10 +164,10 @@ def test_engine_batches_on_cuda_as_alone(bundled_pair):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", FAMILY_SPECS)
 def test_packed_steps_are_each_holes_own_pass_on_cuda(family_dirs, name, dtype, monkeypatch):
-    """Several holes' hole-only steps packed into one pass (model.packed_step) give each
+    """Several holes' hole-only steps packed into one pass (model.decoding.packed_step) give each
     hole's hidden states as its own pass through transformers does (logits within float
     tolerance: random tiny networks are close to ties everywhere)."""
-    from model import packed_step, passes
+    from model.decoding import packed_step, passes
 
     model = load_model(family_dirs[name], device="cuda", dtype=dtype)
     assert packed_step.enabled(model)
@@ -187,7 +188,7 @@ def test_the_engine_packs_its_steps_on_cuda_and_gives_the_texts_of_one_by_one(bu
     """The bundled model in fp32: holes at different steps and of different lengths share
     packed steps; their greedy texts are those of each alone (near-ties may flip a rare
     token, so all but one must match)."""
-    from model import packed_step
+    from model.decoding import packed_step
 
     _, gpu = bundled_pair
     sizes: list[int] = []
@@ -228,7 +229,7 @@ async def test_the_language_server_completes_on_cuda(tmp_path):
 def test_the_compiled_layer_is_the_eager_layer_on_a_published_shape():
     """torch.compile'd decoder layers (on for networks of 200M parameters and more) inside
     the CUDA graph give what the eager layer loop gives, on Qwen2.5-0.5B's shape in bf16."""
-    from model.shapes import random_model_of_shape
+    from model.network.shapes import random_model_of_shape
 
     model = random_model_of_shape("qwen2.5-0.5b", "cuda")
     layers = fast_step.layers_of(model.network)
@@ -300,7 +301,7 @@ def test_each_switch_gives_the_same_completions_on_cuda(switch, monkeypatch):
 def test_the_graph_head_scores_as_the_eager_step_on_cuda(family_dirs, name, dtype, monkeypatch):
     """A captured step's graph head gives, at the masked positions, the tokens and
     confidences `apply_step` computes from the same step's logits on the GPU."""
-    from model.sampler import ban_early_ends, sample_and_score, sampleable, step_head
+    from model.decoding.scoring import ban_early_ends, sample_and_score, sampleable, step_head
 
     model = load_model(family_dirs[name], device="cuda", dtype=dtype)
     options = InfillOptions(initial_tokens=12, refresh_every=0, min_tokens=4)
@@ -330,7 +331,7 @@ def test_fused_projections_and_captured_passes_on_a_published_shape():
     """On Qwen2.5-0.5B's shape in bf16, torch.compile'd: the fused projections hold no
     second copy of the weights and give the unfused hole step's hidden states; a captured
     full pass gives the uncaptured one's."""
-    from model.shapes import random_model_of_shape
+    from model.network.shapes import random_model_of_shape
 
     model = random_model_of_shape("qwen2.5-0.5b", "cuda")
     state = new_state(model, PREFIX * 8, SUFFIX, InfillOptions(initial_tokens=32,
@@ -367,7 +368,7 @@ def test_quantized_weights_agree_with_bf16_on_cuda(scheme, tmp_path, monkeypatch
     """The bundled model (trained weights) in int8 / int4 on CUDA (torchao's kernels) against
     bf16: close hidden states, nearly the same greedy completions (int8: all but one of
     HOLES), through the default CUDA path (the fast step, its graphs, the compiled layer)."""
-    from model import quantize, quantized_cache
+    from model.network import quantize, quantized_cache
 
     monkeypatch.setenv(quantized_cache.CACHE_ENV, str(tmp_path))
     plain = load_model(None, device="cuda", dtype="bfloat16", quantization="none")
@@ -389,7 +390,7 @@ def test_quantized_weights_agree_with_bf16_on_cuda(scheme, tmp_path, monkeypatch
 
 def test_a_7b_shape_in_int4_fits_in_a_fraction_of_its_bf16_memory():
     """Built layer by layer in int4, Qwen2.5-7B's shape stays well under its bf16 size."""
-    from model.shapes import random_model_of_shape
+    from model.network.shapes import random_model_of_shape
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from lsp_server.doctor import check_models, check_path, check_remote, describe
 from lsp_server.settings import RemoteSettings
-from model.machine import GPU_GIB_FOR_7B, Gpu, Machine, recommend
-from model.registry import MEASURED, SUPPORTED_MODELS
+from model.catalog.machine import GPU_GIB_FOR_7B, Gpu, Machine, recommend
+from model.catalog.registry import MEASURED, SUPPORTED_MODELS
 from tests.remote_standin import KEY, StandIn
 
 CLI = [sys.executable, "-m", "diffusion_lsp", "doctor"]

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
+from diffusion_contract.options import InfillOptions
+from model.decoding.sampler import infill, new_state
 from model.engine import Cancelled, Engine, QueueFull, hole_bytes
-from model.sampler import InfillOptions, infill, new_state
 
 HOLES = [
     ("def f(x):\n    return ", "\n"),
@@ -79,7 +80,7 @@ async def test_asyncio_cancellation_cancels_the_request(engine):
 
 
 def test_a_failing_request_does_not_stop_the_worker(tiny_model, engine, monkeypatch):
-    import model.sampler as sampler_module  # where the engine's step looks the pass up
+    import model.decoding.sampler as sampler_module  # where the engine's step looks the pass up
 
     real = sampler_module.forward_holes
     calls = {"n": 0}
@@ -213,8 +214,8 @@ def test_out_of_memory_fails_the_step_frees_memory_and_serving_goes_on(
         tiny_model, engine, monkeypatch):
     import torch
 
+    import model.decoding.sampler as sampler_module  # where the engine's step looks the pass up
     import model.engine as engine_module
-    import model.sampler as sampler_module  # where the engine's step looks the pass up
 
     real = sampler_module.forward_holes
     freed = []
@@ -253,7 +254,7 @@ def test_a_failing_on_step_costs_nothing(engine):
 
 
 def test_task_runs_on_the_worker_and_can_be_cancelled(tiny_model, engine):
-    from model.multi_hole import infill_holes
+    from model.decoding.multi_hole import infill_holes
 
     pieces = ["def f(x):\n    ", "\n    ", "\n"]
     done = engine.call(lambda model, stop: infill_holes(model, pieces, OPTIONS, stop)).future

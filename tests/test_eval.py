@@ -13,7 +13,7 @@ import pytest
 import benchmarks.humaneval as humaneval
 from benchmarks.sandbox import run_program, run_programs
 from lsp_server.context import cut_prefix, cut_suffix
-from model.sampler import Infill
+from model.decoding.hole import Infill
 
 DATA = Path(__file__).parent / "data" / "humaneval-infilling"
 SPLITS = ("single-line", "multi-line")

@@ -12,19 +12,14 @@ import shutil
 import pytest
 import torch
 
-from model.families import OVERRIDABLE, apply_overrides, get_family, parse_override
-from model.loader import ModelLoadError, load_model
-from model.sampler import (
-    InfillOptions,
-    apply_step,
-    forward_holes,
-    infill,
-    layout_ids,
-    needs_full_pass,
-    new_state,
-)
+from diffusion_contract.options import InfillOptions
+from model.decoding.hole import layout_ids
+from model.decoding.passes import forward_holes, needs_full_pass
+from model.decoding.sampler import apply_step, infill, new_state
+from model.network.families import OVERRIDABLE, apply_overrides, get_family, parse_override
+from model.network.loader import ModelLoadError, load_model
+from model.network.published import FAMILY_SPECS, SPECS, leaking_tokens, write_checkpoint
 
-from .fixtures_families import FAMILY_SPECS, SPECS, leaking_tokens, write_checkpoint
 from .helpers import one_thread  # noqa: F401 - autouse: tiny matmuls on one thread
 
 PREFIX = "def add(a, b):\n    return "
@@ -188,7 +183,7 @@ def test_diffucoder_pad_ends_the_hole_and_is_never_text(family_models):
     state = new_state(model, PREFIX, SUFFIX, InfillOptions(max_tokens=4, initial_tokens=4))
     apply_step(model, state, sharp(model, [word, pad, pad, pad]))
     result_text = model.tokenizer.decode([word])
-    from model.sampler import final_text
+    from model.decoding.hole import final_text
     assert state.finish_reason == "end" and final_text(model, state) == (result_text, 1)
     with forced(model, [pad]):
         done = infill(model, PREFIX, SUFFIX, InfillOptions(max_tokens=8))

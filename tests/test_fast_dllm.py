@@ -10,10 +10,11 @@ import json
 import pytest
 import torch
 
-from model.block import BlockCache, run_rows
-from model.families import FAMILIES, FAST_DLLM_V2, detect_family
-from model.loader import load_model
-from model.sampler import InfillOptions, generate_exact, new_state_from_ids
+from diffusion_contract.options import InfillOptions
+from model.decoding.block import BlockCache, run_rows
+from model.decoding.sampler import generate_exact, new_state_from_ids
+from model.network.families import FAMILIES, FAST_DLLM_V2, detect_family
+from model.network.loader import load_model
 
 from .fast_dllm_v2_reference import FastDllmV2Reference
 from .fixtures_fast_dllm import MASK, STOP, write_fast_dllm_v2

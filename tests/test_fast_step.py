@@ -1,4 +1,4 @@
-"""The fixed-shape hole step (model/fast_step.py) computes what the sampler's hole-only pass
+"""The fixed-shape hole step (model/decoding/fast_step/) computes what the sampler's hole-only pass
 through transformers computes, on every published family's tiny checkpoint (CPU, eager: the
 CUDA graph replays these same kernels, tests/test_cuda.py); so do its switches (the graph
 head, fused projections, captured passes), run here eagerly as the graphs would run them."""
@@ -10,27 +10,25 @@ import logging
 import pytest
 import torch
 
-from model import fast_step
-from model.loader import load_model
-from model.prompt_cache import PromptCache
-from model.sampler import (
-    InfillOptions,
+from diffusion_contract.options import InfillOptions
+from model.decoding import fast_step
+from model.decoding.fast_step import graphs, layer
+from model.decoding.passes import forward_holes, window
+from model.decoding.prompt_cache import PromptCache
+from model.decoding.sampler import apply_step, infill, new_state
+from model.decoding.scoring import (
     Scored,
-    apply_step,
     ban_early_ends,
-    forward_holes,
-    infill,
-    new_state,
+    greedy_scores,
     pick,
     sample_and_score,
     sampleable,
     step_head,
-    window,
 )
-from model.scoring import greedy_scores
+from model.network.loader import load_model
+from model.network.published import FAMILY_SPECS, write_checkpoint
 
-from .fixtures_families import FAMILY_SPECS, write_checkpoint
-from .helpers import as_on_cuda, hole_pass_both_ways
+from .helpers import as_on_cuda, hole_pass_both_ways, patch_fast_step
 
 PREFIX = "def add(a, b):\n    total = a + b\n    return "
 SUFFIX = "\n\nprint(add(1, 2))\n"
@@ -77,7 +75,7 @@ def test_buffers_follow_a_new_context_and_a_wider_window(family_models):
         state = new_state(model, prefix, SUFFIX, InfillOptions(initial_tokens=tokens,
                                                                refresh_every=0))
         forward_holes(model, [state])
-        from model.sampler import _hole_pass
+        from model.decoding.passes import _hole_pass
 
         (reference,) = _hole_pass(model, [state])
         start, end = window(state, model.family.shifted_logits)
@@ -104,7 +102,7 @@ def test_the_sampler_uses_it_only_on_cuda(family_models, monkeypatch):
 @pytest.mark.parametrize("name", FAMILY_SPECS)
 def test_whole_completions_through_the_layer_loop_give_the_same_text(family_models, name,
                                                                       monkeypatch):
-    """Whole completions with every pass through `model.fast_step` as on CUDA (full passes,
+    """Whole completions with every pass through `model.decoding.fast_step` as on CUDA (full passes,
     the document cache's partial pass, hole-only steps; eager here) against the sampler
     through transformers, as it runs on a CPU: same texts, same passes, same reuse."""
     model = family_models[name]
@@ -117,8 +115,8 @@ def test_whole_completions_through_the_layer_loop_give_the_same_text(family_mode
 
     plain = complete()
     steps = fast_step.HoleSteps(model, graphs=False)
-    monkeypatch.setattr(fast_step, "enabled", lambda m: True)
-    monkeypatch.setattr(fast_step, "hole_steps", lambda m: steps)
+    patch_fast_step(monkeypatch, "enabled", lambda m: True)
+    patch_fast_step(monkeypatch, "hole_steps", lambda m: steps)
     fixed = complete()
     for a, b in zip(plain, fixed, strict=True):
         assert (b.text, b.steps, b.full_passes, b.reused_tokens) == \
@@ -138,7 +136,7 @@ def test_the_decoder_layer_compiles_as_one_graph(family_models, monkeypatch):
     forward_holes(model, [state])
     reference, compiled = hole_pass_both_ways(model, state)
     torch.testing.assert_close(compiled, reference, atol=1e-5, rtol=1e-4)
-    assert fast_step._Layers(model.network, torch.device("cpu")).compiled is False  # CPU: no
+    assert layer._Layers(model.network, torch.device("cpu")).compiled is False  # CPU: no
 
 
 def test_kept_shapes_are_bounded_in_count_and_bytes(family_models, monkeypatch):
@@ -147,12 +145,12 @@ def test_kept_shapes_are_bounded_in_count_and_bytes(family_models, monkeypatch):
     state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=8, refresh_every=0))
     forward_holes(model, [state])
     start, end = window(state, True)
-    monkeypatch.setattr(fast_step, "MAX_GRAPHS", 2)
+    patch_fast_step(monkeypatch, "MAX_GRAPHS", 2)
     for width in (3, 4, 5):  # three windows: the oldest goes
         steps.run(state.context.layers, state.context, state.sequence()[start:start + width],
                   start)
     assert [key.width for key in steps._shapes] == [4, 5]
-    monkeypatch.setattr(fast_step, "MAX_BUFFER_BYTES", steps.buffer_bytes // 2)
+    patch_fast_step(monkeypatch, "MAX_BUFFER_BYTES", steps.buffer_bytes // 2)
     steps.run(state.context.layers, state.context, state.sequence()[start:start + 6], start)
     assert [key.width for key in steps._shapes] == [6]  # over the bytes: only the newest is kept
 
@@ -165,7 +163,7 @@ def test_switch_values_and_their_defaults(caplog):
     assert fast_step.parse_switch("X", "") is False
     assert fast_step.parse_switch("X", " On ") is True and fast_step.parse_switch("X", "1")
     assert fast_step.parse_switch("X", "0", default=True) is False
-    with caplog.at_level(logging.WARNING, logger="model.fast_step"):
+    with caplog.at_level(logging.WARNING, logger="model.decoding.fast_step"):
         assert fast_step.parse_switch("X", "maybe") is False  # logged, the default kept
         assert fast_step.parse_switch("X", "maybe", default=True) is True
     assert len([r for r in caplog.records if "maybe" in r.getMessage()]) == 1  # once
@@ -179,7 +177,7 @@ def test_switches_stay_off_where_the_fast_step_does_not_run(family_models, monke
     for variable, value in ALL_ON.items():
         monkeypatch.setenv(variable, value)
     assert fast_step.switches(model) == fast_step.Switches()
-    monkeypatch.setattr(fast_step, "enabled", lambda m: True)
+    patch_fast_step(monkeypatch, "enabled", lambda m: True)
     assert fast_step.switches(model) == fast_step.Switches(True, True, True)
     monkeypatch.setenv(fast_step.FUSED_PROJECTIONS_ENV, "0")
     assert fast_step.switches(model) == fast_step.Switches(True, False, True)
@@ -362,7 +360,7 @@ def test_a_padded_pass_is_the_rows_pass(family_models, monkeypatch):
     assert [(key.kind, key.width, key.rows) for key in steps._shapes] == [
         ("pass", fast_step.round_up(count, 64), 0),
         ("pass", fast_step.round_up(count - kept, 64), 256)]
-    monkeypatch.setattr(fast_step, "MAX_PASS_ROWS", 64)  # over it: uncaptured, as before
+    patch_fast_step(monkeypatch, "MAX_PASS_ROWS", 64)  # over it: uncaptured, as before
     hidden, _ = fast_step.rows_pass(model, ids, positions)
     torch.testing.assert_close(hidden, plain_hidden, atol=1e-5, rtol=1e-4)
     assert len(steps._shapes) == 2
@@ -427,7 +425,7 @@ def test_a_shape_whose_capture_fails_runs_eagerly_and_the_others_keep_their_grap
     start, end = window(state, True)
     args = (state.context.layers, state.context, state.sequence()[start:end], start)
     head, bans = step_head(model, state)
-    with caplog.at_level(logging.WARNING, logger=fast_step.log.name):
+    with caplog.at_level(logging.WARNING, logger=graphs.log.name):
         for _ in range(3):
             plain = steps.run(*args).clone()
             scored = steps.run(*args, head=head, bans=bans).clone()

@@ -44,7 +44,7 @@ def texts(messages) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from model.tiny import write_tiny_model
+    from model.network.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("faults-model") / "tiny")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from diffusion_lsp.cli import build_parser
-from model.registry import SUPPORTED_MODELS
+from model.catalog.registry import SUPPORTED_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ FAST_EXAMPLES = 300  # about 10 s on the 2-core VM
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Run:
-    from model.tiny import write_tiny_model
+    from model.network.tiny import write_tiny_model
 
     folder = tmp_path_factory.mktemp("fuzz")
     fuzz = start(folder / "server.log", write_tiny_model(folder / "tiny"))

@@ -103,7 +103,7 @@ def test_the_quantization_section_records_each_scheme(tmp_path, monkeypatch):
     from, dry-run on the CPU with the tiny shape (peak GPU memory: none here)."""
     pytest.importorskip("torchao")
     from benchmarks import gpu_check
-    from model import quantized_cache
+    from model.network import quantized_cache
 
     monkeypatch.setenv(quantized_cache.CACHE_ENV, str(tmp_path / "cache"))
     if not DATA.exists():

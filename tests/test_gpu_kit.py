@@ -16,8 +16,8 @@ from tokenizers import Tokenizer
 import benchmarks.model_speed as bench
 import benchmarks.report as report
 import model.train.train as train_mod
-from model.loader import BUNDLED_DIR, ModelLoadError
-from model.shapes import random_model_of_shape
+from model.network.loader import BUNDLED_DIR, ModelLoadError
+from model.network.shapes import random_model_of_shape
 from model.train import gpu_kit
 from model.train.train import LAST_CHECKPOINT, train
 from tests.helpers import tiny_config

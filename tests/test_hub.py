@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from model import hub
-from model.loader import ModelLoadError, load_model, resolve_model_path
-from model.tiny import write_tiny_model
+from model.catalog import hub
+from model.network.loader import ModelLoadError, load_model, resolve_model_path
+from model.network.tiny import write_tiny_model
 from tests.hub_standin import StandInHub
 
 WEIGHTS = "model.safetensors"

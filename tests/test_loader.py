@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from model.families import FAMILIES, LLADA, detect_family, get_family
-from model.loader import ModelLoadError, load_model, resolve_model_path
-from model.tiny import _olmo_names
+from model.network.families import FAMILIES, LLADA, detect_family, get_family
+from model.network.loader import ModelLoadError, load_model, resolve_model_path
+from model.network.tiny import _olmo_names
 
 from .conftest import FAMILY_NAMES
 

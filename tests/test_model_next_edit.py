@@ -1,5 +1,5 @@
-"""The local next-edit rewrite (model/next_edit.py): which holes the history puts in doubt, how
-the region is reassembled, and a real run on every family's tiny checkpoint."""
+"""The local next-edit rewrite (model/decoding/next_edit.py): which holes the history puts in doubt,
+how the region is reassembled, and a real run on every family's tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from model import next_edit
-from model.next_edit import Hole, Site, grown_calls, plan, renames, rewrite
-from model.tiny import FAMILY_SPECIAL_TOKENS, write_tiny_model
+from model.decoding import next_edit
+from model.decoding.next_edit import Hole, Site, grown_calls, plan, renames, rewrite
+from model.network.tiny import FAMILY_SPECIAL_TOKENS, write_tiny_model
 
 RENAME = ("--- a.py\n+++ a.py\n@@ -1,2 +1,2 @@\n-def area(width, height):\n"
           "+def area(w, height):\n     return width * height\n")
@@ -77,9 +77,9 @@ def test_rewrite_fills_holes_top_down_and_keeps_a_name_it_cannot_fill():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILY_SPECIAL_TOKENS))
 def test_every_familys_tiny_checkpoint_rewrites_only_the_doubted_names(family, tmp_path):
+    from diffusion_contract.options import InfillOptions
     from model.engine import Engine
-    from model.loader import load_model
-    from model.sampler import InfillOptions
+    from model.network.loader import load_model
 
     loaded = load_model(write_tiny_model(tmp_path / family, family=family), device="cpu")
     engine = Engine.start(lambda: loaded, warm_up=False).result()

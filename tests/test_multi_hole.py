@@ -1,11 +1,13 @@
-"""Several holes denoised jointly (model/multi_hole.py); preview pictures (model/preview.py)."""
+"""Several holes denoised jointly (model/decoding/multi_hole.py); preview pictures
+(model/decoding/preview.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model.multi_hole import (
+from diffusion_contract.options import InfillOptions
+from model.decoding.multi_hole import (
     hole_logits,
     hole_texts,
     infill_holes,
@@ -13,19 +15,19 @@ from model.multi_hole import (
     multi_step,
     new_multi_state,
 )
-from model.preview import PLACEHOLDER, expected_steps, hole_preview, state_preview
-from model.sampler import InfillOptions, infill
+from model.decoding.preview import PLACEHOLDER, expected_steps, hole_preview, state_preview
+from model.decoding.sampler import infill
+from model.network.published import write_checkpoint
 from tests.helpers import sharp_logits, word_token
 
 from .conftest import FAMILY_NAMES
-from .fixtures_families import write_checkpoint
 
 PIECES = ["def add(a, b):\n    ", "\n\n\ndef sub(a, b):\n    ", "\n\nprint(add(1, 2))\n"]
 
 
 @pytest.fixture(scope="module")
 def dreamon(tmp_path_factory):
-    from model.loader import load_model
+    from model.network.loader import load_model
 
     return load_model(write_checkpoint(tmp_path_factory.mktemp("dreamon") / "m", "dreamon"),
                       device="cpu")

@@ -36,7 +36,7 @@ HOLE_ROW = 4  # 1-based: the `return ` line, cursor goes after its last characte
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from model.tiny import write_tiny_model
+    from model.network.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("nvim-model") / "tiny")
 

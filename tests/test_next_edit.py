@@ -7,6 +7,8 @@ import random
 
 import pytest
 
+from diffusion_contract import edit_wire
+from diffusion_contract.wire import WireError
 from lsp_server import next_edit as nes
 from lsp_server.next_edit import (
     History,
@@ -18,8 +20,6 @@ from lsp_server.next_edit import (
     suggestion,
     undoes,
 )
-from model import edit_wire
-from model.wire import WireError
 
 FILE = "import os\n\ndef area(width, height):\n    return width * height\n\nprint(area(2, 3))\n"
 

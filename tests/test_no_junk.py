@@ -10,10 +10,11 @@ import pytest
 from benchmarks import confidence as bench
 from benchmarks.lsp_client import inline, open_document, running_server, stats
 from benchmarks.report import EVAL_DATA
+from diffusion_contract.options import InfillOptions
 from lsp_server import parse_check, suppress
 from lsp_server.parse_check import breaks_parse, inserted, parses
-from model.paths import MIN_CONFIDENCE_KEY, bundled_model_path, min_confidence
-from model.sampler import InfillOptions, infill
+from model.catalog.paths import MIN_CONFIDENCE_KEY, bundled_model_path, min_confidence
+from model.decoding.sampler import infill
 from tests.lsp_helpers import remote_options
 from tests.remote_standin import StandIn
 

@@ -1,11 +1,13 @@
-"""What `pip install .` installs: the product's packages only (lsp_server, model, diffusion_lsp),
-never a generic top-level name such as benchmarks/ or service, which would shadow or be shadowed
-by another project's; `bench` and `eval` find benchmarks/ in the source checkout they run from,
-or say in one line that they need one."""
+"""What `pip install .` installs: the product's packages only (lsp_server, model, diffusion_lsp,
+diffusion_contract), never a generic top-level name such as benchmarks/ or service, which would
+shadow or be shadowed by another project's; `bench` and `eval` find benchmarks/ in the source
+checkout they run from, or say in one line that they need one. And what the layout promises:
+the language server and the contract import no tensors."""
 
 from __future__ import annotations
 
 import fnmatch
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 from diffusion_lsp import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-INSTALLED = {"lsp_server", "model", "diffusion_lsp"}
+INSTALLED = {"lsp_server", "model", "diffusion_lsp", "diffusion_contract"}
 
 
 def find_config() -> dict:
@@ -75,3 +77,33 @@ def test_bench_and_eval_without_a_checkout_say_so_in_one_line(monkeypatch, capsy
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"diffusion-lsp {argv[0]}:") and "source checkout" in err
     assert "git clone" in err
+
+
+def imported_by(modules: list[str]) -> set[str]:
+    """The top-level names in sys.modules after a fresh interpreter imports `modules`."""
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}:\n"
+            "    importlib.import_module(name)\n"
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return set(done.stdout.split())
+
+
+def modules_of(package: str) -> list[str]:
+    folder = ROOT / package
+    return [".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            for p in sorted(folder.rglob("*.py"))]
+
+
+def test_the_language_server_knows_no_tensors():
+    """Every module of lsp_server/ (the local backend and the doctor load the model lazily,
+    where a model is loaded) and of the torch-free contract imports without torch."""
+    loaded = imported_by(modules_of("lsp_server") + modules_of("diffusion_contract"))
+    assert "torch" not in loaded and "transformers" not in loaded
+
+
+def test_the_contract_stands_below_the_model():
+    loaded = imported_by(modules_of("diffusion_contract"))
+    assert not {"model", "lsp_server", "diffusion_lsp"} & loaded, loaded

@@ -1,5 +1,5 @@
-"""Batched hole steps packed into one pass (model/packed_step.py) compute what each hole alone
-computes, on every published family's tiny checkpoint and the bundled model: the hidden states
+"""Batched hole steps packed into one pass (model/decoding/packed_step.py) compute what each hole
+alone computes, on every published family's tiny checkpoint and the bundled model: the hidden states
 agree, and greedy completions are identical alone and in any batch -- holes at different
 steps, of different lengths and settings, sharing a step; a cancelled one leaves at the next."""
 
@@ -10,13 +10,15 @@ import threading
 import pytest
 import torch
 
-from model import packed_step, passes
+from diffusion_contract.options import InfillOptions
+from model.decoding import packed_step, passes
+from model.decoding.hole import result as state_result
+from model.decoding.passes import forward_holes
+from model.decoding.sampler import denoise_step, infill, new_state
 from model.engine import Engine
-from model.loader import bundled_model_path, load_model
-from model.sampler import InfillOptions, denoise_step, forward_holes, infill, new_state
-from model.sampler import result as state_result
+from model.network.loader import bundled_model_path, load_model
+from model.network.published import FAMILY_SPECS, write_checkpoint
 
-from .fixtures_families import FAMILY_SPECS, write_checkpoint
 from .helpers import one_thread  # noqa: F401 - the module's autouse fixture
 
 HOLES = [  # (prefix, suffix, options): lengths, positions and settings all differ

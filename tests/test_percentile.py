@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from diffusion_contract.percentile import percentile
 from lsp_server.stats import percentiles
-from model.percentile import percentile
 
 
 def test_nearest_rank_on_sorted_values():

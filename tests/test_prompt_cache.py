@@ -8,11 +8,13 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from diffusion_contract.options import InfillOptions
 from lsp_server.backends.base import CompletionJob
 from lsp_server.backends.local import LocalBackend
+from model.decoding.passes import window
+from model.decoding.prompt_cache import PromptCache, move_keys
+from model.decoding.sampler import infill, new_state
 from model.engine import Engine
-from model.prompt_cache import PromptCache, move_keys
-from model.sampler import InfillOptions, infill, new_state, window
 
 from .conftest import FAMILY_NAMES
 

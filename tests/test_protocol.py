@@ -27,7 +27,7 @@ INVALID_REQUEST, PARSE_ERROR, INVALID_PARAMS = -32600, -32700, -32602
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from model.tiny import write_tiny_model
+    from model.network.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("protocol-model") / "tiny")
 

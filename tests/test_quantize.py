@@ -1,5 +1,5 @@
-"""8- and 4-bit weights (model/quantize.py): the choice, the streamed load, the disk cache, and
-every path of the sampler on a quantized network."""
+"""8- and 4-bit weights (model/network/quantize.py): the choice, the streamed load, the disk cache,
+and every path of the sampler on a quantized network."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import logging
 import pytest
 import torch
 
+from diffusion_contract.options import InfillOptions
 from diffusion_lsp.cli import main
 from lsp_server.settings import Settings, merge
-from model import fast_step, quantize, quantized_cache
-from model.loader import WeightIndex, bundled_model_path, load_model, quantized_copy
-from model.multi_hole import infill_holes
-from model.prompt_cache import PromptCache
-from model.sampler import InfillOptions, infill
+from model.decoding import fast_step
+from model.decoding.multi_hole import infill_holes
+from model.decoding.prompt_cache import PromptCache
+from model.decoding.sampler import infill
+from model.network import quantize, quantized_cache
+from model.network.loader import WeightIndex, bundled_model_path, load_model, quantized_copy
+from model.network.published import FAMILY_SPECS, write_checkpoint
 
-from .fixtures_families import FAMILY_SPECS, write_checkpoint
 from .helpers import as_on_cuda, hole_pass_both_ways
 
 pytest.importorskip("torchao")
@@ -93,7 +95,7 @@ def test_a_fallback_is_said_once_in_the_log_and_the_model_says_what_it_runs(
     original = quantize.kernel_for
     monkeypatch.setattr(quantize, "kernel_for", lambda scheme, device: None
                         if scheme == quantize.INT4 else original(scheme, device))
-    with caplog.at_level(logging.WARNING, logger="model.loader"):
+    with caplog.at_level(logging.WARNING, logger="model.network.loader"):
         model = load_model(family_dirs["dream"], device="cpu", quantization="int4")
     assert model.quantization == quantize.INT8
     assert [r.message for r in caplog.records].count(model.quantization_notice) == 1
@@ -118,7 +120,7 @@ def test_auto_on_a_cpu_is_int8_where_fbgemm_was_measured_faster(monkeypatch):
     """On a CPU without native bf16, fbgemm's int8 took about half of float32's time for the
     0.5B shape (docs/benchmarks.md): auto takes it for networks that size, not for small ones,
     and not where bf16 is native (measured there: the bf16 network) or fbgemm is missing."""
-    from model import cpu
+    from model.catalog import cpu
 
     small, large = (10_000_000, 8_000_000), (494_000_000, 358_000_000)
     monkeypatch.setattr(cpu, "has_native_bf16", lambda flags=None: False)
@@ -278,11 +280,11 @@ def test_the_fast_step_reads_the_quantized_weights(family_dirs, monkeypatch, sch
     the document cache and hole-only steps run through it with each switch (as on CUDA) with
     the same passes and reuse (the texts of random weights may flip on bf16 near-ties).
     Fused projections are refused for quantized weights, said once."""
-    from model.sampler import new_state
+    from model.decoding.sampler import new_state
 
     model = load_model(family_dirs["dream"], device="cpu", quantization=scheme)
     state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=12, refresh_every=0))
-    from model.passes import forward_holes
+    from model.decoding.passes import forward_holes
 
     forward_holes(model, [state])
     reference, looped = hole_pass_both_ways(model, state)
@@ -291,7 +293,7 @@ def test_the_fast_step_reads_the_quantized_weights(family_dirs, monkeypatch, sch
     for env in ({}, {fast_step.GRAPH_HEAD_ENV: "1"}, {fast_step.GRAPH_PASSES_ENV: "1"},
                 {fast_step.FUSED_PROJECTIONS_ENV: "1"}):
         as_on_cuda(monkeypatch, model, env)
-        with caplog.at_level(logging.WARNING, logger="model.fast_step"):
+        with caplog.at_level(logging.WARNING, logger="model.decoding.fast_step"):
             looped = completions(model)
         for a, b in zip(plain, looped, strict=True):
             assert (b.steps, b.full_passes, b.reused_tokens) == \
@@ -305,7 +307,7 @@ def test_the_fast_step_reads_the_quantized_weights(family_dirs, monkeypatch, sch
 def test_several_holes_and_next_edits_run_on_a_quantized_network(family_dirs):
     import asyncio
 
-    from model.next_edit import Hole, Site, rewrite
+    from model.decoding.next_edit import Hole, Site, rewrite
 
     model = load_model(family_dirs["dream"], device="cpu", quantization="int8")
     result = infill_holes(model, ["def f(a, b):\n    return ", " + ", "\n"],

@@ -17,10 +17,10 @@ import httpx
 import msgspec
 import pytest
 
+from diffusion_contract import wire
 from lsp_server.backends import BackendError, CompletionJob, make_backend
 from lsp_server.backends.remote import Endpoints, RemoteBackend, backoff_s, cut_at_stop
 from lsp_server.settings import RemoteSettings, SamplerSettings, Settings
-from model import wire
 from tests.remote_standin import KEY, KEY_ENV, StandIn
 
 
@@ -127,10 +127,16 @@ def test_wire_checks_the_sampler_settings():
 
 def test_the_sampler_settings_are_the_samplers_everywhere():
     """The language server's settings, the wire's extensions and the `infill` flags are the
-    InfillOptions fields model/options.py marks, with the sampler's defaults and names."""
+    InfillOptions fields diffusion_contract/options.py marks, with the sampler's defaults and
+    names."""
+    from diffusion_contract.options import (
+        ALGORITHMS,
+        COMMIT_SETTINGS,
+        SAMPLER_SETTINGS,
+        InfillOptions,
+    )
     from diffusion_lsp.cli import build_parser
     from lsp_server.settings import CompletionSettings, SamplerSettings
-    from model.options import ALGORITHMS, COMMIT_SETTINGS, SAMPLER_SETTINGS, InfillOptions
 
     defaults = InfillOptions()
     for setting in (*COMMIT_SETTINGS, *SAMPLER_SETTINGS):

@@ -10,10 +10,10 @@ import httpx
 import msgspec
 import pytest
 
+from diffusion_contract import wire
 from lsp_server.backends import BackendError, CompletionJob
 from lsp_server.backends.remote import RemoteBackend
 from lsp_server.settings import Settings
-from model import wire
 
 STATS = wire.DiffusionStats(steps=3, full_passes=1, finish_reason="end", model_ms=4.0,
                             replica="r0")

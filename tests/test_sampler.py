@@ -7,19 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.sampler import (
-    InfillOptions,
-    apply_step,
-    filter_logits,
-    forward_holes,
-    infill,
-    layout_ids,
-    new_state,
-    score_logits,
-    select_commits,
-    transfer_fraction,
-    uniform_counts,
-)
+from diffusion_contract.options import InfillOptions
+from model.decoding.hole import layout_ids
+from model.decoding.passes import forward_holes
+from model.decoding.sampler import apply_step, infill, new_state
+from model.decoding.schedules import transfer_fraction, uniform_counts
+from model.decoding.scoring import filter_logits, score_logits, select_commits
 from tests.helpers import sharp_logits, word_token
 
 from .conftest import FAMILY_NAMES
@@ -75,7 +68,7 @@ def test_end_of_hole_token_shortens_the_hole(tiny_model):
     assert state.finished and state.finish_reason == "end"
     assert state.steps == 1
     text = model.tokenizer.decode([word, word])
-    from model.sampler import final_text
+    from model.decoding.hole import final_text
 
     assert final_text(model, state) == (text, 2)
 
@@ -128,7 +121,7 @@ def test_single_line_stops_at_newline(tiny_model):
                       InfillOptions(initial_tokens=6, threshold=0.5, single_line=True))
     word, newline = word_token(model, "x"), word_token(model, "\n")
     apply_step(model, state, sharp_logits(model, [word, newline, word, word, word, word]))
-    from model.sampler import final_text
+    from model.decoding.hole import final_text
 
     assert state.finish_reason == "newline"
     assert final_text(model, state)[0] == model.tokenizer.decode([word])
@@ -140,7 +133,7 @@ def test_stop_word_ends_the_text(tiny_model):
                       InfillOptions(initial_tokens=4, threshold=0.5, stop=("x",)))
     a, x = word_token(model, "a"), word_token(model, "x")
     apply_step(model, state, sharp_logits(model, [a, x, a, a]))
-    from model.sampler import final_text
+    from model.decoding.hole import final_text
 
     assert state.finish_reason == "stop"
     assert final_text(model, state)[0] == "a"
@@ -537,7 +530,7 @@ def test_exact_mode_lets_the_hole_end_at_once_as_the_references_do(tiny_model):
 
 def test_finishing_a_hole_is_asked_apart_from_growing_it(tiny_model):
     """`why_finished` only says; `finish_or_grow` grows a hole full of unfinished text."""
-    from model.hole import finish_or_grow, why_finished
+    from model.decoding.hole import finish_or_grow, why_finished
 
     model = tiny_model
     state = new_state(model, PREFIX, SUFFIX, InfillOptions(initial_tokens=4, max_tokens=16))
@@ -552,7 +545,7 @@ def test_finishing_a_hole_is_asked_apart_from_growing_it(tiny_model):
 def test_banning_on_another_device_leaves_the_models_ids_where_they_are(tiny_model):
     """Logits elsewhere (a GPU; here the meta device) get their own copy of the never-sampled
     ids, kept per device; the model's own stay on its device for every other caller."""
-    from model.sampler import sampleable
+    from model.decoding.scoring import sampleable
 
     state = new_state(tiny_model, PREFIX, SUFFIX, InfillOptions())
     with torch.inference_mode():

@@ -47,7 +47,7 @@ def rss_kb(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from model.tiny import write_tiny_model
+    from model.network.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("server-model") / "tiny")
 

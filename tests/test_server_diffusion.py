@@ -11,7 +11,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 
 from benchmarks.lsp_client import edit, inline, open_document, running_server, stats
-from model.preview import PLACEHOLDER
+from model.decoding.preview import PLACEHOLDER
 from tests.lsp_helpers import HOLES, actions, apply, previewing_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -22,7 +22,7 @@ CANCELLED = -32800
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from model.tiny import write_tiny_model
+    from model.network.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("diffusion-model") / "tiny")
 

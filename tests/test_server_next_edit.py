@@ -12,7 +12,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 
 from benchmarks.lsp_client import edit, inline, open_document, plain, running_server, stats
-from model import edit_wire
+from diffusion_contract import edit_wire
 from tests.edit_standin import SOURCE, EditStandIn, rename_uses
 from tests.lsp_helpers import inline_edit
 from tests.remote_standin import KEY

@@ -281,10 +281,11 @@ def test_sampler_settings_decode_and_bad_ones_are_reported():
 
 
 async def test_the_local_backend_samples_as_the_settings_say(tiny_dirs, tiny_models):
+    from diffusion_contract.options import InfillOptions
     from lsp_server.backends import CompletionJob
     from lsp_server.backends.local import LocalBackend
     from lsp_server.settings import ModelSettings, SamplerSettings
-    from model.sampler import InfillOptions, infill
+    from model.decoding.sampler import infill
 
     sampler = SamplerSettings(algorithm="low_confidence", steps=4, block_length=4,
                               temperature=0.7, seed=11, exact=True)

@@ -20,6 +20,7 @@ import httpx
 import msgspec
 import pytest
 
+from diffusion_contract import edit_wire, wire
 from diffusion_lsp.service import (
     Metrics,
     ServiceConfig,
@@ -32,8 +33,7 @@ from diffusion_lsp.service import (
 from lsp_server.backends import BackendError, CompletionJob, NextEditJob
 from lsp_server.backends.remote import RemoteBackend
 from lsp_server.settings import RemoteSettings, Settings
-from model import edit_wire, wire
-from model.loader import bundled_model_path
+from model.network.loader import bundled_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "service-test-token"

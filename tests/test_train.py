@@ -12,8 +12,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from model.loader import load_model
-from model.sampler import InfillOptions, infill
+from diffusion_contract.options import InfillOptions
+from model.decoding.sampler import infill
+from model.network.loader import load_model
 from model.train import corpus as corpus_mod
 from model.train.data import KINDS, ExampleShape, LayoutIds, make_example, tokenize_split
 from model.train.export import export, write_card

@@ -229,8 +229,9 @@ def main() -> int:
         work = Path(tmp)
         model = args.model
         if model == "tiny":
-            subprocess.run([sys.executable, "-m", "model.tiny", str(work / "tiny"), "--seed",
-                            str(args.tiny_seed)], cwd=ROOT, check=True, capture_output=True)
+            subprocess.run([sys.executable, "-m", "model.network.tiny", str(work / "tiny"),
+                            "--seed", str(args.tiny_seed)], cwd=ROOT, check=True,
+                           capture_output=True)
             model = str(work / "tiny")
         settings = {"model": {"path": model},
                     "completion": {"maxTokensSingleLine": 12, "debounceMs": 5}}

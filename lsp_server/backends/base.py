@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from diffusion_contract.edit_wire import EditPrompt
 from lsp_server.settings import SamplerSettings, Settings
-from model.edit_wire import EditPrompt
 
 CHARS_PER_TOKEN = 3.5  # token estimate for backends without a local tokenizer
 
@@ -41,7 +41,7 @@ class CompletionJob:
     sampler: SamplerSettings = field(default_factory=SamplerSettings)  # reference samplers
     document: str | None = None  # the document's URI: a local engine reuses its context
     # called with (step, expected steps, the hole as it stands) after each step but the last,
-    # from any thread; None: no previews (`model.preview` draws the hole)
+    # from any thread; None: no previews (`model.decoding.preview` draws the hole)
     on_step: Callable[[int, int, str], None] | None = None
 
 
@@ -87,7 +87,7 @@ class NextEditJob:
     prompt: EditPrompt
     max_tokens: int  # the rewritten region, at most
     threshold: float = 0.9
-    strategy: str = "region"  # the local rewrite's (model.next_edit.STRATEGIES)
+    strategy: str = "region"  # the local rewrite's (model.decoding.next_edit.STRATEGIES)
     comment: str = "#"  # the language's line comment (the local rewrite lays history out so)
     document: str | None = None  # a local engine reuses this key's context between holes
 

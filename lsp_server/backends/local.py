@@ -33,7 +33,7 @@ class LocalBackend:
     def __init__(self) -> None:
         self.engine = None
         self._tokenizer = None
-        self.min_confidence = 0.0  # the loaded model's calibrated floor (model.paths)
+        self.min_confidence = 0.0  # the loaded model's calibrated floor (model.catalog.paths)
         self.preview_notice: str | None = None  # said with the bundled model's first offer
 
     async def start(self, settings: Settings, report: Callable[[str], None]) -> str:
@@ -42,8 +42,8 @@ class LocalBackend:
         # importing torch and transformers takes seconds: not on the event loop, which keeps
         # answering (no items) meanwhile
         await asyncio.to_thread(importlib.import_module, "model.engine")
+        from model.decoding.prompt_cache import PromptCache
         from model.engine import Engine
-        from model.prompt_cache import PromptCache
 
         documents = model_settings.context_cache_documents
         cache = PromptCache(max_documents=documents) if documents > 0 else None
@@ -65,7 +65,7 @@ class LocalBackend:
             raise BackendError(load_failure(error, settings.model.device), "unavailable"
                                ) from error
         self.engine = engine
-        from model.paths import PREVIEW_NOTICE, bundled_model_path, min_confidence
+        from model.catalog.paths import PREVIEW_NOTICE, bundled_model_path, min_confidence
 
         self.min_confidence = min_confidence(loaded.path)
         self.preview_notice = PREVIEW_NOTICE if loaded.path == bundled_model_path() else None
@@ -84,7 +84,7 @@ class LocalBackend:
     async def complete(self, job: CompletionJob) -> CompletionOutcome:
         if self.engine is None:
             raise BackendError("the model is not loaded", "unavailable")
-        from model.options import hole_options
+        from diffusion_contract.options import hole_options
 
         try:
             options = hole_options(
@@ -116,7 +116,7 @@ class LocalBackend:
         """The engine's per-step callback drawing the hole for `job.on_step` (None: none)."""
         if job.on_step is None:
             return None
-        from model.preview import state_preview
+        from model.decoding.preview import state_preview
 
         model, report = self.engine.model, job.on_step
 
@@ -126,12 +126,12 @@ class LocalBackend:
         return on_step
 
     async def fill_holes(self, job: HolesJob) -> HolesOutcome:
-        """The holes masked in one sequence and denoised jointly (`model.multi_hole`), on the
-        engine's worker between two batched steps."""
+        """The holes masked in one sequence and denoised jointly (`model.decoding.multi_hole`), on
+        the engine's worker between two batched steps."""
         if self.engine is None:
             raise BackendError("the model is not loaded", "unavailable")
-        from model.multi_hole import infill_holes
-        from model.options import hole_options
+        from diffusion_contract.options import hole_options
+        from model.decoding.multi_hole import infill_holes
 
         sampler = job.sampler
         try:  # joint filling samples as the threshold sampler does: no reference algorithms
@@ -149,11 +149,11 @@ class LocalBackend:
         return HolesOutcome(result.texts, result.steps, (time.perf_counter() - began) * 1e3)
 
     async def next_edit(self, job: NextEditJob) -> NextEditOutcome:
-        """The region re-denoised by the engine, hole by hole (model.next_edit)."""
+        """The region re-denoised by the engine, hole by hole (model.decoding.next_edit)."""
         if self.engine is None:
             raise BackendError("the model is not loaded", "unavailable")
-        from model.next_edit import Hole, Site, rewrite
-        from model.options import hole_options
+        from diffusion_contract.options import hole_options
+        from model.decoding.next_edit import Hole, Site, rewrite
 
         engine = self.engine
 
@@ -189,7 +189,7 @@ def load_failure(error: Exception, device: str) -> str:
     """One line for a model that did not load. The loader's own errors already say what is
     wrong and where; out-of-memory and anything unexpected get their first line, named."""
     from model.engine import first_line, is_out_of_memory
-    from model.loader import ModelLoadError
+    from model.network.loader import ModelLoadError
 
     line = first_line(error)
     if isinstance(error, ModelLoadError):
@@ -231,8 +231,8 @@ def engine_failure(error: Exception, device: str) -> BackendError:
 def _load(settings: Settings):
     import torch
 
-    from model.loader import load_model
-    from model.shapes import is_random, load_random
+    from model.network.loader import load_model
+    from model.network.shapes import is_random, load_random
 
     if settings.model.threads:
         torch.set_num_threads(settings.model.threads)

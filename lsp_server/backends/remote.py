@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 
+from diffusion_contract import edit_wire, wire
 from lsp_server.backends.base import (
     BackendError,
     CompletionJob,
@@ -44,7 +45,6 @@ from lsp_server.backends.base import (
     estimate_tokens,
 )
 from lsp_server.settings import RemoteSettings, Settings
-from model import edit_wire, wire
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model.loader import BUNDLED_DIR, CONFIG_FILE, TOKENIZER_FILE
+from model.network.loader import BUNDLED_DIR, CONFIG_FILE, TOKENIZER_FILE
 from model.train.train import BEST_CHECKPOINT, LAST_CHECKPOINT, LOG_FILE
 
 REPO = Path(__file__).resolve().parents[2]

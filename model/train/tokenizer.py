@@ -1,6 +1,6 @@
 """Train the bundled model's tokenizer on a corpus written by `model.train.corpus`.
 
-Byte-level BPE with newlines split off (`model.tokenizer.train_tokenizer`), the `default`
+Byte-level BPE with newlines split off (`model.network.tokenizer.train_tokenizer`), the `default`
 family's special tokens first, in the order `<|bos|>, <|eos|>, <|mask|>, <|endofhole|>,
 <|file_sep|>`.
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from model.tiny import FAMILY_SPECIAL_TOKENS
-from model.tokenizer import train_tokenizer
+from model.network.tiny import FAMILY_SPECIAL_TOKENS
+from model.network.tokenizer import train_tokenizer
 from model.train.corpus import read_split
 
 SPECIAL_TOKENS = FAMILY_SPECIAL_TOKENS["default"]

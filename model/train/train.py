@@ -5,7 +5,7 @@ ratio t ~ U(eps, 1), replace every eligible position (the hole: text and end-of-
 padding; the whole window for plain examples) by `<|mask|>` with probability t, and minimise
 the cross-entropy on the masked positions weighted by 1/t, averaged over eligible positions.
 The network is stock `Qwen2ForCausalLM` with attention made bidirectional
-(`model.loader.make_bidirectional`); logits are not shifted (position i predicts token i).
+(`model.network.loader.make_bidirectional`); logits are not shifted (position i predicts token i).
 
 Runs are resumable (`--resume`; from weights alone too, as `model.train.gpu_kit` carries them,
 with a fresh optimiser and a re-warm-up), bounded in time (`--minutes`), and log validation
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from model.loader import make_bidirectional
+from model.network.loader import make_bidirectional
 from model.train.data import ExampleShape, LayoutIds, load_stream, make_batch
 
 LAST_CHECKPOINT = "ckpt-last.pt"
@@ -101,7 +101,7 @@ def check_bidirectional(network: Qwen2ForCausalLM, vocab_size: int,
     first = network.model(input_ids=torch.cat([ids, changed])).last_hidden_state[:, 0]
     if torch.allclose(first[0], first[1]):
         raise RuntimeError("attention is causal: position 0 ignores the last token "
-                           "(model.loader.make_bidirectional no longer works here)")
+                           "(model.network.loader.make_bidirectional no longer works here)")
 
 
 def hf_config_dict(network: Qwen2ForCausalLM) -> dict:
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from model.loader import pick_device
+    from model.network.loader import pick_device
 
     device = pick_device(args.device)
     if device.type == "cuda":

@@ -32,7 +32,7 @@ RUN=$(mktemp -d)
 SHOT=${SHOT:-$RUN/vscode.png}
 mkdir -p "$RUN/ud/User" "$RUN/ext" "$RUN/ws"
 case $MODEL in
-  tiny) (cd "$ROOT" && "$PYTHON" -m model.tiny "$RUN/model" --seed "${TINY_SEED:-0}" >/dev/null)
+  tiny) (cd "$ROOT" && "$PYTHON" -m model.network.tiny "$RUN/model" --seed "${TINY_SEED:-0}" >/dev/null)
         MODEL_JSON="\"$RUN/model\"" ;;
   bundled) MODEL_JSON=null ;;
   *) MODEL_JSON="\"$MODEL\"" ;;

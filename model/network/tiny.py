@@ -2,7 +2,7 @@
 
 Their output is noise: they exist so that the loader, sampler, engine and server can be
 tested (and the CLI tried) without downloading anything, small and fast (a 400-token
-vocabulary). `python -m model.tiny DIR --family F` writes one. tests/fixtures_families.py
+vocabulary). `python -m model.network.tiny DIR --family F` writes one. model/network/published.py
 writes the published on-disk formats instead (published ids, vocabulary sizes, config keys
 and weight names) for the family tests.
 """
@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from model.families import get_family
-from model.tokenizer import train_tokenizer
+from model.network.families import get_family
+from model.network.tokenizer import train_tokenizer
 
 SAMPLE_CODE = '''
 def add(a, b):

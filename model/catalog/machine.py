@@ -12,11 +12,11 @@ import platform
 import sys
 from dataclasses import dataclass, field
 
-from model.registry import MEASURED, Measured
+from model.catalog.registry import MEASURED, Measured
 
 GIB = 1024**3
 # what a model needs, in GiB of accelerator memory or RAM (bf16 weights plus activations;
-# model/registry.py has the hardware column these come from)
+# model/catalog/registry.py has the hardware column these come from)
 GPU_GIB_FOR_7B = 20.0  # Dream's README: "a GPU with at least 20GB memory"
 GPU_GIB_FOR_0_5B = 4.0
 RAM_GIB_FOR_0_5B = 4.0
@@ -38,7 +38,7 @@ class Machine:
     torch_build: str  # "cpu", "cuda 12.4", "rocm 6.2"
     cuda_available: bool
     gpus: tuple[Gpu, ...] = ()
-    cpu_native_bf16: bool = False  # bf16 matrix products in hardware (model/cpu.py)
+    cpu_native_bf16: bool = False  # bf16 matrix products in hardware (model/catalog/cpu.py)
     cpu_flags_bf16: tuple[str, ...] = field(default=())  # which flags said so
 
     @property
@@ -64,7 +64,7 @@ def inspect_machine() -> Machine:
     """This machine, as torch sees it (imports torch: seconds)."""
     import torch
 
-    from model.cpu import NATIVE_BF16_FLAGS, cpu_flags
+    from model.catalog.cpu import NATIVE_BF16_FLAGS, cpu_flags
 
     cuda = getattr(torch.version, "cuda", None)
     hip = getattr(torch.version, "hip", None)

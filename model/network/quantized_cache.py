@@ -49,7 +49,7 @@ def checkpoint_fingerprint(path: Path, weight_files: list[Path], config_file: Pa
 
 def cache_key(fingerprint: str, *parts: object) -> str:
     """The cache's key for a checkpoint and everything that changes its quantized form."""
-    from model.quantize import torchao_version
+    from model.network.quantize import torchao_version
 
     text = json.dumps([FORMAT, fingerprint, torch.__version__, torchao_version(),
                        *map(str, parts)])

@@ -1,16 +1,17 @@
 """Masked-diffusion infilling: fill a hole between a prefix and a suffix in a few parallel steps.
 
-The hole starts as `n` mask tokens. Each step is one forward pass (`model.passes`) over prefix
-+ hole + suffix; the step commits the positions its rule picks (`model.scoring`, under a step
-budget `model.schedules`), and a committed token never changes; the hole closes, grows or is
-edited as its tokens say (`model.hole`). Options: `model.options`.
+The hole starts as `n` mask tokens. Each step is one forward pass (`model.decoding.passes`) over
+prefix + hole + suffix; the step commits the positions its rule picks (`model.decoding.scoring`,
+under a step budget `model.decoding.schedules`), and a committed token never changes; the hole
+closes, grows or is edited as its tokens say (`model.decoding.hole`). Options:
+`diffusion_contract.options`.
 
-A block-diffusion family (`model.block`) runs the same steps on a hole after its prompt,
+A block-diffusion family (`model.decoding.block`) runs the same steps on a hole after its prompt,
 one block at a time against an exact cache; `generate_exact` is its published sampler.
 
 The functions are pure over a `HoleState`; `forward_holes` runs the network for any number of
 states at once, so the single-request loop (`infill`) and the engine's batched loop share one
-step function (`apply_step`). The names of the pieces are importable from here too.
+step function (`apply_step`).
 """
 
 from __future__ import annotations
@@ -23,84 +24,33 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model import block
-from model.hole import (
+from diffusion_contract.options import InfillOptions
+from model.decoding import block
+from model.decoding.hole import (
     NEWLINE,
-    ContextCache,
     HoleState,
     Infill,
     StepTrace,
     close_hole,
     edit_hole,
-    encode,
-    final_text,
     finish_or_grow,
     is_end,
     layout_ids,
-    open_text,
     result,
-    text_settled_by_end,
 )
-from model.loader import LoadedModel
-from model.options import ALGORITHMS, NO_TOP_K, NO_TOP_P, SCORES, InfillOptions, Rule
-from model.passes import (
-    _full_pass,
-    _hole_pass,
-    forward_holes,
-    guide,
-    logit_positions,
-    needs_full_pass,
-    samples_on_host,
-    unconditioned,
-    window,
-)
-from model.schedules import (
-    DREAM_EPS,
-    advance_schedule,
-    block_span,
-    steps_per_block,
-    timesteps,
-    transfer_count,
-    transfer_fraction,
-    uniform_counts,
-)
-from model.scoring import (
-    ENTROPY_EPS,
-    Head,
+from model.decoding.passes import forward_holes
+from model.decoding.schedules import advance_schedule
+from model.decoding.scoring import (
     Scored,
-    ban_early_ends,
-    filter_logits,
-    gumbel_tokens,
-    pick,
     pick_spans,
-    raw_scores,
-    sample_and_score,
-    sampleable,
-    score_logits,
-    select_commits,
-    step_head,
-    unit_scores,
     with_bans,
     with_end_runs,
 )
+from model.network.loader import LoadedModel
 
 if TYPE_CHECKING:
-    from model.prompt_cache import PromptCache
+    from model.decoding.prompt_cache import PromptCache
 
-__all__ = [
-    "ALGORITHMS", "DREAM_EPS", "ENTROPY_EPS", "NEWLINE", "NO_TOP_K", "NO_TOP_P", "SCORES",
-    "ContextCache", "Head", "HoleState", "Infill", "InfillOptions", "Rule", "Scored",
-    "StepTrace", "_full_pass", "_hole_pass", "advance_schedule", "apply_step",
-    "apply_spans_step", "ban_early_ends", "block_span", "close_hole", "commit",
-    "denoise_step", "edit_hole", "encode", "filter_logits", "final_text", "finish_or_grow",
-    "forward_holes", "generate_exact", "guide",
-    "gumbel_tokens", "infill", "is_end", "layout_ids", "logit_positions", "needs_full_pass",
-    "new_state", "new_state_from_ids", "open_text", "pick", "pick_spans", "raw_scores", "result",
-    "sample_and_score", "sampleable",
-    "samples_on_host", "score_logits", "select_commits", "step_head", "steps_per_block",
-    "text_settled_by_end", "timesteps", "transfer_count", "transfer_fraction", "unconditioned",
-    "uniform_counts", "unit_scores", "window", "with_bans", "with_end_runs",
-]
 
 
 def new_state(model: LoadedModel, prefix: str, suffix: str, options: InfillOptions) -> HoleState:
@@ -111,13 +61,13 @@ def new_state(model: LoadedModel, prefix: str, suffix: str, options: InfillOptio
 def new_state_from_ids(model: LoadedModel, prefix_ids: list[int], suffix_ids: list[int],
                        options: InfillOptions) -> HoleState:
     """A hole between token ids laid out already. A block-diffusion family's hole
-    (`model.block`) starts one block long: the first block ends where the prompt's aligned
+    (`model.decoding.block`) starts one block long: the first block ends where the prompt's aligned
     block does, and the hole grows a block at a time."""
     n, offset = options.first_length, None
     if model.family.sub_block_length:
         raise ValueError(f"family {model.family.name} runs in exact mode only "
-                         "(model.sampler.generate_exact): its completions (shifted logits, "
-                         "sub-blocks) are not on this sampler yet")
+                         "(model.decoding.sampler.generate_exact): its completions (shifted "
+                         "logits, sub-blocks) are not on this sampler yet")
     if model.family.block_length:
         if suffix_ids:
             raise ValueError(f"family {model.family.name} denoises blocks after its prompt: "
@@ -144,15 +94,15 @@ def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor | Scor
     """Commit tokens from one forward pass: `apply_spans_step` with one span. logits: (m, V)
     for the m masked positions, in order (consumed: ids that may not be sampled are set to
     -inf in place), or the step already `Scored` where it ran (those bans applied there:
-    `model.scoring.step_head`)."""
+    `model.decoding.scoring.step_head`)."""
     apply_spans_step(model, [state], [logits])
 
 
 def apply_spans_step(model: LoadedModel, spans: Sequence[HoleState],
                      logits: Sequence[torch.Tensor | Scored]) -> int:
     """The one denoising step over the spans of one sequence (one hole is one span; several
-    holes: `model.multi_hole`): each span's bans (`with_bans`), one selection across them all
-    (`pick_spans`), then each span's commits, closing, edits and finish (`commit`). logits:
+    holes: `model.decoding.multi_hole`): each span's bans (`with_bans`), one selection across them
+    all (`pick_spans`), then each span's commits, closing, edits and finish (`commit`). logits:
     per span, as `apply_step` takes them. Returns how many positions were committed."""
     masked = [span.masked.nonzero().squeeze(-1) for span in spans]  # (m_i,) each
     logits = [with_bans(model, span, rows, positions)
@@ -232,7 +182,7 @@ def infill(
     """Fill the hole between `prefix` and `suffix`. `should_stop` is polled before each step.
     With a `cache` and a `document` key, the first pass reuses the document's context from its
     last completion, and this completion's context is kept for the next. `on_step` sees the
-    state after every step but the last (a live preview: `model.preview`). Timings:
+    state after every step but the last (a live preview: `model.decoding.preview`). Timings:
     `forward_ms` is the time in denoising steps (forward passes and commits)."""
     options = options or InfillOptions()
     started = time.perf_counter()
@@ -264,8 +214,8 @@ def generate_exact(model: LoadedModel, input_ids: torch.Tensor | list[int], *,
                    threshold: float | None = 0.95, shift: bool = False,
                    eos_id: int | None = None, seed: int = 0) -> tuple[torch.Tensor, int]:
     """Stable-DiffCoder's `generate_block` (modeling_stable_diffcoder.py), reproduced token for
-    token and forward for forward on `model.sampler`'s steps: returns the same (1, L) ids (the
-    prompt, then the answer; cut at the end of the block where `eos_id` appeared, every
+    token and forward for forward on `model.decoding.sampler`'s steps: returns the same (1, L) ids
+    (the prompt, then the answer; cut at the end of the block where `eos_id` appeared, every
     position from that eos on set to it) and the same forward count (`nfe`: denoising forwards
     plus one write per finished block; the prefill is not counted).
 
@@ -318,8 +268,8 @@ def _generate_exact_sub_blocks(model: LoadedModel, input_ids: torch.Tensor | lis
                                gen_length: int, block_length: int | None, mask_id: int | None,
                                threshold: float | None,
                                eos_id: int | None) -> tuple[torch.Tensor, int]:
-    """Fast-dLLM v2's greedy `generate` (`model.block.generate_sub_blocks`): `gen_length` is its
-    `max_new_tokens`, `eos_id` its `stop_token` (default: the family's end token),
+    """Fast-dLLM v2's greedy `generate` (`model.decoding.block.generate_sub_blocks`): `gen_length`
+    is its `max_new_tokens`, `eos_id` its `stop_token` (default: the family's end token),
     `threshold` None its default 1 (one position a step); `steps` has no part in it."""
     prompt = [int(t) for t in torch.as_tensor(input_ids).reshape(-1).tolist()]
     ids, forwards = block.generate_sub_blocks(

@@ -1,6 +1,6 @@
 """Where a model is found: the bundled model, a local directory, or a snapshot in the Hugging
 Face cache. Torch-free, so that `diffusion-lsp models` and the command line's early checks
-answer at once; `model.loader` loads what these find.
+answer at once; `model.network.loader` loads what these find.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import json
 import os
 from pathlib import Path
 
-from model.registry import find_supported
+from model.catalog.registry import find_supported
 
-BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_GLOB = "*.safetensors"

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from model.wire import MAX_TOKENS_LIMIT, Usage, WireError
+from diffusion_contract.wire import MAX_TOKENS_LIMIT, Usage, WireError
 
 EDIT_PATH = "/v1/edit/completions"
 MERCURY_EDIT_MODEL = "mercury-edit-2"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from model.hole import HoleState
-from model.options import InfillOptions
+from diffusion_contract.options import InfillOptions
+from model.decoding.hole import HoleState
 
 DREAM_EPS = 1e-3  # Dream's timestep schedule ends at eps, not 0 (generation_utils.py default)
 

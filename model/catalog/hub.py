@@ -1,7 +1,7 @@
 """Getting a model: the supported checkpoints, `pull` into the Hugging Face cache, what is on disk.
 
 Downloads happen only here, when the user runs `diffusion-lsp pull`; the loader, the server and
-the service never download (model/loader.py reads local directories and the cache only).
+the service never download (model/network/loader.py reads local directories and the cache only).
 
 A pull asks the hub for the repository's file list at one commit (`/api/models/{repo}/revision/
 {rev}?blobs=true`: every file's size, git blob id and, for LFS files, sha256), keeps only the
@@ -33,13 +33,13 @@ from urllib.parse import quote
 
 import httpx
 
-from model.paths import CONFIG_FILE, TOKENIZER_FILE, hf_hub_dir
-from model.registry import SUPPORTED_MODELS, find_supported
+from model.catalog.paths import CONFIG_FILE, TOKENIZER_FILE, hf_hub_dir
+from model.catalog.registry import SUPPORTED_MODELS, find_supported
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_REVISION = "main"
 
-# The files the loader reads (model/loader.py), matched against top-level file names.
+# The files the loader reads (model/network/loader.py), matched against top-level file names.
 LOADER_FILES = (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -477,8 +477,8 @@ class LocalModel:
 
 
 def local_model(repo_id: str, cache_dir: Path | None = None) -> LocalModel:
-    """Is `repo_id` on disk, found the way model/loader.py finds it, and is it whole?"""
-    from model.paths import hf_cache_snapshot
+    """Is `repo_id` on disk, found the way model/network/loader.py finds it, and is it whole?"""
+    from model.catalog.paths import hf_cache_snapshot
 
     folder = repo_folder(repo_id, cache_dir)
     blobs = folder / "blobs"

@@ -8,8 +8,8 @@ contains a special or added token: their logits are -inf before scoring
 (`LoadedModel.never_sample`), except the ones that end or edit the hole.
 
 A greedy step can also be scored where its network ran (`Head`, `step_head`, `greedy_scores`:
-`model.fast_step`'s graph head runs them inside a hole step's CUDA graph); `pick` then takes the
-tokens and confidences (`Scored`) instead of logits, and chooses as it would have.
+`model.decoding.fast_step`'s graph head runs them inside a hole step's CUDA graph); `pick` then
+takes the tokens and confidences (`Scored`) instead of logits, and chooses as it would have.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import NamedTuple
 
 import torch
 
-from model.hole import HoleState, is_end
-from model.loader import LoadedModel
-from model.options import NO_TOP_K, NO_TOP_P, SCORES, InfillOptions
-from model.pinned import to_device
-from model.schedules import block_span, steps_per_block, transfer_count, transfer_fraction
+from diffusion_contract.options import NO_TOP_K, NO_TOP_P, SCORES, InfillOptions
+from model.decoding.hole import HoleState, is_end
+from model.decoding.pinned import to_device
+from model.decoding.schedules import block_span, steps_per_block, transfer_count, transfer_fraction
+from model.network.loader import LoadedModel
 
 ENTROPY_EPS = 1e-10  # Dream's neg-entropy confidence: sum p * log(p + eps)
 
@@ -116,7 +116,7 @@ def score_logits(
 
 class Scored(NamedTuple):
     """A step scored where its logits were: each masked position's token and raw confidence,
-    in order, as `sample_and_score` gives them at temperature 0 (`model.fast_step`'s graph
+    in order, as `sample_and_score` gives them at temperature 0 (`model.decoding.fast_step`'s graph
     head). On the CPU. tokens (m,), raw (m,)."""
 
     tokens: torch.Tensor
@@ -321,7 +321,8 @@ def with_end_runs(model: LoadedModel, chosen: torch.Tensor, masked_positions: to
     return torch.tensor(sorted(picked | starts), dtype=torch.long)
 
 
-# -- a greedy step scored where its logits are (model.fast_step's graph head) ------------------
+# -- a greedy step scored where its logits are (model.decoding.fast_step's graph head)
+# ------------------
 
 
 class Head(NamedTuple):

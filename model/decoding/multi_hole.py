@@ -15,9 +15,9 @@ Length, per hole:
   disappears (Wu et al., 2025, DreamOn), never past `max_tokens`, each hole with its own
   expand budget (as one hole has).
 
-Each hole is a span: a `model.hole.HoleState` with the one-hole rules (its bans, closing at an
-end, DreamOn's edits, stop words and single-line, its finish and its text), and a step is the
-one-hole sampler's step over all spans at once (`model.sampler.apply_spans_step`: one
+Each hole is a span: a `model.decoding.hole.HoleState` with the one-hole rules (its bans, closing at
+an end, DreamOn's edits, stop words and single-line, its finish and its text), and a step is the
+one-hole sampler's step over all spans at once (`model.decoding.sampler.apply_spans_step`: one
 selection across the holes, under the options' rule). Full passes only (no context cache):
 the holes are spread through the sequence. Step budgets and blocks schedule one hole: several
 holes commit by the threshold or `tokens_per_step`.
@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.hole import HoleState, final_text, layout_pieces
-from model.loader import LoadedModel
-from model.passes import forward_holes
-from model.preview import expected_steps, hole_preview
-from model.sampler import InfillOptions, apply_spans_step, new_state_from_ids
+from diffusion_contract.options import InfillOptions
+from model.decoding.hole import HoleState, final_text, layout_pieces
+from model.decoding.passes import forward_holes
+from model.decoding.preview import expected_steps, hole_preview
+from model.decoding.sampler import apply_spans_step, new_state_from_ids
+from model.network.loader import LoadedModel
 
 
 @dataclass
@@ -60,8 +61,8 @@ class MultiHoleState:
         return [span for span in self.spans if not span.finished]
 
     def canvas(self) -> HoleState:
-        """The whole sequence as one hole for a forward pass (`model.passes`): the first piece
-        before it, the last after it, every span and inner piece in between; masked where a
+        """The whole sequence as one hole for a forward pass (`model.decoding.passes`): the first
+        piece before it, the last after it, every span and inner piece in between; masked where a
         hole still being denoised is. Its logits come in span order."""
         hole, masked = [], []
         for index, span in enumerate(self.spans):
@@ -128,13 +129,14 @@ def multi_step(model: LoadedModel, state: MultiHoleState, logits: Sequence[torch
 
 
 def hole_texts(model: LoadedModel, state: MultiHoleState) -> tuple[list[str], list[int]]:
-    """Each hole's text (`model.hole.final_text`) and its count of real tokens."""
+    """Each hole's text (`model.decoding.hole.final_text`) and its count of real tokens."""
     texts, counts = zip(*(final_text(model, span) for span in state.spans), strict=True)
     return list(texts), list(counts)
 
 
 def multi_preview(model: LoadedModel, state: MultiHoleState) -> tuple[int, int, list[str]]:
-    """(step, expected steps, each hole as it stands) -- `model.preview` for several holes."""
+    """(step, expected steps, each hole as it stands) -- `model.decoding.preview` for
+    several holes."""
     texts = [hole_preview(model, span.hole.tolist(), span.masked.tolist())
              for span in state.spans]
     masked = sum(int(span.masked.sum()) for span in state.live())
@@ -178,11 +180,11 @@ def infill_holes(
 
 def holes_in_turn(model: LoadedModel, pieces: Sequence[str], options: InfillOptions,
                   should_stop: Callable[[], bool] | None = None) -> MultiInfill:
-    """A block-diffusion family (`model.block`) denoises after its prompt only, so its holes
-    are filled one at a time, left to right, each by the one-hole sampler in the family's FIM
+    """A block-diffusion family (`model.decoding.block`) denoises after its prompt only, so its
+    holes are filled one at a time, left to right, each by the one-hole sampler in the family's FIM
     layout: a hole sees the holes before it filled and the text after it (later holes
     empty). No per-step previews here."""
-    from model.sampler import infill
+    from model.decoding.sampler import infill
 
     started = time.perf_counter()
     texts: list[str] = []

@@ -7,19 +7,19 @@ every block before the one being denoised never change again: they are computed 
 and the block being denoised runs alone against them.
 
 This module holds what that costs the sampler, as data and two kinds of forward pass; the
-steps themselves are `model.sampler`'s (`denoise_step`, `pick`, the schedules):
+steps themselves are `model.decoding.sampler`'s (`denoise_step`, `pick`, the schedules):
 
 - `BlockCache`: the exact keys/values of the sequence's first `length` positions.
 - `write`: extends it over finished blocks (the prompt first: prefill), keeping what it ran.
 - `block_pass`: one denoising forward of the current block against it; nothing is kept (the
   block's keys change as its tokens do), so a finished block costs one more forward, a write.
 
-`model.sampler.generate_exact` runs the published `generate_block` on these, token for token
-and forward for forward.
+`model.decoding.sampler.generate_exact` runs the published `generate_block` on these, token for
+token and forward for forward.
 
 The prompt's rows are written in chunks that end at multiples of `WRITE_CHUNK`, so a chunk's
 keys/values are the same computation whether or not earlier chunks came from a document's
-cache (`model.prompt_cache`): reusing them across keystrokes changes no completion.
+cache (`model.decoding.prompt_cache`): reusing them across keystrokes changes no completion.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from model.hole import HoleState
-from model.loader import LoadedModel
-from model.pinned import to_device
-from model.schedules import block_span
+from model.decoding.hole import HoleState
+from model.decoding.pinned import to_device
+from model.decoding.schedules import block_span
+from model.network.loader import LoadedModel
 
 WRITE_CHUNK = 256  # tokens; a multiple of every block length
 

@@ -4,7 +4,7 @@ Bits are a property of the loaded network: the decoder layers' linear projection
 that are tensor subclasses whose `F.linear` runs a library kernel (torchao's, through
 `torchao.quantization.quantize_`, or torch's own int8 kernels through `Int8RowWeight` /
 `Int8DynamicWeight`). Everything else -- transformers' modules, the fast step's own layer loop
-(model.fast_step calls `F.linear` on the same weights), the document cache, batches, holes,
+(model.decoding.fast_step calls `F.linear` on the same weights), the document cache, batches, holes,
 next edits -- sees an ordinary module. Where a kernel says so (`Kernel.head`) the LM head is
 quantized too, untied from the embedding, which keeps its values (a lookup reads rows, not a
 matrix product); the norms keep the network's dtype.
@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.options import BYTES_PER_WEIGHT, QUANTIZATIONS
+from diffusion_contract.options import BYTES_PER_WEIGHT, QUANTIZATIONS
 
 NONE, INT8, INT4, AUTO = QUANTIZATIONS
 SCHEMES = (NONE, INT8, INT4)
@@ -182,7 +182,7 @@ CUDA_ROOM = 0.2  # auto on CUDA: weights may take at most this much less than th
 # side by side on the 2-core AVX2 VM (docs/benchmarks.md, 0.5B shape): fbgemm's int8 took about
 # half of float32's time for a typed character while aten's weight-only int8 and torchao's
 # int4 took about as long as float32; int8 gave the bundled model's completions (docs/models.md).
-# With native bf16 the bf16 network (model.cpu) was measured and int8 was not: none there.
+# With native bf16 the bf16 network (model.catalog.cpu) was measured and int8 was not: none there.
 CPU_INT8_FROM = 100_000_000  # linear parameters from which auto quantizes on such a CPU
 
 
@@ -225,7 +225,7 @@ def choose_auto(device: torch.device, parameters: int, linear_parameters: int,
 def cpu_auto(linear_parameters: int) -> str:
     """`auto` on a CPU: int8 where fbgemm runs it, the CPU lacks native bf16 and the network
     has CPU_INT8_FROM linear parameters or more (measured faster there); else none."""
-    from model.cpu import has_native_bf16
+    from model.catalog.cpu import has_native_bf16
 
     if (linear_parameters >= CPU_INT8_FROM and fbgemm_available()
             and not has_native_bf16()):

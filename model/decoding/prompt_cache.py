@@ -8,7 +8,7 @@ the longest common token prefix of the prefix and the longest common token prefi
 suffix (the text right after the cursor; its keys are rotated to the suffix's new positions,
 since RoPE rotations compose), and runs one *partial pass*: the changed context tokens and the
 hole's window as queries against the reused rows. That pass gives the first step's logits and
-the hole's context cache; later steps run as they would without it (`model.sampler`). So a
+the hole's context cache; later steps run as they would without it (`model.decoding.sampler`). So a
 keystroke costs the tokens it changed plus the hole's steps, as llama.cpp's prompt cache makes
 it cost for a causal model.
 
@@ -21,10 +21,10 @@ move and the ones next to it are recomputed. `max_reuses` bounds the drift: afte
 partial passes a document's context is computed from scratch again. `diffusion-lsp bench typing`
 (benchmarks/typing_latency.py) measures what it changes in the output.
 
-Block diffusion (`model.block`) has no approximation to bound: a row depends only on its own
-block and the blocks before it, so a document's prompt rows are reused as long as their tokens
-are unchanged, whole chunks of `model.block.WRITE_CHUNK` tokens at a time, and a keystroke's
-completion is the one computed from scratch (`BlockContext`).
+Block diffusion (`model.decoding.block`) has no approximation to bound: a row depends only on its
+own block and the blocks before it, so a document's prompt rows are reused as long as their tokens
+are unchanged, whole chunks of `model.decoding.block.WRITE_CHUNK` tokens at a time, and a
+keystroke's completion is the one computed from scratch (`BlockContext`).
 
 Memory: the cache is an LRU over documents, bounded by `max_documents` and `max_bytes`; a
 document's entry is its context's keys and values (2 x layers x kv_heads x head_dim x tokens).
@@ -39,12 +39,12 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half  # RoPE's, as the network's
 
-from model import fast_step
-from model.block import WRITE_CHUNK, BlockCache
-from model.hole import ContextCache, HoleState
-from model.loader import LoadedModel
-from model.passes import logit_positions, window
-from model.pinned import to_device
+from model.decoding import fast_step
+from model.decoding.block import WRITE_CHUNK, BlockCache
+from model.decoding.hole import ContextCache, HoleState
+from model.decoding.passes import logit_positions, window
+from model.decoding.pinned import to_device
+from model.network.loader import LoadedModel
 
 DEFAULT_MAX_DOCUMENTS = 20
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB
@@ -70,7 +70,7 @@ class DocumentContext:
 
 @dataclass
 class BlockContext:
-    """A block-diffusion document's prompt rows (`model.block`): exact, since under the
+    """A block-diffusion document's prompt rows (`model.decoding.block`): exact, since under the
     block-causal mask a row depends only on the tokens of its block and the blocks before."""
 
     ids: list[int]  # the prompt tokens they were computed from
@@ -110,7 +110,7 @@ def move_keys(model: LoadedModel, keys: torch.Tensor, delta: int) -> torch.Tenso
 @dataclass
 class Reuse:
     """What a new completion takes from its document's cached context; `run` is the partial
-    pass `model.sampler.forward_holes` calls for the hole's first step."""
+    pass `model.decoding.passes.forward_holes` calls for the hole's first step."""
 
     entry: DocumentContext
     prefix_rows: int  # leading prefix tokens unchanged since the entry was computed
@@ -219,8 +219,8 @@ class PromptCache:
             state.reuse = self.lookup(model, document, state)
 
     def _attach_rows(self, document: str, state: HoleState) -> None:
-        """A block-diffusion hole (`model.block`) starts from the document's exact prompt rows
-        that still hold: those of the chunks its prompt shares whole with the last one."""
+        """A block-diffusion hole (`model.decoding.block`) starts from the document's exact prompt
+        rows that still hold: those of the chunks its prompt shares whole with the last one."""
         entry = self._entries.get(document)
         if not isinstance(entry, BlockContext) or not state.options.caches_context:
             return

@@ -10,8 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from model.families import parse_overrides
-from model.loader import LoadedModel, bundled_model_path, load_model
+from model.network.families import parse_overrides
+from model.network.loader import LoadedModel, bundled_model_path, load_model
 
 TINY_FALLBACK_DIR = Path(tempfile.gettempdir()) / "diffusion-lsp-tiny-random"
 NOISE_WARNING = ("warning: no bundled model is installed; using a tiny RANDOM-weight model "
@@ -21,7 +21,7 @@ NOISE_WARNING = ("warning: no bundled model is installed; using a tiny RANDOM-we
 def tiny_fallback() -> Path:
     """The tiny random-weight model's directory (written on first use), after a warning on
     stderr that its output is noise."""
-    from model.tiny import write_tiny_model
+    from model.network.tiny import write_tiny_model
 
     print(NOISE_WARNING, file=sys.stderr)
     if not (TINY_FALLBACK_DIR / "model.safetensors").exists():

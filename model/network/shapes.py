@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from model import quantize
-from model.families import DREAM, STABLE_DIFFCODER, Family
-from model.loader import (
+from model.network import quantize
+from model.network.families import DREAM, STABLE_DIFFCODER, Family
+from model.network.loader import (
     BUNDLED_DIR,
     TOKENIZER_FILE,
     LoadedModel,
@@ -25,7 +25,7 @@ from model.loader import (
     quantization_plan,
     resolve_special_ids,
 )
-from model.tiny import FAMILY_SPECIAL_TOKENS, SAMPLE_CODE
+from model.network.tiny import FAMILY_SPECIAL_TOKENS, SAMPLE_CODE
 
 RANDOM_PREFIX = "random:"
 
@@ -44,7 +44,7 @@ SHAPES = {
                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
                    "max_position_embeddings": 2048, "rope_theta": 1000000.0},
 }
-# block diffusion (`model.block`): Llama-shaped, the stable-diffcoder family
+# block diffusion (`model.decoding.block`): Llama-shaped, the stable-diffcoder family
 BLOCK_SHAPES = {
     # Stable-DiffCoder-8B / Seed-Coder-8B (its config.json)
     "seed-coder-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -68,9 +68,9 @@ def random_model_of_shape(shape: str, device: str = "auto", dtype: str = "auto",
                           quantization: str = "auto") -> LoadedModel:
     """A `dream`-family model of a published shape with random weights (a `stable-diffcoder`
     one for the BLOCK_SHAPES), made on `device` in `dtype` (auto: bf16 on CUDA; on a CPU what
-    `model.cpu` measured fastest), its decoder layers' linear weights in `quantization`
-    (model.quantize; made and quantized one layer at a time, so a 7B shape fits where its bf16
-    weights would not)."""
+    `model.catalog.cpu` measured fastest), its decoder layers' linear weights in `quantization`
+    (model.network.quantize; made and quantized one layer at a time, so a 7B shape fits where its
+    bf16 weights would not)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if shape not in SHAPES and shape not in BLOCK_SHAPES:
@@ -142,7 +142,7 @@ def shape_tokenizer(shape: str, family: Family = DREAM):
     vocabulary has 512 rows), the bundled code BPE for published shapes."""
     if shape not in TINY_SHAPES:
         return code_tokenizer(family)
-    from model.tokenizer import train_tokenizer
+    from model.network.tokenizer import train_tokenizer
 
     return train_tokenizer([SAMPLE_CODE] * 4, 400, special_tokens(family), 1)
 

@@ -1,11 +1,11 @@
 """Forward passes over any number of holes: the logits of every masked position.
 
 A hole's first pass runs its whole sequence (or, with the document's cached context, a partial
-pass: `model.prompt_cache`); later ones run only the hole's window against the context's cached
-keys and values (the dual cache of Fast-dLLM), refreshed every `refresh_every` steps. Several
-holes share one batched pass; one hole alone on CUDA runs through `model.fast_step` (its own
-layer loop, the hole step replayed as a CUDA graph), several holes' hole-only steps through
-`model.packed_step` (their rows packed into one pass, attention per hole).
+pass: `model.decoding.prompt_cache`); later ones run only the hole's window against the context's
+cached keys and values (the dual cache of Fast-dLLM), refreshed every `refresh_every` steps. Several
+holes share one batched pass; one hole alone on CUDA runs through `model.decoding.fast_step` (its
+own layer loop, the hole step replayed as a CUDA graph), several holes' hole-only steps through
+`model.decoding.packed_step` (their rows packed into one pass, attention per hole).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from model import fast_step, packed_step
-from model.block import block_pass
-from model.hole import ContextCache, HoleState
-from model.loader import LoadedModel
-from model.options import InfillOptions
-from model.pinned import to_device
-from model.scoring import Scored, step_head
+from diffusion_contract.options import InfillOptions
+from model.decoding import fast_step, packed_step
+from model.decoding.block import block_pass
+from model.decoding.hole import ContextCache, HoleState
+from model.decoding.pinned import to_device
+from model.decoding.scoring import Scored, step_head
+from model.network.loader import LoadedModel
 
 # transformers 5.x renames the forward's `past_key_values` to `cache` (removed in 5.40) and warns
 # on every model load; every 5.x takes the old name, which the forward calls below pass
@@ -100,7 +100,7 @@ def _full_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Te
 
 
 def _rows_pass_full(model: LoadedModel, state: HoleState) -> torch.Tensor:
-    """`_full_pass` of one hole through `model.fast_step`'s layer loop. (m, H)"""
+    """`_full_pass` of one hole through `model.decoding.fast_step`'s layer loop. (m, H)"""
     sequence = state.sequence()
     length = sequence.numel()
     hidden, layers = fast_step.rows_pass(model, sequence, torch.arange(length))
@@ -170,7 +170,7 @@ def _hole_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Te
 
 
 def _fixed_shape_hole_pass(model: LoadedModel, state: HoleState) -> torch.Tensor:
-    """`_hole_pass` of one hole through `model.fast_step` (a CUDA graph replay). (m, H)"""
+    """`_hole_pass` of one hole through `model.decoding.fast_step` (a CUDA graph replay). (m, H)"""
     shifted = model.family.shifted_logits
     start, end = window(state, shifted)
     fused = fast_step.switches(model).fused_projections
@@ -182,8 +182,8 @@ def _fixed_shape_hole_pass(model: LoadedModel, state: HoleState) -> torch.Tensor
 
 
 def _packed_hole_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
-    """`_hole_pass` of several holes through `model.packed_step`: their windows' rows packed
-    into one pass, attention per hole over its own context. Returns (m_i, H)."""
+    """`_hole_pass` of several holes through `model.decoding.packed_step`: their windows' rows
+    packed into one pass, attention per hole over its own context. Returns (m_i, H)."""
     shifted = model.family.shifted_logits
     spans = [window(state, shifted) for state in states]
     hidden = packed_step.packed_hole_step(model, [
@@ -237,7 +237,7 @@ def forward_holes(model: LoadedModel, states: Sequence[HoleState],
     States whose context cache is fresh run their hole only; the rest share one batched
     pass over their whole sequences (which also refreshes their caches). With `scored`, a
     lone greedy hole-only step may come back as `Scored` instead (`_scored_step`), which
-    `model.sampler.apply_step` takes as it takes logits.
+    `model.decoding.sampler.apply_step` takes as it takes logits.
     """
     if scored and (step := _scored_step(model, states)) is not None:
         return [step]
@@ -246,7 +246,7 @@ def forward_holes(model: LoadedModel, states: Sequence[HoleState],
         if state.blockwise:
             hidden[i] = block_pass(model, state)
     full = [i for i, s in enumerate(states) if i not in hidden and needs_full_pass(s)]
-    for i in full:  # a first pass that reuses its document's context (model.prompt_cache)
+    for i in full:  # a first pass that reuses its document's context (model.decoding.prompt_cache)
         if states[i].reuse is not None and states[i].context is None:
             hidden[i] = states[i].reuse.run(model, states[i])
     full = [i for i in full if i not in hidden]

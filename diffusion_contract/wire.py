@@ -26,7 +26,12 @@ from typing import Any, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from model.options import COMMIT_SETTINGS, SAMPLER_SETTINGS, settings_problem, settings_struct
+from diffusion_contract.options import (
+    COMMIT_SETTINGS,
+    SAMPLER_SETTINGS,
+    settings_problem,
+    settings_struct,
+)
 
 FIM_PATH = "/v1/fim/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -50,9 +55,9 @@ class WireError(ValueError):
 
 
 # Our extensions to both request kinds, sent only to our service: how many positions a step
-# commits and the reference samplers' settings, as model/options.py declares them (temperature
-# is the API's own field). Left out or null: the sampler's default (seed: a fresh one per
-# request when temperature > 0).
+# commits and the reference samplers' settings, as diffusion_contract/options.py declares them
+# (temperature is the API's own field). Left out or null: the sampler's default (seed: a fresh one
+# per request when temperature > 0).
 EXTENSIONS = tuple(setting for setting in (*COMMIT_SETTINGS, *SAMPLER_SETTINGS)
                    if setting.name != "temperature")
 SamplerExtensions = settings_struct("SamplerExtensions", EXTENSIONS, unset=True, kw_only=True,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from model.loader import LoadedModel
+from model.network.loader import LoadedModel
 
 # One still-masked token. U+2591 LIGHT SHADE: visibly "noise", one column wide, and not a
 # character code completions contain (docs/editor-features.md documents it for clients).
@@ -56,7 +56,7 @@ def expected_steps(steps: int, committed: int, masked: int, tokens_per_step: int
 
 
 def state_preview(model: LoadedModel, state) -> tuple[int, int, str]:
-    """(step, expected steps, text) of a `model.sampler.HoleState` after a step."""
+    """(step, expected steps, text) of a `model.decoding.hole.HoleState` after a step."""
     committed = sum(len(step.committed) for step in state.trace)
     masked = int(state.masked.sum())
     text = hole_preview(model, state.hole.tolist(), state.masked.tolist())

@@ -7,7 +7,7 @@ cached keys and values copied into a (B, heads, max context, D) tensor every ste
 holes' window rows are packed into one (1, N) sequence instead (N = the sum of the windows):
 the embedding, every projection, the MLP and the norms run on the packed matrix (one matrix
 product per weight for the whole batch), and only attention is per hole, each hole's queries
-against its own cached context (`model.hole.ContextCache`) and its own window -- the
+against its own cached context (`model.decoding.hole.ContextCache`) and its own window -- the
 variable-length batching of vLLM / FlashAttention's varlen, done with one SDPA call a hole.
 
 Why per-hole SDPA calls: measured on the 2-core CPU (`python -m benchmarks.packed_attention`:
@@ -18,8 +18,8 @@ every masked pair) and FlexAttention with a document mask, compiled. On a GPU th
 calls cost a kernel launch each per layer: the GPU check re-measures (`concurrent*`), and
 FlexAttention's document masks or FlashAttention's varlen are the candidates there.
 
-It computes what `model.passes._hole_pass` computes through transformers for each hole alone
-(tests/test_packed_step.py, every family): a hole's rows see only its own context and window,
+It computes what `model.decoding.passes._hole_pass` computes through transformers for each hole
+alone (tests/test_packed_step.py, every family): a hole's rows see only its own context and window,
 so its result does not depend on what it is packed with. Uncaptured (no CUDA graph: the
 batch's shapes change at every join and leave).
 """
@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the network's own
 
-from model import fast_step
-from model.fast_step import LayerWeights, rms_norm
-from model.loader import LoadedModel
-from model.pinned import to_device
+from model.decoding import fast_step
+from model.decoding.fast_step.layer import LayerWeights, rms_norm
+from model.decoding.pinned import to_device
+from model.network.loader import LoadedModel
 
 PACKED_ENV = "DIFFUSION_LSP_PACKED_STEPS"  # "0": batched hole steps through transformers
 ATTENTION_ENV = "DIFFUSION_LSP_PACKED_ATTENTION"  # how the packed rows attend (ATTENTIONS)

@@ -1,7 +1,8 @@
-"""Tiny random checkpoints in each published family's OFFICIAL on-disk format.
+"""Tiny random checkpoints in each published family's OFFICIAL on-disk format (the tests'
+family fixtures, and benchmarks/quantization.py's tiny models).
 
 Written from the published formats, not from this project's family table (so a wrong entry
-in model/families.py shows up as a test failure): config.json with the published keys and
+in model/network/families.py shows up as a test failure): config.json with the published keys and
 values apart from sizes, the published weight names, and a small byte-level BPE tokenizer
 whose special tokens sit at their published ids (the vocabulary has a gap below them, and the
 network's vocabulary is the published one: 152064 / 151936 / 126464 rows).
@@ -32,8 +33,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from model.tiny import SAMPLE_CODE
-from model.tokenizer import train_tokenizer
+from model.network.tiny import SAMPLE_CODE
+from model.network.tokenizer import train_tokenizer
 
 BPE_VOCAB = 300
 HIDDEN = 32
@@ -62,7 +63,7 @@ def _qwen2_tokens(extra: dict[str, int]) -> dict[str, tuple[int, bool]]:
 class Spec:
     """One published checkpoint format."""
 
-    family: str  # the family model/families.py should detect
+    family: str  # the family model/network/families.py should detect
     kind: str  # "dream" (DreamModel) | "qwen2" | "llada"
     vocab: int  # rows of the embedding / lm_head
     tokens: dict[str, tuple[int, bool]]  # special token -> (id, "special" flag)

@@ -21,13 +21,13 @@ class SupportedModel:
     # calibrated yet (no floor)
     min_confidence: float | None = None
     # of the weights, the share in the decoder layers' linear projections (what int8 / int4
-    # shrink; model.quantize): Qwen2.5-7B 6.53B of 7.62B, LLaDA-8B 6.98B of 8.0B
+    # shrink; model.network.quantize): Qwen2.5-7B 6.53B of 7.62B, LLaDA-8B 6.98B of 8.0B
     linear_share: float = 0.86
 
     def size_gb_in(self, scheme: str) -> float:
         """Its weights' size (GB, as size_gb) with the linear projections in `scheme`
         (none | int8 | int4), the rest in bf16."""
-        from model.options import BYTES_PER_WEIGHT
+        from diffusion_contract.options import BYTES_PER_WEIGHT
 
         if scheme not in BYTES_PER_WEIGHT:
             raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(BYTES_PER_WEIGHT)}")
@@ -37,7 +37,8 @@ class SupportedModel:
 
 # 7-8B weights in bf16 take 15-16 GB; Dream's README asks for "a GPU with at least 20GB memory".
 GPU_24GB = "GPU with >= 24 GB (bf16)"
-# a family whose completions are not on the sampler yet (model.sampler.generate_exact runs it)
+# a family whose completions are not on the sampler yet (model.decoding.sampler.generate_exact runs
+# it)
 EXACT_MODE_ONLY = "exact mode only: no completions yet"
 
 SUPPORTED_MODELS: tuple[SupportedModel, ...] = (

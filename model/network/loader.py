@@ -20,10 +20,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from model import quantize
-from model.cpu import auto_cpu_dtype
-from model.families import Family, resolve_family
-from model.paths import (  # noqa: F401 - where a model is found (torch-free), re-exported
+from model.catalog.cpu import auto_cpu_dtype
+from model.catalog.paths import (  # noqa: F401 - where a model is found (torch-free), re-exported
     BUNDLED_DIR,
     CONFIG_FILE,
     MIN_CONFIDENCE_KEY,
@@ -35,7 +33,9 @@ from model.paths import (  # noqa: F401 - where a model is found (torch-free), r
     hf_hub_dir,
     resolve_model_path,
 )
-from model.tokenizer import BPE_MERGES_FILE, BPE_VOCAB_FILE, qwen2_tokenizer_from_bpe_files
+from model.network import quantize
+from model.network.families import Family, resolve_family
+from model.network.tokenizer import BPE_MERGES_FILE, BPE_VOCAB_FILE, qwen2_tokenizer_from_bpe_files
 
 log = logging.getLogger(__name__)
 # config.json keys that describe where the checkpoint came from, not its shape
@@ -100,8 +100,8 @@ class LoadedModel:
     _on_device: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False,
                                                           repr=False)
     _blank_ids: torch.Tensor | None = field(default=None, init=False, repr=False)
-    # how the decoder layers' weights are stored (model.quantize): none | int8 | int4, and the
-    # line to say once where that is not what was asked (no kernel here, or auto's choice)
+    # how the decoder layers' weights are stored (model.network.quantize): none | int8 | int4, and
+    # the line to say once where that is not what was asked (no kernel here, or auto's choice)
     quantization: str = quantize.NONE
     quantization_notice: str | None = None
 
@@ -147,7 +147,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def pick_dtype(dtype: str, device: torch.device, parameters: int = 0) -> torch.dtype:
     """`auto` means bf16 on CUDA; on a CPU, what measured fastest there for a model of
-    `parameters` parameters (`model.cpu.auto_cpu_dtype`: bf16 for large models on CPUs with
+    `parameters` parameters (`model.catalog.cpu.auto_cpu_dtype`: bf16 for large models on CPUs with
     native bf16, fp32 otherwise)."""
     if dtype == "auto":
         if device.type == "cuda":
@@ -267,7 +267,7 @@ def resolve_special_ids(tokenizer: Tokenizer, family: Family, path: Path) -> Spe
 
 def fim_ids(tokenizer: Tokenizer, family: Family) -> FimIds | None:
     """The family's FIM tokens in this tokenizer; None when it has no FIM layout or lacks one
-    of them (then only prompts without a suffix run: `model.hole.layout_ids` says so)."""
+    of them (then only prompts without a suffix run: `model.decoding.hole.layout_ids` says so)."""
     if family.fim_layout == "canvas":
         return None
     found = [tokenizer.token_to_id(t) if t else None for t in
@@ -324,9 +324,9 @@ def load_model(
     """Load tokenizer and weights into a bidirectional stock transformers model, ready for eval.
 
     `family` names the family (else config.json's `diffusion_lsp` block, else detection);
-    `overrides` replace family fields (model.families.OVERRIDABLE) after the config block's.
-    `quantization` (model.quantize.CHOICES): the decoder layers' linear weights in 8 or 4 bits,
-    quantized layer by layer as they stream in (`load_quantized`), or `auto`'s choice.
+    `overrides` replace family fields (model.network.families.OVERRIDABLE) after the config block's.
+    `quantization` (model.network.quantize.CHOICES): the decoder layers' linear weights in 8 or 4
+    bits, quantized layer by layer as they stream in (`load_quantized`), or `auto`'s choice.
     """
     quantize.check_choice(quantization)
     path = resolve_model_path(name_or_path)
@@ -443,11 +443,11 @@ class WeightIndex:
 def load_quantized(network: torch.nn.Module, path: Path, fam: Family, device: torch.device,
                    kernel: quantize.Kernel) -> None:
     """Fill `network` (on the meta device) with the checkpoint's weights, its decoder layers'
-    linear weights quantized by `kernel`: from the disk cache (model.quantized_cache) where a
-    whole copy is there, else streamed -- the embedding, norms and head first, then one decoder
+    linear weights quantized by `kernel`: from the disk cache (model.network.quantized_cache) where
+    a whole copy is there, else streamed -- the embedding, norms and head first, then one decoder
     layer at a time read, moved to `device` in `kernel.dtype` and quantized before the next is
     read -- and kept in the cache for the next start."""
-    from model import quantized_cache
+    from model.network import quantized_cache
 
     index = WeightIndex(path, fam)
     key = quantized_cache.cache_key(

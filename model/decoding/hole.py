@@ -17,8 +17,8 @@ from typing import Protocol
 
 import torch
 
-from model.loader import LoadedModel
-from model.options import InfillOptions
+from diffusion_contract.options import InfillOptions
+from model.network.loader import LoadedModel
 
 NEWLINE = "\n"
 
@@ -81,7 +81,7 @@ class ContextCache:
 
 class BlockRows(Protocol):
     """The exact keys and values of a block-diffusion sequence's first `length` positions
-    (`model.block.BlockCache`)."""
+    (`model.decoding.block.BlockCache`)."""
 
     length: int
     writes: int
@@ -89,7 +89,7 @@ class BlockRows(Protocol):
 
 class PartialPass(Protocol):
     """A first pass that reuses cached context rows instead of running the whole sequence
-    (`model.prompt_cache.Reuse`): it sets the state's context cache and returns the hidden
+    (`model.decoding.prompt_cache.Reuse`): it sets the state's context cache and returns the hidden
     states of its masked positions (m, H)."""
 
     def run(self, model: LoadedModel, state: HoleState) -> torch.Tensor: ...
@@ -119,7 +119,7 @@ class HoleState:
     expansions_left: int = 0
     reuse: PartialPass | None = None  # the document's cached context rows, for the first pass
     reused_tokens: int = 0
-    # block diffusion (`model.block`): the prompt's length modulo the block length (None: a
+    # block diffusion (`model.decoding.block`): the prompt's length modulo the block length (None: a
     # full-canvas hole); the hole then grows one block at a time
     block_offset: int | None = None
     committed: BlockRows | None = None  # exact keys/values of every finished block and prompt

@@ -68,8 +68,8 @@ class Family:
     # it (DreamOn's `pad_delete_to_right`); committed tokens after it stay
     delete_pads_right: bool = False
     # block diffusion: blocks of this many tokens, aligned from the prompt's first token,
-    # bidirectional inside a block and causal across blocks (`model.block`); None: the whole
-    # sequence attends both ways (the full-canvas families)
+    # bidirectional inside a block and causal across blocks (`model.decoding.block`); None: the
+    # whole sequence attends both ways (the full-canvas families)
     block_length: int | None = None
     # block diffusion denoised this many positions at a time inside a block, left to right
     # (Fast-dLLM v2's `small_block_size`); None: the whole block at once

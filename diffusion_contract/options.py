@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 SCORES = ("confidence", "margin", "entropy")
-# how the decoder layers' weights are stored (model.quantize): the checkpoint's dtype, 8 or 4
-# bits, or what model.quantize.choose_auto picks for the device and model
+# how the decoder layers' weights are stored (model.network.quantize): the checkpoint's dtype, 8 or
+# 4 bits, or what model.network.quantize.choose_auto picks for the device and model
 QUANTIZATIONS = ("none", "int8", "int4", "auto")
 # bytes a weight takes per scheme, scales included (none: bf16; int8: one scale per row, about
 # nothing; int4: a bf16 scale and zero per group of 128), for memory estimates
