@@ -411,14 +411,19 @@ class DiffusionServer(LanguageServer):
 
     async def under_policy(self, work: Awaitable[T], miss: T, what: str) -> T:
         """`work`'s answer under the error policy (STYLE 4): a cancellation is counted and
-        propagates; a backend failure is reported (`backend_failed`), anything else logged;
-        both are counted as errors and answered with `miss`."""
+        propagates; a busy backend (its queue full: a burst of requests) is counted as `busy`
+        and answered with `miss` quietly; a backend failure is reported (`backend_failed`),
+        anything else logged; both are counted as errors and answered with `miss`."""
         try:
             return await work
         except asyncio.CancelledError:
             self.stats.count("cancelled")
             raise
         except BackendError as error:
+            if error.kind == "busy":  # a burst beyond the engine's queue: no items, no alarm
+                self.stats.count("busy")
+                log.debug("%s: %s", what, error)
+                return miss
             self.stats.count("errors")
             self.backend_failed(error)
             return miss

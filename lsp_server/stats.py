@@ -39,7 +39,7 @@ class Stats:
 
     def snapshot(self) -> dict:
         names = ("requests", "completed", "empty", "cancelled", "superseded", "cacheHits",
-                 "errors", "notReady", "rejected")
+                 "errors", "notReady", "rejected", "busy")
         snapshot = {name: self.counts.get(name, 0) for name in names}
         snapshot["suppressed"] = {  # completions and hole fills not offered, and why
             "lowConfidence": self.counts.get("suppressed:low_confidence", 0),

@@ -178,3 +178,25 @@ def test_the_server_refuses_in_one_place_counting_logging_and_telling(caplog):
     assert (logging.INFO, "no items: line 9 is past the end") in logged
     assert (logging.DEBUG, "no items: off") in logged
     assert (logging.WARNING, "a.py is too large") in logged
+
+
+async def test_a_full_engine_queue_answers_nothing_quietly_and_counts_busy():
+    """A burst beyond the engine's queue (model.engine.QueueFull) is no error: no items, counted
+    as `busy`, nothing told to the user; a real failure still is an error, told once."""
+    from lsp_server.backends.local import engine_failure
+    from lsp_server.main import make_server
+    from model.engine import QueueFull
+
+    server = make_server()
+
+    async def raises(error):
+        raise error
+
+    busy = engine_failure(QueueFull(64), "cpu")
+    assert busy.kind == "busy"
+    assert await server.under_policy(raises(busy), None, "completion") is None
+    assert server.stats.snapshot()["busy"] == 1 and server.stats.snapshot()["errors"] == 0
+    assert not server.reported
+    failed = engine_failure(RuntimeError("boom"), "cpu")
+    assert await server.under_policy(raises(failed), None, "completion") is None
+    assert server.stats.snapshot()["errors"] == 1 and server.reported

@@ -20,7 +20,8 @@ CHARS_PER_TOKEN = 3.5  # token estimate for backends without a local tokenizer
 class BackendError(RuntimeError):
     """A backend could not start or answer. `kind`: unavailable | unauthorized | failed |
     restarted (its engine's worker died and was restarted: this request failed, later ones are
-    served) | stopped (the backend serves no more until it is restarted)."""
+    served) | stopped (the backend serves no more until it is restarted) | busy (its queue is
+    full: this request gets nothing, later ones are served)."""
 
     def __init__(self, message: str, kind: str = "failed") -> None:
         super().__init__(message)

@@ -205,11 +205,14 @@ def engine_failure(error: Exception, device: str) -> BackendError:
     from model.engine import (
         Cancelled,
         EngineStopped,
+        QueueFull,
         WorkerRestarted,
         first_line,
         is_out_of_memory,
     )
 
+    if isinstance(error, QueueFull):
+        return BackendError(str(error), "busy")
     if is_out_of_memory(error):
         return BackendError(
             f"the model ran out of memory on {device} (cached memory was freed; later "
