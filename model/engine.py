@@ -317,8 +317,12 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        """Requests (and tasks) waiting for a place in the batch."""
-        return self._queue.qsize() + len(self._held)
+        """Requests (and tasks) waiting for a place in the batch, cancelled ones not counted
+        (they leave when the worker reaches them: a burst of superseded requests must not
+        keep the newest one out)."""
+        with self._queue.mutex:
+            queued = list(self._queue.queue)
+        return sum(not _is_cancelled(item) for item in (*queued, *self._held))
 
     # -- worker --------------------------------------------------------------------------------
 
@@ -542,6 +546,11 @@ class Engine:
             }
             request.future.set_result(state_result(self.model, request.state, timings))
         return keep
+
+
+def _is_cancelled(item: object) -> bool:
+    cancelled = getattr(item, "cancelled", None)
+    return isinstance(cancelled, threading.Event) and cancelled.is_set()
 
 
 def first_line(error: BaseException) -> str:

@@ -320,6 +320,21 @@ def test_past_the_queue_bound_a_request_is_refused_at_once_and_the_queued_are_se
         engine.close()
 
 
+def test_cancelled_requests_do_not_hold_places_in_the_queue(tiny_model):
+    """A burst of superseded (cancelled) requests leaves room for the newest one."""
+    engine = Engine(tiny_model, max_queued=2)
+    try:
+        release = _blocked(engine)
+        for prefix, suffix in HOLES[:2]:
+            engine.submit(prefix, suffix, OPTIONS).cancel()
+        newest = engine.submit(*HOLES[2], OPTIONS)  # refused while the cancelled counted
+        assert engine.waiting == 1
+        release.set()
+        assert newest.result(30).text == infill(tiny_model, *HOLES[2], OPTIONS).text
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("holes_that_fit", [1, 3])
 def test_the_batch_is_bounded_by_memory_and_what_does_not_fit_waits(tiny_model,
                                                                      holes_that_fit):
