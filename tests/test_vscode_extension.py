@@ -82,6 +82,12 @@ def test_vscode_choices_are_the_server_choices():
             assert sorted(spec["enum"]) == sorted(choices), name
 
 
+def test_vscode_offers_every_family_the_loader_knows():
+    from model.network.families import FAMILIES
+
+    assert sorted(c for c in contributed()["model.family"]["enum"] if c) == sorted(FAMILIES)
+
+
 def test_vscode_types_accept_the_server_defaults():
     json_types = {bool: "boolean", int: "integer", float: "number", str: "string",
                   list: "array", type(None): "null"}
