@@ -353,8 +353,7 @@ class Int8DynamicWeight(Int8RowWeight):
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Int8DynamicWeight:
         """Symmetric per-row int8 of a float (N, K) weight, scales in float32."""
-        quantized = Int8RowWeight.quantize(weight.float())
-        return cls(quantized.as_subclass(torch.Tensor), quantized.scale)
+        return super().quantize(weight.float())
 
 
 def quantize_module(module: nn.Module, kernel: Kernel) -> int:
