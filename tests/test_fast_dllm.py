@@ -5,14 +5,17 @@ block-causal mask, the same ids and forward count in exact mode."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from diffusion_contract.options import InfillOptions
-from model.decoding.block import BlockCache, run_rows
-from model.decoding.sampler import generate_exact, new_state_from_ids
+from model.decoding.block import WRITE_CHUNK, BlockCache, run_rows
+from model.decoding.hole import layout_ids
+from model.decoding.prompt_cache import PromptCache
+from model.decoding.sampler import denoise_step, generate_exact, infill, new_state_from_ids
 from model.network.families import FAMILIES, FAST_DLLM_V2, detect_family
 from model.network.loader import load_model
 
@@ -95,7 +98,90 @@ def test_exact_mode_is_the_published_generate(pairs, variant):
         assert several >= 6  # the threshold committed several positions a step
 
 
-def test_completions_outside_exact_mode_are_refused_plainly(pairs):
-    model, _ = pairs["plain"]
-    with pytest.raises(ValueError, match="exact mode only"):
-        new_state_from_ids(model, [1, 2, 3], [], InfillOptions(max_tokens=8))
+def steps_of(model, prompt: list[int], options: InfillOptions):
+    state = new_state_from_ids(model, prompt, [], options)
+    while not state.finished:
+        denoise_step(model, [state])
+    return state
+
+
+@pytest.mark.parametrize("variant,threshold", [("plain", 1.0), ("sharp", 0.9)])
+def test_completions_take_the_published_steps(pairs, variant, threshold):
+    """Outside exact mode a hole runs the same steps on the same sampler (sub-blocks, shifted
+    logits, the write forward's token), as long as nothing ends it: the same tokens from the
+    same number of forwards as the published generate (prompts not of exactly one block). The
+    tiny tokenizer knows few of the 152k ids, so the bans on ids without a token are lifted."""
+    model, reference = pairs[variant]
+    model = unbanned(model)
+    for length in (3, 33, 64):
+        prompt = prompt_of(length, seed=7)
+        expected, expected_forwards = reference.generate(prompt.clone(), 64, threshold=threshold)
+        answer = expected[0, length:].tolist()
+        assert not set(answer) & model.ids.ends
+        state = steps_of(model, prompt[0].tolist(),
+                         InfillOptions(max_tokens=len(answer), threshold=threshold))
+        assert state.hole.tolist() == answer, length
+        assert state.forwards == expected_forwards, length
+        assert state.finish_reason == "max_tokens"
+
+
+def unbanned(model):
+    """The model with every id sampleable (the tiny tokenizer knows few of the 152k ids)."""
+    return dataclasses.replace(model, never_sample=torch.zeros_like(model.never_sample))
+
+
+def test_a_step_commits_in_its_sub_block_only(pairs):
+    model = unbanned(pairs["sharp"][0])
+    state = new_state_from_ids(model, prompt_of(3)[0].tolist(), [],
+                               InfillOptions(max_tokens=40, threshold=0.5))
+    assert state.hole.numel() == 29  # the prompt's aligned block, completed
+    several = 0
+    while not state.finished:
+        denoise_step(model, [state])
+        done = [p for p, _ in state.trace[-1].committed]
+        # sub-blocks of 8 aligned from the prompt's first token: positions 0-4, 5-12, ..
+        assert len({(p + 3) // 8 for p in done}) == 1, done
+        several += len(done) > 1
+    assert several  # the threshold committed several positions in one step
+
+
+def test_the_first_token_of_a_block_comes_from_the_write(pairs):
+    """A block's first position is committed by the forward that writes the block before it
+    (its last row's logits, shifted), not by a denoising forward of its own block."""
+    model = unbanned(pairs["plain"][0])
+    state = steps_of(model, prompt_of(33)[0].tolist(), InfillOptions(max_tokens=40))
+    first = 64 - 33  # hole position of the second block's first token
+    steps = [i for i, trace in enumerate(state.trace)
+             if any(p == first for p, _ in trace.committed)]
+    assert len(steps) == 1 and state.trace[steps[0]].committed == [(first, state.hole[first])]
+    with torch.inference_mode():
+        hidden, _ = run_rows(model, BlockCache([]), torch.tensor(state.sequence()[:64]), 32)
+        expected = int(model.network.lm_head(hidden[-1]).argmax())
+    assert int(state.hole[first]) == expected
+
+
+def test_a_completion_ends_at_its_stop_token_and_shows_no_suffix(pairs):
+    model, _ = pairs["ends"]
+    prefix, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+    prefix_ids, suffix_ids = layout_ids(model, prefix, suffix)
+    assert suffix_ids == [] and prefix_ids == model.tokenizer.encode(prefix).ids
+    result = infill(model, prefix, suffix, InfillOptions(max_tokens=64, threshold=0.9))
+    assert result.finish_reason in ("end", "max_tokens")
+    assert "<|" not in result.text and "|<MASK>|" not in result.text
+
+
+@pytest.mark.parametrize("variant", ["plain", "ends"])
+def test_completions_with_and_without_the_prompt_cache_are_identical(pairs, variant):
+    model, _ = pairs[variant]
+    body = "".join(f"value_{i} = compute({i}, {i + 1})\n" for i in range(60))
+    cache = PromptCache()
+    options = InfillOptions(max_tokens=40, threshold=0.9)
+    reused = []
+    for text in ["", "a", "a +", "a + b"]:
+        prefix = body + "def add(a, b):\n    return " + text
+        cached = infill(model, prefix, "", options, cache=cache, document="doc")
+        fresh = infill(model, prefix, "", options)
+        assert cached.text == fresh.text
+        assert [s.committed for s in cached.trace] == [s.committed for s in fresh.trace]
+        reused.append(cached.reused_tokens)
+    assert reused[0] == 0 and min(reused[1:]) >= WRITE_CHUNK

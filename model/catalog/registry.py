@@ -37,10 +37,6 @@ class SupportedModel:
 
 # 7-8B weights in bf16 take 15-16 GB; Dream's README asks for "a GPU with at least 20GB memory".
 GPU_24GB = "GPU with >= 24 GB (bf16)"
-# a family whose completions are not on the sampler yet (model.decoding.sampler.generate_exact runs
-# it)
-EXACT_MODE_ONLY = "exact mode only: no completions yet"
-
 SUPPORTED_MODELS: tuple[SupportedModel, ...] = (
     # Sizes: the sum of the safetensors shards in each repo's hub listing where marked "hub";
     # "same shape" rows are the Qwen2.5-7B / 0.5B shape in bf16, not read from the hub.
@@ -72,13 +68,13 @@ SUPPORTED_MODELS: tuple[SupportedModel, ...] = (
                    "stable-diffcoder", 16.5, GPU_24GB,
                    "Seed-Coder-8B shape in bf16; block diffusion, exact cache"),
     # Qwen2.5-7B-Instruct / -1.5B-Instruct's shapes in bf16 (7.62B / 1.54B parameters, the
-    # 1.5B's embedding tied to its head), not read from the hub; exact mode only so far
+    # 1.5B's embedding tied to its head), not read from the hub
     SupportedModel("Fast_dLLM_v2_7B", "Efficient-Large-Model/Fast_dLLM_v2_7B", "fast-dllm-v2",
-                   15.2, f"{GPU_24GB}; {EXACT_MODE_ONLY}",
-                   "Qwen2.5-7B shape in bf16; block diffusion, exact mode only"),
+                   15.2, GPU_24GB,
+                   "Qwen2.5-7B shape in bf16; block diffusion, exact cache, no FIM (prefix only)"),
     SupportedModel("Fast_dLLM_v2_1.5B", "Efficient-Large-Model/Fast_dLLM_v2_1.5B",
-                   "fast-dllm-v2", 3.1, f"CPU (slow) or any GPU with >= 6 GB; {EXACT_MODE_ONLY}",
-                   "Qwen2.5-1.5B shape in bf16; block diffusion, exact mode only",
+                   "fast-dllm-v2", 3.1, "CPU (slow) or any GPU with >= 6 GB",
+                   "Qwen2.5-1.5B shape in bf16; block diffusion, exact cache, no FIM (prefix only)",
                    linear_share=0.85),  # 1.31B of 1.54B (the embedding is tied to the head)
 )
 

@@ -31,7 +31,7 @@ from transformers import DynamicCache
 
 from model.decoding.hole import HoleState
 from model.decoding.pinned import to_device
-from model.decoding.schedules import block_span
+from model.decoding.schedules import block_span, starts_after_rows, step_positions
 from model.network.loader import LoadedModel
 
 WRITE_CHUNK = 256  # tokens; a multiple of every block length
@@ -74,20 +74,25 @@ def run_rows(model: LoadedModel, cache: BlockCache, ids: torch.Tensor,
     return hidden, [(layer.keys, layer.values) for layer in past.layers]
 
 
-def write(model: LoadedModel, state: HoleState, end: int) -> None:
+def write(model: LoadedModel, state: HoleState, end: int) -> torch.Tensor | None:
     """Extend the state's exact cache over positions up to `end` (finished blocks only). Exact
     mode writes as the reference does (the prompt in one forward); otherwise in chunks ending
-    at multiples of WRITE_CHUNK."""
+    at multiples of WRITE_CHUNK. Returns the hidden state of the last row written (1, H), or
+    None when there was nothing to write."""
     cache = state.committed or BlockCache([])
     sequence = state.sequence()
     block_length = state.options.block_length
+    last = None
     while cache.length < end:
         stop = end if state.options.exact else min(end, (cache.length // WRITE_CHUNK + 1)
                                                     * WRITE_CHUNK)
-        _, layers = run_rows(model, cache, sequence[cache.length:stop], block_length)
+        hidden, layers = run_rows(model, cache, sequence[cache.length:stop], block_length)
+        state.forwards += 1
+        last = hidden[-1:]
         writes = cache.writes + (1 if stop > state.hole_start else 0)
         cache = BlockCache(layers, stop, writes)
     state.committed = cache
+    return last
 
 
 def aligned_start(state: HoleState) -> int:
@@ -98,88 +103,36 @@ def aligned_start(state: HoleState) -> int:
     return (state.hole_start + start) // size * size
 
 
+def truncated(cache: BlockCache, length: int) -> BlockCache:
+    """The cache's first `length` positions."""
+    return BlockCache([(k[..., :length, :], v[..., :length, :]) for k, v in cache.layers],
+                      length, cache.writes)
+
+
 def block_pass(model: LoadedModel, state: HoleState) -> torch.Tensor:
     """One denoising forward of the current block (the prompt's tail that shares its aligned
     block included) against the exact cache, written first where finished blocks are missing
-    from it. Nothing is kept. Returns hidden states at the masked positions (m, H)."""
+    from it. Nothing is kept. Returns hidden states at the step's positions (m, H):
+    `model.decoding.schedules.step_positions`, the block's or its sub-block's masks.
+
+    With shifted logits (`BlockRule.shifted`) a position's row is the one before it in the
+    block (the block's first position: its own), and the first position of a block after
+    written rows is a step of its own, run by the forward that writes the rows before it: its
+    row is the last of them."""
+    rule = state.block_rule
     begin = aligned_start(state)
+    start, _ = block_span(state)
+    if rule.shifted and starts_after_rows(state, start):
+        if state.committed is not None and state.committed.length >= begin:
+            # written already (a document's rows): the block before is written again
+            state.committed = truncated(state.committed, begin - rule.length)
+        return write(model, state, begin)
     write(model, state, begin)
-    _, end = block_span(state)
+    end = min(begin + rule.length, state.hole_start + state.hole.numel())
     sequence = state.sequence()
-    hidden, _ = run_rows(model, state.committed, sequence[begin:state.hole_start + end],
-                         state.options.block_length)
-    positions = state.masked.nonzero().squeeze(-1) + state.hole_start - begin  # (m,)
-    return hidden[to_device(positions, hidden.device)]
-
-
-@torch.inference_mode()
-def generate_sub_blocks(model: LoadedModel, prompt: list[int], *, gen_length: int,
-                        block_length: int, sub_block_length: int, threshold: float,
-                        mask_id: int, stop_id: int) -> tuple[list[int], int]:
-    """Fast-dLLM v2's greedy `generate` (the modeling.py of Efficient-Large-Model/Fast_dLLM_v2_*,
-    `use_block_cache=False`), token for token and forward for forward: returns the ids (prompt,
-    then answer, cut after the first stop token) and the number of forwards.
-
-    Its rules: a prompt longer than one block has its whole blocks prefilled (one forward; when
-    it ends on a block boundary, that forward's last logit's argmax is appended). Every later
-    forward runs the sequence's last `block_length` tokens against the cache, at the cache's
-    next positions (so a prompt of exactly one block is never seen: the reference's own rule).
-    A block is denoised `sub_block_length` positions at a time, left to right; each step is one
-    forward of the whole block, logits shifted right by one inside it (the block's first
-    position keeps its own), and commits, among the sub-block's masks, the most probable one
-    plus every one whose probability is above `threshold`. A finished block costs one forward
-    that writes it to the cache, whose last logit's argmax is appended as the next block's
-    first token. The block (or the answer) stops as soon as a stop token of the current block
-    has no mask before it; such a block is not written."""
-    mask_step = 32  # the reference's denoising forwards use the forward's default block_size
-    ids = list(prompt)
-    forwards = 0
-    cache = BlockCache([])
-
-    def logits_of(rows: list[int], keep: bool, mask_block: int) -> torch.Tensor:
-        nonlocal cache, forwards
-        hidden, layers = run_rows(model, cache, torch.tensor(rows), mask_block)
-        forwards += 1
-        if keep:
-            cache = BlockCache(layers, cache.length + len(rows))
-        return model.network.lm_head(hidden).float()  # (Q, V)
-
-    if len(ids) > block_length:
-        whole = len(ids) // block_length * block_length
-        logits = logits_of(ids[:whole], True, block_length)
-        if len(ids) == whole:
-            ids.append(int(logits[-1].argmax()))
-    original = len(prompt)
-
-    def stopped(start: int) -> bool:
-        tail = ids[start:]
-        return stop_id in tail and mask_id not in tail[:tail.index(stop_id)]
-
-    for _ in range(gen_length // block_length):
-        if stop_id in ids[original:]:
-            break
-        start = len(ids)
-        ids.extend([mask_id] * (block_length - start % block_length))
-        base = len(ids) - block_length  # the block is ids[base:]
-        while not stopped(start):
-            if mask_id not in ids[base:]:
-                logits = logits_of(ids[base:], True, block_length)
-                ids.append(int(logits[-1].argmax()))
-                break
-            for sub in range(0, block_length, sub_block_length):
-                lo, hi = base + sub, base + sub + sub_block_length
-                while mask_id in ids[lo:hi] and not stopped(start):
-                    logits = logits_of(ids[base:], False, mask_step)
-                    shifted = torch.cat([logits[:1], logits[:-1]])[sub:sub + sub_block_length]
-                    probs = torch.softmax(shifted, dim=-1)
-                    best = probs.argmax(dim=-1)
-                    confidence = probs.gather(-1, best[:, None])[:, 0]
-                    masked = torch.tensor([t == mask_id for t in ids[lo:hi]])
-                    confidence = torch.where(masked, confidence, -torch.inf)
-                    commit = confidence > threshold
-                    commit[confidence.argmax()] = True
-                    for i in (commit & masked).nonzero().squeeze(-1).tolist():
-                        ids[lo + i] = int(best[i])
-    if stop_id in ids[original:]:
-        ids = ids[:ids.index(stop_id, original) + 1]
-    return ids, forwards
+    hidden, _ = run_rows(model, state.committed, sequence[begin:end], rule.length)
+    state.forwards += 1
+    rows = step_positions(state) + state.hole_start - begin  # (m,)
+    if rule.shifted:
+        rows = (rows - 1).clamp(min=0)
+    return hidden[to_device(rows, hidden.device)]

@@ -87,6 +87,22 @@ class BlockRows(Protocol):
     writes: int
 
 
+@dataclass(frozen=True)
+class BlockRule:
+    """How a block-diffusion family denoises its blocks (`model.decoding.block`): its family's
+    data, read by the one sampler's steps (`model.decoding.schedules.block_span`, the passes)."""
+
+    length: int  # tokens a block, aligned from the prompt's first token
+    # a step commits among this many positions of the block, left to right (Fast-dLLM v2's
+    # sub-blocks); equal to `length`: the whole block
+    span: int
+    # logits shifted inside a block: position i's come from row i - 1, the block's first
+    # position's from its own row (Fast-dLLM v2); the first position of a block after written
+    # rows comes from the last of them, in the forward that writes them
+    shifted: bool = False
+    stop: str = "full-block"  # exact mode's end rule (`Family.block_stop`)
+
+
 class PartialPass(Protocol):
     """A first pass that reuses cached context rows instead of running the whole sequence
     (`model.decoding.prompt_cache.Reuse`): it sets the state's context cache and returns the hidden
@@ -123,6 +139,8 @@ class HoleState:
     # full-canvas hole); the hole then grows one block at a time
     block_offset: int | None = None
     committed: BlockRows | None = None  # exact keys/values of every finished block and prompt
+    block_rule: BlockRule | None = None
+    forwards: int = 0  # block diffusion: forward passes run (denoising and writing)
     code_start: bool = False  # the hole's first token may not be blank space (code goes there)
 
     @property
@@ -174,6 +192,10 @@ def layout_pieces(model: LoadedModel, pieces: Sequence[str]) -> list[list[int]]:
             raise ValueError(f"family {family.name}'s FIM layout has room for one hole")
         prefix_ids, suffix_ids = encoded
         return [[fim.suffix, *suffix_ids, fim.prefix, *prefix_ids, fim.middle], []]
+    if family.fim_layout == "prefix-only":  # the text before the hole, then the hole
+        if len(encoded) != 2:
+            raise ValueError(f"family {family.name}'s layout has room for one hole")
+        return [encoded[0], []]
     needs_bos = family.always_bos or (family.shifted_logits and not encoded[0])
     if needs_bos and ids.bos is not None:
         encoded[0] = [ids.bos, *encoded[0]]
@@ -296,7 +318,7 @@ def why_finished(model: LoadedModel, state: HoleState) -> str | None:
     """Why the hole is finished after a step (a finish reason of `Infill`), or None: masks are
     left, or the hole is full of text unfinished (then it grows: `finish_or_grow`)."""
     options = state.options
-    if options.exact and state.blockwise:
+    if options.exact and state.block_rule is not None and state.block_rule.stop == "full-block":
         return block_finish_reason(model, state)
     text = open_text(model, state)
     if any(stop in text for stop in options.stop):

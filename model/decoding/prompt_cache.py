@@ -225,7 +225,10 @@ class PromptCache:
         if not isinstance(entry, BlockContext) or not state.options.caches_context:
             return
         self._entries.move_to_end(document)
-        shared = common_prefix(entry.ids, state.prefix_ids) // WRITE_CHUNK * WRITE_CHUNK
+        # never the chunk of the prompt's last token: with shifted logits the forward that
+        # writes it predicts the hole's first token (`model.decoding.block.block_pass`)
+        shared = (min(common_prefix(entry.ids, state.prefix_ids), state.hole_start - 1)
+                  // WRITE_CHUNK * WRITE_CHUNK)
         if shared:
             state.committed = BlockCache(
                 [(k[..., :shared, :], v[..., :shared, :]) for k, v in entry.layers], shared)

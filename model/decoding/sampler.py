@@ -28,6 +28,7 @@ from diffusion_contract.options import InfillOptions
 from model.decoding import block
 from model.decoding.hole import (
     NEWLINE,
+    BlockRule,
     HoleState,
     Infill,
     StepTrace,
@@ -39,13 +40,14 @@ from model.decoding.hole import (
     result,
 )
 from model.decoding.passes import forward_holes
-from model.decoding.schedules import advance_schedule
+from model.decoding.schedules import advance_schedule, step_positions
 from model.decoding.scoring import (
     Scored,
     pick_spans,
     with_bans,
     with_end_runs,
 )
+from model.network.families import Family
 from model.network.loader import LoadedModel
 
 if TYPE_CHECKING:
@@ -62,18 +64,17 @@ def new_state_from_ids(model: LoadedModel, prefix_ids: list[int], suffix_ids: li
                        options: InfillOptions) -> HoleState:
     """A hole between token ids laid out already. A block-diffusion family's hole
     (`model.decoding.block`) starts one block long: the first block ends where the prompt's aligned
-    block does, and the hole grows a block at a time."""
-    n, offset = options.first_length, None
-    if model.family.sub_block_length:
-        raise ValueError(f"family {model.family.name} runs in exact mode only "
-                         "(model.decoding.sampler.generate_exact): its completions (shifted "
-                         "logits, sub-blocks) are not on this sampler yet")
-    if model.family.block_length:
+    block does, and the hole grows a block at a time; its family's rule (`block_rule`) is the
+    state's data."""
+    n, offset, rule = options.first_length, None, None
+    family = model.family
+    if family.block_length:
         if suffix_ids:
-            raise ValueError(f"family {model.family.name} denoises blocks after its prompt: "
+            raise ValueError(f"family {family.name} denoises blocks after its prompt: "
                              "nothing may follow the hole (give it a FIM layout)")
         options = dataclasses.replace(
-            options, block_length=options.block_length or model.family.block_length)
+            options, block_length=options.block_length or family.block_length)
+        rule = block_rule(family, options.block_length)
         offset = len(prefix_ids) % options.block_length
         n = min(options.block_length - offset, options.max_tokens)
     state = HoleState(
@@ -85,15 +86,25 @@ def new_state_from_ids(model: LoadedModel, prefix_ids: list[int], suffix_ids: li
         generator=torch.Generator().manual_seed(options.seed),
         expansions_left=options.max_tokens if model.ids.expand is not None else 0,
         block_offset=offset,
+        block_rule=rule,
     )
     advance_schedule(state)
     return state
 
 
+def block_rule(family: Family, length: int) -> BlockRule:
+    """A block-diffusion family's rule for blocks of `length` tokens (its sub-blocks are kept
+    only where they divide the block)."""
+    span = family.sub_block_length or length
+    return BlockRule(length, span if length % span == 0 else length,
+                     family.shifted_logits, family.block_stop)
+
+
 def apply_step(model: LoadedModel, state: HoleState, logits: torch.Tensor | Scored) -> None:
     """Commit tokens from one forward pass: `apply_spans_step` with one span. logits: (m, V)
-    for the m masked positions, in order (consumed: ids that may not be sampled are set to
-    -inf in place), or the step already `Scored` where it ran (those bans applied there:
+    for the m positions `model.decoding.schedules.step_positions` names (the masked ones), in
+    order (consumed: ids that may not be sampled are set to -inf in place), or the step
+    already `Scored` where it ran (those bans applied there:
     `model.decoding.scoring.step_head`)."""
     apply_spans_step(model, [state], [logits])
 
@@ -104,7 +115,7 @@ def apply_spans_step(model: LoadedModel, spans: Sequence[HoleState],
     holes: `model.decoding.multi_hole`): each span's bans (`with_bans`), one selection across them
     all (`pick_spans`), then each span's commits, closing, edits and finish (`commit`). logits:
     per span, as `apply_step` takes them. Returns how many positions were committed."""
-    masked = [span.masked.nonzero().squeeze(-1) for span in spans]  # (m_i,) each
+    masked = [step_positions(span) for span in spans]  # (m_i,) each
     logits = [with_bans(model, span, rows, positions)
               for span, rows, positions in zip(spans, logits, masked, strict=True)]
     picks = pick_spans(spans, logits, masked)
@@ -268,15 +279,37 @@ def _generate_exact_sub_blocks(model: LoadedModel, input_ids: torch.Tensor | lis
                                gen_length: int, block_length: int | None, mask_id: int | None,
                                threshold: float | None,
                                eos_id: int | None) -> tuple[torch.Tensor, int]:
-    """Fast-dLLM v2's greedy `generate` (`model.decoding.block.generate_sub_blocks`): `gen_length`
-    is its `max_new_tokens`, `eos_id` its `stop_token` (default: the family's end token),
-    `threshold` None its default 1 (one position a step); `steps` has no part in it."""
+    """Fast-dLLM v2's greedy `generate` (the modeling.py of Efficient-Large-Model/Fast_dLLM_v2_*,
+    `use_block_cache=False`) on this sampler's steps, token for token and forward for forward:
+    returns its ids (the prompt, then the answer, cut after the first stop token) and its
+    number of forwards (every one counted, the prefill too). `gen_length` is its
+    `max_new_tokens`, `eos_id` its `stop_token` (default: the family's end token), `threshold`
+    None its default 1 (one position a step); `steps` has no part in it.
+
+    Its rules, as the family's `BlockRule` states them: sub-blocks, shifted logits, a step
+    commits the sub-block's most probable mask and every one above `threshold`; a finished
+    block's write forward predicts the next block's first token; the answer ends once a stop
+    token has no mask before it ("settled"). Two of its quirks are the prompt's: a prompt of
+    exactly one block is never seen (its block's rows run at positions 0..), and the answer
+    runs `gen_length // block_length` blocks past the prompt's last whole block, plus the token
+    the last write predicts."""
     prompt = [int(t) for t in torch.as_tensor(input_ids).reshape(-1).tolist()]
-    ids, forwards = block.generate_sub_blocks(
-        model, prompt, gen_length=gen_length,
-        block_length=block_length or model.family.block_length,
-        sub_block_length=model.family.sub_block_length,
-        threshold=1.0 if threshold is None else threshold,
-        mask_id=model.ids.mask if mask_id is None else mask_id,
-        stop_id=model.ids.end_of_hole if eos_id is None else eos_id)
-    return torch.tensor([ids], dtype=torch.long), forwards
+    block_length = block_length or model.family.block_length
+    if gen_length < block_length:
+        raise ValueError("gen_length must be at least one block (generate runs "
+                         "gen_length // block_length blocks)")
+    seen = [] if len(prompt) == block_length else prompt
+    end = len(seen) // block_length * block_length + gen_length // block_length * block_length
+    options = InfillOptions(max_tokens=end + 1 - len(seen), block_length=block_length,
+                            exact=True, threshold=1.0 if threshold is None else threshold)
+    stop = model.ids.end_of_hole if eos_id is None else eos_id
+    ids = dataclasses.replace(model.ids, end_of_hole=stop, extra_end=(),
+                              mask=model.ids.mask if mask_id is None else mask_id)
+    looking = dataclasses.replace(model, ids=ids)
+    state = new_state_from_ids(looking, seen, [], options)
+    while not state.finished:
+        denoise_step(looking, [state])
+    answer = state.hole.tolist()
+    if stop in answer:
+        answer = answer[:answer.index(stop) + 1]
+    return torch.tensor([prompt + answer], dtype=torch.long), state.forwards

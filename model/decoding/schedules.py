@@ -40,15 +40,40 @@ def steps_per_block(options: InfillOptions) -> int | None:
 
 
 def block_span(state: HoleState) -> tuple[int, int]:
-    """[start, end) hole positions of the block being decoded (the whole hole without blocks).
+    """[start, end) hole positions of the span being decoded: LLaDA's block, a block-diffusion
+    family's block or sub-block (`HoleState.block_rule`), or the whole hole.
 
     Blocks of a block-diffusion family are aligned from the prompt's first token, so its
     first block is `block_offset` positions shorter (it shares an aligned block with the
-    prompt's end)."""
-    size = state.options.block_length or state.hole.numel()
-    offset = state.block_offset or 0
+    prompt's end); so are its sub-blocks. With shifted logits, a block's first position after
+    written rows is a span of its own: the forward that writes them predicts it
+    (`model.decoding.block.block_pass`)."""
+    rule = state.block_rule
+    size = rule.span if rule else state.options.block_length or state.hole.numel()
+    offset = state.block_offset % size if rule else 0
     start = max(0, state.block * size - offset)
-    return start, min((state.block + 1) * size - offset, state.hole.numel())
+    end = min((state.block + 1) * size - offset, state.hole.numel())
+    if rule is not None and rule.shifted and starts_after_rows(state, start):
+        return start, start + 1
+    return start, end
+
+
+def starts_after_rows(state: HoleState, start: int) -> bool:
+    """Whether hole position `start` is still masked and begins an aligned block of a
+    block-diffusion family with rows before it."""
+    position = state.hole_start + start
+    return (start < state.hole.numel() and bool(state.masked[start]) and position > 0
+            and position % state.block_rule.length == 0)
+
+
+def step_positions(state: HoleState) -> torch.Tensor:
+    """The hole positions a step needs logits for: every masked one, or a block-diffusion
+    family's masked ones in the span being decoded (`block_span`). (m,)"""
+    masked = state.masked.nonzero().squeeze(-1)
+    if state.block_rule is None:
+        return masked
+    start, end = block_span(state)
+    return masked[(masked >= start) & (masked < end)]
 
 
 def _block_masks(state: HoleState) -> int:

@@ -74,6 +74,11 @@ class Family:
     # block diffusion denoised this many positions at a time inside a block, left to right
     # (Fast-dLLM v2's `small_block_size`); None: the whole block at once
     sub_block_length: int | None = None
+    # block diffusion, exact mode: when the published sampler looks for its end token.
+    # "full-block": once a block is full, in its generated part, the answer cut at that block's
+    # end (Stable-DiffCoder's `generate_block`); "settled": as soon as an end token has no mask
+    # before it, the answer cut after it (Fast-dLLM v2's `generate`)
+    block_stop: str = "full-block"
     # how prefix and suffix surround the hole: "canvas" (prefix, masks, suffix) or a FIM
     # layout with the three tokens below (FIM_LAYOUTS); the hole then comes last
     fim_layout: str = "canvas"
@@ -218,8 +223,9 @@ LLADA = Family(
 )
 
 # Prompt layouts: "canvas" puts the masks between prefix and suffix; "suffix-first" (SPM) is
-# <fim_suffix> S <fim_prefix> P <fim_middle> masks, the hole last.
-FIM_LAYOUTS = ("canvas", "suffix-first")
+# <fim_suffix> S <fim_prefix> P <fim_middle> masks, the hole last; "prefix-only" is the text
+# before the hole and the hole (the suffix is not shown: a family with no known FIM training).
+FIM_LAYOUTS = ("canvas", "suffix-first", "prefix-only")
 
 # Stable-DiffCoder-8B-Base / -Instruct (ByteDance-Seed/Stable-DiffCoder, MIT): the Seed-Coder-8B
 # network and tokenizer, trained further as a block-diffusion model. config.json: "model_type":
@@ -261,7 +267,8 @@ STABLE_DIFFCODER = Family(
 # shifted inside a block (`torch.cat([logits[:, :1], logits[:, :-1]])`). Its answer ends at
 # <|im_end|> (a chat model) or <|endoftext|>. No Fast-dLLM v2 source mentions infilling: the
 # Qwen2.5 tokenizer holds Qwen2.5-Coder's FIM tokens, but whether Fast-dLLM v2's base was
-# trained with them is unknown, so the layout is the plain text before the hole (canvas).
+# trained with them is unknown, so the layout is the plain text before the hole ("prefix-only":
+# a block-diffusion model denoises after its prompt, and nothing is put after the hole).
 FAST_DLLM_V2 = Family(
     name="fast-dllm-v2",
     architecture="qwen2",
@@ -276,6 +283,8 @@ FAST_DLLM_V2 = Family(
     extra_end_tokens=("<|endoftext|>",),
     block_length=32,
     sub_block_length=8,
+    block_stop="settled",
+    fim_layout="prefix-only",
 )
 
 # Detection tries families in this order: variants with marker tokens before their base.
