@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from model.network.loader import LoadedModel, load_model
+from model.network.quantized_cache import CACHE_ENV
 from model.network.tiny import write_tiny_model
 from tests.neovim_helpers import MIN_VERSION, find_nvim, nvim_version
 
 FAMILY_NAMES = ("default", "dream", "llada")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Quantized copies that tests make go to a temporary folder, never the user's cache (the
+    servers the tests start inherit it)."""
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("diffusion-lsp-cache"))
+    yield
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
 
 
 @pytest.fixture(scope="session")

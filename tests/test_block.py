@@ -208,3 +208,18 @@ def test_completions_with_and_without_the_prompt_cache_are_identical(pairs, vari
         assert [s.committed for s in cached.trace] == [s.committed for s in fresh.trace]
         reused.append(cached.reused_tokens)
     assert reused[0] == 0 and min(reused[1:]) >= WRITE_CHUNK
+
+
+def test_a_block_family_runs_on_8_bit_weights(checkpoints):
+    """Low-bit weights reach the block passes too: the int8 network's block rows stay close to
+    the float ones, and a FIM hole completes block by block on it."""
+    plain = load_model(checkpoints["plain"], device="cpu", dtype="float32")
+    model = load_model(checkpoints["plain"], device="cpu", quantization="int8")
+    assert model.quantization == "int8"
+    ids = torch.tensor(layout_ids(plain, PREFIX, SUFFIX)[0])
+    want, _ = run_rows(plain, BlockCache([]), ids, 4)
+    got, _ = run_rows(model, BlockCache([]), ids, 4)
+    assert float((got.float() - want).norm() / want.norm()) < 0.05
+    result = infill(model, PREFIX, SUFFIX, InfillOptions(max_tokens=12, threshold=0.95))
+    assert result.finish_reason in ("end", "max_tokens") and "<[" not in result.text
+    assert result.steps >= 1

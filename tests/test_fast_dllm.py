@@ -185,3 +185,18 @@ def test_completions_with_and_without_the_prompt_cache_are_identical(pairs, vari
         assert [s.committed for s in cached.trace] == [s.committed for s in fresh.trace]
         reused.append(cached.reused_tokens)
     assert reused[0] == 0 and min(reused[1:]) >= WRITE_CHUNK
+
+
+def test_it_runs_on_8_bit_weights(tmp_path):
+    """Low-bit weights reach its block passes: rows close to the float ones under its mask, and
+    a completion runs its sub-blocks on the int8 network."""
+    path = write_fast_dllm_v2(tmp_path / "m")
+    model = load_model(path, device="cpu", quantization="int8")
+    assert model.quantization == "int8"
+    ids = prompt_of(40)[0]
+    want, _ = run_rows(load_model(path, device="cpu", dtype="float32"), BlockCache([]), ids, 32)
+    got, _ = run_rows(model, BlockCache([]), ids, 32)
+    assert float((got.float() - want).norm() / want.norm()) < 0.05
+    result = infill(model, "def add(a, b):\n    return ", "", InfillOptions(max_tokens=40))
+    assert result.finish_reason in ("end", "max_tokens") and "|<MASK>|" not in result.text
+    assert result.steps >= 2
