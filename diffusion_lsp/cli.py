@@ -352,8 +352,22 @@ def run_benchmark(args: argparse.Namespace) -> int:
     return 2
 
 
+# libraries that warn on import about what they cannot use here (torchao: its CUDA-only
+# extensions on a CPU; torch: torchao's enums registered with pytree): said at every start, on
+# stderr, to a user who can do nothing about it
+QUIET_ON_IMPORT = ("torchao", "torch.utils._pytree")
+
+
+def quiet_imports() -> None:
+    import logging
+
+    for name in QUIET_ON_IMPORT:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_imports()
     if args.command == "serve":
         # a --model that cannot load is said at once, in the terminal, before anything heavy
         # is imported, and the server does not start (a model.path from the editor's settings

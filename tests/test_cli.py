@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "diffusion_lsp", *args],
@@ -31,6 +33,16 @@ def test_infill_round_trip_with_a_malformed_line(tiny_dirs, tmp_path):
     for record in (out[0], out[3]):
         assert set(record) >= {"completion", "steps", "latency_ms"}
         assert 1 <= record["steps"] <= 8
+
+
+def test_import_time_warnings_of_the_libraries_stay_quiet():
+    """torchao (where installed: the quantization extra) warns on import about its CUDA-only
+    extensions, and torch about torchao's enums, at every start of every command."""
+    pytest.importorskip("torchao")
+    code = "from diffusion_lsp.cli import quiet_imports; quiet_imports(); import torchao"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert "Failed to load" not in done.stderr and "register_constant" not in done.stderr
 
 
 def test_infill_several_holes_jointly_with_previews(tiny_dirs, tmp_path):
