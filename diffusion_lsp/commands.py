@@ -3,6 +3,7 @@ they run is `model.network.load.load_for_cli`'s."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -267,6 +268,8 @@ def _infill_file(args, interrupt: StopOnInterrupt) -> int:
     except (ModelLoadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.threshold is None and model.family.threshold is not None:  # the card's
+        options = dataclasses.replace(options, threshold=model.family.threshold)
     budget = Budget(args.prefix_tokens, args.suffix_tokens)
     source = Path(args.input)
     total = count_records(source)

@@ -286,12 +286,14 @@ class Metrics:
 # -- the model replica ---------------------------------------------------------------------------
 
 
-def infill_options(hole: wire.Hole) -> InfillOptions:
+def infill_options(hole: wire.Hole, threshold: float | None = None) -> InfillOptions:
     """The sampler's options for a hole that came over the wire (the sampler's defaults for
-    what the request leaves out)."""
+    what the request leaves out; `threshold`: the model's, where the request gives none)."""
     from diffusion_contract.options import MIN_TOKENS, hole_options
 
     sampler = dict(hole.sampler)
+    if sampler.get("threshold") is None and threshold is not None:
+        sampler["threshold"] = threshold
     if "seed" not in sampler:
         sampler["seed"] = random.getrandbits(31) if hole.temperature > 0 else 0
     return hole_options(
@@ -338,6 +340,9 @@ class Infiller:
     async def info(self) -> str:
         return self.description
 
+    def _options(self, hole: wire.Hole) -> InfillOptions:
+        return infill_options(hole, self.engine.model.family.threshold)
+
     async def fill(self, body: bytes) -> bytes:
         """`Filled` bytes, or BUSY + seconds when the engine's queue is full."""
         from model.engine import QueueFull
@@ -360,7 +365,7 @@ class Infiller:
 
     async def _fill_one(self, hole: wire.Hole) -> bytes:
         began = time.perf_counter()
-        result = await self.engine.infill(hole.prefix, hole.suffix, infill_options(hole))
+        result = await self.engine.infill(hole.prefix, hole.suffix, self._options(hole))
         return self._filled(hole, result, began)
 
     async def fill_stream(self, body: bytes):
@@ -381,7 +386,7 @@ class Infiller:
         from model.engine import QueueFull
 
         try:
-            request = self.engine.submit(hole.prefix, hole.suffix, infill_options(hole),
+            request = self.engine.submit(hole.prefix, hole.suffix, self._options(hole),
                                          on_step=on_step)
         except QueueFull as full:
             yield BUSY + str(full.retry_after_s).encode()

@@ -53,6 +53,10 @@ SamplerSettings = settings_struct("SamplerSettings", SAMPLER_SETTINGS, rename="c
 class CompletionSettings(CommitSettings, rename="camel", forbid_unknown_fields=True):
     """threshold and tokensPerStep (CommitSettings), then these."""
 
+    # None: the threshold the model's card runs with (Stable-DiffCoder: 0.95), else the
+    # sampler's 0.9 (`Family.threshold`)
+    threshold: float | None = None
+
     max_tokens: int = 64  # tokens in a multi-line completion, at most
     max_tokens_single_line: int = 32
     max_lines: int = 12  # lines in a multi-line completion, at most

@@ -223,3 +223,42 @@ def test_a_block_family_runs_on_8_bit_weights(checkpoints):
     result = infill(model, PREFIX, SUFFIX, InfillOptions(max_tokens=12, threshold=0.95))
     assert result.finish_reason in ("end", "max_tokens") and "<[" not in result.text
     assert result.steps >= 1
+
+
+def test_a_hole_runs_at_its_cards_threshold_unless_the_editor_sets_one(pairs):
+    """Stable-DiffCoder's card runs at threshold 0.95: an editor (or a service request) that
+    leaves the threshold unset gets it; one that sets it gets its own."""
+    import asyncio
+
+    from diffusion_contract import wire
+    from diffusion_lsp.service import infill_options
+    from lsp_server.backends import CompletionJob
+    from lsp_server.backends.local import LocalBackend
+    from model.engine import Engine
+
+    model, _ = pairs["plain"]
+    assert model.family.threshold == 0.95
+    engine = Engine(model)
+    seen = []
+    real = engine.infill
+
+    def infill_recording(prefix, suffix, options, *rest, **keywords):
+        seen.append(options.threshold)
+        return real(prefix, suffix, options, *rest, **keywords)
+
+    engine.infill = infill_recording
+    backend = LocalBackend()
+    backend.engine = engine
+    try:
+        for threshold in (None, 0.5):
+            job = CompletionJob(prefix=PREFIX, suffix=SUFFIX, max_tokens=4, single_line=False,
+                                threshold=threshold)
+            asyncio.run(backend.complete(job))
+    finally:
+        engine.close()
+    assert seen == [0.95, 0.5]
+    unset = wire.decode_fim(b'{"model": "m", "prompt": "p"}')
+    given = wire.decode_fim(b'{"model": "m", "prompt": "p", "threshold": 0.5}')
+    assert infill_options(unset, model.family.threshold).threshold == 0.95
+    assert infill_options(given, model.family.threshold).threshold == 0.5
+    assert infill_options(unset).threshold == InfillOptions().threshold

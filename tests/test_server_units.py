@@ -240,7 +240,7 @@ def test_settings_bad_values_are_reported_and_ignored():
     raw = {"completion": {"maxTokens": -3, "threshold": "high", "debounceMs": 5},
            "backend": "cloud", "nonsense": 1, "context": {"prefixTokens": 100}}
     settings, problems = merge(Settings(), raw)
-    assert settings.completion.max_tokens == 64 and settings.completion.threshold == 0.9
+    assert settings.completion.max_tokens == 64 and settings.completion.threshold is None
     assert settings.completion.debounce_ms == 5 and settings.context.prefix_tokens == 100
     assert settings.backend == "local"
     joined = "\n".join(problems)

@@ -37,7 +37,7 @@ class CompletionJob:
     max_tokens: int
     single_line: bool
     stop: tuple[str, ...] = ()
-    threshold: float = 0.9
+    threshold: float | None = None  # None: the model's (`Family.threshold`), else 0.9
     tokens_per_step: int | None = None
     sampler: SamplerSettings = field(default_factory=SamplerSettings)  # reference samplers
     document: str | None = None  # the document's URI: a local engine reuses its context
@@ -55,7 +55,7 @@ class HolesJob:
     pieces: tuple[str, ...]
     markers: tuple[str, ...]
     max_tokens: int  # per hole
-    threshold: float = 0.9
+    threshold: float | None = None  # None: the model's (`Family.threshold`), else 0.9
     tokens_per_step: int | None = None
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
 

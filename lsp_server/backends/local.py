@@ -88,8 +88,8 @@ class LocalBackend:
 
         try:
             options = hole_options(
-                job.max_tokens, threshold=job.threshold, tokens_per_step=job.tokens_per_step,
-                single_line=job.single_line, stop=job.stop,
+                job.max_tokens, threshold=self._threshold(job.threshold),
+                tokens_per_step=job.tokens_per_step, single_line=job.single_line, stop=job.stop,
                 **msgspec.structs.asdict(job.sampler))
         except ValueError as error:  # settings the sampler refuses: no completion, say why
             raise BackendError(f"sampler settings: {error}") from error
@@ -101,6 +101,11 @@ class LocalBackend:
             model_ms=(time.perf_counter() - began) * 1e3, finish_reason=result.finish_reason,
             extra={"full_passes": result.full_passes, "reused_tokens": result.reused_tokens},
             confidence=result.confidence.lowest if result.confidence is not None else None)
+
+    def _threshold(self, given: float | None) -> float | None:
+        """The threshold a job asked for, else the one the model's card runs with (None: the
+        sampler's default)."""
+        return given if given is not None else self.engine.model.family.threshold
 
     async def _on_engine(self, work: Awaitable[T]) -> T:
         """`work`'s result; every engine failure becomes one BackendError (`engine_failure`),
@@ -136,9 +141,9 @@ class LocalBackend:
         sampler = job.sampler
         try:  # joint filling samples as the threshold sampler does: no reference algorithms
             options = hole_options(
-                job.max_tokens, threshold=job.threshold, tokens_per_step=job.tokens_per_step,
-                temperature=sampler.temperature, top_p=sampler.top_p, top_k=sampler.top_k,
-                seed=sampler.seed)
+                job.max_tokens, threshold=self._threshold(job.threshold),
+                tokens_per_step=job.tokens_per_step, temperature=sampler.temperature,
+                top_p=sampler.top_p, top_k=sampler.top_k, seed=sampler.seed)
         except ValueError as error:
             raise BackendError(f"sampler settings: {error}") from error
         pieces = list(job.pieces)

@@ -79,6 +79,9 @@ class Family:
     # end (Stable-DiffCoder's `generate_block`); "settled": as soon as an end token has no mask
     # before it, the answer cut after it (Fast-dLLM v2's `generate`)
     block_stop: str = "full-block"
+    # the confidence threshold its card runs with: a hole's threshold where the editor or the
+    # request leaves it unset (None: the sampler's default, 0.9)
+    threshold: float | None = None
     # how prefix and suffix surround the hole: "canvas" (prefix, masks, suffix) or a FIM
     # layout with the three tokens below (FIM_LAYOUTS); the hole then comes last
     fim_layout: str = "canvas"
@@ -251,6 +254,7 @@ STABLE_DIFFCODER = Family(
     detect_tokens=("<[MASK_TOKEN]>",),
     detect_architectures=("StableDiffcoderForCausalLM",),
     block_length=4,
+    threshold=0.95,  # the card's `threshold=0.95` (None, its other setting, is one token a step)
     fim_layout="suffix-first",
     fim_prefix_token="<[fim-prefix]>",
     fim_suffix_token="<[fim-suffix]>",
@@ -284,6 +288,7 @@ FAST_DLLM_V2 = Family(
     block_length=32,
     sub_block_length=8,
     block_stop="settled",
+    threshold=0.9,  # the card's demo
     fim_layout="prefix-only",
 )
 
