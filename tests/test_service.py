@@ -257,6 +257,31 @@ def test_the_service_gives_the_same_completions_to_8_holes_one_by_one_and_all_at
     assert together == alone
 
 
+@pytest.mark.parametrize("family", ["stable-diffcoder", "fast-dllm-v2"])
+def test_a_replica_serves_the_block_diffusion_families(tmp_path, family):
+    """A replica on a tiny Stable-DiffCoder / Fast-dLLM v2 checkpoint (published formats)
+    answers FIM requests, the same whether they come one by one or together (batched)."""
+    from diffusion_lsp.service import Gateway, Infiller
+    from tests.fixtures_block import write_stable_diffcoder
+    from tests.fixtures_fast_dllm import write_fast_dllm_v2
+
+    write = write_fast_dllm_v2 if family == "fast-dllm-v2" else write_stable_diffcoder
+    config = ServiceConfig(model=str(write(tmp_path / "m")), device="cpu")
+    replica = Infiller(config, "cpu")
+    holes = EIGHT_HOLES[:4]
+    try:
+        gateway = Gateway(_InProcess(replica), config, 1)
+        assert family in replica.description
+
+        async def together() -> list:
+            return await asyncio.gather(*(_ask(gateway, _fim(*hole)) for hole in holes))
+
+        alone = [_texts([asyncio.run(_ask(gateway, _fim(*hole)))])[0] for hole in holes]
+        assert _texts(asyncio.run(together())) == alone
+    finally:
+        replica.engine.close()
+
+
 def test_past_the_queue_the_service_answers_429_with_retry_after_and_counts_it(
         in_process, monkeypatch):
     gateway, replica = in_process
