@@ -17,6 +17,7 @@ QUANTIZATIONS = ("none", "int8", "int4", "auto")
 # bytes a weight takes per scheme, scales included (none: bf16; int8: one scale per row, about
 # nothing; int4: a bf16 scale and zero per group of 128), for memory estimates
 BYTES_PER_WEIGHT = {"none": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 128}
+CUDA_ROOM = 0.2  # auto on CUDA: weights may take at most this much less than the free memory
 
 
 NO_TOP_K = 0

@@ -95,14 +95,27 @@ def test_the_recommendation_follows_the_hardware_and_quotes_the_measured_table()
     assert "Stable-DiffCoder-8B-Base" in big.why  # the block-diffusion family fits there too
     assert "Stable-DiffCoder" not in small_gpu_why() and "Stable-DiffCoder" not in recommend(
         machine()).why
-    small_gpu = recommend(machine([Gpu("RTX 3050", 8.0)]))
-    assert small_gpu.model == "Open-dCoder-0.5B" and f"{GPU_GIB_FOR_7B:.0f} GiB" in small_gpu.why
+    tiny_gpu = recommend(machine([Gpu("GTX 1650", 4.0)]))
+    assert tiny_gpu.model == "Open-dCoder-0.5B" and f"{GPU_GIB_FOR_7B:.0f} GiB" in tiny_gpu.why
     cpu = recommend(machine())
-    typing = next(m for m in MEASURED if m.model == "Open-dCoder-0.5B")
+    typing = next(m for m in MEASURED if m.model == "Open-dCoder-0.5B"
+                  and m.hardware == "cpu-bf16")
     assert cpu.model == "Open-dCoder-0.5B" and cpu.measured == typing
     assert cpu.expect == typing.figure  # the figure as measured, with where and how to rerun
     slow_cpu = recommend(machine(bf16=False))
-    assert slow_cpu.model == "Open-dCoder-0.5B" and "3x" in slow_cpu.expect
+    assert slow_cpu.model == "Open-dCoder-0.5B" and "int8" in slow_cpu.expect
+    assert slow_cpu.measured.hardware == "cpu" and "8-bit" in slow_cpu.why
+
+
+def test_a_7b_model_is_recommended_in_8_or_4_bits_where_bf16_does_not_fit():
+    """The cards most developers own (8-16 GB) run a 7B coder in 8 or 4 bits."""
+    for card, memory, scheme in (("RTX 4070", 12.0, "int8"), ("RTX 4060 Ti", 16.0, "int8"),
+                                 ("RTX 3050", 8.0, "int4")):
+        advice = recommend(machine([Gpu(card, memory)]))
+        assert advice.model == "DiffuCoder-7B-cpGRPO", card
+        assert f"--quantization {scheme}" in advice.command and scheme in advice.why, card
+        assert "not measured" in advice.expect
+    assert recommend(machine([Gpu("H100", 80.0)])).command.endswith("cpGRPO")  # bf16 there
     tiny = recommend(machine(ram=2.0))
     assert tiny.model == "bundled" and tiny.command == "diffusion-lsp serve"
 

@@ -12,7 +12,8 @@ import platform
 import sys
 from dataclasses import dataclass, field
 
-from model.catalog.registry import MEASURED, Measured
+from diffusion_contract.options import CUDA_ROOM
+from model.catalog.registry import MEASURED, Measured, find_supported
 
 GIB = 1024**3
 # what a model needs, in GiB of accelerator memory or RAM (bf16 weights plus activations;
@@ -105,8 +106,31 @@ def _expect(measured: Measured | None, scale: str = "") -> str:
     return measured.figure + scale
 
 
+def fits(gpu_gib: float, model: str, scheme: str) -> bool:
+    """Whether `model`'s weights in `scheme` leave CUDA_ROOM of a `gpu_gib` GPU free (what
+    `--quantization auto` asks on CUDA: model.network.quantize.choose_auto)."""
+    size = find_supported(model).size_gb_in(scheme) * 1e9 / GIB
+    return size <= gpu_gib * (1 - CUDA_ROOM)
+
+
+BIG_CODER = "DiffuCoder-7B-cpGRPO"  # the 7B recommended where one fits
+
+
 def recommend(machine: Machine) -> Recommendation:
     """Which model to run on `machine`, and what latency to expect, from `MEASURED`."""
+    gpu = machine.gpu_memory_gib
+    for scheme in ("int8", "int4"):  # a 7B in bf16 does not fit: in 8 or 4 bits?
+        if gpu < GPU_GIB_FOR_7B and fits(gpu, BIG_CODER, scheme):
+            size = find_supported(BIG_CODER).size_gb_in(scheme)
+            return Recommendation(
+                BIG_CODER,
+                f"a GPU with {gpu:.0f} GiB holds a 7B model in {scheme} (about {size:.1f} GB "
+                f"of weights; bf16 needs {GPU_GIB_FOR_7B:.0f} GiB); `--quantization auto` "
+                f"picks {scheme} there (its agreement with bf16 on these weights is not "
+                "measured here; `--quantization none` needs the larger card)",
+                _expect(None), None,
+                f"diffusion-lsp pull {BIG_CODER} && "
+                f"diffusion-lsp serve --model {BIG_CODER} --quantization {scheme}")
     if machine.gpu_memory_gib >= GPU_GIB_FOR_7B:
         return Recommendation(
             "DiffuCoder-7B-cpGRPO",
@@ -126,16 +150,15 @@ def recommend(machine: Machine) -> Recommendation:
             f"7B model in bf16 (needs {GPU_GIB_FOR_7B:.0f} GiB)", _expect(measured), measured,
             pull_small)
     if machine.memory_gib is None or machine.memory_gib >= RAM_GIB_FOR_0_5B:
-        measured = _measured("Open-dCoder-0.5B", "cpu-bf16")
         if machine.cpu_native_bf16:
+            measured = _measured("Open-dCoder-0.5B", "cpu-bf16")
             why = ("no usable GPU; this CPU multiplies bf16 natively "
                    f"({', '.join(machine.cpu_flags_bf16)}), so the 0.5B model runs in bf16")
-            scale = ""
         else:
-            why = ("no usable GPU, and this CPU has no native bf16: the 0.5B model runs in "
-                   "fp32, about 3x slower a step than where the figure was measured")
-            scale = ", expect about 3x that here"
-        return Recommendation("Open-dCoder-0.5B", why, _expect(measured, scale), measured,
+            measured = _measured("Open-dCoder-0.5B", "cpu")
+            why = ("no usable GPU, and this CPU has no native bf16: the 0.5B model runs with "
+                   "8-bit weights (`--quantization auto`: int8 on x86; float32 elsewhere)")
+        return Recommendation("Open-dCoder-0.5B", why, _expect(measured), measured,
                               pull_small)
     measured = _measured("bundled", "cpu")
     return Recommendation(

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_contract.options import BYTES_PER_WEIGHT, QUANTIZATIONS
+from diffusion_contract.options import BYTES_PER_WEIGHT, CUDA_ROOM, QUANTIZATIONS
 
 NONE, INT8, INT4, AUTO = QUANTIZATIONS
 SCHEMES = (NONE, INT8, INT4)
@@ -176,7 +176,6 @@ def nearest_working(scheme: str, device: torch.device, asked: str | None = None)
 
 # -- auto ------------------------------------------------------------------------------------
 
-CUDA_ROOM = 0.2  # auto on CUDA: weights may take at most this much less than the free memory
 # auto on a CPU: int8 through fbgemm where that is the kernel, the CPU has no native bf16 and the
 # network is large enough for the weights' bytes to dominate a step; else unquantized. Measured
 # side by side on the 2-core AVX2 VM (docs/benchmarks.md, 0.5B shape): fbgemm's int8 took about
