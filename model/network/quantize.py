@@ -53,6 +53,7 @@ NONE, INT8, INT4, AUTO = QUANTIZATIONS
 SCHEMES = (NONE, INT8, INT4)
 CHOICES = QUANTIZATIONS
 INT4_GROUPS = (128, 64, 32)  # int4 scales per group of this many inputs: the first that divides
+QUANTIZE_BLOCK = 1 << 22  # float values quantized at a time (16 MiB of float32 temporaries)
 log = logging.getLogger(__name__)
 
 
@@ -262,13 +263,23 @@ class Int8RowWeight(torch.Tensor):
     def __init__(self, qdata: torch.Tensor, scale: torch.Tensor) -> None:
         pass  # made in __new__
 
+    scale_dtype: torch.dtype | None = None  # the scales' dtype; None: the weight's
+
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Int8RowWeight:
-        """Symmetric per-row int8 of a float (N, K) weight."""
-        wide = weight.detach().float()
-        scale = wide.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        qdata = torch.round(wide / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(qdata, scale.to(weight.dtype))
+        """Symmetric per-row int8 of a float (N, K) weight, computed in float32 a block of
+        rows at a time (QUANTIZE_BLOCK values), so that quantizing a large matrix (an LM
+        head of 150k rows) never holds more than a block of float temporaries."""
+        rows, width = weight.shape
+        step = max(1, QUANTIZE_BLOCK // max(1, width))
+        qdata = torch.empty(rows, width, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(rows, dtype=torch.float32, device=weight.device)
+        for start in range(0, rows, step):
+            wide = weight[start:start + step].detach().float()
+            block = wide.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+            qdata[start:start + step] = (wide / block[:, None]).round_().clamp_(-127, 127)
+            scale[start:start + step] = block
+        return cls(qdata, scale.to(cls.scale_dtype or weight.dtype))
 
     def dequantize(self) -> torch.Tensor:
         return self.as_subclass(torch.Tensor).to(self.scale.dtype) * self.scale[:, None]
@@ -347,13 +358,10 @@ class Int8DynamicWeight(Int8RowWeight):
             y[group] = torch.ops.quantized.linear_dynamic(wide[group], packed, True)
         return y.to(rows.dtype)
 
+    scale_dtype = torch.float32
+
     def __getstate__(self) -> dict:
         return {"scale": self.scale}
-
-    @classmethod
-    def quantize(cls, weight: torch.Tensor) -> Int8DynamicWeight:
-        """Symmetric per-row int8 of a float (N, K) weight, scales in float32."""
-        return super().quantize(weight.float())
 
 
 def quantize_module(module: nn.Module, kernel: Kernel) -> int:
