@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_contract.options import BYTES_PER_WEIGHT, QUANTIZATIONS
+from diffusion_contract.options import QUANTIZATIONS
 
 NONE, INT8, INT4, AUTO = QUANTIZATIONS
 SCHEMES = (NONE, INT8, INT4)
@@ -188,11 +188,17 @@ CPU_INT8_FROM = 100_000_000  # linear parameters from which auto quantizes on su
 
 
 def weight_bytes(parameters: int, linear_parameters: int, scheme: str,
-                 dtype_bytes: float = 2.0) -> int:
-    """Bytes the weights take: the linears in `scheme`, the rest in `dtype_bytes` a value."""
-    rest = parameters - linear_parameters
-    per = dtype_bytes if scheme == NONE else BYTES_PER_WEIGHT[scheme]
-    return int(rest * dtype_bytes + linear_parameters * per)
+                 dtype_bytes: float = 2.0, kernel: Kernel | None = None,
+                 head_parameters: int = 0, tied: bool = False) -> int:
+    """Bytes the weights take: the linears in `scheme`, the rest in `dtype_bytes` a value, or,
+    with `kernel`, in its dtype and with the head in int8 where it quantizes the head
+    (model.catalog.registry.weights_bytes)."""
+    from model.catalog.registry import weights_bytes
+
+    if kernel is not None:
+        dtype_bytes = kernel.dtype.itemsize
+    return int(weights_bytes(parameters, linear_parameters, scheme, dtype_bytes,
+                             head_parameters, kernel is not None and kernel.head, tied))
 
 
 def choose_auto(device: torch.device, parameters: int, linear_parameters: int,
