@@ -495,3 +495,15 @@ def test_doctor_on_a_cpu_shows_int8_in_float32_around_an_int8_head():
     row = quantization_choices(cpu, ["Open-dCoder-0.5B"], "int8")[0]
     # measured: a random-weight Qwen2.5-0.5B loaded in int8 on this CPU holds 1.04 GB
     assert row["quantization"] == "int8" and 0.95 <= row["size_gb"] <= 1.15, row
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_int4_on_a_cpu_without_native_bf16_says_it_saves_memory_not_time(monkeypatch,
+                                                                          native_bf16):
+    from model.catalog import cpu
+
+    monkeypatch.setattr(cpu, "has_native_bf16", lambda flags=None: native_bf16)
+    plan = quantize.nearest_working("int4", CPU)
+    assert plan.scheme == "int4"
+    assert (plan.notice is not None and "memory, not time" in plan.notice) != native_bf16
+    assert quantize.nearest_working("int8", CPU).notice is None

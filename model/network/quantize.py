@@ -172,7 +172,17 @@ def nearest_working(scheme: str, device: torch.device, asked: str | None = None)
                if torchao_version() is None else "no kernel")
         notice = (f"quantization {wanted} has no kernel on {device.type} ({why}); "
                   f"using {scheme}")
+    elif scheme == INT4 and device.type == "cpu":
+        from model.catalog.cpu import has_native_bf16
+
+        notice = None if has_native_bf16() else INT4_CPU_NOTICE
     return Plan(asked, scheme, kernel_for(scheme, device), notice)
+
+
+# every CPU int4 kernel measured on an AVX2 CPU without native bf16 took longer than int8
+# (docs/benchmarks.md: 8- and 4-bit weights on a CPU), so there int4 is for memory only
+INT4_CPU_NOTICE = ("quantization int4 on this CPU saves memory, not time: without native bf16 "
+                   "its kernel is slower than int8's (docs/benchmarks.md); int8 is faster here")
 
 
 # -- auto ------------------------------------------------------------------------------------
