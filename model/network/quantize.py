@@ -33,6 +33,11 @@ int8 by int8 with integer instructions every x86 CPU has, so it runs in a fracti
 time; it quantizes activations too (about twice the error of weight-only int8 per layer),
 which is why its agreement with the unquantized model is measured (docs/models.md).
 
+No CPU int4 kernel measured on that CPU was faster than fbgemm's int8 (aten's int4pack with
+float32 or float16 activations, `_dyn_quant_matmul_4bit`, torchao's Intx int4 configs, OpenVINO
+per projection: benchmarks/quant_kernels.py), so there `int4` saves memory, not time: `auto`
+never picks it on a CPU and choosing it says so (`INT4_CPU_NOTICE`).
+
 A scheme a device has no kernel for (torchao missing, an unknown device) falls back to the
 nearest that works (int4 -> int8 -> none), said once (`Plan.notice`).
 """
