@@ -21,6 +21,7 @@ Run: `python -m benchmarks.quant_kernels` (JSON in benchmarks/results/quant-kern
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -59,9 +60,16 @@ def make_weights(shape: str = SHAPE, layers: int | None = None) -> list[torch.Te
 
 def stack(linears: list[Callable[[torch.Tensor], torch.Tensor]], inputs: dict[int, torch.Tensor],
           in_features: list[int]) -> Callable[[], list[torch.Tensor]]:
-    """Every projection applied to a (HOLE_ROWS, in) input: the bytes a hole step reads."""
+    """Every projection applied to a (HOLE_ROWS, in) input: the bytes a hole step reads. Each
+    output then goes through a torch SiLU, as a layer's next operation would, so that a kernel
+    on a thread pool of its own pays for handing the cores back to torch's."""
     def run() -> list[torch.Tensor]:
-        return [linear(inputs[k]) for linear, k in zip(linears, in_features, strict=True)]
+        outputs = []
+        for linear, k in zip(linears, in_features, strict=True):
+            outputs.append(linear(inputs[k]))
+            if isinstance(outputs[-1], torch.Tensor):
+                F.silu(outputs[-1])
+        return outputs
     return run
 
 
@@ -140,6 +148,24 @@ def candidates(weights: list[torch.Tensor], have: dict[str, bool]) -> dict[str, 
 
     made["aten._weight_int4pack_mm_for_cpu float32"] = int4pack(torch.float32)
     made["aten._weight_int4pack_mm_for_cpu bfloat16"] = int4pack(torch.bfloat16)
+    made["aten._weight_int4pack_mm_for_cpu float16"] = int4pack(torch.float16)
+
+    def dynamic_int4():
+        """aten's `_dyn_quant_matmul_4bit` (int4 weights in groups, activations quantized per
+        call: KleidiAI's kernel on ARM, torch's reference elsewhere)."""
+        out = []
+        for w in weights:
+            n, k = w.shape
+            q, scale = symmetric_int4_groups(w)
+            nibbles = (q + 8).to(torch.uint8)
+            packed = torch.ops.aten._dyn_quant_pack_4bit_weight(
+                (nibbles[:, 1::2] << 4 | nibbles[:, ::2]).contiguous(), scale, None,
+                INT4_GROUP, k, n)
+            out.append(partial(lambda x, p, k, n: torch.ops.aten._dyn_quant_matmul_4bit(
+                x, p, INT4_GROUP, k, n), p=packed, k=k, n=n))
+        return out
+
+    made["aten._dyn_quant_matmul_4bit float32 (int8 activations)"] = dynamic_int4
 
     def dynamic():
         modules = []
@@ -190,17 +216,75 @@ def candidates(weights: list[torch.Tensor], have: dict[str, bool]) -> dict[str, 
             label = str(dtype).removeprefix("torch.")
             made[f"torchao PrototypeInt4WeightOnly (Int4OpaqueTensor) {label}"] = torchao_build(
                 "PrototypeInt4WeightOnlyConfig", dtype, False, group_size=INT4_GROUP)
+        from torchao.quantization.granularity import PerGroup
+
+        made["torchao Int8DynamicActivationIntxWeight int4 float32"] = torchao_build(
+            "Int8DynamicActivationIntxWeightConfig", torch.float32, False,
+            weight_dtype=torch.int4, weight_granularity=PerGroup(INT4_GROUP))
+        made["torchao IntxWeightOnly int4 float32"] = torchao_build(
+            "IntxWeightOnlyConfig", torch.float32, False, weight_dtype=torch.int4,
+            granularity=PerGroup(INT4_GROUP))
     if have["openvino"]:
         made["openvino int8 weights (f32 activations)"] = lambda: openvino_stack(weights, 8)
         made["openvino int4 weights (f32 activations)"] = lambda: openvino_stack(weights, 4)
+        made["openvino int8 weights, one model per projection"] = lambda: [
+            openvino_linear(w, 8) for w in weights]
+        made["openvino int4 weights, one model per projection"] = lambda: [
+            openvino_linear(w, 4) for w in weights]
     return made
+
+
+def symmetric_int4_groups(w: torch.Tensor, group: int = INT4_GROUP
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 (-8..7) in groups along K: (N, K) values and (N, K/g) float32 scales."""
+    n, k = w.shape
+    g = w.reshape(n, k // group, group)
+    scale = (g.abs().amax(-1) / 7).clamp(min=1e-8)
+    return torch.round(g / scale[..., None]).clamp(-8, 7).reshape(n, k), scale
+
+
+def openvino_weight(w: torch.Tensor, bits: int):  # noqa: ANN201 - an OpenVINO node
+    """w as an OpenVINO constant of int8 (a scale per row) or int4 (groups of INT4_GROUP)
+    values, decompressed to f32 in the graph (what its CPU plugin fuses into the MatMul)."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    n, k = w.shape
+    if bits == 8:
+        q, scale = per_channel_int8(w)
+        return ops.multiply(ops.convert(ops.constant(q.numpy(), ov.Type.i8), ov.Type.f32),
+                            ops.constant(scale[:, None].numpy().astype(np.float32)))
+    q, scale = symmetric_int4_groups(w)
+    values = q.reshape(n, k // INT4_GROUP, INT4_GROUP).to(torch.int8).numpy()
+    deq = ops.multiply(ops.convert(ops.constant(values, ov.Type.i4), ov.Type.f32),
+                       ops.constant(scale[..., None].numpy()))
+    return ops.reshape(deq, ops.constant(np.array([n, k], dtype=np.int64)), False)
+
+
+def openvino_linear(w: torch.Tensor, bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One compiled OpenVINO model for one projection, called like F.linear with rows of any
+    count: how a per-module OpenVINO weight would run inside the torch network."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rows = ops.parameter([-1, w.shape[1]], ov.Type.f32)
+    model = ov.Model([ops.matmul(rows, openvino_weight(w, bits), False, True)], [rows])
+    compiled = ov.Core().compile_model(model, "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": str(torch.get_num_threads())})
+    request = compiled.create_infer_request()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        request.infer({0: x.numpy()}, share_inputs=True)
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+    return run
 
 
 def openvino_stack(weights: list[torch.Tensor], bits: int) -> list[Callable]:
     """One compiled OpenVINO model of all projections (each a MatMul with a decompressed
     low-bit weight constant), as a single callable standing for the whole stack (the first
     entry; the others are no-ops) so that per-call overhead is paid once, as in a real model."""
-    import numpy as np
     import openvino as ov
     import openvino.opset13 as ops
 
@@ -209,24 +293,7 @@ def openvino_stack(weights: list[torch.Tensor], bits: int) -> list[Callable]:
         k = w.shape[1]
         if k not in parameters:
             parameters[k] = ops.parameter([HOLE_ROWS, k], ov.Type.f32, name=f"x{k}")
-        if bits == 8:
-            q, scale = per_channel_int8(w)
-            const = ops.constant(q.numpy(), ov.Type.i8)
-            deq = ops.multiply(ops.convert(const, ov.Type.f32),
-                               ops.constant(scale[:, None].numpy().astype(np.float32)))
-        else:
-            q, _ = int4_groups(w)
-            n = w.shape[0]
-            g = w.reshape(n, k // INT4_GROUP, INT4_GROUP)
-            low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-            scale = ((high - low) / 15).clamp(min=1e-8)
-            qg = q.reshape(n, k // INT4_GROUP, INT4_GROUP).to(torch.uint8).numpy()
-            const = ops.constant(qg, ov.Type.u4)
-            zero = ops.constant((-low / scale).numpy().astype(np.float32))
-            deq = ops.multiply(ops.subtract(ops.convert(const, ov.Type.f32), zero),
-                               ops.constant(scale.numpy().astype(np.float32)))
-            deq = ops.reshape(deq, ops.constant(np.array([n, k], dtype=np.int64)), False)
-        outputs.append(ops.matmul(parameters[k], deq, False, True))
+        outputs.append(ops.matmul(parameters[k], openvino_weight(w, bits), False, True))
     model = ov.Model(outputs, list(parameters.values()))
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
@@ -283,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
                 run()  # warm-up (and compilation)
                 outputs = run()
             built[name] = run
-            if "openvino" not in name:
+            if all(isinstance(o, torch.Tensor) for o in outputs):
                 rows[name]["max_relative_error"] = round(max(
                     float((o.float() - r).norm() / r.norm())
                     for o, r in zip(outputs, reference, strict=True)), 4)
@@ -304,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"machine": machine(), "cpu": describe(), "shape": SHAPE,
                "layers": args.layers or SHAPES[SHAPE]["num_hidden_layers"],
                "rows": HOLE_ROWS, "repeats": args.repeats,
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                "auto_dtype": str(auto_cpu_dtype(494_000_000)).removeprefix("torch."),
                "linear_parameters": parameters,
                "versions": {"torch": torch.__version__, "torchao": version("torchao"),

@@ -20,6 +20,7 @@ Run: `diffusion-lsp bench quantization [--part quality|speed] [--limit N]`
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -154,7 +155,8 @@ def run_quantization_bench(args) -> int:
     part = getattr(args, "part", None) or "both"
     data = Path(args.data) if args.data else None
     payload = {"machine": machine(), "cpu": describe(), "torch": torch.__version__,
-               "torchao": torchao_version(), "eval_data": str(data or EVAL_DATA)}
+               "torchao": torchao_version(), "eval_data": str(data or EVAL_DATA),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if part in ("both", "speed"):
         payload["speed"] = speed(args.shape or "qwen2.5-0.5b", args.limit, data)
     if part in ("both", "quality"):

@@ -137,8 +137,23 @@ def quantization_choices(machine: Any, names: list[str],
             rows.append({"model": name, "quantization": None, "why": str(error)})
             continue
         rows.append({"model": name, "quantization": scheme,
-                     "size_gb": round(known.size_gb_in(scheme), 1)})
+                     "size_gb": round(loaded_size_gb(known, scheme, device, parameters), 1)})
     return rows
+
+
+def loaded_size_gb(known: Any, scheme: str, device: Any, parameters: int) -> float:
+    """What `known` (a SupportedModel) occupies loaded in `scheme` on `device`: the rest of
+    the network in its kernel's dtype (float32 around CPU int8) or, unquantized, the dtype
+    `auto` loads; the head in int8 where the kernel quantizes it."""
+    import torch
+
+    from model.catalog.cpu import auto_cpu_dtype
+    from model.network import quantize
+
+    kernel = quantize.kernel_for(scheme, device)
+    rest = (kernel.dtype if kernel else torch.bfloat16 if device.type == "cuda"
+            else auto_cpu_dtype(parameters))
+    return known.size_gb_in(scheme, rest.itemsize, bool(kernel and kernel.head))
 
 
 def diagnose(remote: RemoteSettings | None = None,

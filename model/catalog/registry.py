@@ -23,16 +23,36 @@ class SupportedModel:
     # of the weights, the share in the decoder layers' linear projections (what int8 / int4
     # shrink; model.network.quantize): Qwen2.5-7B 6.53B of 7.62B, LLaDA-8B 6.98B of 8.0B
     linear_share: float = 0.86
+    # the LM head's share (Qwen2.5-7B 545M of 7.62B), and whether it is the embedding's tensor
+    head_share: float = 0.072
+    tied: bool = False
 
-    def size_gb_in(self, scheme: str) -> float:
+    def size_gb_in(self, scheme: str, rest_bytes: float = 2.0, head_int8: bool = False) -> float:
         """Its weights' size (GB, as size_gb) with the linear projections in `scheme`
-        (none | int8 | int4), the rest in bf16."""
-        from diffusion_contract.options import BYTES_PER_WEIGHT
+        (none | int8 | int4), the rest in `rest_bytes` a value (bf16 by default; a kernel's
+        dtype), the head in int8 too where `head_int8` (`weights_bytes`)."""
+        parameters = self.size_gb / 2  # billions: size_gb is bf16
+        return weights_bytes(parameters, parameters * self.linear_share, scheme, rest_bytes,
+                             parameters * self.head_share, head_int8, self.tied)
 
-        if scheme not in BYTES_PER_WEIGHT:
-            raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(BYTES_PER_WEIGHT)}")
-        share = self.linear_share
-        return self.size_gb * (1 - share + share * BYTES_PER_WEIGHT[scheme] / 2)
+
+def weights_bytes(parameters: float, linear_parameters: float, scheme: str,
+                  rest_bytes: float = 2.0, head_parameters: float = 0.0,
+                  head_int8: bool = False, tied: bool = False) -> float:
+    """Bytes the weights of a network take with its decoder layers' linear projections in
+    `scheme` (BYTES_PER_WEIGHT: scales included; `none`: `rest_bytes`), everything else in
+    `rest_bytes` a value; where `head_int8` (a kernel that quantizes the LM head: CPU int8) the
+    head in int8 too, a copy of its own where it is `tied` (the embedding keeps its values)."""
+    from diffusion_contract.options import BYTES_PER_WEIGHT
+
+    if scheme not in BYTES_PER_WEIGHT:
+        raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(BYTES_PER_WEIGHT)}")
+    per = rest_bytes if scheme == "none" else BYTES_PER_WEIGHT[scheme]
+    size = (parameters - linear_parameters) * rest_bytes + linear_parameters * per
+    if head_int8 and scheme != "none":
+        int8 = BYTES_PER_WEIGHT["int8"]
+        size += head_parameters * (int8 if tied else int8 - rest_bytes)
+    return size
 
 
 # 7-8B weights in bf16 take 15-16 GB; Dream's README asks for "a GPU with at least 20GB memory".
@@ -55,7 +75,8 @@ SUPPORTED_MODELS: tuple[SupportedModel, ...] = (
                    15.2, GPU_24GB, "same shape as Dream-Coder"),
     SupportedModel("Open-dCoder-0.5B", "fredzzp/open-dcoder-0.5B", "open-dcoder",
                    1.0, "CPU (slow) or any GPU with >= 4 GB", "Qwen2.5-0.5B shape in bf16",
-                   linear_share=0.72),  # 358M of 494M (the embedding is tied to the head)
+                   linear_share=0.72, head_share=0.275, tied=True),
+    # 358M and 136M of 494M (the embedding is tied to the head)
     SupportedModel("LLaDA-8B-Base", "GSAI-ML/LLaDA-8B-Base", "llada",
                    16.0, GPU_24GB, "hub: 6 shards"),
     SupportedModel("LLaDA-8B-Instruct", "GSAI-ML/LLaDA-8B-Instruct", "llada",
@@ -75,7 +96,8 @@ SUPPORTED_MODELS: tuple[SupportedModel, ...] = (
     SupportedModel("Fast_dLLM_v2_1.5B", "Efficient-Large-Model/Fast_dLLM_v2_1.5B",
                    "fast-dllm-v2", 3.1, "CPU (slow) or any GPU with >= 6 GB",
                    "Qwen2.5-1.5B shape in bf16; block diffusion, exact cache, no FIM (prefix only)",
-                   linear_share=0.85),  # 1.31B of 1.54B (the embedding is tied to the head)
+                   linear_share=0.85, head_share=0.151, tied=True),
+    # 1.31B and 233M of 1.54B (the embedding is tied to the head)
 )
 
 

@@ -444,9 +444,11 @@ def load_quantized(network: torch.nn.Module, path: Path, fam: Family, device: to
                    kernel: quantize.Kernel) -> None:
     """Fill `network` (on the meta device) with the checkpoint's weights, its decoder layers'
     linear weights quantized by `kernel`: from the disk cache (model.network.quantized_cache) where
-    a whole copy is there, else streamed -- the embedding, norms and head first, then one decoder
-    layer at a time read, moved to `device` in `kernel.dtype` and quantized before the next is
-    read -- and kept in the cache for the next start."""
+    a whole copy is there, else streamed -- the embedding, norms and head first (the head
+    quantized at once where the kernel says), then one decoder layer at a time read, copied to
+    `device` in `kernel.dtype` and quantized before the next is read -- and kept in the cache
+    for the next start. Peak memory: the quantized network, one layer's float weights and the
+    quantization's temporaries (tests/test_quantize_memory.py measures it)."""
     from model.network import quantized_cache
 
     index = WeightIndex(path, fam)
@@ -474,11 +476,15 @@ def load_quantized(network: torch.nn.Module, path: Path, fam: Family, device: to
             f"unexpected {unexpected[:5]}")
 
     def place(group: list[str]) -> dict[str, torch.Tensor]:
-        return {n: t.to(device=device, dtype=kernel.dtype) for n, t in index.read(group).items()}
+        # copies, never views of the shard: safetensors maps the file, and a kept view (a bias,
+        # a norm) would keep the whole shard's pages mapped, counted in the process's memory
+        return {n: t.to(device=device, dtype=kernel.dtype, copy=True)
+                for n, t in index.read(group).items()}
 
     layer_prefix = "model.layers."
     network.load_state_dict(place([n for n in names if not n.startswith(layer_prefix)]),
                             strict=False, assign=True)
+    quantize.tie_or_quantize_head(network, kernel)  # before the layers: its float copy goes
     for number, layer in enumerate(network.model.layers):
         prefix = f"{layer_prefix}{number}."
         group = place([n for n in names if n.startswith(prefix)])
@@ -486,7 +492,6 @@ def load_quantized(network: torch.nn.Module, path: Path, fam: Family, device: to
                               strict=True, assign=True)
         del group
         quantize.quantize_module(layer, kernel)
-    quantize.tie_or_quantize_head(network, kernel)
     _materialise_buffers(network, config)
     network.model.rotary_emb.to(device)  # inv_freq stays float32
     quantized_cache.save_cached(key, network)

@@ -33,6 +33,11 @@ int8 by int8 with integer instructions every x86 CPU has, so it runs in a fracti
 time; it quantizes activations too (about twice the error of weight-only int8 per layer),
 which is why its agreement with the unquantized model is measured (docs/models.md).
 
+No CPU int4 kernel measured on that CPU was faster than fbgemm's int8 (aten's int4pack with
+float32 or float16 activations, `_dyn_quant_matmul_4bit`, torchao's Intx int4 configs, OpenVINO
+per projection: benchmarks/quant_kernels.py), so there `int4` saves memory, not time: `auto`
+never picks it on a CPU and choosing it says so (`INT4_CPU_NOTICE`).
+
 A scheme a device has no kernel for (torchao missing, an unknown device) falls back to the
 nearest that works (int4 -> int8 -> none), said once (`Plan.notice`).
 """
@@ -47,12 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_contract.options import BYTES_PER_WEIGHT, CUDA_ROOM, QUANTIZATIONS
+from diffusion_contract.options import CUDA_ROOM, QUANTIZATIONS
 
 NONE, INT8, INT4, AUTO = QUANTIZATIONS
 SCHEMES = (NONE, INT8, INT4)
 CHOICES = QUANTIZATIONS
 INT4_GROUPS = (128, 64, 32)  # int4 scales per group of this many inputs: the first that divides
+QUANTIZE_BLOCK = 1 << 22  # float values quantized at a time (16 MiB of float32 temporaries)
 log = logging.getLogger(__name__)
 
 
@@ -171,7 +177,17 @@ def nearest_working(scheme: str, device: torch.device, asked: str | None = None)
                if torchao_version() is None else "no kernel")
         notice = (f"quantization {wanted} has no kernel on {device.type} ({why}); "
                   f"using {scheme}")
+    elif scheme == INT4 and device.type == "cpu":
+        from model.catalog.cpu import has_native_bf16
+
+        notice = None if has_native_bf16() else INT4_CPU_NOTICE
     return Plan(asked, scheme, kernel_for(scheme, device), notice)
+
+
+# every CPU int4 kernel measured on an AVX2 CPU without native bf16 took longer than int8
+# (docs/benchmarks.md: 8- and 4-bit weights on a CPU), so there int4 is for memory only
+INT4_CPU_NOTICE = ("quantization int4 on this CPU saves memory, not time: without native bf16 "
+                   "its kernel is slower than int8's (docs/benchmarks.md); int8 is faster here")
 
 
 # -- auto ------------------------------------------------------------------------------------
@@ -186,11 +202,17 @@ CPU_INT8_FROM = 100_000_000  # linear parameters from which auto quantizes on su
 
 
 def weight_bytes(parameters: int, linear_parameters: int, scheme: str,
-                 dtype_bytes: float = 2.0) -> int:
-    """Bytes the weights take: the linears in `scheme`, the rest in `dtype_bytes` a value."""
-    rest = parameters - linear_parameters
-    per = dtype_bytes if scheme == NONE else BYTES_PER_WEIGHT[scheme]
-    return int(rest * dtype_bytes + linear_parameters * per)
+                 dtype_bytes: float = 2.0, kernel: Kernel | None = None,
+                 head_parameters: int = 0, tied: bool = False) -> int:
+    """Bytes the weights take: the linears in `scheme`, the rest in `dtype_bytes` a value, or,
+    with `kernel`, in its dtype and with the head in int8 where it quantizes the head
+    (model.catalog.registry.weights_bytes)."""
+    from model.catalog.registry import weights_bytes
+
+    if kernel is not None:
+        dtype_bytes = kernel.dtype.itemsize
+    return int(weights_bytes(parameters, linear_parameters, scheme, dtype_bytes,
+                             head_parameters, kernel is not None and kernel.head, tied))
 
 
 def choose_auto(device: torch.device, parameters: int, linear_parameters: int,
@@ -261,13 +283,23 @@ class Int8RowWeight(torch.Tensor):
     def __init__(self, qdata: torch.Tensor, scale: torch.Tensor) -> None:
         pass  # made in __new__
 
+    scale_dtype: torch.dtype | None = None  # the scales' dtype; None: the weight's
+
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Int8RowWeight:
-        """Symmetric per-row int8 of a float (N, K) weight."""
-        wide = weight.detach().float()
-        scale = wide.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        qdata = torch.round(wide / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(qdata, scale.to(weight.dtype))
+        """Symmetric per-row int8 of a float (N, K) weight, computed in float32 a block of
+        rows at a time (QUANTIZE_BLOCK values), so that quantizing a large matrix (an LM
+        head of 150k rows) never holds more than a block of float temporaries."""
+        rows, width = weight.shape
+        step = max(1, QUANTIZE_BLOCK // max(1, width))
+        qdata = torch.empty(rows, width, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(rows, dtype=torch.float32, device=weight.device)
+        for start in range(0, rows, step):
+            wide = weight[start:start + step].detach().float()
+            block = wide.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+            qdata[start:start + step] = (wide / block[:, None]).round_().clamp_(-127, 127)
+            scale[start:start + step] = block
+        return cls(qdata, scale.to(cls.scale_dtype or weight.dtype))
 
     def dequantize(self) -> torch.Tensor:
         return self.as_subclass(torch.Tensor).to(self.scale.dtype) * self.scale[:, None]
@@ -346,13 +378,10 @@ class Int8DynamicWeight(Int8RowWeight):
             y[group] = torch.ops.quantized.linear_dynamic(wide[group], packed, True)
         return y.to(rows.dtype)
 
+    scale_dtype = torch.float32
+
     def __getstate__(self) -> dict:
         return {"scale": self.scale}
-
-    @classmethod
-    def quantize(cls, weight: torch.Tensor) -> Int8DynamicWeight:
-        """Symmetric per-row int8 of a float (N, K) weight, scales in float32."""
-        return super().quantize(weight.float())
 
 
 def quantize_module(module: nn.Module, kernel: Kernel) -> int:
