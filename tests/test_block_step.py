@@ -1,8 +1,8 @@
-"""The block-diffusion forward on the fast step's layer loop (model/decoding/fast_step/block_step.py)
-computes what `model.decoding.block.run_rows` computes through transformers, on both block
-families' tiny published checkpoints (CPU, eager: a CUDA graph replays these kernels,
-tests/test_cuda.py); with it on, exact mode still reproduces the published samplers token for
-token and forward for forward, and completions do not change."""
+"""The block-diffusion forward on the fast step's layer loop
+(model/decoding/fast_step/block_step.py) computes what `model.decoding.block.run_rows` computes
+through transformers, on both block families' tiny published checkpoints (CPU, eager: a CUDA
+graph replays these kernels, tests/test_cuda.py); with it on, exact mode still reproduces the
+published samplers token for token and forward for forward, and completions do not change."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ from model.network.loader import load_model
 from .fast_dllm_v2_reference import FastDllmV2Reference
 from .fixtures_block import EOS, official_model, write_stable_diffcoder
 from .fixtures_fast_dllm import write_fast_dllm_v2
-from .helpers import one_thread  # noqa: F401 - autouse: tiny matmuls on one thread
-from .helpers import patch_fast_step
+from .helpers import (
+    one_thread,  # noqa: F401 - autouse: tiny matmuls on one thread
+    patch_fast_step,
+)
 
 PREFIX = "def add(a, b):\n    return "
 SUFFIX = "\n\nprint(add(1, 2))\n"
