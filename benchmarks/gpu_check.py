@@ -222,24 +222,6 @@ def bench_options(model: LoadedModel, holes: list[dict], options: InfillOptions)
 
 
 @contextlib.contextmanager
-def switched(on: Iterable[str]) -> Iterator[None]:
-    """The fast step's switches (`fast_step.SWITCH_ENVS`) set: those named in `on` on, the
-    rest off; the environment as it was after."""
-    on = set(on)
-    saved = {env: os.environ.get(env) for env in fast_step.SWITCH_ENVS.values()}
-    try:
-        for name, env in fast_step.SWITCH_ENVS.items():
-            os.environ[env] = "1" if name in on else "0"
-        yield
-    finally:
-        for env, value in saved.items():
-            if value is None:
-                os.environ.pop(env, None)
-            else:
-                os.environ[env] = value
-
-
-@contextlib.contextmanager
 def environment(values: dict[str, str]) -> Iterator[None]:
     """Environment variables set to `values`; as they were after."""
     saved = {name: os.environ.get(name) for name in values}
@@ -252,6 +234,16 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextlib.contextmanager
+def switched(on: Iterable[str]) -> Iterator[None]:
+    """The fast step's switches (`fast_step.SWITCH_ENVS`) set: those named in `on` on, the
+    rest off; the environment as it was after."""
+    on = set(on)
+    with environment({env: "1" if name in on else "0"
+                      for name, env in fast_step.SWITCH_ENVS.items()}):
+        yield
 
 
 @contextlib.contextmanager

@@ -56,19 +56,17 @@ def outcome(result) -> tuple:
 
 
 def staggered(model, holes, joins: list[int]) -> list[tuple]:
-    """The holes denoised in one shared loop, hole i joining at step joins[i] and leaving as
-    soon as it is finished."""
-    states = [new_state(model, prefix, suffix, options) for prefix, suffix, options in holes]
-    active, done, step = [], {}, 0
-    while len(done) < len(states):
-        active += [i for i, join in enumerate(joins) if join == step]
-        if active:
-            denoise_step(model, [states[i] for i in active])
-        for i in [i for i in active if states[i].finished]:
-            done[i] = outcome(state_result(model, states[i], {}))
-            active.remove(i)
-        step += 1
-    return [done[i] for i in range(len(states))]
+    """The holes denoised in one shared batch, hole i made and joining at step joins[i]; a
+    finished hole is left out of the next steps."""
+    states: dict[int, object] = {}
+    for step in range(max(joins) + 10_000):
+        states.update({i: new_state(model, *holes[i]) for i, join in enumerate(joins)
+                       if join == step})
+        if len(states) == len(holes) and all(s.finished for s in states.values()):
+            break
+        if live := [s for s in states.values() if not s.finished]:
+            denoise_step(model, live)
+    return [outcome(state_result(model, states[i], {})) for i in range(len(holes))]
 
 
 def test_packed_rows_are_each_holes_own_block_pass(models):

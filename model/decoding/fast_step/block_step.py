@@ -146,7 +146,12 @@ class BlockSteps:
         over 0..end-1, both copies (the buffers are the next run's)."""
         count = ids.numel()
         end = length + count
-        self._follow_weights(fused)
+        layers_now = layers_of(self.model.network)
+        if fused:
+            layers_now.fuse()
+        if layers_now.generation != self._generation:  # the weights moved: old graphs read
+            self._shapes.clear()  # freed memory (as `graphs.HoleSteps`)
+            self._generation = layers_now.generation
         shape = self._shape(_Key(count, bucket(end), fused))
         held = min(shape.rows_of(layers), length)
         load_rows(shape.keys, shape.values, layers, held, length)
@@ -165,15 +170,6 @@ class BlockSteps:
     def buffer_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for shape in self._shapes.values()
                    for t in (*shape.keys, *shape.values))
-
-    def _follow_weights(self, fused: bool) -> None:
-        """As `graphs.HoleSteps`: fuse when asked; drop every shape once the weights moved."""
-        layers = layers_of(self.model.network)
-        if fused:
-            layers.fuse()
-        if layers.generation != self._generation:
-            self._shapes.clear()
-            self._generation = layers.generation
 
     def _shape(self, key: _Key) -> _Shape:
         shape = self._shapes.get(key)
@@ -196,23 +192,26 @@ class BlockSteps:
                               shape.keys, shape.values, shape.slots, shape.mask, shape.key.fused)
 
     def _replay(self, shape: _Shape) -> None:
-        """Eagerly without graphs (or once a capture failed), else the shape's graph."""
-        if not self.graphs or shape.uncaptured:
-            shape.output = self._forward(shape)
-        elif shape.graph is None:
-            try:
-                shape.graph, shape.output = capture(lambda: self._forward(shape),
-                                                    self.model.device)
-                self.captures += 1
-            except Exception as error:  # noqa: BLE001 - the step still runs, uncaptured
-                log.warning("CUDA graph capture of a block step (%d rows over %d) failed; "
-                            "that shape runs uncaptured: %s", shape.key.width, shape.key.rows,
-                            str(error).splitlines()[0] if str(error) else type(error).__name__)
-                shape.uncaptured = True
-                shape.output = self._forward(shape)
-        else:
+        """The shape's graph replayed; captured on its first run (which runs it too); eager
+        without graphs or once its capture failed."""
+        if shape.graph is not None:
             shape.graph.replay()
             self.replays += 1
+        elif not (self.graphs and not shape.uncaptured and self._capture(shape)):
+            shape.output = self._forward(shape)
+
+    def _capture(self, shape: _Shape) -> bool:
+        """Capture the shape's forward (and run it); False, said once, where that fails."""
+        try:
+            shape.graph, shape.output = capture(lambda: self._forward(shape), self.model.device)
+        except Exception as error:  # noqa: BLE001 - the step still runs, uncaptured
+            log.warning("CUDA graph capture of a block step (%d rows over %d) failed; that "
+                        "shape runs uncaptured: %s", shape.key.width, shape.key.rows,
+                        str(error).splitlines()[0] if str(error) else type(error).__name__)
+            shape.uncaptured = True
+            return False
+        self.captures += 1
+        return True
 
 
 def block_steps(model: LoadedModel) -> BlockSteps:
