@@ -5,7 +5,9 @@ forward per hole (`block_pass`), or one packed forward for all of them
 (model/decoding/packed_blocks.py, DIFFUSION_LSP_PACKED_STEPS). Both are timed side by side on a
 random Stable-DiffCoder-layout model (`--shape`; small-seed-coder: Qwen2.5-0.5B's sizes),
 `--holes` holes joining one batch, each 16 tokens at one token a step (its end banned), in
-rounds whose order alternates; the texts must agree. Also one hole alone through transformers
+rounds whose order alternates; whether their texts agree is recorded (on the tiny fixture they
+must: tests/test_packed_blocks.py; a random network of 24 layers amplifies rounding, so there
+transformers' own whole and incremental passes differ too). Also one hole alone through transformers
 and through the fast step's layer loop (`fast_step.block_rows`, on CUDA by default; forced
 here). Writes benchmarks/results/block-batch-SHAPE.json.
 """
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"packed / one by one: {result['packed_over_one_by_one']:.2f}; layer loop / "
           f"transformers (one hole): {result['layer_loop_over_transformers']:.2f}; "
           f"same texts: {same}; {path}")
-    return 0 if all(same.values()) else 1
+    return 0
 
 
 if __name__ == "__main__":
