@@ -5,6 +5,8 @@ steps, of different prompt lengths and settings, one cut by its end token)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -104,3 +106,12 @@ def test_unpacked_they_run_one_by_one(models, monkeypatch, spy):
                 for prefix, suffix, options in HOLES[:3]]
     assert staggered(model, HOLES[:3], [0, 1, 0]) == expected
     assert not spy
+
+
+def test_a_family_with_shifted_block_logits_keeps_its_own_block_pass(models, monkeypatch):
+    """Fast-dLLM v2 reads a block's logits shifted inside it: its rows are not packed here."""
+    model = models["plain"]
+    state = new_state(model, *HOLES[0])
+    assert packed_blocks.packable(model, state)
+    monkeypatch.setattr(model, "family", dataclasses.replace(model.family, shifted_logits=True))
+    assert not packed_blocks.packable(model, state)

@@ -35,8 +35,12 @@ def block_rows(state: HoleState) -> tuple[int, int]:
     return aligned_start(state), state.hole_start + end
 
 
-def packable(state: HoleState) -> bool:
-    """Whether the forward's rows lie in one aligned block (every row sees every row)."""
+def packable(model: LoadedModel, state: HoleState) -> bool:
+    """Whether the forward's rows lie in one aligned block (every row sees every row), for a
+    family whose block logits are its rows' own (Fast-dLLM v2 shifts them inside the block:
+    its `block_pass` is its own)."""
+    if model.family.shifted_logits:
+        return False
     begin, end = block_rows(state)
     size = state.options.block_length
     return end > begin and begin // size == (end - 1) // size
@@ -46,7 +50,7 @@ def packable(state: HoleState) -> bool:
 def packed_block_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
     """`block_pass` of every state, the packable ones in one packed pass. Returns the hidden
     states at each state's masked positions (m_i, H)."""
-    packed = [state for state in states if packable(state)]
+    packed = [state for state in states if packable(model, state)]
     windows = []
     for state in packed:
         begin, end = block_rows(state)
