@@ -32,7 +32,8 @@ soon as it has it, so a run stopped by its time limit keeps what it got. Section
   card's settings (blocks of 4, threshold 0.95): a 64-token hole's ms a step against the
   memory bound and tokens/s, beside the 7B Dream shape at one token a step; its block forwards
   through the fast step's layer loop (the default on CUDA), captured as CUDA graphs
-  (DIFFUSION_LSP_BLOCK_GRAPHS) and through transformers, side by side (`by_path`).
+  (DIFFUSION_LSP_BLOCK_GRAPHS) and through transformers, side by side (`by_path`; the first
+  BLOCK_PATH_HOLES holes each).
 
 They run speed, concurrent, lsp, then switches, refresh, profile, block8b: what gpu.json must
 have first, the comparisons after (they rebuild the random model the lsp section let go).
@@ -100,6 +101,7 @@ BLOCK_PATHS = {  # block8b's runs: where its block forwards go (the first is the
     "block_graphs": {fast_step.BLOCK_GRAPHS_ENV: "1"},
     "transformers": {fast_step.DISABLE_ENV: "0", fast_step.BLOCK_GRAPHS_ENV: "0"},
 }
+BLOCK_PATH_HOLES = 4  # holes each of block8b's runs times (three runs share the section's time)
 BLOCK_PATH_FIELDS = ("ms_per_step", "tokens_per_s", "hole_ms_p50", "steps", "write_forwards")
 MODEL_SECTIONS = ("speed", "switches", "refresh", "concurrent", "profile")  # on the random model
 
@@ -697,7 +699,7 @@ def block8b(device: str, holes: list[dict], result: dict) -> None:
         with environment(values):
             if model.device.type == "cuda":
                 fill(model, holes[0], options, None, None)  # warm-up: not timed
-            by_path[name] = bench_options(model, holes, options)
+            by_path[name] = bench_options(model, holes[:BLOCK_PATH_HOLES], options)
     run = by_path["layer_loop"]
     steps = fast_step.block_steps(model)
     entry = {
