@@ -5,7 +5,8 @@ pass: `model.decoding.prompt_cache`); later ones run only the hole's window agai
 cached keys and values (the dual cache of Fast-dLLM), refreshed every `refresh_every` steps. Several
 holes share one batched pass; one hole alone on CUDA runs through `model.decoding.fast_step` (its
 own layer loop, the hole step replayed as a CUDA graph), several holes' hole-only steps through
-`model.decoding.packed_step` (their rows packed into one pass, attention per hole).
+`model.decoding.packed_step` (their rows packed into one pass, attention per hole), and several
+block-diffusion holes' block forwards through `model.decoding.packed_blocks` alike.
 """
 
 from __future__ import annotations
