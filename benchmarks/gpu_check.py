@@ -30,7 +30,10 @@ soon as it has it, so a run stopped by its time limit keeps what it got. Section
   (torch.profiler), where the next optimisation should go.
 - block8b: the 8B block-diffusion shape (Stable-DiffCoder-8B's, random weights, bf16) at its
   card's settings (blocks of 4, threshold 0.95): a 64-token hole's ms a step against the
-  memory bound and tokens/s, beside the 7B Dream shape at one token a step.
+  memory bound and tokens/s, beside the 7B Dream shape at one token a step; its block forwards
+  through the fast step's layer loop (the default on CUDA), captured as CUDA graphs
+  (DIFFUSION_LSP_BLOCK_GRAPHS) and through transformers, side by side (`by_path`; the first
+  BLOCK_PATH_HOLES holes each).
 
 They run speed, concurrent, lsp, then switches, refresh, profile, block8b: what gpu.json must
 have first, the comparisons after (they rebuild the random model the lsp section let go).
@@ -93,6 +96,13 @@ SECTIONS = ("speed", "concurrent", "lsp", "quantization", "switches", "refresh",
 QUANTIZED = ("int8", "int4")
 BLOCK_SHAPE = {"cuda": "seed-coder-8b", "cpu": "tiny-seed-coder"}  # block8b's, by device type
 BLOCK_THRESHOLD = 0.95  # Stable-DiffCoder's card (generate_block's default threshold)
+BLOCK_PATHS = {  # block8b's runs: where its block forwards go (the first is the default)
+    "layer_loop": {fast_step.BLOCK_GRAPHS_ENV: "0"},
+    "block_graphs": {fast_step.BLOCK_GRAPHS_ENV: "1"},
+    "transformers": {fast_step.DISABLE_ENV: "0", fast_step.BLOCK_GRAPHS_ENV: "0"},
+}
+BLOCK_PATH_HOLES = 4  # holes each of block8b's runs times (three runs share the section's time)
+BLOCK_PATH_FIELDS = ("ms_per_step", "tokens_per_s", "hole_ms_p50", "steps", "write_forwards")
 MODEL_SECTIONS = ("speed", "switches", "refresh", "concurrent", "profile")  # on the random model
 
 
@@ -214,21 +224,28 @@ def bench_options(model: LoadedModel, holes: list[dict], options: InfillOptions)
 
 
 @contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Environment variables set to `values`; as they were after."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        os.environ.update(values)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
 def switched(on: Iterable[str]) -> Iterator[None]:
     """The fast step's switches (`fast_step.SWITCH_ENVS`) set: those named in `on` on, the
     rest off; the environment as it was after."""
     on = set(on)
-    saved = {env: os.environ.get(env) for env in fast_step.SWITCH_ENVS.values()}
-    try:
-        for name, env in fast_step.SWITCH_ENVS.items():
-            os.environ[env] = "1" if name in on else "0"
+    with environment({env: "1" if name in on else "0"
+                      for name, env in fast_step.SWITCH_ENVS.items()}):
         yield
-    finally:
-        for env, value in saved.items():
-            if value is None:
-                os.environ.pop(env, None)
-            else:
-                os.environ[env] = value
 
 
 @contextlib.contextmanager
@@ -677,9 +694,14 @@ def block8b(device: str, holes: list[dict], result: dict) -> None:
     block = model.family.block_length
     bytes_read = bytes_per_hole_step(model, int(context) + HOLE_TOKENS // 2, block)
     card = card_bandwidth(model)
-    if model.device.type == "cuda":
-        fill(model, holes[0], options, None, None)  # warm-up: not timed
-    run = bench_options(model, holes, options)
+    by_path = {}
+    for name, values in BLOCK_PATHS.items():  # side by side, each warmed up (captures) first
+        with environment(values):
+            if model.device.type == "cuda":
+                fill(model, holes[0], options, None, None)  # warm-up: not timed
+            by_path[name] = bench_options(model, holes[:BLOCK_PATH_HOLES], options)
+    run = by_path["layer_loop"]
+    steps = fast_step.block_steps(model)
     entry = {
         "shape": shape, "dtype": str(model.dtype), "block_length": block,
         "threshold": BLOCK_THRESHOLD, "hole_tokens": HOLE_TOKENS,
@@ -687,6 +709,13 @@ def block8b(device: str, holes: list[dict], result: dict) -> None:
         "context_tokens_p50": context, "bytes_per_step": bytes_read,
         "memory_bound_ms_per_step": bytes_read / card * 1e3 if card else None,
         **{key: value for key, value in run.items() if key != "step_kinds"},
+        "by_path": {name: {k: path[k] for k in BLOCK_PATH_FIELDS}
+                    for name, path in by_path.items()},
+        "block_graphs": {"captures": steps.captures, "replays": steps.replays},
+        "block_graphs_over_layer_loop": by_path["block_graphs"]["ms_per_step"]
+        / run["ms_per_step"],
+        "layer_loop_over_transformers": run["ms_per_step"]
+        / by_path["transformers"]["ms_per_step"],
     }
     dream = result.get("hole64_7b", {}).get("by_tokens_per_step", {}).get("1")
     if dream:
@@ -697,7 +726,9 @@ def block8b(device: str, holes: list[dict], result: dict) -> None:
     say(f"block8b ({shape}): {run['ms_per_step']:.2f} ms/step"
         + (f" (memory bound {bound:.2f})" if bound else "")
         + f", {run['tokens_per_s']:.0f} tokens/s, {run['steps']} steps"
-        + (f"; Dream 7B at 1/step {dream['tokens_per_s']:.0f} tokens/s" if dream else ""))
+        + (f"; Dream 7B at 1/step {dream['tokens_per_s']:.0f} tokens/s" if dream else "")
+        + "; ms/step by path: " + ", ".join(f"{name} {path['ms_per_step']:.2f}"
+                                             for name, path in by_path.items()))
     del model
     gc.collect()
     if torch.cuda.is_available():

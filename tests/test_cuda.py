@@ -399,3 +399,56 @@ def test_a_7b_shape_in_int4_fits_in_a_fraction_of_its_bf16_memory():
     assert torch.cuda.max_memory_allocated() < 8 * 2**30
     result = infill(model, PREFIX, SUFFIX, InfillOptions(max_tokens=16, tokens_per_step=8))
     assert result.steps >= 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_captured_block_steps_are_the_uncaptured_ones_on_cuda(tmp_path, dtype):
+    """Stable-DiffCoder's block forwards (model/decoding/fast_step/block_step.py): captured
+    (DIFFUSION_LSP_BLOCK_GRAPHS) against uncaptured and against transformers, for a block's
+    denoising forwards (a capture, then replays), its write and the next block's forward."""
+    from model.decoding.block import BlockCache, run_rows
+
+    from .fixtures_block import write_stable_diffcoder
+
+    model = load_model(write_stable_diffcoder(tmp_path / "m"), device="cuda", dtype=dtype)
+    assert fast_step.enabled(model)
+    tolerance = 1e-4 if dtype == "float32" else 2e-2
+    steps = fast_step.BlockSteps(model)
+    ids = torch.randint(10, 300, (30,), generator=torch.Generator().manual_seed(0))
+
+    def check(cache: BlockCache, new: torch.Tensor) -> list:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(fast_step.DISABLE_ENV, "0")
+            want, want_layers = run_rows(model, cache, new, 4)
+        eager, _ = fast_step.block_rows(model, cache.layers, cache.length, new, 4)
+        got, layers = steps.run(cache.layers, cache.length, new, 4)
+        assert relative_error(got, want) < tolerance and relative_error(got, eager) < tolerance
+        assert relative_error(layers[-1][0], want_layers[-1][0]) < tolerance
+        return layers
+
+    _, prompt = fast_step.block_rows(model, [], 0, ids[:18], 4)
+    cache = BlockCache(prompt, 18)
+    check(cache, ids[18:20])  # a block's denoising forward: captured
+    written = BlockCache(check(cache, ids[18:20]), 20)  # replayed, and kept as the write
+    for _ in range(2):  # the next block against the written cache: captured, replayed
+        check(written, ids[20:24])
+    assert steps.captures == 2 and steps.replays == 2
+
+
+def test_block_graphs_give_the_same_completions_on_cuda(tmp_path, monkeypatch):
+    """Whole FIM completions of the tiny Stable-DiffCoder (fp32) with the block forwards
+    captured and not: the same texts and steps, and the graphs replayed."""
+    from .fixtures_block import write_stable_diffcoder
+
+    model = load_model(write_stable_diffcoder(tmp_path / "m", eos_boost=3.0), device="cuda",
+                       dtype="float32")
+    options = InfillOptions(max_tokens=16, threshold=0.95)
+
+    def texts() -> list:
+        return [(r.text, r.steps) for r in (infill(model, p, s, options) for p, s in HOLES)]
+
+    monkeypatch.setenv(fast_step.BLOCK_GRAPHS_ENV, "0")
+    plain = texts()
+    monkeypatch.setenv(fast_step.BLOCK_GRAPHS_ENV, "1")
+    assert texts() == plain
+    assert fast_step.block_steps(model).replays > 0

@@ -92,6 +92,10 @@ def test_the_gpu_check_runs_through_on_the_cpu(tmp_path):
     assert block["tokens"] == 64 and block["ms_per_step"] > 0 and block["tokens_per_s"] > 0
     assert block["steps"] == 64 and block["write_forwards"] >= 64 // 4  # a write a block
     assert block["dream7b_at_1"]["tokens_per_s"] > 0 and block["bytes_per_step"] > 0
+    assert set(block["by_path"]) == {"layer_loop", "block_graphs", "transformers"}
+    assert all(path["ms_per_step"] > 0 and path["steps"] == 64
+               for path in block["by_path"].values())
+    assert block["block_graphs_over_layer_loop"] > 0 and block["block_graphs"]["captures"] == 0
     returned = sorted(p.name for p in out.iterdir())
     assert len(returned) <= RETURNED_FILES, returned
     assert "ckpt-last.pt.part00" in returned and "check.log" in returned, log[-3000:]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from model.decoding import fast_step
 from model.decoding.hole import HoleState
 from model.decoding.pinned import to_device
 from model.decoding.schedules import block_span, starts_after_rows, step_positions
@@ -61,7 +62,10 @@ def block_causal_mask(start: int, end: int, block_length: int, dtype: torch.dtyp
 def run_rows(model: LoadedModel, cache: BlockCache, ids: torch.Tensor,
              block_length: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Positions cache.length.. holding `ids` (Q,) against the cache, under the block-causal
-    mask. Returns their hidden states (Q, H) and every layer's keys/values over 0..end-1."""
+    mask. Returns their hidden states (Q, H) and every layer's keys/values over 0..end-1.
+    Where the fast step runs (CUDA), through its layer loop (`fast_step.block_rows`)."""
+    if fast_step.enabled(model):
+        return fast_step.block_rows(model, cache.layers, cache.length, ids, block_length)
     start, end = cache.length, cache.length + ids.numel()
     past = DynamicCache(ddp_cache_data=cache.layers) if cache.layers else DynamicCache()
     hidden = model.network.model(

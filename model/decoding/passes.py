@@ -5,7 +5,8 @@ pass: `model.decoding.prompt_cache`); later ones run only the hole's window agai
 cached keys and values (the dual cache of Fast-dLLM), refreshed every `refresh_every` steps. Several
 holes share one batched pass; one hole alone on CUDA runs through `model.decoding.fast_step` (its
 own layer loop, the hole step replayed as a CUDA graph), several holes' hole-only steps through
-`model.decoding.packed_step` (their rows packed into one pass, attention per hole).
+`model.decoding.packed_step` (their rows packed into one pass, attention per hole), and several
+block-diffusion holes' block forwards through `model.decoding.packed_blocks` alike.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from diffusion_contract.options import InfillOptions
 from model.decoding import fast_step, packed_step
 from model.decoding.block import block_pass
 from model.decoding.hole import ContextCache, HoleState
+from model.decoding.packed_blocks import packed_block_pass
 from model.decoding.pinned import to_device
 from model.decoding.scoring import Scored, step_head
 from model.network.loader import LoadedModel
@@ -242,9 +244,13 @@ def forward_holes(model: LoadedModel, states: Sequence[HoleState],
     if scored and (step := _scored_step(model, states)) is not None:
         return [step]
     hidden: dict[int, torch.Tensor] = {}
-    for i, state in enumerate(states):  # block diffusion: the block against its exact cache
-        if state.blockwise:
-            hidden[i] = block_pass(model, state)
+    blocks = [i for i, state in enumerate(states) if state.blockwise]
+    if len(blocks) > 1 and packed_step.enabled(model):  # several blocks: one packed pass
+        hidden.update(zip(blocks, packed_block_pass(model, [states[i] for i in blocks]),
+                          strict=True))
+    for i in blocks:  # block diffusion: the block against its exact cache
+        if i not in hidden:
+            hidden[i] = block_pass(model, states[i])
     full = [i for i, s in enumerate(states) if i not in hidden and needs_full_pass(s)]
     for i in full:  # a first pass that reuses its document's context (model.decoding.prompt_cache)
         if states[i].reuse is not None and states[i].context is None:

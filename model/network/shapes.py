@@ -51,11 +51,17 @@ BLOCK_SHAPES = {
                       "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 155136,
                       "max_position_embeddings": 8192, "rope_theta": 500000.0,
                       "rms_norm_eps": 1e-6},
+    # Seed-Coder's Llama layout at Qwen2.5-0.5B's sizes: block diffusion timed on a CPU
+    "small-seed-coder": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                         "num_attention_heads": 14, "num_key_value_heads": 2,
+                         "vocab_size": 155136, "max_position_embeddings": 8192,
+                         "rope_theta": 500000.0, "rms_norm_eps": 1e-6},
     "tiny-seed-coder": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
                         "max_position_embeddings": 2048, "rope_theta": 500000.0},
 }
-CPU_SHAPES = ("qwen2.5-0.5b", "tiny-qwen2", "tiny-seed-coder")  # small enough without a GPU
+# small enough without a GPU
+CPU_SHAPES = ("qwen2.5-0.5b", "tiny-qwen2", "small-seed-coder", "tiny-seed-coder")
 TINY_SHAPES = ("tiny-qwen2", "tiny-seed-coder")
 INIT_STD = 0.02  # Qwen2's initializer_range
 

@@ -21,11 +21,13 @@ captured). Grouped-query attention runs with each key/value head's query heads s
 the query axis, one SDPA call over the unrepeated keys and values (transformers' repeat_kv
 would copy the context's keys group-size times a layer).
 
-Three parts, each its own module: switchboard.py (which optional parts are on, from the
+Four parts, each its own module: switchboard.py (which optional parts are on, from the
 environment), layer.py (the decoder layer written out, and the network as a loop of it),
-graphs.py (fixed-shape passes, captured as CUDA graphs and kept per model).
+graphs.py (fixed-shape passes, captured as CUDA graphs and kept per model), block_step.py (a
+block-diffusion family's block-causal forwards against its exact cache, on the same loop).
 """
 
+from model.decoding.fast_step.block_step import BlockSteps, block_rows, block_steps
 from model.decoding.fast_step.graphs import (
     CONTEXT_BUCKET,
     MAX_BUFFER_BYTES,
@@ -60,6 +62,7 @@ from model.decoding.fast_step.layer import (
 )
 from model.decoding.fast_step.switchboard import (
     ATTENTION,
+    BLOCK_GRAPHS_ENV,
     COMPILE_ENV,
     DISABLE_ENV,
     FUSED_PROJECTIONS_ENV,
@@ -68,6 +71,7 @@ from model.decoding.fast_step.switchboard import (
     SWITCH_ENVS,
     SWITCH_VALUES,
     Switches,
+    block_graphs,
     enabled,
     parse_switch,
     supported,
@@ -83,4 +87,5 @@ __all__ = [
     "fuse_linears", "fuse_projections", "fused_decoder_layer", "hole_steps", "kv_buffers",
     "layer_weights", "layers_of", "parse_switch", "pass_shape", "rms_norm", "round_up",
     "rows_pass", "supported", "switches", "window_forward",
+    "BLOCK_GRAPHS_ENV", "BlockSteps", "block_graphs", "block_rows", "block_steps",
 ]

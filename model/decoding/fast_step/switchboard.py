@@ -10,6 +10,10 @@ Three switches, each an environment variable (`Switches`; 1 / 0, unset: off; on 
   twice; the same numbers up to the matrix products' rounding).
 - DIFFUSION_LSP_GRAPH_PASSES: full and partial passes are captured too, on static shapes: the
   queries padded to a multiple of QUERY_BUCKET, the reused context to CONTEXT_BUCKET, at most
+
+And, apart from those three (`block_graphs`): DIFFUSION_LSP_BLOCK_GRAPHS, a block-diffusion
+family's block forwards (`block_step.BlockSteps`) captured as CUDA graphs, one per block width
+and context bucket (unset: off, until the GPU check measures it: gpu.json `block8b`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ COMPILE_ENV = "DIFFUSION_LSP_COMPILE"  # "0": the decoder layer is not compiled
 GRAPH_HEAD_ENV = "DIFFUSION_LSP_GRAPH_HEAD"  # "1": LM head and greedy scoring in the graph
 FUSED_PROJECTIONS_ENV = "DIFFUSION_LSP_FUSED_PROJECTIONS"  # "1": q/k/v and gate/up fused
 GRAPH_PASSES_ENV = "DIFFUSION_LSP_GRAPH_PASSES"  # "1": full and partial passes captured too
+BLOCK_GRAPHS_ENV = "DIFFUSION_LSP_BLOCK_GRAPHS"  # "1": block-diffusion forwards captured
 SWITCH_VALUES = {"1": True, "on": True, "true": True, "yes": True,
                  "0": False, "off": False, "false": False, "no": False}
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -96,3 +101,9 @@ def switches(model: LoadedModel) -> Switches:
                         FUSED_PROJECTIONS_ENV, model.quantization)
         on = on._replace(fused_projections=False)
     return on
+
+
+def block_graphs(model: LoadedModel) -> bool:
+    """Whether a block-diffusion forward runs captured (DIFFUSION_LSP_BLOCK_GRAPHS; off unless
+    set, and only where the fast step runs)."""
+    return enabled(model) and parse_switch(BLOCK_GRAPHS_ENV, os.environ.get(BLOCK_GRAPHS_ENV))

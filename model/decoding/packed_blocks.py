@@ -1,0 +1,81 @@
+"""Several block-diffusion holes' denoising forwards as one packed pass.
+
+An engine batch of block-diffusion holes (`model.decoding.block`) would otherwise run one
+`block_pass` per hole: each a few rows (a block: 4 for Stable-DiffCoder) against its own exact
+cache, so each one reads every weight for a handful of rows. Here the holes' block rows are
+packed into one (1, N) sequence through `model.decoding.packed_step.packed_hole_step`: the dense
+parts run once on all rows, attention per hole over its own cache and its own block. A block's
+rows lie in one aligned block, where the block-causal mask lets every row see every row and
+the whole cache: exactly the packed step's attention (its rows see their context and each
+other). Writes of finished blocks stay per hole (`block.write`: rows of several blocks, under
+the block-causal mask), as in `block_pass`.
+
+It computes what `block_pass` computes for each hole alone (tests/test_packed_blocks.py: the
+same rows; greedy completions identical alone and in any batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from model.decoding import fast_step, packed_step
+from model.decoding.block import aligned_start, block_pass, write
+from model.decoding.hole import HoleState
+from model.decoding.pinned import to_device
+from model.decoding.schedules import block_span
+from model.network.loader import LoadedModel
+
+
+def block_rows(state: HoleState) -> tuple[int, int]:
+    """[begin, end) sequence positions of the state's denoising forward (as `block_pass`): the
+    current block, with the prompt's tail that shares its aligned block."""
+    _, end = block_span(state)
+    return aligned_start(state), state.hole_start + end
+
+
+def packable(model: LoadedModel, state: HoleState) -> bool:
+    """Whether the forward's rows lie in one aligned block (every row sees every row), for a
+    family whose block logits are its rows' own (Fast-dLLM v2 shifts them inside the block:
+    its `block_pass` is its own)."""
+    if model.family.shifted_logits:
+        return False
+    begin, end = block_rows(state)
+    size = state.options.block_length
+    return end > begin and begin // size == (end - 1) // size
+
+
+@torch.inference_mode()
+def packed_block_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
+    """`block_pass` of every state, the packable ones in one packed pass. Returns the hidden
+    states at each state's masked positions (m_i, H)."""
+    packed = [state for state in states if packable(model, state)]
+    windows = []
+    for state in packed:
+        begin, end = block_rows(state)
+        write(model, state, begin)
+        windows.append(packed_step.Window(state.sequence()[begin:end], begin,
+                                          context_of(model, state)))
+    hidden = dict(zip(map(id, packed), packed_step.packed_hole_step(
+        model, windows, fast_step.switches(model).fused_projections) if windows else [],
+        strict=True))
+    rows = []
+    for state in states:
+        if id(state) not in hidden:
+            rows.append(block_pass(model, state))
+            continue
+        positions = state.masked.nonzero().squeeze(-1) + state.hole_start - block_rows(state)[0]
+        own = hidden[id(state)]
+        rows.append(own[to_device(positions, own.device)])
+    return rows
+
+
+def context_of(model: LoadedModel, state: HoleState) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The state's exact cache per layer (1, kv_heads, length, D); empty rows before a first
+    block that begins the sequence."""
+    committed = state.committed
+    if committed is not None and committed.layers:
+        return committed.layers
+    keys, values = fast_step.kv_buffers(model, 1, 0)
+    return list(zip(keys, values, strict=True))
