@@ -5,8 +5,6 @@ steps, of different prompt lengths and settings, one cut by its end token)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -18,6 +16,7 @@ from model.decoding.sampler import denoise_step, infill, new_state
 from model.network.loader import load_model
 
 from .fixtures_block import write_stable_diffcoder
+from .fixtures_fast_dllm import write_fast_dllm_v2
 from .helpers import one_thread  # noqa: F401 - autouse: tiny matmuls on one thread
 
 HOLES = [  # (prefix, suffix, options): prompt lengths (so block offsets) and settings differ
@@ -108,10 +107,18 @@ def test_unpacked_they_run_one_by_one(models, monkeypatch, spy):
     assert not spy
 
 
-def test_a_family_with_shifted_block_logits_keeps_its_own_block_pass(models, monkeypatch):
-    """Fast-dLLM v2 reads a block's logits shifted inside it: its rows are not packed here."""
-    model = models["plain"]
-    state = new_state(model, *HOLES[0])
-    assert packed_blocks.packable(model, state)
-    monkeypatch.setattr(model, "family", dataclasses.replace(model.family, shifted_logits=True))
-    assert not packed_blocks.packable(model, state)
+def test_fast_dllm_v2s_shifted_sub_block_steps_pack_too(tmp_path, spy):
+    """Fast-dLLM v2 (shifted logits, sub-blocks): its denoising forwards pack, reading the rows
+    `block_pass` reads; the step that writes the rows before a block (its first token) runs
+    alone. Greedy completions the same alone and batched."""
+    model = load_model(write_fast_dllm_v2(tmp_path / "m"), device="cpu", dtype="float32")
+    holes = [(prefix, "", options) for prefix, _, options in HOLES]
+    expected = [outcome(infill(model, prefix, suffix, options))
+                for prefix, suffix, options in holes]
+    assert staggered(model, holes, [0, 1, 3, 2, 5]) == expected
+    assert max(spy) >= 3
+    state = new_state(model, "x" * 40, "", InfillOptions(max_tokens=40))
+    while not packed_blocks.writes_first(state):
+        assert packed_blocks.packable(state)
+        denoise_step(model, [state])
+    assert not packed_blocks.packable(state)  # the write step: alone

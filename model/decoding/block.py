@@ -113,6 +113,27 @@ def truncated(cache: BlockCache, length: int) -> BlockCache:
                       length, cache.writes)
 
 
+def writes_first(state: HoleState) -> bool:
+    """Whether the state's step is the forward that writes the rows before its block (a
+    shifted family's block's first position comes from their last row: `block_pass`)."""
+    return state.block_rule.shifted and starts_after_rows(state, block_span(state)[0])
+
+
+def denoising_rows(state: HoleState) -> tuple[int, int]:
+    """[begin, end) sequence positions a denoising forward of the current block runs: its
+    aligned block (with the prompt's tail that shares it), up to the hole's end."""
+    begin = aligned_start(state)
+    return begin, min(begin + state.block_rule.length, state.hole_start + state.hole.numel())
+
+
+def step_rows(state: HoleState, begin: int) -> torch.Tensor:
+    """Indices into a denoising forward's rows (from sequence position `begin`) whose hidden
+    states score the step's positions (`step_positions`): a position's own row, or with
+    shifted logits the one before it in the block (the block's first position: its own)."""
+    rows = step_positions(state) + state.hole_start - begin  # (m,)
+    return (rows - 1).clamp(min=0) if state.block_rule.shifted else rows
+
+
 def block_pass(model: LoadedModel, state: HoleState) -> torch.Tensor:
     """One denoising forward of the current block (the prompt's tail that shares its aligned
     block included) against the exact cache, written first where finished blocks are missing
@@ -120,23 +141,16 @@ def block_pass(model: LoadedModel, state: HoleState) -> torch.Tensor:
     `model.decoding.schedules.step_positions`, the block's or its sub-block's masks.
 
     With shifted logits (`BlockRule.shifted`) a position's row is the one before it in the
-    block (the block's first position: its own), and the first position of a block after
-    written rows is a step of its own, run by the forward that writes the rows before it: its
-    row is the last of them."""
-    rule = state.block_rule
-    begin = aligned_start(state)
-    start, _ = block_span(state)
-    if rule.shifted and starts_after_rows(state, start):
+    block (`step_rows`), and the first position of a block after written rows is a step of its
+    own, run by the forward that writes the rows before it: its row is the last of them."""
+    begin, end = denoising_rows(state)
+    if writes_first(state):
         if state.committed is not None and state.committed.length >= begin:
             # written already (a document's rows): the block before is written again
-            state.committed = truncated(state.committed, begin - rule.length)
+            state.committed = truncated(state.committed, begin - state.block_rule.length)
         return write(model, state, begin)
     write(model, state, begin)
-    end = min(begin + rule.length, state.hole_start + state.hole.numel())
-    sequence = state.sequence()
-    hidden, _ = run_rows(model, state.committed, sequence[begin:end], rule.length)
+    hidden, _ = run_rows(model, state.committed, state.sequence()[begin:end],
+                         state.block_rule.length)
     state.forwards += 1
-    rows = step_positions(state) + state.hole_start - begin  # (m,)
-    if rule.shifted:
-        rows = (rows - 1).clamp(min=0)
-    return hidden[to_device(rows, hidden.device)]
+    return hidden[to_device(step_rows(state, begin), hidden.device)]

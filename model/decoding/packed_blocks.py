@@ -7,8 +7,10 @@ packed into one (1, N) sequence through `model.decoding.packed_step.packed_hole_
 parts run once on all rows, attention per hole over its own cache and its own block. A block's
 rows lie in one aligned block, where the block-causal mask lets every row see every row and
 the whole cache: exactly the packed step's attention (its rows see their context and each
-other). Writes of finished blocks stay per hole (`block.write`: rows of several blocks, under
-the block-causal mask), as in `block_pass`.
+other). The rows a step reads are `block_pass`'s (`block.step_rows`: shifted for Fast-dLLM v2);
+a step that writes the rows before its block (a shifted family's block's first token) runs
+alone, as `block_pass`. Writes of finished blocks stay per hole (`block.write`: rows of several
+blocks, under the block-causal mask), as in `block_pass`.
 
 It computes what `block_pass` computes for each hole alone (tests/test_packed_blocks.py: the
 same rows; greedy completions identical alone and in any batch).
@@ -21,39 +23,31 @@ from collections.abc import Sequence
 import torch
 
 from model.decoding import fast_step, packed_step
-from model.decoding.block import aligned_start, block_pass, write
+from model.decoding.block import block_pass, denoising_rows, step_rows, write, writes_first
 from model.decoding.hole import HoleState
 from model.decoding.pinned import to_device
-from model.decoding.schedules import block_span
 from model.network.loader import LoadedModel
 
 
-def block_rows(state: HoleState) -> tuple[int, int]:
-    """[begin, end) sequence positions of the state's denoising forward (as `block_pass`): the
-    current block, with the prompt's tail that shares its aligned block."""
-    _, end = block_span(state)
-    return aligned_start(state), state.hole_start + end
-
-
-def packable(model: LoadedModel, state: HoleState) -> bool:
-    """Whether the forward's rows lie in one aligned block (every row sees every row), for a
-    family whose block logits are its rows' own (Fast-dLLM v2 shifts them inside the block:
-    its `block_pass` is its own)."""
-    if model.family.shifted_logits:
+def packable(state: HoleState) -> bool:
+    """Whether the state's step is a denoising forward (not the write that gives a shifted
+    family's block its first token) whose rows lie in one aligned block (every row sees every
+    row)."""
+    if writes_first(state):
         return False
-    begin, end = block_rows(state)
-    size = state.options.block_length
+    begin, end = denoising_rows(state)
+    size = state.block_rule.length
     return end > begin and begin // size == (end - 1) // size
 
 
 @torch.inference_mode()
 def packed_block_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
     """`block_pass` of every state, the packable ones in one packed pass. Returns the hidden
-    states at each state's masked positions (m_i, H)."""
-    packed = [state for state in states if packable(model, state)]
+    states at each state's step positions (m_i, H)."""
+    packed = [state for state in states if packable(state)]
     windows = []
     for state in packed:
-        begin, end = block_rows(state)
+        begin, end = denoising_rows(state)
         write(model, state, begin)
         windows.append(packed_step.Window(state.sequence()[begin:end], begin,
                                           context_of(model, state)))
@@ -65,9 +59,9 @@ def packed_block_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[t
         if id(state) not in hidden:
             rows.append(block_pass(model, state))
             continue
-        positions = state.masked.nonzero().squeeze(-1) + state.hole_start - block_rows(state)[0]
+        state.forwards += 1
         own = hidden[id(state)]
-        rows.append(own[to_device(positions, own.device)])
+        rows.append(own[to_device(step_rows(state, denoising_rows(state)[0]), own.device)])
     return rows
 
 
