@@ -262,3 +262,16 @@ def test_a_hole_runs_at_its_cards_threshold_unless_the_editor_sets_one(pairs):
     assert infill_options(unset, model.family.threshold).threshold == 0.95
     assert infill_options(given, model.family.threshold).threshold == 0.5
     assert infill_options(unset).threshold == InfillOptions().threshold
+
+
+def test_a_documents_kept_rows_hold_no_more_memory_than_they_count(pairs):
+    """The prompt cache keeps copies of a block hole's prompt rows, not views that would keep
+    the whole source (finished blocks, a layer loop's padding) alive uncounted."""
+    model, _ = pairs["plain"]
+    prefix, suffix = long_document(60)
+    cache = PromptCache()
+    infill(model, prefix, suffix, InfillOptions(max_tokens=8), cache=cache, document="doc")
+    (entry,) = cache._entries.values()
+    stored = sum(k.untyped_storage().nbytes() + v.untyped_storage().nbytes()
+                 for k, v in entry.layers)
+    assert stored == entry.nbytes == cache.nbytes > 0

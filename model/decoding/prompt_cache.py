@@ -255,9 +255,9 @@ class PromptCache:
         length = min(rows.length, state.hole_start) // WRITE_CHUNK * WRITE_CHUNK if rows else 0
         if not length or not state.options.caches_context:
             return
-        self._entries[document] = BlockContext(
-            state.prefix_ids[:length],
-            [(k[..., :length, :], v[..., :length, :]) for k, v in rows.layers])
+        self._entries[document] = BlockContext(  # copies: a view would keep the whole
+            state.prefix_ids[:length],           # source (and its padding) alive, uncounted
+            [(k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in rows.layers])
         self._keep(document)
 
     def _keep(self, document: str) -> None:
