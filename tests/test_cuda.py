@@ -192,9 +192,9 @@ def test_the_engine_packs_its_steps_on_cuda_and_gives_the_texts_of_one_by_one(bu
 
     _, gpu = bundled_pair
     sizes: list[int] = []
-    original = packed_step.packed_hole_step
+    original = packed_step.packed_pass
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(packed_step, "packed_hole_step",
+        patch.setattr(packed_step, "packed_pass",
                       lambda model, windows, fused=False: sizes.append(len(windows))
                       or original(model, windows, fused))
         engine = Engine(gpu, max_batch=8)
