@@ -5,13 +5,15 @@ steps, of different lengths and settings, sharing a step; a cancelled one leaves
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
 import torch
 
 from diffusion_contract.options import InfillOptions
-from model.decoding import packed_step, passes
+from model.decoding import fast_step, packed_step, passes
+from model.decoding.fast_step import switchboard
 from model.decoding.hole import result as state_result
 from model.decoding.passes import forward_holes
 from model.decoding.prompt_cache import PromptCache
@@ -257,3 +259,79 @@ def test_the_bundled_model_completes_the_same_alone_and_in_a_batch(passes_seen):
              for prefix, suffix, options in HOLES]
     assert staggered(model, holes, [0, 1, 0, 2, 1]) == alone(model, holes)
     assert largest(passes_seen) >= 3
+
+
+def window_parts(model, states) -> list:
+    return [passes._window_part(model, state) for state in states]
+
+
+def packed_windows(parts) -> list[fast_step.PackedWindow]:
+    return [fast_step.PackedWindow(part.segment.ids, int(part.segment.positions[0]),
+                                   part.segment.past, part.context) for part in parts]
+
+
+@pytest.mark.parametrize("name", FAMILY_SPECS)
+def test_a_bucketed_batch_computes_the_packed_passs_rows(family_models, name):
+    """The packed graphs' batch (DIFFUSION_LSP_PACKED_GRAPHS; uncaptured here): holes padded
+    to their bucket's seats, windows and context rows, the padding masked, give the rows of
+    the unbucketed packed pass; a hole that stays keeps its seat when others leave and join,
+    and a batch in the same bucket reuses its shape."""
+    model = family_models[name]
+    states = [new_state(model, prefix, suffix, options) for prefix, suffix, options in HOLES]
+    for state in states:
+        forward_holes(model, [state])
+    steps = fast_step.HoleSteps(model, graphs=False)
+
+    def compare(batch) -> None:
+        parts = window_parts(model, batch)
+        want, _ = packed_step.packed_pass(model, [part.segment for part in parts])
+        got = steps.run_packed(packed_windows(parts))
+        for mine, theirs in zip(got, want, strict=True):
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+    compare(states[:3])  # 4 seats, one spare
+    seat = {id(state.context): index for index, state in enumerate(states[:3])}
+    compare(states[1:5])  # 0 left, 3 and 4 joined: they take seat 0 and the spare one
+    (shape,) = steps._shapes.values()
+    assert shape.key.holes == 4
+    assert [shape.seats[seat[id(s.context)]]() is s.context for s in states[1:3]] == [True] * 2
+    compare(states[::-1])  # 5 holes: 8 seats
+    assert sorted(key.holes for key in steps._shapes) == [4, 8]
+
+
+def test_packed_buckets() -> None:
+    assert fast_step.packed_bucket(1, 9, 10) == (2, 16, fast_step.CONTEXT_BUCKET)
+    assert fast_step.packed_bucket(3, 17, 300) == (4, 32, 2 * fast_step.CONTEXT_BUCKET)
+    assert fast_step.packed_bucket(16, 65, 256) == (16, 80, fast_step.CONTEXT_BUCKET)
+    assert fast_step.packed_bucket(17, 64, 257)[0] == 32
+
+
+@pytest.mark.parametrize("bound", ["ample", "none"])
+def test_greedy_completions_are_the_same_through_the_bucketed_batch(family_models, monkeypatch,
+                                                                    bound):
+    """With DIFFUSION_LSP_PACKED_GRAPHS (every pass as on CUDA, eager here), batched hole-only
+    steps run as bucketed batches and complete as each hole alone; a bucket over its memory
+    bound runs the uncaptured packed pass instead, with the same texts."""
+    from . import helpers
+
+    model = family_models["dream"]
+    steps = helpers.as_on_cuda(monkeypatch, model, {fast_step.PACKED_GRAPHS_ENV: "1"})
+    if bound == "none":
+        helpers.patch_fast_step(monkeypatch, "MAX_PACKED_BYTES", 0)
+    expected = alone(model, HOLES)
+    assert staggered(model, HOLES, [0, 1, 3, 2, 5]) == expected
+    packed = [key for key in steps._shapes if key.kind == "packed"]
+    assert bool(packed) == (bound == "ample")
+
+
+def test_the_packed_graphs_switch_is_off_on_a_cpu_and_says_so_once(family_models, monkeypatch,
+                                                                  caplog, passes_seen):
+    model = family_models["llada"]
+    monkeypatch.setenv(fast_step.PACKED_GRAPHS_ENV, "1")
+    monkeypatch.setattr(switchboard, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger=switchboard.__name__):
+        assert staggered(model, HOLES, [0, 0, 1, 1, 2]) == alone(model, HOLES)
+    assert not fast_step.switches(model).packed_graphs
+    said = [r for r in caplog.records if fast_step.PACKED_GRAPHS_ENV in r.getMessage()]
+    assert len(said) == 1
+    assert largest(passes_seen) >= 2  # the uncaptured packed pass ran

@@ -194,6 +194,7 @@ class _Part(NamedTuple):
 
     segment: packed_step.Segment
     finish: Callable[[torch.Tensor, list | None], torch.Tensor]
+    context: ContextCache | None = None  # a hole-only step's: what its segment's past is
 
 
 def _window_part(model: LoadedModel, state: HoleState) -> _Part:
@@ -206,7 +207,7 @@ def _window_part(model: LoadedModel, state: HoleState) -> _Part:
         return _rows_at(hidden, logit_positions(state, shifted) - start)
 
     return _Part(packed_step.window_segment(state.sequence()[start:end], start,
-                                            state.context.layers), finish)
+                                            state.context.layers), finish, state.context)
 
 
 def _full_part(model: LoadedModel, state: HoleState) -> _Part:
@@ -247,9 +248,21 @@ def _first_part(model: LoadedModel, state: HoleState) -> _Part:
 def _packed_pass(model: LoadedModel, parts: Sequence[_Part]) -> list[torch.Tensor]:
     """Holes' `parts` in one `model.decoding.packed_step` pass: hole-only steps beside
     full and partial passes, every row through the projections and the MLP together, each
-    hole's attention over its own past and rows. Returns (m_i, H) per part."""
-    hidden, kept = packed_step.packed_pass(model, [part.segment for part in parts],
-                                           fast_step.switches(model).fused_projections)
+    hole's attention over its own past and rows. Returns (m_i, H) per part. With
+    DIFFUSION_LSP_PACKED_GRAPHS, a batch of hole-only steps replays its bucket's CUDA graph
+    instead (`fast_step.HoleSteps.run_packed`), unless the bucket is over its memory bound."""
+    on = fast_step.switches(model)
+    hidden = None
+    if on.packed_graphs and all(part.context is not None for part in parts):
+        hidden = fast_step.hole_steps(model).run_packed(
+            [fast_step.PackedWindow(part.segment.ids, int(part.segment.positions[0]),
+                                    part.segment.past, part.context) for part in parts],
+            on.fused_projections)
+    if hidden is None:
+        hidden, kept = packed_step.packed_pass(model, [part.segment for part in parts],
+                                               on.fused_projections)
+    else:
+        kept = [None] * len(parts)
     return [part.finish(rows, layers)
             for part, rows, layers in zip(parts, hidden, kept, strict=True)]
 
