@@ -308,7 +308,7 @@ def test_packed_buckets() -> None:
 
 @pytest.mark.parametrize("bound", ["ample", "none"])
 def test_greedy_completions_are_the_same_through_the_bucketed_batch(family_models, monkeypatch,
-                                                                    bound):
+                                                                    bound, passes_seen):
     """With DIFFUSION_LSP_PACKED_GRAPHS (every pass as on CUDA, eager here), batched hole-only
     steps run as bucketed batches and complete as each hole alone; a bucket over its memory
     bound runs the uncaptured packed pass instead, with the same texts."""
@@ -322,6 +322,12 @@ def test_greedy_completions_are_the_same_through_the_bucketed_batch(family_model
     assert staggered(model, HOLES, [0, 1, 3, 2, 5]) == expected
     packed = [key for key in steps._shapes if key.kind == "packed"]
     assert bool(packed) == (bound == "ample")
+    windows = [segment for segments in passes_seen for segment in segments
+               if segment.past is not None and not segment.keep]  # hole-only, uncaptured
+    assert bool(windows) == (bound == "none")
+    full = [segment for segments in passes_seen for segment in segments
+            if segment.past is None]
+    assert len(full) >= 5  # the joining holes' first passes, packed beside the batch
 
 
 def test_the_packed_graphs_switch_is_off_on_a_cpu_and_says_so_once(family_models, monkeypatch,

@@ -248,21 +248,31 @@ def _first_part(model: LoadedModel, state: HoleState) -> _Part:
 def _packed_pass(model: LoadedModel, parts: Sequence[_Part]) -> list[torch.Tensor]:
     """Holes' `parts` in one `model.decoding.packed_step` pass: hole-only steps beside
     full and partial passes, every row through the projections and the MLP together, each
-    hole's attention over its own past and rows. Returns (m_i, H) per part. With
-    DIFFUSION_LSP_PACKED_GRAPHS, a batch of hole-only steps replays its bucket's CUDA graph
-    instead (`fast_step.HoleSteps.run_packed`), unless the bucket is over its memory bound."""
+    hole's attention over its own past and rows. Returns (m_i, H) per part.
+
+    With DIFFUSION_LSP_PACKED_GRAPHS the hole-only steps replay their bucket's CUDA graph
+    instead (`fast_step.HoleSteps.run_packed`), and the full and partial passes beside them
+    share a packed pass of their own (uncaptured: their shapes vary too much), unless the
+    bucket is over its memory bound: on a GPU a second read of the weights costs less than
+    launching a whole step's kernels one by one."""
     on = fast_step.switches(model)
-    hidden = None
-    if on.packed_graphs and all(part.context is not None for part in parts):
-        hidden = fast_step.hole_steps(model).run_packed(
-            [fast_step.PackedWindow(part.segment.ids, int(part.segment.positions[0]),
-                                    part.segment.past, part.context) for part in parts],
+    hidden: list[torch.Tensor | None] = [None] * len(parts)
+    kept: list[list | None] = [None] * len(parts)
+    steps = [i for i, part in enumerate(parts) if part.context is not None]
+    if on.packed_graphs and steps:
+        captured = fast_step.hole_steps(model).run_packed(
+            [fast_step.PackedWindow(parts[i].segment.ids, int(parts[i].segment.positions[0]),
+                                    parts[i].segment.past, parts[i].context) for i in steps],
             on.fused_projections)
-    if hidden is None:
-        hidden, kept = packed_step.packed_pass(model, [part.segment for part in parts],
-                                               on.fused_projections)
-    else:
-        kept = [None] * len(parts)
+        if captured is not None:  # None: over the bound, every part in the pass below
+            for i, rows in zip(steps, captured, strict=True):
+                hidden[i] = rows
+    rest = [i for i in range(len(parts)) if hidden[i] is None]
+    if rest:
+        passed, keeping = packed_step.packed_pass(model, [parts[i].segment for i in rest],
+                                                  on.fused_projections)
+        for i, rows, layers in zip(rest, passed, keeping, strict=True):
+            hidden[i], kept[i] = rows, layers
     return [part.finish(rows, layers)
             for part, rows, layers in zip(parts, hidden, kept, strict=True)]
 
