@@ -4,8 +4,9 @@ A hole's first pass runs its whole sequence (or, with the document's cached cont
 pass: `model.decoding.prompt_cache`); later ones run only the hole's window against the context's
 cached keys and values (the dual cache of Fast-dLLM), refreshed every `refresh_every` steps. Several
 holes share one batched pass; one hole alone on CUDA runs through `model.decoding.fast_step` (its
-own layer loop, the hole step replayed as a CUDA graph), several holes' hole-only steps through
-`model.decoding.packed_step` (their rows packed into one pass, attention per hole).
+own layer loop, the hole step replayed as a CUDA graph), several holes through
+`model.decoding.packed_step` (their rows packed into one pass, attention per hole: the joining
+holes' full and partial passes beside the running holes' hole-only steps, `_packed_pass`).
 """
 
 from __future__ import annotations
