@@ -631,18 +631,20 @@ def concurrent(model: LoadedModel, holes: list[dict], result: dict) -> None:
 
 def variant_run(engine: object, holes: list[dict], options: InfillOptions, requests: int,
                 single: list[float], result: dict, name: str, env: str, value: str) -> None:
-    """concurrent16 again with `env` set to `value` (after 4 untimed editors: compiles and
-    captures): `concurrent16.<name>`, with whether the packed graphs were in force and what
-    the fast step captured and replayed meanwhile. FlexAttention's document mask instead of
-    one SDPA call a hole (`packed_step.ATTENTIONS`): `flex_attention`; the bucketed, captured
-    batch (DIFFUSION_LSP_PACKED_GRAPHS): `packed_graphs`. A failure is kept there."""
+    """concurrent16 again with `env` set to `value` (on CUDA after 16 untimed editors: the
+    compiles and the captures of their buckets): `concurrent16.<name>`, with whether the
+    packed graphs were in force and what the fast step captured and replayed meanwhile.
+    FlexAttention's document mask instead of one SDPA call a hole (`packed_step.ATTENTIONS`):
+    `flex_attention`; the bucketed, captured batch (DIFFUSION_LSP_PACKED_GRAPHS):
+    `packed_graphs`. A failure is kept there."""
     from benchmarks.load_test import editors_load, load_figures
 
     model = engine.model
     saved = os.environ.get(env)
     os.environ[env] = value
     try:
-        editors_load(engine, holes, 4, 1, options, f"{name}-warm-")  # untimed
+        if model.device.type == "cuda":
+            editors_load(engine, holes, 16, 1, options, f"{name}-warm-")  # untimed
         steps = fast_step.hole_steps(model)
         before = steps.captures, steps.replays
         run = editors_load(engine, holes, 16, requests, options, f"{name}-16-")
