@@ -328,6 +328,13 @@ def test_greedy_completions_are_the_same_through_the_bucketed_batch(family_model
     full = [segment for segments in passes_seen for segment in segments
             if segment.past is None]
     assert len(full) >= 5  # the joining holes' first passes, packed beside the batch
+    if bound == "ample":  # documents' partial passes beside the bucketed batch too
+        typed = [(prefix + "x", suffix, options) for prefix, suffix, options in HOLES]
+        first, second = PromptCache(), PromptCache()
+        alone(model, HOLES, first)
+        alone(model, HOLES, second)
+        assert staggered(model, typed, [0, 1, 0, 2, 1], second) == alone(model, typed, first)
+        assert first_passes_packed(passes_seen)["partial"] >= 1
 
 
 def test_the_packed_graphs_switch_is_off_on_a_cpu_and_says_so_once(family_models, monkeypatch,
