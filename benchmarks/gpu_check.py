@@ -23,7 +23,10 @@ soon as it has it, so a run stopped by its time limit keeps what it got. Section
 - concurrent: 4, 16 and 64 editors against one engine (`concurrent4/16/64`), each typing in
   its own document (document cache on), closed loop (benchmarks/load_test.py's
   `editors_load`): 64-token holes at 8 tokens a step; p50, p95, one editor alone's p50 and
-  the aggregate tokens/s, its batched hole steps packed into one pass (model.decoding.packed_step).
+  the aggregate tokens/s, its batched steps packed into one pass (model.decoding.packed_step);
+  then 16 editors again with the packed hole-only steps bucketed and captured
+  (DIFFUSION_LSP_PACKED_GRAPHS: `concurrent16.packed_graphs`; on a CPU it falls back) and with
+  FlexAttention's document mask (`concurrent16.flex_attention`, CUDA only).
 - lsp: the server as its own process over stdio on the same shape; a document is opened, a
   completion asked for, one character typed, and the completion after it timed (p50).
 - profile: the kernels of a hole-only step and of a full pass, by device time
@@ -634,33 +637,47 @@ def concurrent(model: LoadedModel, holes: list[dict], result: dict) -> None:
                 f" one alone p50 {entry['single_p50_ms']:.0f} ms; {entry['tokens_per_s']:.0f} "
                 f"tokens/s ({entry['aggregate_over_single']:.1f}x one alone)")
         if model.device.type == "cuda":  # the other packed attention, for the choice
-            flex_attention_run(engine, holes, options, requests, single["ms"], result)
+            variant_run(engine, holes, options, requests, single["ms"], result,
+                        "flex_attention", packed_step.ATTENTION_ENV, packed_step.FLEX)
+        # packed hole-only steps captured per bucket; on a CPU it falls back (said once)
+        variant_run(engine, holes, options, requests, single["ms"], result, "packed_graphs",
+                    fast_step.PACKED_GRAPHS_ENV, "1")
     finally:
         engine.close()
 
 
-def flex_attention_run(engine: object, holes: list[dict], options: InfillOptions,
-                       requests: int, single: list[float], result: dict) -> None:
-    """concurrent16 again with FlexAttention's document mask instead of one SDPA call a hole
-    (`packed_step.ATTENTIONS`): `concurrent16.flex_attention`. A failure is kept there."""
+def variant_run(engine: object, holes: list[dict], options: InfillOptions, requests: int,
+                single: list[float], result: dict, name: str, env: str, value: str) -> None:
+    """concurrent16 again with `env` set to `value` (on CUDA after 16 untimed editors: the
+    compiles and the captures of their buckets): `concurrent16.<name>`, with whether the
+    packed graphs were in force and what the fast step captured and replayed meanwhile.
+    FlexAttention's document mask instead of one SDPA call a hole (`packed_step.ATTENTIONS`):
+    `flex_attention`; the bucketed, captured batch (DIFFUSION_LSP_PACKED_GRAPHS):
+    `packed_graphs`. A failure is kept there."""
     from benchmarks.load_test import editors_load, load_figures
 
-    saved = os.environ.get(packed_step.ATTENTION_ENV)
-    os.environ[packed_step.ATTENTION_ENV] = packed_step.FLEX
+    model = engine.model
+    saved = os.environ.get(env)
+    os.environ[env] = value
     try:
-        editors_load(engine, holes, 4, 1, options, "flex-warm-")  # compiles: untimed
-        run = editors_load(engine, holes, 16, requests, options, "flex-16-")
-        figures = load_figures([run], single)
-        say(f"16 editors, FlexAttention: p50 {figures['p50_ms']:.0f} ms, "
+        if model.device.type == "cuda":
+            editors_load(engine, holes, 16, 1, options, f"{name}-warm-")  # untimed
+        steps = fast_step.hole_steps(model)
+        before = steps.captures, steps.replays
+        run = editors_load(engine, holes, 16, requests, options, f"{name}-16-")
+        figures = load_figures([run], single) | {
+            "packed_graphs": fast_step.switches(model).packed_graphs,
+            "captures": steps.captures - before[0], "replays": steps.replays - before[1]}
+        say(f"16 editors, {name}: p50 {figures['p50_ms']:.0f} ms, "
             f"{figures['tokens_per_s']:.0f} tokens/s")
-    except Exception as error:  # noqa: BLE001 - the per-hole figures stand regardless
+    except Exception as error:  # noqa: BLE001 - the default figures stand regardless
         figures = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     finally:
         if saved is None:
-            os.environ.pop(packed_step.ATTENTION_ENV, None)
+            os.environ.pop(env, None)
         else:
-            os.environ[packed_step.ATTENTION_ENV] = saved
-    result["concurrent16"]["flex_attention"] = figures
+            os.environ[env] = saved
+    result["concurrent16"][name] = figures
 
 
 def lsp(shape: str, device: str, data: Path | None, limit: int, result: dict) -> None:

@@ -5,9 +5,10 @@ in this process -- what one replica of the service runs -- on a random-weight mo
 published shape (default: the 0.5B one on a CPU). Each editor types in its own document,
 closed loop: one completion in flight, the next asked the moment it is answered, one more
 character typed each time, so the document's cached context is reused (model.decoding.prompt_cache)
-and every hole has the same number of tokens (ends banned). Batched steps are measured both
-ways side by side, in rounds whose order rotates: packed into one pass (model.decoding.packed_step)
-and through transformers' padded batch. Per level: p50 / p95 of a completion, the p50 of one
+and every hole has the same number of tokens (ends banned). Batched steps are measured three
+ways side by side, in rounds whose order rotates: packed into one pass, first passes too
+(model.decoding.packed_step), only the hole-only steps packed (`first-apart`), and through
+transformers' padded batch. Per level: p50 / p95 of a completion, the p50 of one
 editor alone, and the aggregate tokens/s (all editors' tokens over the wall time), against one
 by one (one editor). The GPU check's `concurrent4/16/64` run the same loop (`editors_load`).
 
@@ -65,7 +66,9 @@ FALLBACK_HOLES = [  # when the HumanEval-infilling data is not beside the repo
 TYPED = "result = value + 1  # typed"  # one more character of it in each request
 ENGINE_EDITORS = (1, 2, 4)
 ENGINE_TIMEOUT_S = 600.0
-BATCHING_MODES = {"packed": "1", "transformers": "0"}  # DIFFUSION_LSP_PACKED_STEPS
+# DIFFUSION_LSP_PACKED_STEPS, DIFFUSION_LSP_PACKED_FIRST_PASSES: everything packed, only the
+# hole-only steps packed (first passes through transformers' padded batch), nothing packed
+BATCHING_MODES = {"packed": ("1", "1"), "first-apart": ("1", "0"), "transformers": ("0", "0")}
 
 
 def editors_load(engine: Any, pool: list[dict], editors: int, requests: int, options: Any,
@@ -128,7 +131,7 @@ def run_load_bench(args: argparse.Namespace) -> int:
 
     from benchmarks.report import publish
     from diffusion_contract.options import InfillOptions
-    from model.decoding.packed_step import PACKED_ENV
+    from model.decoding.packed_step import FIRST_PASSES_ENV, PACKED_ENV
     from model.decoding.prompt_cache import PromptCache
     from model.engine import Engine
     from model.network.load import load_for_cli
@@ -158,12 +161,12 @@ def run_load_bench(args: argparse.Namespace) -> int:
     requests = args.limit
     levels = [(1, "packed")] + [(n, mode) for n in ENGINE_EDITORS[1:] for mode in BATCHING_MODES]
     runs: dict[tuple[int, str], list[dict]] = {level: [] for level in levels}
-    saved = os.environ.get(PACKED_ENV)
+    saved = {name: os.environ.get(name) for name in (PACKED_ENV, FIRST_PASSES_ENV)}
     try:
         for round_ in range(args.rounds):
             turn = round_ % len(levels)
             for editors, mode in levels[turn:] + levels[:turn]:
-                os.environ[PACKED_ENV] = BATCHING_MODES[mode]
+                os.environ[PACKED_ENV], os.environ[FIRST_PASSES_ENV] = BATCHING_MODES[mode]
                 runs[(editors, mode)].append(editors_load(
                     engine, pool, editors, requests, options, f"{mode}-{round_}-"))
                 print(f"round {round_ + 1}: {editors} editor(s), {mode}: "
@@ -171,10 +174,11 @@ def run_load_bench(args: argparse.Namespace) -> int:
                       flush=True)
     finally:
         engine.close()
-        if saved is None:
-            os.environ.pop(PACKED_ENV, None)
-        else:
-            os.environ[PACKED_ENV] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     single = [ms for run in runs[(1, "packed")] for ms in run["ms"]]
     rows = []
     for editors, mode in levels:

@@ -184,6 +184,56 @@ def test_packed_steps_are_each_holes_own_pass_on_cuda(family_dirs, name, dtype, 
         assert relative_error(got, want) < (1e-4 if dtype == "float32" else 2e-2)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", FAMILY_SPECS)
+def test_packed_graphs_replay_the_uncaptured_packed_pass(family_dirs, name, dtype):
+    """DIFFUSION_LSP_PACKED_GRAPHS: batched hole-only steps as a bucketed batch, captured once
+    per bucket and replayed, give the uncaptured packed pass's rows; holes leaving and joining
+    within a bucket replay its graph (their contexts copied into their seats)."""
+    from model.decoding import packed_step, passes
+
+    model = load_model(family_dirs[name], device="cuda", dtype=dtype)
+    states = [new_state(model, prefix, suffix, InfillOptions(initial_tokens=tokens,
+                                                             refresh_every=0))
+              for (prefix, suffix), tokens in zip(HOLES, (8, 12, 16, 24, 9, 33), strict=True)]
+    for state in states:
+        forward_holes(model, [state])
+    steps = fast_step.HoleSteps(model)
+    for batch in (states[:3], states[1:5], states[2:5], states):
+        parts = [passes._window_part(model, state) for state in batch]
+        want, _ = packed_step.packed_pass(model, [part.segment for part in parts])
+        got = steps.run_packed([fast_step.PackedWindow(
+            part.segment.ids, int(part.segment.positions[0]), part.segment.past, part.context)
+            for part in parts])
+        for mine, theirs in zip(got, want, strict=True):
+            assert relative_error(mine, theirs) < (1e-4 if dtype == "float32" else 2e-2)
+    assert steps.capture_failures == 0
+    assert steps.captures == len(steps._shapes) >= 2  # a graph per bucket: 4 holes, 8 holes
+    assert steps.replays >= 1  # states[2:5] in states[1:5]'s bucket
+
+
+def test_the_engine_with_packed_graphs_gives_the_texts_of_one_by_one(bundled_pair,
+                                                                     monkeypatch):
+    """The bundled model in fp32 with DIFFUSION_LSP_PACKED_GRAPHS: holes sharing steps
+    replay bucketed graphs and complete as each alone (all but one text, near-ties)."""
+    _, gpu = bundled_pair
+    monkeypatch.setenv(fast_step.PACKED_GRAPHS_ENV, "1")
+    steps = fast_step.hole_steps(gpu)
+    replays = steps.replays
+    engine = Engine(gpu, max_batch=8)
+    try:
+        options = [InfillOptions(max_tokens=8 + 4 * i, min_tokens=1) for i in range(len(HOLES))]
+        alone = [engine.submit(p, s, o).result(120).text
+                 for (p, s), o in zip(HOLES, options, strict=True)]
+        requests = [engine.submit(p, s, o) for (p, s), o in zip(HOLES, options, strict=True)]
+        together = [r.result(120).text for r in requests]
+    finally:
+        engine.close()
+    assert sum(a == b for a, b in zip(alone, together, strict=True)) >= len(HOLES) - 1
+    assert any(key.kind == "packed" for key in steps._shapes)
+    assert steps.replays > replays
+
+
 def test_the_engine_packs_its_steps_on_cuda_and_gives_the_texts_of_one_by_one(bundled_pair):
     """The bundled model in fp32: holes at different steps and of different lengths share
     packed steps; their greedy texts are those of each alone (near-ties may flip a rare
@@ -192,9 +242,9 @@ def test_the_engine_packs_its_steps_on_cuda_and_gives_the_texts_of_one_by_one(bu
 
     _, gpu = bundled_pair
     sizes: list[int] = []
-    original = packed_step.packed_hole_step
+    original = packed_step.packed_pass
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(packed_step, "packed_hole_step",
+        patch.setattr(packed_step, "packed_pass",
                       lambda model, windows, fused=False: sizes.append(len(windows))
                       or original(model, windows, fused))
         engine = Engine(gpu, max_batch=8)

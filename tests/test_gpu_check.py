@@ -69,7 +69,8 @@ def test_the_gpu_check_runs_through_on_the_cpu(tmp_path):
     assert set(switches) == {"off", "graph_head", "fused_projections", "graph_passes", "all"}
     for run in switches.values():
         assert run["ms_per_step"] > 0 and run["tokens_per_s"] > 0 and run["steps"] == 8
-        assert set(run["switches"]) == {"graph_head", "fused_projections", "graph_passes"}
+        assert set(run["switches"]) == {"graph_head", "fused_projections", "graph_passes",
+                                        "packed_graphs"}
     refresh = hole["refresh_every_0_at_8"]
     for runs in (refresh["switches_off"], refresh["all_switches"]):
         assert runs["default"]["step_kinds"].count("full") == 1  # the refresh at step 5
@@ -77,7 +78,8 @@ def test_the_gpu_check_runs_through_on_the_cpu(tmp_path):
     bundled = refresh["bundled"]
     assert bundled["holes"] > 0 and 0 <= bundled["changed_server_defaults"] <= bundled["holes"]
     assert result["fast_path"]["switches"] == {"graph_head": False, "fused_projections": False,
-                                               "graph_passes": False}  # unset, and a CPU
+                                               "graph_passes": False,
+                                               "packed_graphs": False}  # unset, and a CPU
     for editors in (4, 16, 64):  # editors against one engine, batched steps packed
         run = result[f"concurrent{editors}"]
         assert run["editors"] == editors and run["completions"] == editors  # 1 each on a CPU
@@ -85,6 +87,10 @@ def test_the_gpu_check_runs_through_on_the_cpu(tmp_path):
         assert run["tokens_per_s"] > 0 and run["aggregate_over_single"] > 0
         assert run["hole_tokens"] == 64 and run["tokens_per_step"] == 8
         assert run["document_cache"] and run["packed_steps"]
+    graphed = result["concurrent16"]["packed_graphs"]  # the switch on: it falls back on a CPU
+    assert graphed["completions"] == 16 and graphed["tokens_per_s"] > 0
+    assert not graphed["packed_graphs"] and graphed["captures"] == 0
+    assert "DIFFUSION_LSP_PACKED_GRAPHS is ignored on cpu" in log
     assert result["lsp_typing_p50_ms"] > 0 and result["lsp"]["answered"] >= 1
     assert result["profile"]["hole_step"] and result["profile"]["full_pass"]
     block = result["block8b"]  # the 8B block-diffusion shape (tiny here), beside Dream 7B

@@ -3,7 +3,7 @@
 An engine batch of block-diffusion holes (`model.decoding.block`) would otherwise run one
 `block_pass` per hole: each a few rows (a block: 4 for Stable-DiffCoder) against its own exact
 cache, so each one reads every weight for a handful of rows. Here the holes' block rows are
-packed into one (1, N) sequence through `model.decoding.packed_step.packed_hole_step`: the dense
+packed into one (1, N) sequence through `model.decoding.packed_step.packed_pass`: the dense
 parts run once on all rows, attention per hole over its own cache and its own block. A block's
 rows lie in one aligned block, where the block-causal mask lets every row see every row and
 the whole cache: exactly the packed step's attention (its rows see their context and each
@@ -45,15 +45,18 @@ def packed_block_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[t
     """`block_pass` of every state, the packable ones in one packed pass. Returns the hidden
     states at each state's step positions (m_i, H)."""
     packed = [state for state in states if packable(state)]
-    windows = []
+    segments = []
     for state in packed:
         begin, end = denoising_rows(state)
         write(model, state, begin)
-        windows.append(packed_step.Window(state.sequence()[begin:end], begin,
-                                          context_of(model, state)))
-    hidden = dict(zip(map(id, packed), packed_step.packed_hole_step(
-        model, windows, fast_step.switches(model).fused_projections) if windows else [],
-        strict=True))
+        committed = state.committed
+        segments.append(packed_step.Segment(
+            state.sequence()[begin:end], torch.arange(begin, end),
+            committed.layers if committed is not None and committed.layers else None))
+    passed, _ = (packed_step.packed_pass(model, segments,
+                                         fast_step.switches(model).fused_projections)
+                 if segments else ([], []))
+    hidden = dict(zip(map(id, packed), passed, strict=True))
     rows = []
     for state in states:
         if id(state) not in hidden:
@@ -63,13 +66,3 @@ def packed_block_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[t
         own = hidden[id(state)]
         rows.append(own[to_device(step_rows(state, denoising_rows(state)[0]), own.device)])
     return rows
-
-
-def context_of(model: LoadedModel, state: HoleState) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The state's exact cache per layer (1, kv_heads, length, D); empty rows before a first
-    block that begins the sequence."""
-    committed = state.committed
-    if committed is not None and committed.layers:
-        return committed.layers
-    keys, values = fast_step.kv_buffers(model, 1, 0)
-    return list(zip(keys, values, strict=True))

@@ -1,14 +1,21 @@
-"""Hole-only steps of several holes as one packed pass: one read of the weights for the batch.
+"""Several holes' rows as one packed pass: one read of the weights for the batch.
 
 On a GPU a hole step reads every weight once whatever its number of rows, so 16 holes of 65
 rows cost little more than one if their rows go through the network together. Padding them to
 one (B, W) batch, as transformers' batched forward wants, pads the contexts too: each hole's
 cached keys and values copied into a (B, heads, max context, D) tensor every step. Here the
-holes' window rows are packed into one (1, N) sequence instead (N = the sum of the windows):
-the embedding, every projection, the MLP and the norms run on the packed matrix (one matrix
+holes' rows are packed into one (1, N) sequence instead (N = the sum of their rows): the
+embedding, every projection, the MLP and the norms run on the packed matrix (one matrix
 product per weight for the whole batch), and only attention is per hole, each hole's queries
-against its own cached context (`model.decoding.hole.ContextCache`) and its own window -- the
-variable-length batching of vLLM / FlashAttention's varlen, done with one SDPA call a hole.
+against its own past keys and values and its own rows -- the variable-length batching of
+vLLM / FlashAttention's varlen, done with one SDPA call a hole.
+
+A hole's part (`Segment`) is any of the sampler's passes: a hole-only step (its window's rows
+against its cached context, `model.decoding.hole.ContextCache`), a full pass (its whole
+sequence, no past: a hole that joins the batch, or whose cache is refreshed) or the document
+cache's partial pass (the changed rows against the reused ones, `model.decoding.prompt_cache`).
+So holes that join and holes that run share one pass (`model.decoding.passes._packed_pass`);
+a full or partial pass keeps its keys and values (`Segment.keep`) for its context cache.
 
 Why per-hole SDPA calls: measured on the 2-core CPU (`python -m benchmarks.packed_attention`:
 the 0.5B shape's heads, 4 and 16 holes of 17-65 rows over 200-400 context rows; table in
@@ -16,12 +23,14 @@ docs/benchmarks.md), one SDPA call a hole was the fastest of per-hole calls, one
 with a padding mask, one SDPA over the packed rows with a block-diagonal mask (it computes
 every masked pair) and FlexAttention with a document mask, compiled. On a GPU the per-hole
 calls cost a kernel launch each per layer: the GPU check re-measures (`concurrent*`), and
-FlexAttention's document masks or FlashAttention's varlen are the candidates there.
+FlexAttention's document masks or FlashAttention's varlen are the candidates there; hole-only
+steps can also replay a CUDA graph of a bucketed batch (`model.decoding.fast_step.graphs`,
+DIFFUSION_LSP_PACKED_GRAPHS).
 
-It computes what `model.decoding.passes._hole_pass` computes through transformers for each hole
-alone (tests/test_packed_step.py, every family): a hole's rows see only its own context and window,
-so its result does not depend on what it is packed with. Uncaptured (no CUDA graph: the
-batch's shapes change at every join and leave).
+It computes what `model.decoding.passes` computes through transformers for each hole alone
+(tests/test_packed_step.py, every family): a hole's rows see only its own past and rows, so its
+result does not depend on what it is packed with. Uncaptured (no CUDA graph: the batch's
+shapes change at every join and leave).
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from model.decoding.pinned import to_device
 from model.network.loader import LoadedModel
 
 PACKED_ENV = "DIFFUSION_LSP_PACKED_STEPS"  # "0": batched hole steps through transformers
+FIRST_PASSES_ENV = "DIFFUSION_LSP_PACKED_FIRST_PASSES"  # "0": first passes apart (`first_passes`)
 ATTENTION_ENV = "DIFFUSION_LSP_PACKED_ATTENTION"  # how the packed rows attend (ATTENTIONS)
 PER_HOLE, FLEX = "per_hole", "flex"
 ATTENTIONS = (PER_HOLE, FLEX)  # one SDPA call a hole | FlexAttention with a document mask
@@ -48,13 +58,25 @@ ATTENTIONS = (PER_HOLE, FLEX)  # one SDPA call a hole | FlexAttention with a doc
 DEFAULT_DEVICES = ("cuda", "cpu")
 
 
-class Window(NamedTuple):
-    """One hole's part of a packed step: its window's ids (W,) at sequence positions start..,
-    against its context's keys and values (per layer (1, kv_heads, C, D))."""
+KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, kv_heads, rows, D) each
+
+
+class Segment(NamedTuple):
+    """One hole's part of a packed pass: token ids (Q,) at sequence `positions` (Q,), against
+    its `past` keys and values (per layer (1, kv_heads, R, D); None: none, a full pass); each
+    of its rows sees the past and all its rows. `keep`: the pass returns its keys and values
+    (the past's R rows, then the Q new ones), for a context cache."""
 
     ids: torch.Tensor
-    start: int
-    context: list[tuple[torch.Tensor, torch.Tensor]]
+    positions: torch.Tensor
+    past: KeysValues | None
+    keep: bool = False
+
+
+def window_segment(ids: torch.Tensor, start: int, context: KeysValues) -> Segment:
+    """A hole-only step's segment: the window's ids (W,) at positions start.. against the
+    hole's cached context."""
+    return Segment(ids, torch.arange(start, start + ids.numel()), context)
 
 
 def enabled(model: LoadedModel) -> bool:
@@ -63,6 +85,14 @@ def enabled(model: LoadedModel) -> bool:
     value = os.environ.get(PACKED_ENV)
     default = model.device.type in DEFAULT_DEVICES
     return fast_step.parse_switch(PACKED_ENV, value, default) and fast_step.supported(model)
+
+
+def first_passes(model: LoadedModel) -> bool:
+    """Whether the full and partial passes of a packed batch's holes join its packed pass
+    (DIFFUSION_LSP_PACKED_FIRST_PASSES, default on; off: they run apart, through transformers'
+    padded batch as before)."""
+    return (enabled(model)
+            and fast_step.parse_switch(FIRST_PASSES_ENV, os.environ.get(FIRST_PASSES_ENV), True))
 
 
 def attention_kind() -> str:
@@ -111,13 +141,15 @@ class DocumentMask:
 
 def packed_attention(hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor, spans: Sequence[tuple[int, int]],
-                     contexts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                     pasts: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
                      weights: LayerWeights, scaling: float, heads: int,
-                     kv_heads: int, document: DocumentMask | None = None) -> torch.Tensor:
+                     kv_heads: int, document: DocumentMask | None = None
+                     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """hidden plus the attention's output over packed rows: q (1, N, heads * D), k, v
-    (1, N, kv_heads * D); each span (offset, width) of rows attends to its own context's keys
-    and values (1, kv_heads, C_i, D) and its own rows, nothing else: one SDPA call a hole, or
-    with a `document` mask one FlexAttention call over all holes' keys packed."""
+    (1, N, kv_heads * D); each span (offset, width) of rows attends to its own past keys and
+    values (1, kv_heads, R_i, D; None: none) and its own rows, nothing else: one SDPA call a
+    hole, or with a `document` mask one FlexAttention call over all holes' keys packed. Also
+    returns each span's keys and values (its past's rows, then its own)."""
     _, rows, _ = hidden.shape
     dim = cos.shape[-1]
     group = heads // kv_heads
@@ -125,34 +157,35 @@ def packed_attention(hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     k = k.view(1, rows, kv_heads, dim).transpose(1, 2)
     v = v.view(1, rows, kv_heads, dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    seen = []  # (1, kv_heads, R_i + W_i, D) keys and values of each span
+    for (offset, width), past in zip(spans, pasts, strict=True):
+        own = k[:, :, offset:offset + width], v[:, :, offset:offset + width]
+        seen.append(own if past is None else (torch.cat([past[0], own[0]], dim=-2),
+                                              torch.cat([past[1], own[1]], dim=-2)))
     if document is not None:
-        pieces = [(context, (offset, offset + width))
-                  for (offset, width), context in zip(spans, contexts, strict=True)]
-        keys = torch.cat([t for (ck, _), (a, b) in pieces for t in (ck, k[:, :, a:b])], dim=-2)
-        values = torch.cat([t for (_, cv), (a, b) in pieces for t in (cv, v[:, :, a:b])],
-                           dim=-2)
+        keys = torch.cat([keys for keys, _ in seen], dim=-2)
+        values = torch.cat([values for _, values in seen], dim=-2)
         out = document(q, keys, values, scaling).transpose(1, 2).reshape(1, rows, heads * dim)
-        return hidden + F.linear(out, weights.o, weights.o_bias)
+        return hidden + F.linear(out, weights.o, weights.o_bias), seen
     outputs = []
-    for (offset, width), (keys, values) in zip(spans, contexts, strict=True):
-        end = offset + width
+    for (offset, width), (keys, values) in zip(spans, seen, strict=True):
         # query row j * W + w of key/value head g is query head g * group + j (as fast_step)
-        query = q[:, :, offset:end].reshape(1, kv_heads, group * width, dim)
-        out = F.scaled_dot_product_attention(
-            query, torch.cat([keys, k[:, :, offset:end]], dim=-2),
-            torch.cat([values, v[:, :, offset:end]], dim=-2), scale=scaling)
+        query = q[:, :, offset:offset + width].reshape(1, kv_heads, group * width, dim)
+        out = F.scaled_dot_product_attention(query, keys, values, scale=scaling)
         outputs.append(out.reshape(1, heads, width, dim))
     out = torch.cat(outputs, dim=2).transpose(1, 2).reshape(1, rows, heads * dim)
-    return hidden + F.linear(out, weights.o, weights.o_bias)
+    return hidden + F.linear(out, weights.o, weights.o_bias), seen
 
 
 def packed_layer(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  spans: Sequence[tuple[int, int]],
-                 contexts: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: LayerWeights,
-                 eps: float, scaling: float, heads: int, kv_heads: int,
-                 document: DocumentMask | None = None) -> torch.Tensor:
+                 pasts: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+                 weights: LayerWeights, eps: float, scaling: float, heads: int, kv_heads: int,
+                 document: DocumentMask | None = None
+                 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """`fast_step.decoder_layer` over packed rows (1, N, H): projections and MLP on all rows
-    at once (fused ones where the weights are fused), attention per span."""
+    at once (fused ones where the weights are fused), attention per span. Also returns each
+    span's keys and values (`packed_attention`)."""
     dim = cos.shape[-1]
     x = rms_norm(hidden, weights.input_norm, eps)
     if weights.qkv is not None:
@@ -162,44 +195,48 @@ def packed_layer(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         q = F.linear(x, weights.q, weights.q_bias)
         k = F.linear(x, weights.k, weights.k_bias)
         v = F.linear(x, weights.v, weights.v_bias)
-    hidden = packed_attention(hidden, q, k, v, cos, sin, spans, contexts, weights, scaling,
-                              heads, kv_heads, document)
+    hidden, seen = packed_attention(hidden, q, k, v, cos, sin, spans, pasts, weights, scaling,
+                                    heads, kv_heads, document)
     x = rms_norm(hidden, weights.post_norm, eps)
     if weights.gate_up is not None:
         gate, up = F.linear(x, weights.gate_up).chunk(2, dim=-1)
     else:
         gate, up = F.linear(x, weights.gate), F.linear(x, weights.up)
-    return hidden + F.linear(F.silu(gate) * up, weights.down)
+    return hidden + F.linear(F.silu(gate) * up, weights.down), seen
 
 
 @torch.inference_mode()
-def packed_hole_step(model: LoadedModel, windows: Sequence[Window],
-                     fused: bool = False) -> list[torch.Tensor]:
-    """The hidden states (W_i, H) of every window against its own context, in one packed pass
-    (the final norm applied, as the model's `last_hidden_state`). `fused`: through the fused
-    projections (`fast_step.fuse_projections`)."""
+def packed_pass(model: LoadedModel, segments: Sequence[Segment], fused: bool = False
+                ) -> tuple[list[torch.Tensor], list[KeysValues | None]]:
+    """The hidden states (Q_i, H) of every segment against its own past, in one packed pass
+    (the final norm applied, as the model's `last_hidden_state`), and for each segment that
+    `keep`s them its keys and values per layer (the past's rows, then its own; else None).
+    `fused`: through the fused projections (`fast_step.fuse_projections`)."""
     network = model.network
     inner = network.model
     layers = fast_step.layers_of(network)
     if fused:
         layers.fuse()
     stack = layers.fused_weights if fused else layers.weights
-    widths = [window.ids.numel() for window in windows]
+    widths = [segment.ids.numel() for segment in segments]
     offsets = [sum(widths[:index]) for index in range(len(widths))]
     spans = list(zip(offsets, widths, strict=True))
-    ids = torch.cat([window.ids for window in windows])  # (N,)
-    positions = torch.cat([torch.arange(w.start, w.start + width)
-                           for w, width in zip(windows, widths, strict=True)])
+    ids = torch.cat([segment.ids for segment in segments])  # (N,)
+    positions = torch.cat([segment.positions for segment in segments])  # (N,)
     hidden = inner.embed_tokens(to_device(ids[None], model.device))  # (1, N, H)
     cos, sin = inner.rotary_emb(hidden, to_device(positions[None], model.device))  # (1, N, D)
     document = None
     if attention_kind() == FLEX:
-        document = DocumentMask(spans, [w.context[0][0].shape[-2] for w in windows],
-                                model.device)
+        document = DocumentMask(spans, [0 if s.past is None else s.past[0][0].shape[-2]
+                                        for s in segments], model.device)
+    kept: list[KeysValues | None] = [[] if segment.keep else None for segment in segments]
     for index, weights in enumerate(stack):
-        hidden = packed_layer(hidden, cos, sin, spans,
-                              [window.context[index] for window in windows], weights,
-                              layers.eps, layers.scaling, layers.heads, layers.kv_heads,
-                              document)
+        hidden, seen = packed_layer(
+            hidden, cos, sin, spans,
+            [None if segment.past is None else segment.past[index] for segment in segments],
+            weights, layers.eps, layers.scaling, layers.heads, layers.kv_heads, document)
+        for rows, layer in zip(kept, seen, strict=True):
+            if rows is not None:
+                rows.append(layer)
     hidden = inner.norm(hidden)[0]  # (N, H)
-    return list(hidden.split(widths))
+    return list(hidden.split(widths)), kept

@@ -4,15 +4,17 @@ A hole's first pass runs its whole sequence (or, with the document's cached cont
 pass: `model.decoding.prompt_cache`); later ones run only the hole's window against the context's
 cached keys and values (the dual cache of Fast-dLLM), refreshed every `refresh_every` steps. Several
 holes share one batched pass; one hole alone on CUDA runs through `model.decoding.fast_step` (its
-own layer loop, the hole step replayed as a CUDA graph), several holes' hole-only steps through
-`model.decoding.packed_step` (their rows packed into one pass, attention per hole), and several
-block-diffusion holes' block forwards through `model.decoding.packed_blocks` alike.
+own layer loop, the hole step replayed as a CUDA graph), several holes through
+`model.decoding.packed_step` (their rows packed into one pass, attention per hole: the joining
+holes' full and partial passes beside the running holes' hole-only steps, `_packed_pass`), and
+several block-diffusion holes' block forwards through `model.decoding.packed_blocks` alike.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
@@ -88,16 +90,8 @@ def _full_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Te
         rows.append(_rows_at(hidden[row], logit_positions(state, shifted)))
         state.full_passes += 1
         if state.options.caches_context:
-            start, end = window(state, shifted)
-            length = lengths[row]
-            state.context = ContextCache(
-                [
-                    (_outside(layer.keys[row : row + 1], start, end, length),
-                     _outside(layer.values[row : row + 1], start, end, length))
-                    for layer in cache.layers
-                ],
-                hole_len=state.hole.numel(),
-            )
+            _keep_context(state, [(layer.keys[row : row + 1], layer.values[row : row + 1])
+                                  for layer in cache.layers], lengths[row], shifted)
     return rows
 
 
@@ -109,11 +103,18 @@ def _rows_pass_full(model: LoadedModel, state: HoleState) -> torch.Tensor:
     shifted = model.family.shifted_logits
     state.full_passes += 1
     if state.options.caches_context:
-        start, end = window(state, shifted)
-        state.context = ContextCache(
-            [(_outside(k, start, end, length), _outside(v, start, end, length))
-             for k, v in layers], hole_len=state.hole.numel())
+        _keep_context(state, layers, length, shifted)
     return _rows_at(hidden, logit_positions(state, shifted))
+
+
+def _keep_context(state: HoleState, layers: list[tuple[torch.Tensor, torch.Tensor]],
+                  length: int, shifted: bool) -> None:
+    """Give `state` the context cache of its full pass: every layer's keys and values
+    (1, kv_heads, >= length, D) of its whole sequence, less its window (and any padding)."""
+    start, end = window(state, shifted)
+    state.context = ContextCache(
+        [(_outside(k, start, end, length), _outside(v, start, end, length)) for k, v in layers],
+        hole_len=state.hole.numel())
 
 
 def _outside(tensor: torch.Tensor, start: int, end: int, length: int) -> torch.Tensor:
@@ -186,17 +187,97 @@ def _fixed_shape_hole_pass(model: LoadedModel, state: HoleState) -> torch.Tensor
 def _packed_hole_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[torch.Tensor]:
     """`_hole_pass` of several holes through `model.decoding.packed_step`: their windows' rows
     packed into one pass, attention per hole over its own context. Returns (m_i, H)."""
+    return _packed_pass(model, [_window_part(model, state) for state in states])
+
+
+class _Part(NamedTuple):
+    """One hole's part of a packed pass (`_packed_pass`): its segment, and what turns the
+    segment's hidden states (Q, H) and kept keys and values into the rows at its masked
+    positions (m, H), updating its context cache."""
+
+    segment: packed_step.Segment
+    finish: Callable[[torch.Tensor, list | None], torch.Tensor]
+    context: ContextCache | None = None  # a hole-only step's: what its segment's past is
+
+
+def _window_part(model: LoadedModel, state: HoleState) -> _Part:
+    """A hole-only step: the window against the hole's cached context."""
     shifted = model.family.shifted_logits
-    spans = [window(state, shifted) for state in states]
-    hidden = packed_step.packed_hole_step(model, [
-        packed_step.Window(state.sequence()[start:end], start, state.context.layers)
-        for state, (start, end) in zip(states, spans, strict=True)],
-        fast_step.switches(model).fused_projections)
-    rows = []
-    for state, (start, _), own in zip(states, spans, hidden, strict=True):
+    start, end = window(state, shifted)
+
+    def finish(hidden: torch.Tensor, _: list | None) -> torch.Tensor:
         state.context.age += 1
-        rows.append(_rows_at(own, logit_positions(state, shifted) - start))
-    return rows
+        return _rows_at(hidden, logit_positions(state, shifted) - start)
+
+    return _Part(packed_step.window_segment(state.sequence()[start:end], start,
+                                            state.context.layers), finish, state.context)
+
+
+def _full_part(model: LoadedModel, state: HoleState) -> _Part:
+    """A full pass: the whole sequence, its keys and values kept for the context cache (as
+    `_full_pass` keeps them)."""
+    shifted = model.family.shifted_logits
+    sequence = state.sequence()
+    caches = state.options.caches_context
+
+    def finish(hidden: torch.Tensor, layers: list | None) -> torch.Tensor:
+        state.full_passes += 1
+        if caches:
+            _keep_context(state, layers, sequence.numel(), shifted)
+        return _rows_at(hidden, logit_positions(state, shifted))
+
+    return _Part(packed_step.Segment(sequence, torch.arange(sequence.numel()), None, caches),
+                 finish)
+
+
+def _partial_part(model: LoadedModel, state: HoleState) -> _Part:
+    """The document cache's partial pass (`model.decoding.prompt_cache.Reuse`)."""
+    reuse = state.reuse
+    ids, positions, past = reuse.queries(model, state)
+    return _Part(packed_step.Segment(ids, positions, past, keep=True),
+                 lambda hidden, rows: reuse.finish(model, state, hidden, rows))
+
+
+def _first_part(model: LoadedModel, state: HoleState) -> _Part:
+    """The pass a hole needs now: partial (its document's context to reuse), full (no fresh
+    context cache) or hole-only."""
+    if not needs_full_pass(state):
+        return _window_part(model, state)
+    if state.reuse is not None and state.context is None:
+        return _partial_part(model, state)
+    return _full_part(model, state)
+
+
+def _packed_pass(model: LoadedModel, parts: Sequence[_Part]) -> list[torch.Tensor]:
+    """Holes' `parts` in one `model.decoding.packed_step` pass: hole-only steps beside
+    full and partial passes, every row through the projections and the MLP together, each
+    hole's attention over its own past and rows. Returns (m_i, H) per part.
+
+    With DIFFUSION_LSP_PACKED_GRAPHS the hole-only steps replay their bucket's CUDA graph
+    instead (`fast_step.HoleSteps.run_packed`), and the full and partial passes beside them
+    share a packed pass of their own (uncaptured: their shapes vary too much), unless the
+    bucket is over its memory bound: on a GPU a second read of the weights costs less than
+    launching a whole step's kernels one by one."""
+    on = fast_step.switches(model)
+    hidden: list[torch.Tensor | None] = [None] * len(parts)
+    kept: list[list | None] = [None] * len(parts)
+    steps = [i for i, part in enumerate(parts) if part.context is not None]
+    if on.packed_graphs and steps:
+        captured = fast_step.hole_steps(model).run_packed(
+            [fast_step.PackedWindow(parts[i].segment.ids, int(parts[i].segment.positions[0]),
+                                    parts[i].segment.past, parts[i].context) for i in steps],
+            on.fused_projections)
+        if captured is not None:  # None: over the bound, every part in the pass below
+            for i, rows in zip(steps, captured, strict=True):
+                hidden[i] = rows
+    rest = [i for i in range(len(parts)) if hidden[i] is None]
+    if rest:
+        passed, keeping = packed_step.packed_pass(model, [parts[i].segment for i in rest],
+                                                  on.fused_projections)
+        for i, rows, layers in zip(rest, passed, keeping, strict=True):
+            hidden[i], kept[i] = rows, layers
+    return [part.finish(rows, layers)
+            for part, rows, layers in zip(parts, hidden, kept, strict=True)]
 
 
 def _scored_step(model: LoadedModel, states: Sequence[HoleState]) -> Scored | None:
@@ -236,8 +317,11 @@ def forward_holes(model: LoadedModel, states: Sequence[HoleState],
     """One denoising forward pass for any number of holes: logits at each state's masked
     positions, as a list of (m_i, V) float tensors.
 
-    States whose context cache is fresh run their hole only; the rest share one batched
-    pass over their whole sequences (which also refreshes their caches). With `scored`, a
+    States whose context cache is fresh run their hole only; the rest run their whole
+    sequences (which also refreshes their caches) or, with their document's context, a partial
+    pass. Several holes share one packed pass, first passes and hole-only steps together
+    (`_packed_pass`; with DIFFUSION_LSP_PACKED_FIRST_PASSES=0 the first passes share
+    transformers' padded batch apart from the hole-only steps' packed one). With `scored`, a
     lone greedy hole-only step may come back as `Scored` instead (`_scored_step`), which
     `model.decoding.sampler.apply_step` takes as it takes logits.
     """
@@ -251,15 +335,22 @@ def forward_holes(model: LoadedModel, states: Sequence[HoleState],
     for i in blocks:  # block diffusion: the block against its exact cache
         if i not in hidden:
             hidden[i] = block_pass(model, states[i])
-    full = [i for i, s in enumerate(states) if i not in hidden and needs_full_pass(s)]
-    for i in full:  # a first pass that reuses its document's context (model.decoding.prompt_cache)
-        if states[i].reuse is not None and states[i].context is None:
-            hidden[i] = states[i].reuse.run(model, states[i])
-    full = [i for i in full if i not in hidden]
     # LLaDA's classifier-free guidance (generate.py): each guided hole runs twice, as it is
     # and with its prompt masked (`unconditioned`), the twins batched with the full passes
     guided = [i for i, s in enumerate(states) if s.options.cfg_scale > 0]
     twins = [unconditioned(model, states[i]) for i in guided]
+    rest = [i for i in range(len(states)) if i not in hidden]
+    if len(rest) + len(twins) > 1 and packed_step.first_passes(model):
+        # every hole's pass, first ones too, in one packed pass
+        passed = _packed_pass(model, [_first_part(model, states[i]) for i in rest]
+                              + [_full_part(model, twin) for twin in twins])
+        hidden.update(zip(rest, passed[: len(rest)], strict=True))
+        return _logits(model, states, hidden, guided, passed[len(rest):])
+    full = [i for i in rest if needs_full_pass(states[i])]
+    for i in full:  # a first pass that reuses its document's context (model.decoding.prompt_cache)
+        if states[i].reuse is not None and states[i].context is None:
+            hidden[i] = states[i].reuse.run(model, states[i])
+    full = [i for i in full if i not in hidden]
     unguided_rows: list[torch.Tensor] = []
     if full or twins:
         passed = _full_pass(model, [states[i] for i in full] + twins)
@@ -268,6 +359,13 @@ def forward_holes(model: LoadedModel, states: Sequence[HoleState],
     cached = [i for i in range(len(states)) if i not in hidden]
     if cached:
         hidden.update(zip(cached, _hole_pass(model, [states[i] for i in cached]), strict=True))
+    return _logits(model, states, hidden, guided, unguided_rows)
+
+
+def _logits(model: LoadedModel, states: Sequence[HoleState], hidden: dict[int, torch.Tensor],
+            guided: list[int], unguided_rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`forward_holes`' logits from each state's rows (m_i, H) and the guided holes' twins'
+    rows: one LM head over them all, guidance applied."""
     rows = [hidden[i] for i in range(len(states))] + unguided_rows
     logits = model.network.lm_head(torch.cat(rows)).float()  # (M, V), on the model's device
     split = list(logits.split([r.shape[0] for r in rows]))

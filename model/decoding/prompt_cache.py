@@ -120,29 +120,25 @@ class Reuse:
     def tokens(self) -> int:
         return self.prefix_rows + self.suffix_rows
 
-    @torch.inference_mode()
-    def run(self, model: LoadedModel, state: HoleState) -> torch.Tensor:
-        """One pass over the changed context and the window against the reused rows. Sets the
-        state's context cache; returns hidden states at its masked positions (m, H)."""
+    def queries(self, model: LoadedModel, state: HoleState
+                ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The partial pass's inputs: the changed prefix, the window and the changed suffix
+        (ids (Q,) at their sequence positions (Q,), in sequence order) and the reused rows
+        they attend to besides themselves (per layer (1, kv_heads, R, D))."""
+        _, end = window(state, model.family.shifted_logits)
+        sequence = state.sequence()  # (L,)
+        positions = torch.cat([torch.arange(self.prefix_rows, end),
+                               torch.arange(end + self.suffix_rows, len(sequence))])  # (Q,)
+        return sequence[positions], positions, self._rows(model, end - self.entry.suffix_start)
+
+    def finish(self, model: LoadedModel, state: HoleState, hidden: torch.Tensor,
+               rows: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Take the partial pass's output: its hidden states (Q, H) and every layer's keys and
+        values (the reused rows, then the queries'). Sets the state's context cache; returns
+        the hidden states at its masked positions (m, H)."""
         shifted = model.family.shifted_logits
         start, end = window(state, shifted)
         kept_prefix, kept_suffix = self.prefix_rows, self.suffix_rows
-        sequence = state.sequence()  # (L,)
-        # queries: the changed prefix, the window, the changed suffix; in sequence order
-        positions = torch.cat([torch.arange(kept_prefix, end),
-                               torch.arange(end + kept_suffix, len(sequence))])  # (Q,)
-        past = self._rows(model, end - self.entry.suffix_start)
-        if fast_step.enabled(model):
-            hidden, rows = fast_step.rows_pass(model, sequence[positions], positions, past)
-        else:
-            cache = DynamicCache(ddp_cache_data=past)
-            hidden = model.network.model(
-                input_ids=to_device(sequence[positions][None], model.device),
-                position_ids=to_device(positions[None], model.device),
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state[0]  # (Q, H)
-            rows = [(layer.keys, layer.values) for layer in cache.layers]
         kept = kept_prefix + kept_suffix
         new_prefix = start - kept_prefix
         after_window = kept + new_prefix + (end - start)
@@ -159,6 +155,26 @@ class Reuse:
         )
         state.reused_tokens = kept
         return hidden[(logit_positions(state, shifted) - kept_prefix).to(hidden.device)]
+
+    @torch.inference_mode()
+    def run(self, model: LoadedModel, state: HoleState) -> torch.Tensor:
+        """One pass over the changed context and the window against the reused rows
+        (`queries`, then `finish`). Sets the state's context cache; returns hidden states at
+        its masked positions (m, H). Several holes' partial passes can share a packed pass
+        instead (`model.decoding.passes._packed_pass`)."""
+        ids, positions, past = self.queries(model, state)
+        if fast_step.enabled(model):
+            hidden, rows = fast_step.rows_pass(model, ids, positions, past)
+        else:
+            cache = DynamicCache(ddp_cache_data=past)
+            hidden = model.network.model(
+                input_ids=to_device(ids[None], model.device),
+                position_ids=to_device(positions[None], model.device),
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[0]  # (Q, H)
+            rows = [(layer.keys, layer.values) for layer in cache.layers]
+        return self.finish(model, state, hidden, rows)
 
     def _rows(self, model: LoadedModel, delta: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The reused rows of every layer, suffix keys moved `delta` positions."""

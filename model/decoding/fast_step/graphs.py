@@ -1,14 +1,27 @@
 """Fixed-shape passes: a hole's step (its window against its cached context, the context
-padded to a bucket of CONTEXT_BUCKET rows) and, with DIFFUSION_LSP_GRAPH_PASSES, full and
-partial passes, each captured once per shape as a CUDA graph that later steps replay
-(`HoleSteps`, kept per model: `hole_steps`), and `rows_pass`, the full or partial pass that
-runs captured where it may and through the layer loop elsewhere."""
+padded to a bucket of CONTEXT_BUCKET rows), with DIFFUSION_LSP_PACKED_GRAPHS several holes'
+hole-only steps as one bucketed batch (`HoleSteps.run_packed`), and with
+DIFFUSION_LSP_GRAPH_PASSES full and partial passes, each captured once per shape as a CUDA
+graph that later steps replay (`HoleSteps`, kept per model: `hole_steps`), and `rows_pass`,
+the full or partial pass that runs captured where it may and through the layer loop elsewhere.
+
+A packed batch's bucket (`packed_bucket`): its holes rounded up to a power of two, its widest
+window up to a multiple of WINDOW_BUCKET rows, its longest context up to CONTEXT_BUCKET's. Each
+hole is one row of a (holes, window) batch against its own (holes, kv_heads, context + window,
+D) keys and values: its window padded with masked rows (their outputs dropped), its context
+with masked keys, a spare hole's rows seeing only themselves. So a batch's shape changes only
+when it crosses a bucket, not at every join and leave, and one graph serves the bucket; a
+hole's context is copied into the buffers once, when it takes a seat there, and stays while it
+runs (`_seat`). Graphs and buffers are bounded together with the single hole's (MAX_GRAPHS,
+MAX_BUFFER_BYTES); a bucket whose buffers alone are over MAX_PACKED_BYTES is not captured (its
+batch runs as the uncaptured packed pass, `model.decoding.packed_step`)."""
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
@@ -30,6 +43,8 @@ QUERY_BUCKET = 64  # a captured pass's queries are padded up to a multiple of th
 MAX_PASS_ROWS = 1024  # ... and it is captured only when queries and context fit in this
 MAX_GRAPHS = 16  # captured shapes kept per model (least recently used dropped) ...
 MAX_BUFFER_BYTES = 2 << 30  # ... and at most this much in their keys/values buffers
+MAX_PACKED_BYTES = MAX_BUFFER_BYTES // 2  # one packed bucket's buffers, at most
+WINDOW_BUCKET = 16  # a packed batch's window rows are padded up to a multiple of this
 WARM_UP_RUNS = 2  # eager runs on a side stream before a capture (cuBLAS picks its kernels)
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -43,6 +58,13 @@ def round_up(rows: int, multiple: int) -> int:
 def bucket(rows: int) -> int:
     """Context rows rounded up to the next multiple of CONTEXT_BUCKET (at least one bucket)."""
     return round_up(rows, CONTEXT_BUCKET)
+
+
+def packed_bucket(holes: int, width: int, rows: int) -> tuple[int, int, int]:
+    """(holes, window rows, context rows) of the bucket a packed batch of `holes` hole-only
+    steps runs in, its widest window `width` rows, its longest context `rows` (see the
+    module's docstring)."""
+    return 1 << max(holes - 1, 1).bit_length(), round_up(width, WINDOW_BUCKET), bucket(rows)
 
 
 def pass_shape(queries: int, reused: int) -> tuple[int, int] | None:
@@ -94,6 +116,18 @@ class _Key(NamedTuple):
     rows: int  # context rows before the window (bucketed)
     fused: bool  # through the fused projections
     head: Head | None = None  # a hole step's graph head
+    holes: int = 1  # "packed": the batch's holes (each a row of the buffers)
+
+
+class PackedWindow(NamedTuple):
+    """One hole of a packed batch (`HoleSteps.run_packed`): its window's ids (W,) at sequence
+    positions start.., against its context's keys and values (per layer (1, kv_heads, C, D))
+    owned by `context`, whose identity says when a seat's buffers must be refilled."""
+
+    ids: torch.Tensor
+    start: int
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    context: object
 
 
 @dataclass
@@ -103,15 +137,16 @@ class _Shape:
     queries right after its real context rows instead (`slots`), the rest masked."""
 
     key: _Key
-    inputs: torch.Tensor  # (2, W): the window's ids, then their positions
-    keys: list[torch.Tensor]
+    inputs: torch.Tensor  # (2, W): the window's ids, then their positions; packed (2, B, W)
+    keys: list[torch.Tensor]  # per layer (1, kv_heads, rows + W, D); packed (B, ...)
     values: list[torch.Tensor]
     slots: torch.Tensor  # (W,): where the window's keys and values go
-    mask: torch.Tensor  # (1, 1, W, rows + W)
+    mask: torch.Tensor  # (1, 1, W, rows + W); packed (B, 1, 1, rows + W)
     bans: torch.Tensor | None = None  # (n, C) bool: the graph head's per-row bans
     never: torch.Tensor | None = None  # (k,) the never-sampled ids, on the device
     columns: torch.Tensor | None = None  # (C,) the head's columns, on the device
     context: object | None = None  # the ContextCache whose rows the buffers hold
+    seats: list[weakref.ref | None] | None = None  # packed: each seat's ContextCache
     output: torch.Tensor | None = None  # (1, W, H) hidden states, or the head's (2, n)
     graph: torch.cuda.CUDAGraph | None = None
     uncaptured: bool = False  # its capture failed: this shape runs eagerly
@@ -119,7 +154,8 @@ class _Shape:
 
 class HoleSteps:
     """Hole-only passes of one hole at a time through fixed-shape buffers (a CUDA graph each
-    on CUDA; eager elsewhere, which tests use), and with DIFFUSION_LSP_GRAPH_PASSES full and
+    on CUDA; eager elsewhere, which tests use), with DIFFUSION_LSP_PACKED_GRAPHS several holes'
+    as one bucketed batch (`run_packed`), and with DIFFUSION_LSP_GRAPH_PASSES full and
     partial passes too (`pass_rows`). Used from the engine's one thread."""
 
     def __init__(self, model: LoadedModel, graphs: bool | None = None) -> None:
@@ -182,6 +218,66 @@ class HoleSteps:
                   for keys, values in zip(shape.keys, shape.values, strict=True)]
         return shape.output[0, :count], layers
 
+    @torch.inference_mode()
+    def run_packed(self, windows: Sequence[PackedWindow], fused: bool = False
+                   ) -> list[torch.Tensor] | None:
+        """Hidden states (W_i, H) of several holes' windows, each against its own context, as
+        one batch of their bucket (`packed_bucket`, the module's docstring): what
+        `model.decoding.packed_step.packed_pass` computes for their window segments. On the
+        device, rewritten by the bucket's next run. None, and nothing run, when the bucket's
+        buffers would be over MAX_PACKED_BYTES."""
+        holes, width, rows = packed_bucket(len(windows),
+                                           max(window.ids.numel() for window in windows),
+                                           max(window.layers[0][0].shape[-2]
+                                               for window in windows))
+        if holes * self._row_bytes * (rows + width) > MAX_PACKED_BYTES:
+            return None
+        self._follow_weights(fused)
+        shape = self._shape(_Key("packed", width, rows, fused, None, holes))
+        seats = self._seat(shape, windows)
+        inputs = torch.zeros((2, holes, width), dtype=torch.long)  # padding: id 0 at 0
+        visible = torch.zeros((holes, rows + width), dtype=torch.bool)
+        visible[:, rows:] = True  # a spare seat's rows see themselves
+        for seat, window in zip(seats, windows, strict=True):
+            count, context = window.ids.numel(), window.layers[0][0].shape[-2]
+            inputs[0, seat, :count] = window.ids
+            inputs[1, seat, :count] = torch.arange(window.start, window.start + count)
+            visible[seat] = False
+            visible[seat, :context] = True
+            visible[seat, rows:rows + count] = True
+        upload(shape.inputs, inputs)
+        upload(shape.mask, additive_mask(visible, shape.mask.dtype)[:, None, None])
+        self._replay(shape)
+        return [shape.output[seat, :window.ids.numel()]
+                for seat, window in zip(seats, windows, strict=True)]
+
+    def _seat(self, shape: _Shape, windows: Sequence[PackedWindow]) -> list[int]:
+        """The batch row (seat) of each window: the one already holding its context, else a
+        seat no window of this batch holds, its context copied in."""
+        held = {id(context): seat for seat, ref in enumerate(shape.seats)
+                if ref is not None and (context := ref()) is not None}
+        seats = {id(window.context): held[id(window.context)]
+                 for window in windows if id(window.context) in held}
+        free = [seat for seat in range(len(shape.seats)) if seat not in seats.values()]
+        for window in windows:
+            if id(window.context) in seats:
+                continue
+            seat = seats[id(window.context)] = free.pop(0)
+            rows = window.layers[0][0].shape[-2]
+            for index, (keys, values) in enumerate(window.layers):
+                shape.keys[index][seat:seat + 1, :, :rows].copy_(keys)
+                shape.values[index][seat:seat + 1, :, :rows].copy_(values)
+            shape.seats[seat] = weakref.ref(window.context)
+        return [seats[id(window.context)] for window in windows]
+
+    @property
+    def _row_bytes(self) -> int:
+        """Bytes of one row of keys and values, over every layer."""
+        config = self.model.network.config
+        dim = self.model.network.model.layers[0].self_attn.head_dim
+        element = torch.empty((), dtype=self.model.dtype).element_size()
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * dim * element
+
     @property
     def buffer_bytes(self) -> int:
         """Bytes in the kept shapes' keys and values buffers."""
@@ -202,13 +298,17 @@ class HoleSteps:
         shape = self._shapes.get(key)
         if shape is None:
             device, width, rows = self.model.device, key.width, key.rows
-            keys, values = kv_buffers(self.model, 1, rows + width)
+            keys, values = kv_buffers(self.model, key.holes, rows + width)
+            packed = key.kind == "packed"
             shape = _Shape(
-                key=key, inputs=torch.zeros((2, width), dtype=torch.long, device=device),
+                key=key, inputs=torch.zeros((2, key.holes, width) if packed else (2, width),
+                                            dtype=torch.long, device=device),
                 keys=keys, values=values,
                 slots=torch.arange(rows, rows + width, device=device),
-                mask=torch.zeros((1, 1, width, rows + width), dtype=self.model.dtype,
-                                 device=device))
+                mask=torch.zeros((key.holes, 1, 1, rows + width) if packed
+                                 else (1, 1, width, rows + width), dtype=self.model.dtype,
+                                 device=device),
+                seats=[None] * key.holes if packed else None)
             if key.head is not None:
                 shape.bans = torch.zeros((key.head.rows, len(key.head.columns)),
                                          dtype=torch.bool, device=device)
@@ -231,9 +331,9 @@ class HoleSteps:
         shape.mask.copy_(additive_mask(visible, shape.mask.dtype).expand_as(shape.mask))
 
     def _forward(self, shape: _Shape) -> torch.Tensor:
-        hidden = window_forward(self.model.network, shape.inputs[0:1], shape.inputs[1:2],
-                                shape.keys, shape.values, shape.slots, shape.mask,
-                                shape.key.fused)
+        ids, positions = shape.inputs.view(2, -1, shape.key.width)  # (B, W) each
+        hidden = window_forward(self.model.network, ids, positions, shape.keys, shape.values,
+                                shape.slots, shape.mask, shape.key.fused)
         head = shape.key.head
         if head is None:
             return hidden

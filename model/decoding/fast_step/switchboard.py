@@ -1,7 +1,8 @@
 """The fast step's switchboard: whether it runs at all (`enabled`: CUDA, a supported network,
 DIFFUSION_LSP_CUDA_GRAPHS not "0"), and its optional parts.
 
-Three switches, each an environment variable (`Switches`; 1 / 0, unset: off; on CUDA only):
+Four switches, each an environment variable (`Switches`; 1 / 0, unset: off; on CUDA only,
+elsewhere said once and left off):
 - DIFFUSION_LSP_GRAPH_HEAD: a greedy hole step runs its LM head (over the hole's rows only)
   and its scoring (`model.decoding.scoring.greedy_scores`) inside the captured graph too; the step
   returns each position's token and confidence, and the one host sync is that (2, n) copy.
@@ -10,6 +11,9 @@ Three switches, each an environment variable (`Switches`; 1 / 0, unset: off; on 
   twice; the same numbers up to the matrix products' rounding).
 - DIFFUSION_LSP_GRAPH_PASSES: full and partial passes are captured too, on static shapes: the
   queries padded to a multiple of QUERY_BUCKET, the reused context to CONTEXT_BUCKET, at most
+  MAX_PASS_ROWS rows in all.
+- DIFFUSION_LSP_PACKED_GRAPHS: several holes' hole-only steps (`model.decoding.packed_step`)
+  run as one batch of a bucketed shape, captured once per bucket (`HoleSteps.run_packed`).
 
 And, apart from those three (`block_graphs`): DIFFUSION_LSP_BLOCK_GRAPHS, a block-diffusion
 family's block forwards (`block_step.BlockSteps`) captured as CUDA graphs, one per block width
@@ -31,6 +35,7 @@ GRAPH_HEAD_ENV = "DIFFUSION_LSP_GRAPH_HEAD"  # "1": LM head and greedy scoring i
 FUSED_PROJECTIONS_ENV = "DIFFUSION_LSP_FUSED_PROJECTIONS"  # "1": q/k/v and gate/up fused
 GRAPH_PASSES_ENV = "DIFFUSION_LSP_GRAPH_PASSES"  # "1": full and partial passes captured too
 BLOCK_GRAPHS_ENV = "DIFFUSION_LSP_BLOCK_GRAPHS"  # "1": block-diffusion forwards captured
+PACKED_GRAPHS_ENV = "DIFFUSION_LSP_PACKED_GRAPHS"  # "1": packed hole-only steps captured too
 SWITCH_VALUES = {"1": True, "on": True, "true": True, "yes": True,
                  "0": False, "off": False, "false": False, "no": False}
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -63,10 +68,11 @@ class Switches(NamedTuple):
     graph_head: bool = False
     fused_projections: bool = False
     graph_passes: bool = False
+    packed_graphs: bool = False
 
 
 SWITCH_ENVS = {"graph_head": GRAPH_HEAD_ENV, "fused_projections": FUSED_PROJECTIONS_ENV,
-               "graph_passes": GRAPH_PASSES_ENV}
+               "graph_passes": GRAPH_PASSES_ENV, "packed_graphs": PACKED_GRAPHS_ENV}
 _warned: set[tuple[str, str]] = set()
 
 
@@ -91,6 +97,11 @@ def switches(model: LoadedModel) -> Switches:
     projections stay off for quantized weights (model.network.quantize: each projection is its own
     packed tensor and kernel; stacking them would unpack them), said once."""
     if not enabled(model):
+        for env in SWITCH_ENVS.values():
+            if parse_switch(env, os.environ.get(env)) and (env, "off") not in _warned:
+                _warned.add((env, "off"))
+                log.warning("%s is ignored on %s: the fast step's switches act on CUDA only",
+                            env, model.device)
         return Switches()
     on = Switches(**{field: parse_switch(env, os.environ.get(env))
                      for field, env in SWITCH_ENVS.items()})
