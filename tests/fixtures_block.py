@@ -86,3 +86,19 @@ def official_model(directory: Path, attention: str = "sdpa") -> StableDiffcoderF
     model = StableDiffcoderForCausalLM.from_pretrained(
         str(directory), dtype=torch.float32, attn_implementation=attention)
     return model.eval()
+
+
+def generate_block_both(model, official: StableDiffcoderForCausalLM, prompt_length: int,
+                        threshold: float | None) -> tuple[tuple, tuple]:
+    """(ours, the official): the ids and forward count of `generate_exact` and of the published
+    `generate_block` for a seeded random prompt (block length 4, steps = gen length = 16)."""
+    from model.decoding.sampler import generate_exact
+
+    prompt = torch.randint(10, 300, (1, prompt_length),
+                           generator=torch.Generator().manual_seed(prompt_length))
+    expected, expected_forwards = official.generate_block(
+        prompt.clone(), steps=16, gen_length=16, block_length=4, threshold=threshold,
+        eos_id=EOS)
+    ids, forwards = generate_exact(model, prompt, gen_length=16, steps=16, block_length=4,
+                                   threshold=threshold, eos_id=EOS)
+    return (ids.tolist(), forwards), (expected.tolist(), expected_forwards)

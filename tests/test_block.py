@@ -15,7 +15,13 @@ from model.decoding.prompt_cache import PromptCache
 from model.decoding.sampler import generate_exact, infill, new_state
 from model.network.loader import load_model
 
-from .fixtures_block import EOS, MASK, official_model, write_stable_diffcoder
+from .fixtures_block import (
+    EOS,
+    MASK,
+    generate_block_both,
+    official_model,
+    write_stable_diffcoder,
+)
 from .helpers import one_thread  # noqa: F401 - autouse: tiny matmuls on one thread
 
 PREFIX = "def add(a, b):\n    return "
@@ -106,16 +112,8 @@ def test_exact_mode_is_generate_block_token_for_token_and_forward_for_forward(
         pairs, variant, threshold, prompt_length):
     """Block length 4, steps = length, fp32; prompts whose length is and is not a multiple of
     the block length; eos found or not."""
-    model, official = pairs[variant]
-    prompt = torch.randint(10, 300, (1, prompt_length),
-                           generator=torch.Generator().manual_seed(prompt_length))
-    expected, expected_forwards = official.generate_block(
-        prompt.clone(), steps=16, gen_length=16, block_length=4, threshold=threshold,
-        eos_id=EOS)
-    ids, forwards = generate_exact(model, prompt, gen_length=16, steps=16, block_length=4,
-                                   threshold=threshold, eos_id=EOS)
-    assert ids.tolist() == expected.tolist()
-    assert forwards == expected_forwards
+    ours, official = generate_block_both(*pairs[variant], prompt_length, threshold)
+    assert ours == official
 
 
 def test_exact_mode_covers_ends_and_several_commits(pairs):

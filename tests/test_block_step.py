@@ -20,7 +20,7 @@ from model.decoding.sampler import generate_exact, infill
 from model.network.loader import load_model
 
 from .fast_dllm_v2_reference import FastDllmV2Reference
-from .fixtures_block import EOS, official_model, write_stable_diffcoder
+from .fixtures_block import generate_block_both, official_model, write_stable_diffcoder
 from .fixtures_fast_dllm import write_fast_dllm_v2
 from .helpers import (
     one_thread,  # noqa: F401 - autouse: tiny matmuls on one thread
@@ -137,14 +137,8 @@ def test_exact_mode_is_still_generate_block(checkpoints, models, monkeypatch, gr
     model, official = models["stable-diffcoder"], official_model(checkpoints["stable-diffcoder"])
     on_fast_step(monkeypatch, graphs)
     for length, threshold in ((1, None), (4, 0.95), (6, None), (9, 0.95)):
-        prompt = torch.randint(10, 300, (1, length),
-                               generator=torch.Generator().manual_seed(length))
-        expected, expected_forwards = official.generate_block(
-            prompt.clone(), steps=16, gen_length=16, block_length=4, threshold=threshold,
-            eos_id=EOS)
-        ids, forwards = generate_exact(model, prompt, gen_length=16, steps=16, block_length=4,
-                                       threshold=threshold, eos_id=EOS)
-        assert (ids.tolist(), forwards) == (expected.tolist(), expected_forwards)
+        ours, published = generate_block_both(model, official, length, threshold)
+        assert ours == published
 
 
 def test_exact_mode_is_still_fast_dllm_v2s_generate(checkpoints, models, monkeypatch):
