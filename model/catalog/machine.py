@@ -114,6 +114,7 @@ def fits(gpu_gib: float, model: str, scheme: str) -> bool:
 
 
 BIG_CODER = "DiffuCoder-7B-cpGRPO"  # the 7B recommended where one fits
+BLOCK_CODER = "Stable-DiffCoder-8B-Base"  # named beside it where it fits too
 
 
 def recommend(machine: Machine) -> Recommendation:
@@ -127,7 +128,9 @@ def recommend(machine: Machine) -> Recommendation:
                 f"a GPU with {gpu:.0f} GiB holds a 7B model in {scheme} (about {size:.1f} GB "
                 f"of weights; bf16 needs {GPU_GIB_FOR_7B:.0f} GiB); `--quantization auto` "
                 f"picks {scheme} there (its agreement with bf16 on these weights is not "
-                "measured here; `--quantization none` needs the larger card)",
+                "measured here; `--quantization none` needs the larger card)"
+                + (f"; Stable-DiffCoder-8B-Base fits too in {scheme} (block diffusion, exact "
+                   "cache; unmeasured here)" if fits(gpu, BLOCK_CODER, scheme) else ""),
                 _expect(None), None,
                 f"diffusion-lsp pull {BIG_CODER} && "
                 f"diffusion-lsp serve --model {BIG_CODER} --quantization {scheme}")
