@@ -108,10 +108,17 @@ async def test_our_service_gets_the_sampler_settings_the_server_was_given():
         await backend.close()
     (seen,) = standin.completions()
     hole = wire.decode_fim(json.dumps(seen.body).encode())
-    assert hole.sampler == {"algorithm": "entropy", "steps": 8, "threshold": 0.9, "top_p": 0.95,
+    # no threshold set: none sent, the service runs its model card's (`Family.threshold`)
+    assert hole.sampler == {"algorithm": "entropy", "steps": 8, "top_p": 0.95,
                             "top_k": 0, "alg_temp": 0.0, "cfg_scale": 0.0, "exact": False,
                             "seed": 5}
     assert hole.temperature == 0.2
+    async with StandIn(ours=True) as standin:
+        backend = await _started(standin.url)
+        await backend.complete(replace(JOB, sampler=sampler, threshold=0.8))
+        await backend.close()
+    (seen,) = standin.completions()
+    assert wire.decode_fim(json.dumps(seen.body).encode()).sampler["threshold"] == 0.8
 
 
 def test_wire_checks_the_sampler_settings():
@@ -145,7 +152,8 @@ def test_the_sampler_settings_are_the_samplers_everywhere():
     assert msgspec.structs.asdict(SamplerSettings()) == {
         s.name: s.default for s in SAMPLER_SETTINGS}
     completion = CompletionSettings()
-    assert (completion.threshold, completion.tokens_per_step) == (0.9, None)
+    # threshold unset: the model card's where its family names one, else the sampler's
+    assert (completion.threshold, completion.tokens_per_step) == (None, None)
     wire_names = {s.name for s in wire.EXTENSIONS} | {"temperature"}
     assert wire_names == {s.name for s in (*COMMIT_SETTINGS, *SAMPLER_SETTINGS)}
     assert wire_names - {"temperature"} <= set(wire.FimRequest.__struct_fields__)
