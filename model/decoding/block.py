@@ -116,7 +116,7 @@ def truncated(cache: BlockCache, length: int) -> BlockCache:
 def writes_first(state: HoleState) -> bool:
     """Whether the state's step is the forward that writes the rows before its block (a
     shifted family's block's first position comes from their last row: `block_pass`)."""
-    return state.block_rule.shifted and starts_after_rows(state, block_span(state)[0])
+    return starts_after_rows(state, block_span(state)[0])
 
 
 def denoising_rows(state: HoleState) -> tuple[int, int]:

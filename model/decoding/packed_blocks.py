@@ -31,13 +31,10 @@ from model.network.loader import LoadedModel
 
 def packable(state: HoleState) -> bool:
     """Whether the state's step is a denoising forward (not the write that gives a shifted
-    family's block its first token) whose rows lie in one aligned block (every row sees every
-    row)."""
-    if writes_first(state):
-        return False
+    family's block its first token); its rows (`denoising_rows`) lie in one aligned block by
+    construction, where every row sees every row."""
     begin, end = denoising_rows(state)
-    size = state.block_rule.length
-    return end > begin and begin // size == (end - 1) // size
+    return not writes_first(state) and end > begin
 
 
 @torch.inference_mode()
@@ -45,9 +42,10 @@ def packed_block_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[t
     """`block_pass` of every state, the packable ones in one packed pass. Returns the hidden
     states at each state's step positions (m_i, H)."""
     packed = [state for state in states if packable(state)]
-    segments = []
+    begins, segments = {}, []
     for state in packed:
         begin, end = denoising_rows(state)
+        begins[id(state)] = begin
         write(model, state, begin)
         committed = state.committed
         segments.append(packed_step.Segment(
@@ -64,5 +62,5 @@ def packed_block_pass(model: LoadedModel, states: Sequence[HoleState]) -> list[t
             continue
         state.forwards += 1
         own = hidden[id(state)]
-        rows.append(own[to_device(step_rows(state, denoising_rows(state)[0]), own.device)])
+        rows.append(own[to_device(step_rows(state, begins[id(state)]), own.device)])
     return rows

@@ -40,7 +40,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half  # RoPE's, as the network's
 
 from model.decoding import fast_step
-from model.decoding.block import WRITE_CHUNK, BlockCache
+from model.decoding.block import WRITE_CHUNK, BlockCache, truncated
 from model.decoding.hole import ContextCache, HoleState
 from model.decoding.passes import logit_positions, window
 from model.decoding.pinned import to_device
@@ -246,8 +246,7 @@ class PromptCache:
         shared = (min(common_prefix(entry.ids, state.prefix_ids), state.hole_start - 1)
                   // WRITE_CHUNK * WRITE_CHUNK)
         if shared:
-            state.committed = BlockCache(
-                [(k[..., :shared, :], v[..., :shared, :]) for k, v in entry.layers], shared)
+            state.committed = truncated(BlockCache(entry.layers), shared)
             state.reused_tokens = shared
 
     def store(self, model: LoadedModel, document: str, state: HoleState) -> None:

@@ -53,16 +53,18 @@ def block_span(state: HoleState) -> tuple[int, int]:
     offset = state.block_offset % size if rule else 0
     start = max(0, state.block * size - offset)
     end = min((state.block + 1) * size - offset, state.hole.numel())
-    if rule is not None and rule.shifted and starts_after_rows(state, start):
+    if rule is not None and starts_after_rows(state, start):
         return start, start + 1
     return start, end
 
 
 def starts_after_rows(state: HoleState, start: int) -> bool:
     """Whether hole position `start` is still masked and begins an aligned block of a
-    block-diffusion family with rows before it."""
+    block-diffusion family with shifted logits, with rows before it: the forward that writes
+    those rows predicts it."""
     position = state.hole_start + start
-    return (start < state.hole.numel() and bool(state.masked[start]) and position > 0
+    return (state.block_rule.shifted and start < state.hole.numel()
+            and bool(state.masked[start]) and position > 0
             and position % state.block_rule.length == 0)
 
 
