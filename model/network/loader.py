@@ -8,6 +8,8 @@ SDPA never falls back to its causal kernel).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
 import os
@@ -485,6 +487,7 @@ def load_quantized(network: torch.nn.Module, path: Path, fam: Family, device: to
     network.load_state_dict(place([n for n in names if not n.startswith(layer_prefix)]),
                             strict=False, assign=True)
     quantize.tie_or_quantize_head(network, kernel)  # before the layers: its float copy goes
+    return_freed_memory()
     for number, layer in enumerate(network.model.layers):
         prefix = f"{layer_prefix}{number}."
         group = place([n for n in names if n.startswith(prefix)])
@@ -492,9 +495,28 @@ def load_quantized(network: torch.nn.Module, path: Path, fam: Family, device: to
                               strict=True, assign=True)
         del group
         quantize.quantize_module(layer, kernel)
+        return_freed_memory()
     _materialise_buffers(network, config)
     network.model.rotary_emb.to(device)  # inv_freq stays float32
     quantized_cache.save_cached(key, network)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the C allocator's freed pages back to the system. Without it a streamed load's
+    freed float layers could stay resident: the same int8 load peaked 127 MiB above its start in
+    one run and 472 MiB in the next (glibc kept the freed layers, by chance of where they lay)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _materialise_buffers(network: torch.nn.Module, config) -> None:
