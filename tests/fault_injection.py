@@ -10,6 +10,7 @@ the model and the protocol are the real ones.
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 
@@ -24,11 +25,18 @@ OOM_MESSAGE = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a tota
                "23.65 GiB of which 1.02 GiB is free.\nIf reserved but unallocated memory is "
                "large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
 
-_faults: dict[int, str] = {}  # id(HoleState) -> marker, for holes that must fail
+# id(HoleState) -> (the state, weakly; marker), for holes that must fail. The weak reference
+# tells a marked hole from a later one that got its id after it was freed (a healthy hole
+# failing as the dead one did made the restart test flaky)
+_faults: dict[int, tuple[weakref.ref, str]] = {}
 
 
 def _fault_of(states) -> str | None:
-    return next((_faults[id(state)] for state in states if id(state) in _faults), None)
+    for state in states:
+        held, marker = _faults.get(id(state), (None, ""))
+        if held is not None and held() is state:
+            return marker
+    return None
 
 
 def install() -> None:
@@ -41,7 +49,7 @@ def install() -> None:
         request = submit(self, prefix, suffix, *args, **kwargs)
         for marker in (STEP_ERROR, OUT_OF_MEMORY, WORKER_DIES):
             if marker in prefix:
-                _faults[id(request.state)] = marker
+                _faults[id(request.state)] = (weakref.ref(request.state), marker)
         return request
 
     def failing_forward(model, states, **kwargs):
