@@ -394,10 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command in NEEDS_BENCHMARKS:
         from benchmarks.report import EvalDataMissing
+        from model.catalog.paths import ModelLoadError
 
         try:
             return run_benchmark(args)
-        except EvalDataMissing as error:  # said once, with where to get the data
+        except (EvalDataMissing, ModelLoadError) as error:  # said once: what to do about it
             print(f"diffusion-lsp {args.command}: error: {error}", file=sys.stderr)
             return 1
     if args.command == "service":

@@ -101,7 +101,7 @@ class NextEditSettings(msgspec.Struct, rename="camel", forbid_unknown_fields=Tru
     history_edits: int = 5  # diffs sent, the latest
     # the local rewrite (model/decoding/next_edit.py); "region" by measurement (docs/next-edits.md)
     strategy: Literal["doubt", "region"] = "region"
-    threshold: float = 0.9
+    threshold: float | None = None  # None: the model card's, as completion.threshold
     # after empty answers, skip more and more requests before asking the model again
     # (next_edit.Backoff); false: ask on every request (the next-edit benchmark measures each)
     backoff: bool = True
@@ -181,7 +181,8 @@ def _check_ranges(settings: Settings) -> list[str]:
     for path in NON_NEGATIVE:
         if value(path) < 0:
             problems.append(f"{_camel(path)} must not be negative")
-    if not 0.0 <= settings.next_edit.threshold <= 1.0:
+    if settings.next_edit.threshold is not None and \
+            not 0.0 <= settings.next_edit.threshold <= 1.0:
         problems.append("nextEdit.threshold must lie in [0, 1]")
     floor = settings.completion.min_confidence
     if floor is not None and not 0.0 <= floor <= 1.0:

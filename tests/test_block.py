@@ -225,12 +225,13 @@ def test_a_block_family_runs_on_8_bit_weights(checkpoints):
 
 def test_a_hole_runs_at_its_cards_threshold_unless_the_editor_sets_one(pairs):
     """Stable-DiffCoder's card runs at threshold 0.95: an editor (or a service request) that
-    leaves the threshold unset gets it; one that sets it gets its own."""
+    leaves the threshold unset gets it, for completions and next edits; one that sets it gets
+    its own."""
     import asyncio
 
-    from diffusion_contract import wire
+    from diffusion_contract import edit_wire, wire
     from diffusion_lsp.service import infill_options
-    from lsp_server.backends import CompletionJob
+    from lsp_server.backends import CompletionJob, NextEditJob
     from lsp_server.backends.local import LocalBackend
     from model.engine import Engine
 
@@ -247,14 +248,20 @@ def test_a_hole_runs_at_its_cards_threshold_unless_the_editor_sets_one(pairs):
     engine.infill = infill_recording
     backend = LocalBackend()
     backend.engine = engine
+    prompt = edit_wire.EditPrompt("a.py", "", "def area(w, h):\n    return w * h", 5, "\n", ())
     try:
         for threshold in (None, 0.5):
             job = CompletionJob(prefix=PREFIX, suffix=SUFFIX, max_tokens=4, single_line=False,
                                 threshold=threshold)
             asyncio.run(backend.complete(job))
+        completions = len(seen)
+        for threshold in (None, 0.5):  # next edits too (nextEdit.threshold)
+            asyncio.run(backend.next_edit(NextEditJob(prompt, max_tokens=8, threshold=threshold)))
     finally:
         engine.close()
-    assert seen == [0.95, 0.5]
+    assert seen[:completions] == [0.95, 0.5]
+    edits = seen[completions:]
+    assert edits and set(edits) == {0.95, 0.5} and edits.index(0.5) == edits.count(0.95), edits
     unset = wire.decode_fim(b'{"model": "m", "prompt": "p"}')
     given = wire.decode_fim(b'{"model": "m", "prompt": "p", "threshold": 0.5}')
     assert infill_options(unset, model.family.threshold).threshold == 0.95

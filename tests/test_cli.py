@@ -80,6 +80,16 @@ def test_infill_missing_model_is_one_clear_error(tmp_path):
     assert "no-such-model" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_bench_with_an_unknown_shape_or_missing_model_is_one_clear_error(tmp_path):
+    shape = run_cli("bench", "typing", "--shape", "no-such-shape")
+    assert shape.returncode == 1, shape.stderr
+    assert "unknown shape 'no-such-shape'" in shape.stderr and "Traceback" not in shape.stderr
+    model = run_cli("bench", "latency", "--model", str(tmp_path / "no-such-model"),
+                    "--limit", "1")
+    assert model.returncode in (1, 2), model.stderr
+    assert "no-such-model" in model.stderr and "Traceback" not in model.stderr
+
+
 def test_demo_shows_the_denoising(tiny_dirs):
     done = run_cli("demo", "--model", str(tiny_dirs["default"]), "--delay", "0",
                    "--max-tokens", "6")

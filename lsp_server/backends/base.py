@@ -87,7 +87,7 @@ class NextEditJob:
 
     prompt: EditPrompt
     max_tokens: int  # the rewritten region, at most
-    threshold: float = 0.9
+    threshold: float | None = None  # None: the model card's (`Family.threshold`), else 0.9
     strategy: str = "region"  # the local rewrite's (model.decoding.next_edit.STRATEGIES)
     comment: str = "#"  # the language's line comment (the local rewrite lays history out so)
     document: str | None = None  # a local engine reuses this key's context between holes

@@ -163,7 +163,7 @@ class LocalBackend:
         engine = self.engine
 
         async def fill(prefix: str, suffix: str, hole: Hole) -> tuple[str, int]:
-            options = hole_options(hole.max_tokens, threshold=job.threshold,
+            options = hole_options(hole.max_tokens, threshold=self._threshold(job.threshold),
                                    min_tokens=0 if hole.may_be_empty else 1)
             # in the background: a completion asked meanwhile is denoised first
             result = await engine.infill(prefix, suffix, options, job.document,
