@@ -365,9 +365,25 @@ def quiet_imports() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# torch's OpenMP threads spin while they wait for each other (libgomp's default); when another
+# program keeps one core busy, a spinning team waits on its slowest thread, sharing that core.
+# Side by side on the 2-core VM (`bench typing`, 0.5B shape, int8, docs/benchmarks.md): a typed
+# character took 857-1,335 ms spinning and 410-561 ms passive with one core busy, and 315-349
+# against 376-446 ms idle. Passive is the default; a user's own setting of either is kept.
+OPENMP_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
+OPENMP_WAIT_SET_BY = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def calm_openmp() -> None:
+    """Passive OpenMP waits unless the user chose (before torch, hence libgomp, is loaded)."""
+    if not any(name in os.environ for name in OPENMP_WAIT_SET_BY):
+        os.environ.update(OPENMP_WAIT)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_imports()
+    calm_openmp()
     if args.command == "serve":
         # a --model that cannot load is said at once, in the terminal, before anything heavy
         # is imported, and the server does not start (a model.path from the editor's settings

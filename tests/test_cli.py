@@ -45,6 +45,29 @@ def test_import_time_warnings_of_the_libraries_stay_quiet():
     assert "Failed to load" not in done.stderr and "register_constant" not in done.stderr
 
 
+@pytest.mark.parametrize("given, kept", [
+    ({}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+    ({"GOMP_SPINCOUNT": "300000"}, {"GOMP_SPINCOUNT": "300000", "OMP_WAIT_POLICY": None}),
+])
+def test_every_command_runs_torch_with_passive_openmp_waits_unless_the_user_chose(given, kept):
+    """OpenMP threads that spin while they wait cost a loaded machine twice the latency
+    (docs/benchmarks.md): a command's process sets passive waits before torch (so libgomp,
+    which reads them once) is loaded; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT stays."""
+    import os
+
+    code = ("import json, os, sys\nfrom diffusion_lsp import cli\n"
+            "cli.run_doctor = lambda args: print(json.dumps({'loaded': 'torch' in sys.modules, "
+            "'env': {k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}}))\n"
+            "cli.main(['doctor'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True, env={**env, **given})
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not seen["loaded"]  # torch comes later: libgomp reads the setting when it loads
+    assert {k: seen["env"][k] for k in kept} == kept
+
+
 def test_infill_several_holes_jointly_with_previews(tiny_dirs, tmp_path):
     text = "def add(a, b):\n    ...\n\ndef sub(a, b):\n    ...\n"
     first, second = text.index("..."), text.rindex("...")
