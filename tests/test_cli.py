@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -104,11 +105,17 @@ def test_infill_missing_model_is_one_clear_error(tmp_path):
 
 
 def test_bench_with_an_unknown_shape_or_missing_model_is_one_clear_error(tmp_path):
-    shape = run_cli("bench", "typing", "--shape", "no-such-shape")
+    import gzip
+
+    copy = Path(__file__).parent / "data" / "humaneval-infilling"  # gzipped as bench reads it
+    for name in ("HumanEval-SingleLineInfilling.jsonl", "HumanEval-MultiLineInfilling.jsonl"):
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress((copy / name).read_bytes()))
+    data = ("--data", str(tmp_path))
+    shape = run_cli("bench", "typing", "--shape", "no-such-shape", *data)
     assert shape.returncode == 1, shape.stderr
     assert "unknown shape 'no-such-shape'" in shape.stderr and "Traceback" not in shape.stderr
     model = run_cli("bench", "latency", "--model", str(tmp_path / "no-such-model"),
-                    "--limit", "1")
+                    "--limit", "1", *data)
     assert model.returncode in (1, 2), model.stderr
     assert "no-such-model" in model.stderr and "Traceback" not in model.stderr
 
