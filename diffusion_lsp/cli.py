@@ -366,10 +366,9 @@ def quiet_imports() -> None:
 
 
 # torch's OpenMP threads spin while they wait for each other (libgomp's default); when another
-# program keeps one core busy, a spinning team waits on its slowest thread, sharing that core.
-# Side by side on the 2-core VM (`bench typing`, 0.5B shape, int8, docs/benchmarks.md): a typed
-# character took 857-1,335 ms spinning and 410-561 ms passive with one core busy, and 315-349
-# against 376-446 ms idle. Passive is the default; a user's own setting of either is kept.
+# program keeps one core busy, a spinning team waits on its slowest thread, sharing that core:
+# passive waits took 0.44x the latency of a typed character there, 1.33x idle (docs/benchmarks.md,
+# "OpenMP threads wait passively"). Passive is the default; a user's own setting is kept.
 OPENMP_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
 OPENMP_WAIT_SET_BY = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
